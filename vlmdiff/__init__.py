@@ -1,0 +1,1 @@
+"""VLMDiff: multi-class visual anomaly detection with a caption-conditioned latent diffusion model."""
