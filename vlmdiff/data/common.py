@@ -1,0 +1,144 @@
+"""What every dataset shares: the index record, image/mask decoding and path checks (no torch here).
+
+Image ids (``Record.id``) are the path of the image relative to the dataset root with forward
+slashes, for every dataset (for COCO-AD: the ``img_path`` of the meta file). They are stable across
+machines and are what caption files and result files are keyed by.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from utils.errors import UserError
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+NORMAL_DEFECT = "good"
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image of a dataset index.
+
+    ``label`` is 0 (normal), 1 (anomalous) or -1 (unknown: the ``folder`` dataset). ``mask_path`` is
+    None for normal/unknown images. ``defect`` is the defect type ("good" for normal images).
+    """
+
+    image_path: Path
+    mask_path: Path | None
+    class_name: str
+    label: int
+    id: str
+    defect: str
+
+
+def relative_id(path: Path, root: Path) -> str:
+    """The stable id of ``path``: relative to ``root``, forward slashes."""
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
+def require_dir(path: Path, expected: str) -> None:
+    """Raise a UserError naming ``path`` and the expected layout unless it is a folder."""
+    if not path.is_dir():
+        what = "does not exist" if not path.exists() else "is not a folder"
+        raise UserError(f"{path} {what}; expected {expected}")
+
+
+def list_images(folder: Path, recursive: bool = False) -> list[Path]:
+    """Image files of ``folder`` (by extension, case-insensitive), sorted, hidden files skipped."""
+    pattern = folder.rglob("*") if recursive else folder.iterdir()
+    return sorted(p for p in pattern if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                  and not p.name.startswith("."))
+
+
+def check_files_exist(paths: Iterable[Path], what: str, source: str) -> None:
+    """Raise one UserError listing (count + examples) the files of ``paths`` that do not exist."""
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        examples = ", ".join(str(p) for p in missing[:3])
+        raise UserError(f"{len(missing)} {what} listed by {source} not found, e.g. {examples} "
+                        "(incomplete download or wrong --data_path?)")
+
+
+def select_classes(available: Sequence[str], wanted: Sequence[str] | None, root: Path, expected: str) -> list[str]:
+    """Apply a class filter: every wanted class must be available (else one UserError)."""
+    if not available:
+        raise UserError(f"no classes found in {root}; expected {expected}")
+    if wanted is None:
+        return list(available)
+    unknown = [c for c in wanted if c not in available]
+    if unknown:
+        raise UserError(f"class(es) {', '.join(unknown)} not found in {root} (expected {expected}); "
+                        f"available: {', '.join(available)}")
+    return list(dict.fromkeys(wanted))
+
+
+def _to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """Scale a high-bit-depth single-channel array to 8 bit (16-bit: divide by 257, never clip)."""
+    if arr.dtype == np.uint8:
+        return arr
+    if mode == "F" or np.issubdtype(arr.dtype, np.floating):
+        hi = float(arr.max()) if arr.size else 1.0
+        scale = 255.0 if hi <= 1.0 else (255.0 / 65535.0 if hi > 255.0 else 1.0)
+        return np.clip(arr.astype(np.float64) * scale, 0, 255).round().astype(np.uint8)
+    # "I;16*" modes are 16 bit; 32-bit "I" from a 16-bit PNG holds 0..65535
+    hi = int(arr.max()) if arr.size else 0
+    if mode.startswith("I;16") or hi > 255:
+        return np.clip(arr.astype(np.float64) / 257.0, 0, 255).round().astype(np.uint8)
+    return np.clip(arr, 0, 255).astype(np.uint8)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """RGB from any PIL mode: grayscale copied to 3 channels, 16-bit scaled to 8, alpha over black."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode.startswith("I") or mode == "F":
+        return Image.fromarray(_to_uint8(np.asarray(img), mode), "L").convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img, mode = img.convert("RGBA"), "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _open(path: Path, what: str) -> Image.Image:
+    if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone else's global; we never load truncated files
+        raise UserError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; unset it so truncated images are detected")
+    try:
+        img = Image.open(path)
+        img.load()
+    except FileNotFoundError as e:
+        raise UserError(f"{what} {path} not found") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"{what} {path} is corrupt or truncated ({e}); re-download or remove it") from e
+    return img
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode an image file to an RGB PIL image; a corrupt/truncated file is a UserError naming it."""
+    return _to_rgb(_open(Path(path), "image"))
+
+
+def load_mask(path: str | os.PathLike, image_size: tuple[int, int] | None = None,
+              image_path: str | os.PathLike | None = None) -> Image.Image:
+    """Decode a ground-truth mask to an 8-bit "L" image (0..255, 16-bit scaled, 1-bit -> 0/255).
+
+    With ``image_size`` (width, height), a mask of another size is a UserError naming both files.
+    """
+    img = _open(Path(path), "mask")
+    if img.mode.startswith("I") or img.mode == "F":
+        img = Image.fromarray(_to_uint8(np.asarray(img), img.mode), "L")
+    elif img.mode != "L":
+        img = img.convert("L")
+    if image_size is not None and img.size != tuple(image_size):
+        raise UserError(f"mask {path} is {img.size[0]}x{img.size[1]} but its image {image_path} is "
+                        f"{image_size[0]}x{image_size[1]}; masks must have the size of their image")
+    return img

@@ -1,0 +1,106 @@
+"""The torch Dataset over index records, and ``build_dataset``.
+
+Items are dicts with exactly these keys:
+
+- ``image``: float32 [3, S, S], RGB resized to S x S with PIL bilinear (antialiased) through
+  torchvision ``Resize``, then ImageNet mean/std normalisation (DESIGN.md section 10);
+- ``hint``: the same tensor object as ``image`` (the SG network's input);
+- ``caption``: str, "" when the image has no caption or none were given;
+- ``mask``: uint8 [1, S, S], 0..255, the ground-truth mask resized bilinearly from the original
+  mask file; all zero for normal (and unlabelled) images;
+- ``filename``: str, the stable image id (``Record.id``);
+- ``class_name``: str;
+- ``label``: int, 0 normal, 1 anomalous, -1 unknown (``folder`` dataset).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+
+from utils.errors import UserError
+from vlmdiff.data.captions import load_captions, match_captions
+from vlmdiff.data.common import Record, load_mask, load_rgb
+from vlmdiff.data.registry import canonical_name, check_split, index_dataset
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ITEM_KEYS = ("image", "hint", "caption", "mask", "filename", "class_name", "label")
+
+
+class AnomalyDataset(Dataset):
+    """Images of an index as model inputs; decoding errors are UserErrors naming the file."""
+
+    def __init__(self, records: Sequence[Record], image_size: int = 256,
+                 captions: Mapping[str, str] | None = None) -> None:
+        self.records = list(records)
+        self.image_size = int(image_size)
+        self.captions = dict(captions or {})
+        size = (self.image_size, self.image_size)
+        self._image_tf = transforms.Compose([
+            transforms.Resize(size, interpolation=InterpolationMode.BILINEAR, antialias=True),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ])
+        self._mask_resize = transforms.Resize(size, interpolation=InterpolationMode.BILINEAR, antialias=True)
+
+    @property
+    def class_names(self) -> list[str]:
+        """Classes in first-seen order of the index."""
+        return list(dict.fromkeys(r.class_name for r in self.records))
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        rec = self.records[index]
+        pil = load_rgb(rec.image_path)
+        image = self._image_tf(pil)  # (3, S, S)
+        if rec.mask_path is not None:
+            mask_img = load_mask(rec.mask_path, pil.size, rec.image_path)
+            mask = torch.from_numpy(np.array(self._mask_resize(mask_img), dtype=np.uint8))[None]  # (1, S, S)
+        else:
+            mask = torch.zeros(1, self.image_size, self.image_size, dtype=torch.uint8)
+        return {
+            "image": image,
+            "hint": image,
+            "caption": self.captions.get(rec.id, ""),
+            "mask": mask,
+            "filename": rec.id,
+            "class_name": rec.class_name,
+            "label": int(rec.label),
+        }
+
+
+def build_dataset(name: str, root: str | os.PathLike, split: str, *, classes: Sequence[str] | None = None,
+                  image_size: int = 256, captions: Mapping[str, str] | str | os.PathLike | None = None,
+                  require_captions: bool = False, coco_part: int | None = None) -> AnomalyDataset:
+    """Index ``split`` of dataset ``name`` at ``root`` and wrap it as an :class:`AnomalyDataset`.
+
+    ``captions`` is a mapping id -> caption (e.g. from :func:`load_captions`) or a caption file /
+    folder to load for this split. Captions are matched to images by id; images without one get ""
+    (reported; a UserError with ``require_captions``).
+    """
+    key = canonical_name(name)
+    check_split(split)
+    records = index_dataset(key, root, split, classes=classes, coco_part=coco_part)
+    matched: dict[str, str] = {}
+    if captions is not None:
+        if isinstance(captions, (str, os.PathLike)):
+            captions = load_captions(captions, split, key)
+        matched = match_captions(records, captions, root=Path(root), require=require_captions)
+    elif require_captions:
+        raise UserError("captions are required (--use_captions) but no caption file or folder was given")
+    logger.info("%s %s: %d images, %d classes, %d with captions", key, split, len(records),
+                len({r.class_name for r in records}), len(matched))
+    return AnomalyDataset(records, image_size=image_size, captions=matched)

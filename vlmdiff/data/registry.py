@@ -1,0 +1,52 @@
+"""Dataset names and one entry point to index any of them (no torch import here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from utils.errors import UserError
+from vlmdiff.data.coco import index_coco
+from vlmdiff.data.common import Record
+from vlmdiff.data.folder import index_folder
+from vlmdiff.data.mvtec import index_mvtec
+from vlmdiff.data.realiad import index_realiad
+from vlmdiff.data.visa import index_visa
+
+DATASET_NAMES: tuple[str, ...] = ("mvtec", "visa", "realiad", "coco", "folder")
+ALIASES: tuple[tuple[str, str], ...] = (("real_iad", "realiad"),)
+SPLITS: tuple[str, ...] = ("train", "test")
+
+
+def canonical_name(name: str) -> str:
+    """The canonical dataset token (``real_iad`` -> ``realiad``); unknown names are a UserError."""
+    key = str(name).strip().lower()
+    key = dict(ALIASES).get(key, key)
+    if key not in DATASET_NAMES:
+        valid = ", ".join(DATASET_NAMES + tuple(a for a, _ in ALIASES))
+        raise UserError(f"unknown dataset {name!r}; valid names: {valid}")
+    return key
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
+    return split
+
+
+def index_dataset(name: str, root: str | Path, split: str, *, classes: Sequence[str] | None = None,
+                  coco_part: int | None = None) -> list[Record]:
+    """Index ``split`` of dataset ``name`` at ``root`` into records (see each dataset module)."""
+    key = canonical_name(name)
+    check_split(split)
+    if isinstance(classes, str):
+        classes = [classes]
+    if key == "mvtec":
+        return index_mvtec(root, split, classes)
+    if key == "visa":
+        return index_visa(root, split, classes)
+    if key == "realiad":
+        return index_realiad(root, split, classes)
+    if key == "coco":
+        return index_coco(root, split, coco_part, classes)
+    return index_folder(root, split, classes)
