@@ -23,7 +23,11 @@ from ``timm.create_model("resnet50", pretrained=True)`` under its pinned timm 0.
 
 ViTs at a grid other than their training grid interpolate the patch position embeddings the way the
 DINO / DINOv2 code does: bicubic (``align_corners=False``, no antialias) with scale factor
-``(grid + 0.1) / trained_grid``; the CLS embedding is kept.
+``(grid + 0.1) / trained_grid``; the CLS embedding is kept. DINOv2 sees the image resized to 224
+by bilinear interpolation with antialias (upstream calls ``Tensor.resize_``, which reinterprets the
+memory and scrambles the image). EfficientNet-Lite0's weights come from TensorFlow, trained on
+``(rgb * 255 - 127) / 128``; the extractor converts the ImageNet-normalised input to that (the
+``efficientnet-lite-pytorch`` README example feeds ImageNet mean/std instead, a small mismatch).
 """
 
 from __future__ import annotations
@@ -119,7 +123,8 @@ def resolve_extractor_name(feature_extractor: str | None, use_dino: bool, dino_v
     ``--feature_extractor`` names the same extractor.
     """
     if feature_extractor is not None and feature_extractor not in FEATURE_EXTRACTORS:
-        raise UserError(f"--feature_extractor {feature_extractor}: unknown; choose one of {', '.join(FEATURE_EXTRACTORS)}")
+        raise UserError(f"--feature_extractor {feature_extractor}: unknown; "
+                        f"choose one of {', '.join(FEATURE_EXTRACTORS)}")
     if dino_version is not None and dino_version not in DINO_VERSIONS:
         raise UserError(f"--dino_version {dino_version}: unknown; choose one of {', '.join(DINO_VERSIONS)}")
     from_dino = DINO_VERSIONS[dino_version] if dino_version is not None else None
