@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -127,11 +128,10 @@ def gaussian_blur(maps: Tensor, sigma: float, truncate: float = GAUSS_TRUNCATE) 
 def _pool_kernel1d(pooling: str) -> Tensor:
     """1-D kernel equivalent to the pooling chain along one axis (float64; exact dyadic weights)."""
     if pooling == "paper":  # eight average pools of width 8 = one filter of width 57
-        box = torch.full((8,), 1.0 / 8.0, dtype=torch.float64)
-        k = box.clone()
-        for _ in range(7):
-            k = F.conv1d(F.pad(k.view(1, 1, -1), (7, 7)), box.view(1, 1, -1)).view(-1)
-        return k
+        k = np.ones(1)
+        for _ in range(8):
+            k = np.convolve(k, np.full(8, 1.0 / 8.0))  # (57,) exact: all weights are multiples of 8^-8
+        return torch.from_numpy(k)
     if pooling == "ader":
         return torch.full((16,), 1.0 / 16.0, dtype=torch.float64)
     raise UserError(f"unknown image pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
