@@ -257,13 +257,11 @@ class EfficientNetLiteFeatures(FeatureExtractor):
         dims = tuple(blocks[i]._bn2.num_features for i in levels)
         super().__init__(name, nn.ModuleDict(parts), dims)
         self.levels = levels
-        mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
-        self.register_buffer("in_scale", (std * 255 / 128).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("in_shift", ((mean * 255 - 127) / 128).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         b = self.backbone
-        x = x * self.in_scale + self.in_shift  # (B, 3, H, W), now (rgb*255 - 127) / 128
+        mean, std = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1), x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        x = (x * std + mean) * (255 / 128) - 127 / 128  # (B, 3, H, W), now (rgb*255 - 127) / 128
         h = b["_act"](b["_bn0"](b["_conv_stem"](x)))  # (B, 32, H/2, W/2)
         feats = []
         for i, block in enumerate(b["_blocks"]):
@@ -370,19 +368,22 @@ def _load_backbone(extractor: FeatureExtractor, arch_shapes: Mapping[str, tuple[
     for key, shape in arch_shapes.items():
         if key in state and tuple(state[key].shape) != shape:
             fail(f"key '{key}' has shape {tuple(state[key].shape)} in the file but {shape} in the model")
-    needed = extractor.backbone.state_dict()
+    needed = extractor.backbone.state_dict()  # meta tensors: names, shapes and dtypes
     missing = [k for k in needed if k not in state]
     if missing:
         fail(f"missing key {first(missing)}")
     unexpected = [k for k in state if k not in arch_shapes]
     if unexpected:
         fail(f"unexpected key {first(unexpected)}")
-    extractor.backbone.load_state_dict({k: state[k] for k in needed}, strict=True)
+    loaded = {k: state[k].to(dtype=t.dtype).contiguous() for k, t in needed.items()}
+    extractor.backbone.load_state_dict(loaded, strict=True, assign=True)  # meta -> the file's tensors
+    if any(t.is_meta for t in extractor.state_dict().values()):
+        raise RuntimeError(f"{extractor.name}: tensors left unloaded on the meta device")
 
 
 def build_feature_extractor(name: str, weights: str | os.PathLike | None = None, *,
                             random_init: bool = False) -> FeatureExtractor:
-    """Build extractor ``name`` in eval mode with frozen weights.
+    """Build extractor ``name`` on the CPU in eval mode with frozen weights.
 
     ``weights``: a local ``.pth``/``.bin``/``.safetensors`` file in the official naming; None looks in
     ``models/features/<release file>`` (EfficientNet-Lite0: the packaged file). ``random_init=True``
@@ -393,12 +394,15 @@ def build_feature_extractor(name: str, weights: str | os.PathLike | None = None,
     spec = _spec(name)
     if random_init and weights is not None:
         raise UserError(f"feature extractor '{name}': give weights or random_init, not both")
-    path = None if random_init else _weights_path(name, spec, weights)
-    extractor, arch_shapes = _assemble(name, spec)
-    if path is None:
+    if random_init:
+        extractor, _ = _assemble(name, spec)
         logger.warning("feature extractor %s has RANDOM weights: anomaly maps are meaningless", name)
     else:
-        _load_backbone(extractor, arch_shapes, _read_state_dict(path), path, spec)
+        path = _weights_path(name, spec, weights)
+        state = _read_state_dict(path)
+        with torch.device("meta"):  # no time spent on a random initialisation that the file replaces
+            extractor, arch_shapes = _assemble(name, spec)
+        _load_backbone(extractor, arch_shapes, state, path, spec)
         logger.info("feature extractor %s: weights from %s", name, path)
     extractor.requires_grad_(False)
     return extractor.eval()
