@@ -1,0 +1,205 @@
+"""On-disk store of per-image anomaly maps: crash-safe, resumable, read back one class at a time.
+
+Layout: ``{root}/{safe class name}/{chunk_name}.npz``, one file per (batch, class), each written
+atomically (temporary file + rename), so a crash leaves whole chunks only. A chunk holds
+
+* ``ids`` [n] str: stable image ids (e.g. the path relative to the dataset root),
+* ``class_name`` [] str: the original class name,
+* ``maps`` [n, H, W] float32 (default) or float16,
+* ``masks`` [n, H, W] uint8 0..255 (ground truth at map resolution),
+* ``labels`` [n] int8 (0 normal, 1 anomalous, as the dataset says),
+* ``image_scores`` [n] float64.
+
+Class folder names: every character outside ``[A-Za-z0-9_-]`` (including ``.`` and ``%``) is
+replaced by ``%XX`` per UTF-8 byte, so the mapping is reversible and no name can escape ``root``
+or become hidden; the original name is also kept inside each file. A resumed run asks
+:meth:`MapStore.scored_ids` which images are done; :meth:`MapStore.iter_classes` feeds
+:func:`vlmdiff.metrics.evaluate_stream` so that memory is bounded by the largest class.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import zipfile
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+from urllib.parse import unquote
+
+import numpy as np
+import torch
+
+from utils.errors import UserError
+from utils.io import atomic_open
+
+logger = logging.getLogger(__name__)
+
+_SAFE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-")
+_CHUNK_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
+_DTYPES = {"float32": np.float32, "float16": np.float16}
+_ARRAYS = ("ids", "maps", "masks", "labels", "image_scores")
+
+
+def safe_name(class_name: str) -> str:
+    """Folder name for a class: ``%XX`` (UTF-8 bytes) for every character outside ``[A-Za-z0-9_-]``."""
+    if not class_name:
+        raise UserError("empty class name; every image needs a class name")
+    return "".join(c if c in _SAFE_CHARS else "".join(f"%{b:02X}" for b in c.encode()) for c in class_name)
+
+
+def original_name(folder: str) -> str:
+    """Inverse of :func:`safe_name`."""
+    return unquote(folder, errors="strict")
+
+
+def _numpy(x: Any) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def masks_to_uint8(masks: Any) -> np.ndarray:
+    """uint8 0..255 masks from uint8, bool or float 0..1 masks (a positive value stays >= 1)."""
+    m = _numpy(masks)
+    if m.dtype == np.uint8:
+        return m
+    if m.dtype == np.bool_:
+        return m.astype(np.uint8) * np.uint8(255)
+    if np.issubdtype(m.dtype, np.floating) and (m.size == 0 or (m.min() >= 0 and m.max() <= 1)):
+        q = np.rint(m * 255.0)
+        return np.where(m > 0, np.maximum(q, 1), 0).astype(np.uint8)
+    raise UserError(f"masks of dtype {m.dtype} are not uint8 0..255, bool or float 0..1")
+
+
+def _load(path: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """Arrays ``keys`` of one chunk file; a corrupt or truncated file becomes a :class:`UserError`."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in keys}
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path}: corrupt or truncated map chunk ({type(e).__name__}: {e}); "
+                        "delete it and re-run scoring to redo its images") from e
+
+
+class MapStore:
+    """Per-class chunk files of anomaly maps under ``root`` (see the module docstring).
+
+    Args:
+        root: the store's folder (created on the first write).
+        dtype: "float32" (default; exact legacy reproduction) or "float16" (half the disk) for
+            the maps written by this instance. Reading keeps each class in the dtype of its first chunk.
+    """
+
+    def __init__(self, root: str | os.PathLike, dtype: str = "float32") -> None:
+        if dtype not in _DTYPES:
+            raise UserError(f"map store dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+        self.root = Path(root)
+        self.dtype = np.dtype(_DTYPES[dtype])
+
+    # ---------------------------------------------------------------- writing
+    def write(self, chunk_name: str, ids: Sequence[str], class_names: Sequence[str], maps: Any, masks: Any,
+              labels: Any, image_scores: Any) -> list[Path]:
+        """Write one batch, split by class, as ``{root}/{class}/{chunk_name}.npz`` files (atomically).
+
+        ``maps`` [n, H, W], ``masks`` [n, H, W] (uint8 0..255, bool or float 0..1), ``labels`` [n],
+        ``image_scores`` [n]; numpy or torch. Writing the same ``chunk_name`` again replaces its
+        files (a re-run batch). Returns the paths written.
+        """
+        if not _CHUNK_NAME.fullmatch(chunk_name):
+            raise UserError(f"chunk name {chunk_name!r} must be letters, digits, '_', '-', '.' and not start with '.'")
+        ids_a = np.asarray([str(i) for i in ids])
+        names = np.asarray([str(c) for c in class_names])
+        m, k = _numpy(maps), masks_to_uint8(masks)
+        lab = _numpy(labels).astype(np.int8).ravel()
+        sc = _numpy(image_scores).astype(np.float64).ravel()
+        n = len(ids_a)
+        if m.ndim != 3 or len(m) != n or k.shape != m.shape or len(names) != n or len(lab) != n or len(sc) != n:
+            raise UserError(f"chunk {chunk_name}: ids ({n}), class_names ({len(names)}), maps {m.shape}, "
+                            f"masks {k.shape}, labels ({len(lab)}), image_scores ({len(sc)}) do not match")
+        if len(np.unique(ids_a)) != n:
+            raise UserError(f"chunk {chunk_name}: duplicate image ids in one batch")
+        with np.errstate(over="ignore", invalid="ignore"):
+            stored = m.astype(self.dtype)  # overflow checked just below
+        if not np.isfinite(stored).all():
+            raise UserError(f"chunk {chunk_name}: maps are NaN/inf or overflow {self.dtype} "
+                            "(use dtype float32 for maps above 65504)")
+        paths = []
+        for cls in dict.fromkeys(names.tolist()):
+            sel = names == cls
+            path = self.root / safe_name(cls) / f"{chunk_name}.npz"
+            with atomic_open(path, "wb") as f:
+                np.savez(f, ids=ids_a[sel], class_name=np.asarray(cls), maps=stored[sel], masks=k[sel],
+                         labels=lab[sel], image_scores=sc[sel])
+            paths.append(path)
+        return paths
+
+    # ---------------------------------------------------------------- reading
+    def _class_dirs(self) -> dict[str, Path]:
+        """{original class name: folder}, sorted by name; folders without chunk files are skipped."""
+        if not self.root.is_dir():
+            return {}
+        dirs = {}
+        for d in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if any(d.glob("*.npz")):
+                try:
+                    dirs[original_name(d.name)] = d
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{d}: folder name is not an encoded class name; move it out of {self.root}") from e
+        return dict(sorted(dirs.items()))
+
+    def _index(self) -> dict[Path, np.ndarray]:
+        """``ids`` of every chunk file; an id in two files is a :class:`UserError` naming both."""
+        index: dict[Path, np.ndarray] = {}
+        owner: dict[str, Path] = {}
+        for d in self._class_dirs().values():
+            for path in sorted(d.glob("*.npz")):
+                ids = _load(path, ["ids"])["ids"]
+                for i in ids.tolist():
+                    if i in owner:
+                        raise UserError(f"image id {i!r} is stored twice: in {owner[i]} and in {path}; "
+                                        "delete one of the two chunk files")
+                    owner[i] = path
+                index[path] = ids
+        return index
+
+    def scored_ids(self) -> set[str]:
+        """Ids of every image already in the store (reads only the ``ids`` arrays)."""
+        return {i for ids in self._index().values() for i in ids.tolist()}
+
+    def classes(self) -> list[str]:
+        """Original names of the classes that have at least one chunk, sorted."""
+        return list(self._class_dirs())
+
+    def iter_classes(self) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+        """Yield ``(class_name, {"ids", "maps", "masks", "labels", "image_scores"})`` one class at a time.
+
+        Classes in name order, images sorted by id; only one class is in memory at a time (each
+        array is filled in place, no concatenated copies).
+        """
+        index = self._index()
+        for cls, d in self._class_dirs().items():
+            files = [p for p in index if p.parent == d]
+            all_ids = np.concatenate([index[p] for p in files])
+            order = np.argsort(all_ids, kind="stable")
+            dest = np.empty_like(order)
+            dest[order] = np.arange(len(order))  # row of the sorted output for each stored row
+            out: dict[str, np.ndarray] = {"ids": all_ids[order]}
+            start = 0
+            for path in files:
+                chunk = _load(path, ["class_name", *_ARRAYS])
+                if str(chunk["class_name"]) != cls:
+                    raise UserError(f"{path}: holds class {str(chunk['class_name'])!r} but lies in the folder of {cls!r}")
+                if not np.array_equal(chunk["ids"], index[path]):
+                    raise UserError(f"{path}: changed while being read; re-run the evaluation")
+                rows = dest[start:start + len(chunk["ids"])]
+                start += len(rows)
+                for key in ("maps", "masks", "labels", "image_scores"):
+                    arr = chunk[key]
+                    if key not in out:
+                        out[key] = np.empty((len(all_ids), *arr.shape[1:]), dtype=arr.dtype)
+                    elif out[key].shape[1:] != arr.shape[1:]:
+                        raise UserError(f"{path}: {key} of shape {arr.shape[1:]} differ from {out[key].shape[1:]} "
+                                        f"in the other chunks of class {cls!r}")
+                    out[key][rows] = arr
+                del chunk
+            logger.debug("loaded class %s: %d images from %d chunks", cls, len(all_ids), len(files))
+            yield cls, out
