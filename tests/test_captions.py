@@ -115,6 +115,8 @@ def test_coco_caption_format_concatenates_in_order(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="several COCO caption files.*--caption_model"):
         load_captions(root, "train", "coco")
     assert len(load_captions(root, "train", "coco", caption_model="_internvl")) == 2
+    with pytest.raises(UserError, match="captions_train2017_blip.json"):
+        load_captions(root, "train", "coco", caption_model="blip")
 
 
 def test_jsonl_records_partial_last_line_and_bad_line(tmp_path: Path) -> None:

@@ -77,6 +77,9 @@ def test_visa_split_csv(tmp_path: Path) -> None:
     for i in range(len(test)):
         _check_item(test[i], 32)
     _check_alignment(test[len(test) - 1])
+    raw = root / "pcb1/Data/Masks/Anomaly/001.png"  # raw VisA masks hold defect indexes, not 255
+    Image.fromarray((np.asarray(Image.open(raw)) > 0).astype(np.uint8) * 2).save(raw)
+    _check_alignment(test[len(test) - 1])
     (root / "split_csv" / "1cls.csv").unlink()
     with pytest.raises(UserError, match="split_csv/1cls.csv"):
         index_dataset("visa", root, "train")

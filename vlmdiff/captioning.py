@@ -277,6 +277,8 @@ def read_progress(output: Path, dataset: str, vlm: str, prompt_type: str) -> dic
             if mine != (dataset, vlm, prompt_type):
                 raise UserError(f"{path} holds captions of another run (dataset/vlm/prompt_type {mine}, this run "
                                 f"{(dataset, vlm, prompt_type)}); choose another --output folder")
+            if rec.get("split") not in ("train", "test"):
+                raise UserError(f"{path}: record {rec['id']!r} has no valid 'split' (train/test)")
             done[(rec["split"], rec["id"])] = rec["caption"]
     return done
 
@@ -285,9 +287,12 @@ class ProgressWriter:
     """Append-only JSON-lines writer: one fsynced line per caption; a torn last line is cut off first."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._f = open(path, "ab+")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(path, "ab+")
+        except OSError as e:
+            raise UserError(f"cannot open {path} for writing: {e.strerror or e}") from e
         size = self._f.seek(0, os.SEEK_END)
         if size:
             self._f.seek(size - 1)
@@ -308,9 +313,13 @@ class ProgressWriter:
         return 0
 
     def write(self, record: dict) -> None:
-        self._f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        try:
+            self._f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+            self._f.flush()
+            os.fsync(self._f.fileno())
+        except OSError as e:
+            raise UserError(f"could not write {self.path}: {e.strerror or e} (check free disk space); "
+                            "rerun the same command to resume") from e
 
     def close(self) -> None:
         self._f.close()

@@ -155,7 +155,11 @@ def _coco_files(folder: Path, split: str, caption_model: str | None) -> list[Pat
     stem = f"captions_{coco_split_folder(split)}"
     if caption_model is not None:
         suffix = caption_model if caption_model == "" or caption_model.startswith("_") else f"_{caption_model}"
-        return [b / f"{stem}{suffix}.json" for b in bases if (b / f"{stem}{suffix}.json").is_file()][:1]
+        found = [b / f"{stem}{suffix}.json" for b in bases if (b / f"{stem}{suffix}.json").is_file()]
+        if not found:
+            raise UserError(f"COCO caption file not found: expected {bases[0] / f'{stem}{suffix}.json'} "
+                            f"(--caption_model {caption_model!r})")
+        return found[:1]
     found = sorted({p for b in bases if b.is_dir() for p in b.glob(f"{stem}*.json")})
     if len(found) > 1:
         raise UserError(f"several COCO caption files for {split} in {folder}: {', '.join(p.name for p in found)}; "

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from utils.errors import UserError
 
@@ -110,8 +110,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _open(path: Path, what: str) -> Image.Image:
-    if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone else's global; we never load truncated files
-        raise UserError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; unset it so truncated images are detected")
+    """Open and fully decode (truncation is detected unless PIL's LOAD_TRUNCATED_IMAGES was switched on)."""
     try:
         img = Image.open(path)
         img.load()

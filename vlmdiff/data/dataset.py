@@ -6,8 +6,9 @@ Items are dicts with exactly these keys:
   torchvision ``Resize``, then ImageNet mean/std normalisation (DESIGN.md section 10);
 - ``hint``: the same tensor object as ``image`` (the SG network's input);
 - ``caption``: str, "" when the image has no caption or none were given;
-- ``mask``: uint8 [1, S, S], 0..255, the ground-truth mask resized bilinearly from the original
-  mask file; all zero for normal (and unlabelled) images;
+- ``mask``: uint8 [1, S, S], 0..255: the ground-truth mask file binarised (> 0 -> 255; raw VisA
+  masks hold defect indexes 1..k, as VisA's own 1cls conversion does) and resized bilinearly
+  (antialiased) to S x S; all zero for normal (and unlabelled) images;
 - ``filename``: str, the stable image id (``Record.id``);
 - ``class_name``: str;
 - ``label``: int, 0 normal, 1 anomalous, -1 unknown (``folder`` dataset).
@@ -22,6 +23,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
@@ -67,8 +69,9 @@ class AnomalyDataset(Dataset):
         pil = load_rgb(rec.image_path)
         image = self._image_tf(pil)  # (3, S, S)
         if rec.mask_path is not None:
-            mask_img = load_mask(rec.mask_path, pil.size, rec.image_path)
-            mask = torch.from_numpy(np.array(self._mask_resize(mask_img), dtype=np.uint8))[None]  # (1, S, S)
+            raw = np.asarray(load_mask(rec.mask_path, pil.size, rec.image_path))
+            binary = Image.fromarray(np.where(raw > 0, 255, 0).astype(np.uint8), "L")
+            mask = torch.from_numpy(np.array(self._mask_resize(binary), dtype=np.uint8))[None]  # (1, S, S)
         else:
             mask = torch.zeros(1, self.image_size, self.image_size, dtype=torch.uint8)
         return {
