@@ -51,7 +51,7 @@ class LatentDiffusion(pl.LightningModule):
     def __init__(self, cfg: LatentDiffusionConfig, *, trainable: Sequence[str] = ("model.diffusion_model.",),
                  learning_rate: float = 1e-5, weight_decay: float = 0.01, optimizer: str = "adamw",
                  fused_optimizer: bool = False, load_pretrained_text: bool = True,
-                 text_encoder: TextEncoder | None = None):
+                 text_encoder: TextEncoder | None = None, unet: UNetModel | None = None):
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise UserError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got '{optimizer}'")
@@ -62,7 +62,7 @@ class LatentDiffusion(pl.LightningModule):
         self.fused_optimizer = fused_optimizer
         self.scale_factor = cfg.diffusion.scale_factor
         self.num_timesteps = cfg.diffusion.timesteps
-        self.model = DiffusionWrapper(UNetModel(cfg.unet))
+        self.model = DiffusionWrapper(unet if unet is not None else UNetModel(cfg.unet))
         self.first_stage_model = AutoencoderKL(cfg.autoencoder)
         self.cond_stage_model = text_encoder or build_text_encoder(cfg.text_encoder, load_pretrained_text)
         if self.cond_stage_model.hidden_size != cfg.unet.context_dim:

@@ -1,0 +1,29 @@
+"""The VLMDiff model configuration: a latent diffusion config plus the Semantic-Guided network's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from ldm.config import LatentDiffusionConfig, load_config
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    """The SG network's own settings (its UNet-encoder sizes are those of ``unet``)."""
+
+    hint_channels: int = 3
+    hint_block_channels: tuple[int, ...] = (16, 16, 32, 32, 96, 96, 256)  # convs before the last one
+    hint_stride2_convs: tuple[int, ...] = (2, 4, 6)  # which of those convs (0-based) have stride 2
+    only_mid_control: bool = True
+    use_sff: bool = True
+
+
+@dataclass(frozen=True)
+class VLMDiffConfig(LatentDiffusionConfig):
+    control: ControlConfig = field(default_factory=ControlConfig)
+
+
+def load_model_config(name: str, overrides: Sequence[str] = ()) -> VLMDiffConfig:
+    """A preset name (``sd15``, ``mid``, ``tiny``, ...) or a YAML path, with dotted overrides."""
+    return load_config(name, VLMDiffConfig, overrides)
