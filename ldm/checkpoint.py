@@ -176,16 +176,18 @@ def describe_mismatch(expected: Mapping[str, torch.Size], given: Mapping[str, to
 
 
 def load_into(module: nn.Module, sd: Mapping[str, torch.Tensor], path: str | os.PathLike = "checkpoint",
-              ignore: Iterable[str] = (), hint: str = "") -> None:
+              ignore: Iterable[str] = (), hint: str = "", assign: bool = False) -> None:
     """Load ``sd`` strictly into ``module``: every key present, none extra, every shape equal.
 
     On any mismatch one :class:`UserError` summarises all of them (with an example of each kind).
+    ``assign`` makes the module use the given tensors (for modules built on the meta device).
     """
     expected = {k: v.shape for k, v in module.state_dict().items()}
     problem = describe_mismatch(expected, sd, ignore)
     if problem:
         raise UserError(f"{path} does not fit this model: {problem}{'; ' + hint if hint else ''}")
-    missing, unexpected = module.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=False)
+    missing, unexpected = module.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=False,
+                                                 assign=assign)
     missing = [k for k in missing if k not in set(ignore)]
     if missing or unexpected:  # only reachable if a load hook renamed keys inconsistently
         raise UserError(f"{path} does not fit this model: missing {missing[:1]}, unexpected {unexpected[:1]}")

@@ -116,6 +116,25 @@ def zero_initialised_modules(net: SGNetwork) -> list[nn.Conv2d]:
     return convs
 
 
+def fresh_new_layers(unet_cfg: UNetConfig, cfg: ControlConfig) -> dict[str, torch.Tensor]:
+    """Initial weights of the layers that have no UNet twin (hint block, zero convs, SFF), nothing else.
+
+    The copy of the UNet encoder stays on the meta device, so at SD-1.5 size only the new layers
+    (~120 M parameters, mostly the SFF) are allocated.
+    """
+    with torch.device("meta"):
+        net = SGNetwork(unet_cfg, cfg)
+    new = [net.input_hint_block, net.zero_convs, net.middle_block_out]
+    new += [net.sff_branch(i, j) for i in range(1, len(net.sources) + 1) for j in range(1, len(net.targets) + 1)]
+    for module in new:
+        module.to_empty(device="cpu")
+        for sub in module.modules():
+            if isinstance(sub, nn.Conv2d):
+                sub.reset_parameters()
+    zero_init(net)
+    return {k: v for k, v in net.state_dict().items() if v.device.type != "meta"}
+
+
 @torch.no_grad()
 def zero_init(net: SGNetwork) -> None:
     """All of the SG network's non-default initialisation: these layers output zero at the start."""

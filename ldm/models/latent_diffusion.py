@@ -89,11 +89,22 @@ class LatentDiffusion(pl.LightningModule):
         if unmatched:
             raise UserError(f"trainable prefix '{unmatched[0]}' matches no parameter of the model")
 
-    def load_weights(self, sd: Mapping[str, torch.Tensor], path: str = "checkpoint", hint: str = "") -> None:
-        """Load a full state dict strictly (CLIP weights under either transformers naming)."""
+    def load_weights(self, sd: Mapping[str, torch.Tensor], path: str = "checkpoint", hint: str = "",
+                     assign: bool = False) -> None:
+        """Load a full state dict strictly (CLIP weights under either transformers naming).
+
+        ``assign`` (for a model built on the meta device) uses the given tensors instead of copying.
+        """
         if self.cond_stage_model.kind == "clip":
             sd = canonical_clip_names(dict(sd))
-        load_into(self, sd, path, hint=hint)
+        load_into(self, sd, path, hint=hint, assign=assign)
+        if assign:
+            self.set_trainable(self.trainable_prefixes)
+            freeze(self.first_stage_model)
+            freeze(self.cond_stage_model)
+            left = [n for n, t in [*self.named_parameters(), *self.named_buffers()] if t.device.type == "meta"]
+            if left:
+                raise UserError(f"{path} does not fill {left[0]} ({len(left)} tensors left uninitialised)")
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

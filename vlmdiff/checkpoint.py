@@ -1,0 +1,194 @@
+"""Assembly of a starting VLMDiff checkpoint from Stable Diffusion 1.5 and a finetuned autoencoder.
+
+The rule (DESIGN.md section 8, ControlNet's): every ``control_model.X`` with a twin
+``model.diffusion_model.X`` starts from it; ``first_stage_model.*`` comes from the finetuned
+autoencoder; everything else SD has is copied; the rest (hint block, zero convolutions, SFF,
+``logvar``) keeps its fresh initialisation. :func:`assemble_state_dict` is pure: it returns a new state
+dict and checks that every target key is filled exactly once with the right shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import torch
+
+from ldm.checkpoint import drop_ema
+from ldm.diffusion.schedule import SCHEDULE_BUFFERS
+from ldm.modules.text_encoder import canonical_clip_names
+from utils.errors import UserError
+
+log = logging.getLogger(__name__)
+
+AE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+UNET = "model.diffusion_model."
+CONTROL = "control_model."
+FIRST_STAGE = "first_stage_model."
+TEXT = "cond_stage_model."
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where each target key came from (counts), for the log and the checkpoint's metadata."""
+
+    counts: dict[str, int]
+
+    def __str__(self) -> str:
+        return ", ".join(f"{n} from {src}" for src, n in sorted(self.counts.items()))
+
+
+def autoencoder_weights(sd: Mapping[str, torch.Tensor], path: str = "autoencoder checkpoint") -> dict[str, torch.Tensor]:
+    """The AutoencoderKL weights of a checkpoint, unprefixed (``encoder.*``, ``decoder.*``, ...).
+
+    Accepts a finetuned first-stage checkpoint (``encoder.*`` ... plus ignored ``loss.*``), a full
+    SD/VLMDiff checkpoint (``first_stage_model.*``) or a bare autoencoder state dict.
+    """
+    if any(k.startswith(FIRST_STAGE) for k in sd):
+        out = {k[len(FIRST_STAGE):]: v for k, v in sd.items() if k.startswith(FIRST_STAGE)}
+    else:
+        out = {k: v for k, v in sd.items() if k.startswith(AE_PARTS)}
+    if not out:
+        raise UserError(f"{path} holds no autoencoder weights (expected encoder.*/decoder.* or first_stage_model.* keys)")
+    return out
+
+
+def assemble_state_dict(target: Mapping[str, torch.Size], fresh: Mapping[str, torch.Tensor],
+                        sd: Mapping[str, torch.Tensor], ae: Mapping[str, torch.Tensor], *,
+                        text_from_sd: bool = True, sd_path: str = "SD checkpoint",
+                        ae_path: str = "autoencoder checkpoint") -> tuple[dict[str, torch.Tensor], Sources]:
+    """Fill every key of ``target`` (name -> shape) from SD, the autoencoder or ``fresh``.
+
+    ``sd``: Stable Diffusion weights (EMA already chosen or dropped); ``ae``: unprefixed autoencoder
+    weights; ``fresh``: freshly initialised tensors for keys with no pretrained source (must cover at
+    least the SG network's new layers and ``logvar``); ``text_from_sd``: take the CLIP weights from SD
+    (False when the text encoder comes from elsewhere, then they must be in ``fresh``).
+    Raises :class:`UserError` naming the first missing, unexpected or mis-shaped key.
+    """
+    sd = canonical_clip_names(dict(sd)) if text_from_sd else dict(sd)
+    out: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    for key, shape in target.items():
+        src, value = _source_of(key, sd, ae, fresh, text_from_sd, sd_path, ae_path)
+        if tuple(value.shape) != tuple(shape):
+            raise UserError(
+                f"{src} does not fit the model: {key} has shape {tuple(value.shape)} there, the model needs "
+                f"{tuple(shape)} (checkpoint for another model size? check --config)"
+            )
+        out[key] = value.clone() if key.startswith(CONTROL) else value
+        origin[key] = src
+    unused = [k for k in sd if k not in out and not _ignored_sd_key(k, text_from_sd)]
+    if unused:
+        raise UserError(f"{sd_path} has weights this model does not use ({len(unused)}, e.g. {unused[0]}): "
+                        "is it a Stable Diffusion 1.x checkpoint for this config?")
+    unused_ae = sorted(set(ae) - {k[len(FIRST_STAGE):] for k in out if k.startswith(FIRST_STAGE)})
+    if unused_ae:
+        raise UserError(f"{ae_path} has autoencoder weights this model does not use (e.g. {unused_ae[0]}): check --config")
+    return out, Sources(dict(Counter(origin.values())))
+
+
+def _source_of(key: str, sd: Mapping[str, torch.Tensor], ae: Mapping[str, torch.Tensor],
+               fresh: Mapping[str, torch.Tensor], text_from_sd: bool, sd_path: str,
+               ae_path: str) -> tuple[str, torch.Tensor]:
+    if key.startswith(FIRST_STAGE):
+        k = key[len(FIRST_STAGE):]
+        if k not in ae:
+            raise UserError(f"{ae_path} lacks autoencoder weight {k} (a checkpoint of another autoencoder?)")
+        return ae_path, ae[k]
+    if key.startswith(CONTROL):
+        twin = UNET + key[len(CONTROL):]
+        if twin in sd:
+            return f"{sd_path} (UNet twin)", sd[twin]
+        return _fresh(key, fresh)
+    if key.startswith(UNET) or (key.startswith(TEXT) and text_from_sd):
+        if key not in sd:
+            raise UserError(f"{sd_path} lacks {key}: not a complete Stable Diffusion 1.x checkpoint")
+        return sd_path, sd[key]
+    if key in SCHEDULE_BUFFERS and key in sd:
+        return sd_path, sd[key]
+    return _fresh(key, fresh)
+
+
+def _fresh(key: str, fresh: Mapping[str, torch.Tensor]) -> tuple[str, torch.Tensor]:
+    if key not in fresh:
+        raise UserError(f"no source for {key}: neither the checkpoints nor the fresh initialisation have it")
+    return "fresh initialisation", fresh[key]
+
+
+def _ignored_sd_key(key: str, text_from_sd: bool) -> bool:
+    """SD keys that are expected to go unused: the replaced first stage, EMA copies, unused text weights."""
+    return key.startswith((FIRST_STAGE, "model_ema.")) or (key.startswith(TEXT) and not text_from_sd)
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading an assembled or trained VLMDiff checkpoint.
+
+ARCH_SECTIONS = ("image_size", "unet", "autoencoder", "text_encoder", "diffusion", "control")
+RUNTIME_KEYS = ("unet.use_checkpoint", "unet.attention", "unet.dropout", "autoencoder.dropout",
+                "text_encoder.pretrained", "text_encoder.tokenizer", "image_size")
+
+
+def _flatten(d: Mapping, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_difference(a: Mapping, b: Mapping) -> str | None:
+    """The first architecture setting in which two config dicts differ, as 'key: a vs b'."""
+    fa, fb = _flatten(a), _flatten(b)
+    for k in sorted(set(fa) | set(fb)):
+        if k.startswith(RUNTIME_KEYS) or not k.startswith(ARCH_SECTIONS):
+            continue
+        if fa.get(k) != fb.get(k):
+            return f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}"
+    return None
+
+
+def resolve_checkpoint_config(ckpt: Mapping, path: str, config: str | None, overrides: Sequence[str] = ()):
+    """The model config for a checkpoint: its own (plus overrides), or ``config`` checked against it."""
+    from ldm.config import apply_overrides, from_dict, to_dict
+    from vlmdiff.config import VLMDiffConfig, load_model_config
+
+    stored = ckpt.get("config")
+    if config is None:
+        if stored is None:
+            log.info("%s carries no config (an upstream checkpoint?): using the sd15 preset", path)
+            return load_model_config("sd15", overrides)
+        return from_dict(VLMDiffConfig, apply_overrides(dict(stored), overrides), f"{path} (stored config)")
+    cfg = load_model_config(config, overrides)
+    if stored is not None:
+        diff = config_difference(to_dict(cfg), stored)
+        if diff:
+            raise UserError(f"{path} was built with another model config ({diff}); drop --config to use the "
+                            "checkpoint's own, or pass the config it was built with")
+    return cfg
+
+
+def load_vlmdiff(path: str | os.PathLike, config: str | None = None, overrides: Sequence[str] = (),
+                 allow_unsafe_pickle: bool = False, **model_kwargs):
+    """Build a VLMDiff model from a checkpoint (assembled, trained, or upstream's) without a second copy.
+
+    The network is created on the meta device and takes the checkpoint's tensors directly; only the
+    text encoder is built on the CPU first (its tokenizer and non-persistent buffers).
+    """
+    from ldm.checkpoint import load_checkpoint, state_dict_of
+    from ldm.modules.text_encoder import build_text_encoder
+    from vlmdiff.model import VLMDiff
+
+    ckpt = load_checkpoint(path, allow_unsafe_pickle)
+    cfg = resolve_checkpoint_config(ckpt, str(path), config, overrides)
+    sd = drop_ema(state_dict_of(ckpt, path))
+    text = build_text_encoder(cfg.text_encoder, load_pretrained=False)
+    with torch.device("meta"):
+        model = VLMDiff(cfg, text_encoder=text, **model_kwargs)
+    model.load_weights(sd, str(path), hint="is it a VLMDiff checkpoint of this config?", assign=True)
+    return model, ckpt

@@ -1,0 +1,74 @@
+"""Command-line pieces the stage scripts share: dataset, caption and model-config flags."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from vlmdiff.data.captions import caption_folder_name
+
+DATASETS = ("mvtec", "visa", "realiad", "real_iad", "coco")
+PAPER_EPOCHS = {"mvtec": 300, "visa": 300, "realiad": 100, "coco": 100}
+
+
+def canonical_dataset(name: str) -> str:
+    return "realiad" if name == "real_iad" else name
+
+
+def add_data_args(p: argparse.ArgumentParser, folder: bool = False) -> None:
+    choices = DATASETS + (("folder",) if folder else ())
+    p.add_argument("--data_set", default="mvtec", choices=choices,
+                   help="dataset layout (real_iad is accepted for realiad)" + ("; folder = any images, no ground truth" if folder else ""))
+    p.add_argument("--data_path", required=True, help="dataset root folder")
+    p.add_argument("--coco_part", type=int, default=-1, choices=(-1, 0, 1, 2, 3),
+                   help="COCO-AD part (0..3; required for --data_set coco)")
+    p.add_argument("--classes", nargs="+", default=None, help="only these classes (default: all)")
+
+
+def add_caption_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--use_captions", action="store_true", help="condition on VLM captions (cross-attention)")
+    p.add_argument("--caption_folder", default=None,
+                   help="folder of caption files (default: {dataset}_captions_{vlm}_{prompt_type} beside the dataset root)")
+    p.add_argument("--caption_model", default="_internvl",
+                   help="suffix of COCO caption files: annotations/captions_{train,val}2017{suffix}.json")
+    p.add_argument("--vlm_model", default="internvl", help="the captioner's --vlm_model (internvl, blip, deepseekvl, template, a model id); names the caption files")
+    p.add_argument("--prompt_type", default="pd", choices=("pd", "pa"), help="caption prompt: pd (describe) or pa (defect)")
+
+
+def coco_part(args: argparse.Namespace) -> int | None:
+    return args.coco_part if args.coco_part >= 0 else None
+
+
+def vlm_token(vlm_model: str) -> str:
+    """The file-name token the captioner used for ``--vlm_model`` (internvl, blip, template, ...)."""
+    from vlmdiff.captioning import derive_vlm_name
+
+    return derive_vlm_name(vlm_model, "template" if vlm_model == "template" else "hf")
+
+
+def caption_source(args: argparse.Namespace) -> Path:
+    """The caption file/folder ``--use_captions`` reads (upstream's default locations)."""
+    dataset = canonical_dataset(args.data_set)
+    if args.caption_folder:
+        return Path(args.caption_folder)
+    if dataset == "coco":
+        return Path(args.data_path)
+    return Path(args.data_path).resolve().parent / caption_folder_name(dataset, vlm_token(args.vlm_model), args.prompt_type)
+
+
+def load_split_captions(args: argparse.Namespace, split: str) -> dict[str, str] | None:
+    """Captions of ``split`` when ``--use_captions`` is on, else None (captions are then "")."""
+    if not args.use_captions:
+        return None
+    from vlmdiff.data import load_captions
+
+    dataset = canonical_dataset(args.data_set)
+    vlm = None if dataset == "coco" else vlm_token(args.vlm_model)
+    return load_captions(caption_source(args), split, dataset, vlm=vlm, caption_model=args.caption_model)
+
+
+def add_config_args(p: argparse.ArgumentParser, default: str | None = "sd15") -> None:
+    p.add_argument("--config", default=default,
+                   help="model preset (sd15, mid, tiny) or a YAML file" + ("" if default else "; default: the checkpoint's own"))
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="dotted config overrides, e.g. unet.use_checkpoint=true")
