@@ -181,8 +181,7 @@ def test_aupro_equals_bruteforce(seed: int, limit: float) -> None:
     assert metrics.aupro(maps - 2.0, gt, fpr_limit=limit) == pytest.approx(ref, abs=1e-12)
 
 
-def test_pixel_and_ranking_metrics_equal_sklearn(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(metrics, "_CHUNK", 97)  # many chunk borders, some inside tie groups
+def test_pixel_and_ranking_metrics_equal_sklearn() -> None:
     maps, gt = _random_case(3)
     y, s = gt.ravel(), maps.ravel().astype(np.float64)
     precision, recall, _ = precision_recall_curve(y, s)
@@ -244,6 +243,14 @@ def test_class_without_anomalies_is_nan_with_warning(inputs: dict[str, np.ndarra
     assert math.isnan(res["mean"]["auroc_image"])  # no class defines it
     assert res["mean"]["aupro"] == only["aupro"]  # mean over the classes where it is defined
     assert "normal_only" in caplog.text and "undefined" in caplog.text
+
+
+def test_class_without_normal_pixels() -> None:
+    maps = np.random.default_rng(0).random((2, 8, 8)).astype(np.float32)
+    res = metrics.pixel_metrics(maps, np.ones(maps.shape, dtype=bool))
+    assert math.isnan(res["auroc"]) and math.isnan(res["aupro"])
+    assert res["ap"] == 1.0 and res["f1max"] == 1.0
+    assert math.isnan(metrics.legacy_aupro(maps, np.ones(maps.shape, dtype=bool)))
 
 
 def test_bad_input_raises_user_error(inputs: dict[str, np.ndarray]) -> None:

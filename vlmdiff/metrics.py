@@ -35,10 +35,7 @@ METRICS = ("auroc_image", "ap_image", "f1max_image", "auroc_pixel", "ap_pixel", 
 PROTOCOLS = ("official", "legacy", "both")
 FPR_LIMIT = 0.3
 LEGACY_NUM_THRESHOLDS = 200
-_CHUNK = 1 << 21  # pixels per step of the sorted sweep (bounds its temporaries to ~100 MB)
 _BATCH = 64  # images per step of labelling, key building and image scoring
-_STRUCT_2D_IN_3D = np.zeros((3, 3, 3), dtype=bool)
-_STRUCT_2D_IN_3D[1] = True  # 8-connectivity inside each image, never across images
 
 
 # --------------------------------------------------------------------------- input checks
@@ -60,7 +57,7 @@ def binarize_masks(masks: Any, mask_threshold: float = 0.0) -> np.ndarray:
     if not 0.0 <= mask_threshold < 1.0:
         raise UserError(f"mask_threshold must be in [0, 1) (a fraction of the mask's full scale), got {mask_threshold}")
     if m.dtype == np.bool_:
-        return m.copy()
+        return m
     if m.dtype == np.uint8:
         return m > 255.0 * mask_threshold
     if m.size and (np.issubdtype(m.dtype, np.integer) or np.issubdtype(m.dtype, np.floating)):
@@ -76,14 +73,17 @@ def binarize_masks(masks: Any, mask_threshold: float = 0.0) -> np.ndarray:
 
 
 def _check_maps(maps: Any, where: str) -> np.ndarray:
-    """Maps as a numpy float32 or float64 array ``(N, H, W)``; float16 is widened exactly."""
+    """Maps as a numpy float16, float32 or float64 array ``(N, H, W)`` with finite values.
+
+    float16 is kept (half the memory of a class); consumers widen it batch by batch, exactly.
+    """
     m = _to_numpy(maps)
     if m.ndim != 3:
         raise UserError(f"{where}: maps must have shape (N, H, W), got {m.shape}")
     if not np.issubdtype(m.dtype, np.floating):
         raise UserError(f"{where}: maps must be floating point, got {m.dtype}")
-    if m.dtype not in (np.float32, np.float64):
-        m = m.astype(np.float32 if np.finfo(m.dtype).bits <= 32 else np.float64)
+    if m.dtype not in (np.float16, np.float32, np.float64):
+        m = m.astype(np.float64)
     for a in range(0, len(m), _BATCH):
         if not np.isfinite(m[a:a + _BATCH]).all():
             raise UserError(f"{where}: maps contain NaN or infinite values (image {a}..{a + _BATCH - 1}); "
@@ -91,142 +91,109 @@ def _check_maps(maps: Any, where: str) -> np.ndarray:
     return m
 
 
-# --------------------------------------------------------------------------- sorted sweep
-def _label_batches(gt: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Yield ``(start, regions, areas)`` per batch of images.
+# --------------------------------------------------------------------------- exact curves
+def _gt_regions(gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Region of every ground-truth pixel and the area of every region of a class.
 
-    ``regions`` ``(b, H, W)`` int32 holds class-wide region ids (8-connected ground-truth
-    components, numbered from 1 across batches; 0 = GT negative), ``areas`` the pixel count of
-    each new region in id order.
+    Regions are the 8-connected components of each image's ground truth (never across images),
+    numbered from 0 over the whole class. Returns ``(ids, areas)``: ``ids`` int64 for the GT
+    pixels in C order (the order of ``x[gt]``), ``areas`` int64 ``(num_regions,)``.
     """
-    offset = 0
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = True  # 3x3 neighbourhood inside an image only
+    ids, areas, offset = [], [], 0
     for a in range(0, len(gt), _BATCH):
-        lab, n = ndimage.label(gt[a:a + _BATCH], structure=_STRUCT_2D_IN_3D)  # (b, H, W) int32
-        nz = np.flatnonzero(lab)
-        areas = np.bincount(lab.ravel()[nz], minlength=n + 1)[1:]
-        lab.ravel()[nz] += offset
-        offset += n
-        yield a, lab, areas
-
-
-def _pack_keys(scores32: np.ndarray, regions: np.ndarray, out: np.ndarray, nonneg: bool) -> None:
-    """``out`` = (order-preserving bits of float32 ``scores32``) << 32 | ``regions`` (all 1-D).
-
-    For non-negative floats the raw IEEE bits already sort like the values; otherwise the usual
-    sign flip (negative: all bits inverted, positive: sign bit set) makes them do so. -0 is
-    turned into +0 first so that equal scores get equal keys.
-    """
-    bits = (scores32 + np.float32(0.0)).view(np.uint32)
-    if not nonneg:
-        bits ^= (np.uint32(0) - (bits >> np.uint32(31))) | np.uint32(0x80000000)
-    out[:] = bits
-    out <<= np.uint64(32)
-    out |= regions.view(np.uint32)
-
-
-def _group_ends(ties: np.ndarray, following: Any) -> np.ndarray:
-    ends = np.empty(len(ties), dtype=bool)
-    ends[:-1] = ties[:-1] != ties[1:]
-    ends[-1] = following is None or ties[-1] != following
-    return ends
-
-
-def _desc_packed(keys: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """From ascending packed keys (score bits << 32 | region), yield (regions, tie-group ends) descending."""
-    mask = np.uint64(0xFFFFFFFF)
-    hi = len(keys)
-    while hi > 0:
-        lo = max(0, hi - _CHUNK)
-        k = keys[lo:hi][::-1]
-        ties = k >> np.uint64(32)
-        following = keys[lo - 1] >> np.uint64(32) if lo > 0 else None
-        yield (k & mask).view(np.int64), _group_ends(ties, following)
-        hi = lo
-
-
-def _desc_argsort(scores: np.ndarray, regions: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Same stream as :func:`_desc_packed` for float64 scores (argsort; ~3x the memory)."""
-    order = np.argsort(scores, kind="stable")
-    hi = len(order)
-    while hi > 0:
-        lo = max(0, hi - _CHUNK)
-        idx = order[lo:hi][::-1]
-        following = scores[order[lo - 1]] if lo > 0 else None
-        yield regions[idx].astype(np.int64, copy=False), _group_ends(scores[idx], following)
-        hi = lo
-
-
-def _sweep(stream: Iterable[tuple[np.ndarray, np.ndarray]], n_pos: int, n_neg: int,
-           weights: np.ndarray | None, fpr_limit: float | None) -> dict[str, float]:
-    """AUROC, AP, F1-max and (with ``weights``) AU-PRO in one pass over pixels by decreasing score.
-
-    Every distinct score is a threshold (positive if score >= threshold); the counts of a tie
-    group are taken at its last member, as scikit-learn's ``_binary_clf_curve`` and MVTec's
-    ``compute_pro`` do. ``weights[r]`` = 1 / (num_regions * area of region r), so the cumulative
-    weight is the per-region overlap averaged over regions (PRO). Counts are int64; the AUROC
-    trapezoid is summed exactly in integers; AP = sum (R_n - R_{n-1}) P_n as scikit-learn
-    defines it; F1 = 2 TP / (TP + FP + P). AU-PRO integrates PRO over FPR from (0, 0) up to
-    ``fpr_limit`` (PRO interpolated linearly there) and divides by ``fpr_limit`` (MVTec AD
-    ``trapezoid``). Requires ``n_pos > 0`` and ``n_neg > 0``.
-    """
-    seen_tp = seen_n = 0  # counts after the last pixel processed
-    seen_w = 0.0
-    g_tp = g_fp = 0  # counts at the last tie-group end (the previous curve point)
-    g_fpr = g_pro = 0.0
-    auc2, ap, f1 = 0, 0.0, 0.0
-    pro_area, pro_done = 0.0, weights is None or fpr_limit is None
-    for regions, ends in stream:
-        tp = np.cumsum(regions > 0, dtype=np.int64)
-        tp += seen_tp
-        n = np.arange(seen_n + 1, seen_n + len(regions) + 1, dtype=np.int64)
-        seen_tp, seen_n = int(tp[-1]), int(n[-1])
-        tp_g = tp[ends]
-        fp_g = n[ends] - tp_g
-        if not pro_done:
-            w = np.cumsum(weights[regions])
-            w += seen_w
-            seen_w = float(w[-1])
-            pro_g = w[ends]
-            del w
-        del tp, n
-        if len(tp_g) == 0:  # the whole chunk is inside one tie group
+        g = gt[a:a + _BATCH]
+        if not g.any():
             continue
-        tp_all = np.concatenate(([g_tp], tp_g))
-        fp_all = np.concatenate(([g_fp], fp_g))
-        auc2 += int(np.sum((tp_all[1:] + tp_all[:-1]) * np.diff(fp_all)))
-        ap += float(np.sum(np.diff(tp_all) * (tp_g / (tp_g + fp_g))))
-        f1 = max(f1, float(np.max(2.0 * tp_g / (tp_g + fp_g + n_pos))))
-        if not pro_done:
-            fpr = np.concatenate(([g_fpr], fp_g / n_neg))
-            pro = np.concatenate(([g_pro], pro_g))
-            pro_area, pro_done = _trapezoid_step(fpr, pro, fpr_limit, pro_area)
-            g_fpr, g_pro = float(fpr[-1]), float(pro[-1])
-        g_tp, g_fp = int(tp_g[-1]), int(fp_g[-1])
-    if not pro_done:  # MVTec's (1, 1) end point, only reached for fpr_limit >= 1
-        pro_area, _ = _trapezoid_step(np.array([g_fpr, 1.0]), np.array([g_pro, 1.0]), fpr_limit, pro_area)
-    out = {"auroc": auc2 / (2.0 * n_pos * n_neg), "ap": ap / n_pos, "f1max": f1}
-    if weights is not None and fpr_limit is not None:
-        out["aupro"] = float(pro_area / fpr_limit)
+        lab, n = ndimage.label(g, structure=structure)  # (b, H, W), 1..n
+        r = lab[g].astype(np.int64) - 1
+        areas.append(np.bincount(r, minlength=n))
+        ids.append(r + offset)
+        offset += n
+    if not ids:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(ids), np.concatenate(areas)
+
+
+def _split_scores(maps: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(scores of GT-negative pixels, scores of GT pixels in C order)``, batch by batch.
+
+    float16 is widened to float32 (exactly); float32 and float64 are kept.
+    """
+    dtype = np.float64 if maps.dtype == np.float64 else np.float32
+    n_pos = int(np.count_nonzero(gt))
+    neg, pos = np.empty(gt.size - n_pos, dtype), np.empty(n_pos, dtype)
+    i = j = 0
+    for a in range(0, len(gt), _BATCH):
+        s, g = maps[a:a + _BATCH], gt[a:a + _BATCH]
+        p = s[g]
+        pos[j:j + len(p)] = p
+        j += len(p)
+        q = s[~g]
+        neg[i:i + len(q)] = q
+        i += len(q)
+    return neg, pos
+
+
+def _curve_metrics(neg_sorted: np.ndarray, pos: np.ndarray, weights: np.ndarray | None,
+                   fpr_limit: float | None) -> dict[str, float]:
+    """AUROC, AP, F1-max and (with ``weights``) AU-PRO from sorted negatives and the positives.
+
+    Every distinct score is a threshold and a pixel is positive if score >= threshold (as in
+    scikit-learn's ``_binary_clf_curve`` and MVTec's ``compute_pro``). Between two distinct
+    positive scores only FPR changes, so the ROC and PRO curves are exact with two points per
+    distinct positive score ``v``: just above ``v`` (negatives > v) and at ``v`` (negatives >=
+    v, positives >= v); the omitted points lie on horizontal segments, which change neither a
+    trapezoid area nor a linear interpolation, nor AP (recall does not change) nor F1-max (the
+    first point of a horizontal run is the best). Counts are exact int64 (AUROC is summed in
+    integers); ``weights[k]`` = 1 / (num_regions * area of the region of GT pixel k), so their
+    cumulative sum is the PRO. AP = sum (R_n - R_{n-1}) P_n (scikit-learn's definition),
+    F1 = 2 TP / (TP + FP + P). Needs a positive; without negatives AUROC and AU-PRO are NaN.
+    """
+    n_pos, n_neg = len(pos), len(neg_sorted)
+    order = np.argsort(pos)[::-1]
+    ps = pos[order]  # descending
+    last = np.flatnonzero(np.append(ps[:-1] != ps[1:], True))  # last index of each tie group
+    v = ps[last]  # distinct positive scores, descending
+    tp_at = last + 1
+    tp_above = np.concatenate(([0], tp_at[:-1]))
+    fp_at = n_neg - np.searchsorted(neg_sorted, v, side="left")  # negatives >= v
+    fp_above = n_neg - np.searchsorted(neg_sorted, v, side="right")  # negatives > v
+    tp = np.concatenate(([0], np.stack([tp_above, tp_at], 1).ravel(), [n_pos]))
+    fp = np.concatenate(([0], np.stack([fp_above, fp_at], 1).ravel(), [n_neg]))
+    out = {
+        "auroc": int(np.sum((tp[1:] + tp[:-1]) * np.diff(fp))) / (2.0 * n_pos * n_neg) if n_neg else math.nan,
+        "ap": float(np.sum((tp_at - tp_above) * (tp_at / (tp_at + fp_at)))) / n_pos,
+        "f1max": float(np.max(2.0 * tp_at / (tp_at + fp_at + n_pos))),
+    }
+    if weights is not None and fpr_limit is not None and n_neg == 0:
+        out["aupro"] = math.nan
+    elif weights is not None and fpr_limit is not None:
+        w_at = np.cumsum(weights[order])[last]
+        w_above = np.concatenate(([0.0], w_at[:-1]))
+        pro = np.concatenate(([0.0], np.stack([w_above, w_at], 1).ravel(), [w_at[-1], 1.0]))
+        fpr = np.concatenate((fp / n_neg, [1.0]))  # MVTec's (1, 1) end point
+        out["aupro"] = float(_trapezoid(fpr, pro, fpr_limit) / fpr_limit)
     return out
 
 
-def _trapezoid_step(x: np.ndarray, y: np.ndarray, limit: float, area: float) -> tuple[float, bool]:
-    """Add the trapezoids of the polyline ``(x, y)`` (x non-decreasing) up to ``x = limit``.
+def _trapezoid(x: np.ndarray, y: np.ndarray, limit: float) -> float:
+    """Area under the polyline ``(x, y)`` (x non-decreasing) from ``x[0]`` to ``x = limit``.
 
-    Returns the new area and whether ``limit`` was passed (the rest of the curve is ignored).
+    As MVTec AD's ``trapezoid``: the segment that crosses ``limit`` is cut there with y
+    interpolated linearly; if ``limit`` is a vertex, points beyond it are ignored.
     """
-    dx = np.diff(x)
-    seg = 0.5 * (y[1:] + y[:-1]) * dx
+    seg = 0.5 * (y[1:] + y[:-1]) * np.diff(x)
     over = np.flatnonzero(x[1:] > limit)
     if over.size == 0:
-        return area + float(np.sum(seg)), False
+        return float(np.sum(seg))
     j = int(over[0])  # first segment that ends beyond the limit
-    area += float(np.sum(seg[:j]))
-    x0, y0 = x[j], y[j]
-    if x0 < limit:  # limit strictly inside the segment: interpolate PRO at the limit
-        y_lim = y0 + (y[j + 1] - y0) * (limit - x0) / (x[j + 1] - x0)
-        area += 0.5 * (y_lim + y0) * (limit - x0)
-    return area, True
+    area = float(np.sum(seg[:j]))
+    if x[j] < limit:
+        y_lim = y[j] + (y[j + 1] - y[j]) * (limit - x[j]) / (x[j + 1] - x[j])
+        area += 0.5 * (y_lim + y[j]) * (limit - x[j])
+    return area
 
 
 # --------------------------------------------------------------------------- metric functions
@@ -237,18 +204,13 @@ def ranking_metrics(scores: Any, labels: Any) -> dict[str, float]:
     """
     s = np.asarray(_to_numpy(scores), dtype=np.float64).ravel()
     y = np.asarray(_to_numpy(labels)).ravel().astype(bool)
-    n_pos = int(y.sum())
-    n_neg = len(y) - n_pos
-    if n_pos == 0:
+    if not y.any():
         return {"auroc": math.nan, "ap": math.nan, "f1max": math.nan}
-    out = _sweep(_desc_argsort(s, y.astype(np.int64)), n_pos, max(n_neg, 1), None, None)
-    if n_neg == 0:
-        out["auroc"] = math.nan
-    return out
+    return _curve_metrics(np.sort(s[~y]), s[y], None, None)
 
 
 def pixel_metrics(maps: Any, gt: np.ndarray, fpr_limit: float = FPR_LIMIT) -> dict[str, float]:
-    """Pixel AUROC, AP, F1-max and the exact AU-PRO of one class from a single sort of its pixels.
+    """Pixel AUROC, AP, F1-max and the exact AU-PRO of one class, with one sort of its pixels.
 
     Args:
         maps: ``(N, H, W)`` float scores of every image of the class.
@@ -257,47 +219,23 @@ def pixel_metrics(maps: Any, gt: np.ndarray, fpr_limit: float = FPR_LIMIT) -> di
 
     AU-PRO follows the MVTec AD evaluation: 8-connected GT components per image, every distinct
     score a threshold, PRO = overlap averaged over all components of the class, FPR over every
-    GT-negative pixel of the class. float32 (and float16) scores are sorted as packed 64-bit keys
-    ``(score bits << 32) | region id`` (8 bytes per pixel, in place); float64 scores that are not
-    exactly float32 use an argsort (~20 bytes per pixel). NaN where undefined (no GT positive or
-    no GT negative pixel).
+    GT-negative pixel of the class, (0, 0) and (1, 1) end points, trapezoid up to ``fpr_limit``
+    (PRO interpolated there), divided by ``fpr_limit``. Only the GT-negative scores are sorted
+    (a float32 copy, 4 bytes per pixel; float64 maps: 8); the GT pixels are argsorted. NaN
+    where undefined (no GT-positive or no GT-negative pixel).
     """
     m = _check_maps(maps, "pixel_metrics")
     if gt.shape != m.shape:
         raise UserError(f"maps {m.shape} and ground truth {gt.shape} differ in shape")
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
-    n_pix = m.size
-    n_pos = int(np.count_nonzero(gt))
-    n_neg = n_pix - n_pos
-    nan = {"auroc": math.nan, "ap": math.nan, "f1max": math.nan, "aupro": math.nan}
-    if n_pos == 0:
-        return nan
-    packed = m.dtype == np.float32 or all(
-        np.array_equal(m[a:a + _BATCH].astype(np.float32), m[a:a + _BATCH]) for a in range(0, len(m), _BATCH))
-    areas = []
-    if packed:
-        keys = np.empty(n_pix, dtype=np.uint64)
-        per_img = m[0].size
-        nonneg = bool(m.min() >= 0)
-        for a, lab, ar in _label_batches(gt):
-            s32 = m[a:a + len(lab)].astype(np.float32, copy=False).ravel()
-            _pack_keys(s32, lab.ravel(), keys[a * per_img:(a + len(lab)) * per_img], nonneg)
-            areas.append(ar)
-        keys.sort()
-        stream = _desc_packed(keys)
-    else:
-        regions = []
-        for _, lab, ar in _label_batches(gt):
-            regions.append(lab.ravel())
-            areas.append(ar)
-        stream = _desc_argsort(m.ravel(), np.concatenate(regions))
-    areas = np.concatenate(areas)
-    weights = np.concatenate(([0.0], 1.0 / (len(areas) * areas.astype(np.float64))))
-    if n_neg == 0:
-        out = _sweep(stream, n_pos, 1, weights, None)
-        return {**out, "auroc": math.nan, "aupro": math.nan}
-    return _sweep(stream, n_pos, n_neg, weights, fpr_limit)
+    neg, pos = _split_scores(m, gt)
+    if len(pos) == 0:
+        return {"auroc": math.nan, "ap": math.nan, "f1max": math.nan, "aupro": math.nan}
+    ids, areas = _gt_regions(gt)
+    weights = 1.0 / (len(areas) * areas.astype(np.float64))[ids]
+    neg.sort()
+    return _curve_metrics(neg, pos, weights, fpr_limit)
 
 
 def aupro(maps: Any, gt: np.ndarray, fpr_limit: float = FPR_LIMIT) -> float:
@@ -318,20 +256,19 @@ def legacy_aupro(maps: Any, gt: np.ndarray, num_thresholds: int = LEGACY_NUM_THR
     from sklearn.metrics import auc
 
     m = _check_maps(maps, "legacy_aupro")
+    if gt.shape != m.shape:
+        raise UserError(f"maps {m.shape} and ground truth {gt.shape} differ in shape")
+    if m.dtype == np.float16:
+        m = m.astype(np.float32)  # exact; numpy compares float16 slowly
     lo, hi = np.float64(m.min()), np.float64(m.max())
     flat = m.ravel()
-    pos_idx, pos_reg, areas = [], [], []
-    per_img = m[0].size
-    for a, lab, ar in _label_batches(gt):
-        nz = np.flatnonzero(lab)
-        pos_idx.append(nz + a * per_img)
-        pos_reg.append(lab.ravel()[nz] - 1)
-        areas.append(ar)
-    pos_idx, pos_reg, areas = np.concatenate(pos_idx), np.concatenate(pos_reg), np.concatenate(areas)
-    n_neg = flat.size - len(pos_idx)
+    pos_reg, areas = _gt_regions(gt)
+    n_neg = flat.size - len(pos_reg)
     if len(areas) == 0 or n_neg == 0 or hi == lo:
+        if hi == lo and len(areas) and n_neg:
+            logger.warning("legacy AU-PRO undefined: every score of the class is %s", hi)
         return math.nan
-    pos_scores = flat[pos_idx]
+    pos_scores = m[gt]  # C order, like pos_reg
     fprs, pros = [], []
     for th in np.arange(lo, hi, (hi - lo) / num_thresholds):
         above_pos = pos_scores > th
