@@ -250,11 +250,10 @@ def legacy_aupro(maps: Any, gt: np.ndarray, num_thresholds: int = LEGACY_NUM_THR
     pixel is positive if its score > threshold; PRO = mean over the class's 8-connected GT
     regions of (positive pixels in region) / (region area); FPR = positive GT-negative pixels /
     all GT-negative pixels; rows with FPR < 0.3 are kept, their FPR divided by the largest kept
-    FPR, and the area computed with ``sklearn.metrics.auc``. A plain loop over the thresholds
-    (one full pass over the pixels each). NaN where undefined.
+    FPR, and the area computed as ``sklearn.metrics.auc`` does (trapezoid; FPR decreases along
+    the rows). A plain loop over the thresholds (one full pass over the pixels each). NaN where
+    undefined.
     """
-    from sklearn.metrics import auc
-
     m = _check_maps(maps, "legacy_aupro")
     if gt.shape != m.shape:
         raise UserError(f"maps {m.shape} and ground truth {gt.shape} differ in shape")
@@ -281,7 +280,8 @@ def legacy_aupro(maps: Any, gt: np.ndarray, num_thresholds: int = LEGACY_NUM_THR
     if keep.sum() < 2 or fprs[keep].max() == 0:
         logger.warning("legacy AU-PRO undefined: fewer than two thresholds with 0 < FPR < 0.3")
         return math.nan
-    return float(auc(fprs[keep] / fprs[keep].max(), pros[keep]))
+    x, y = fprs[keep] / fprs[keep].max(), pros[keep]  # FPR falls as the threshold rises
+    return float(-np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2.0))  # sklearn.metrics.auc of a decreasing x
 
 
 # --------------------------------------------------------------------------- evaluation
