@@ -148,7 +148,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     print(f"(a) exact AU-PRO vs 200-threshold legacy loop, {args.n_images} maps of {SIZE}x{SIZE}", flush=True)
     a = bench_aupro(args.n_images)
-    print("| maps | pixels | exact (all 4 pixel metrics) s | legacy AU-PRO loop s | speed-up | AU-PRO exact | AU-PRO legacy |")
+    print("| maps | pixels | exact (all 4 pixel metrics) s | legacy AU-PRO loop s | speed-up "
+          "| AU-PRO exact | AU-PRO legacy |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     print(f"| {a['n_images']} | {a['pixels']:,} | {a['exact_s']:.2f} | {a['legacy_s']:.2f} | {a['speedup']:.1f}x "
           f"| {a['aupro_exact']:.4f} | {a['aupro_legacy']:.4f} |", flush=True)
@@ -162,8 +163,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         write_store(tmp / "big_class", 1, 2 * args.class_size, seed=2)
         print(f"\n(b) wrote {max(sizes) + 2 * args.class_size} float16 maps in {time.perf_counter() - t0:.0f} s; "
               f"child RSS after imports alone: {idle_rss:.0f} MiB", flush=True)
-        configs = [(s // args.class_size, args.class_size, linked_store(tmp / "master", tmp / f"n{s}", s // args.class_size))
-                   for s in sizes]
+        configs = [(s // args.class_size, args.class_size,
+                    linked_store(tmp / "master", tmp / f"n{s}", s // args.class_size)) for s in sizes]
         configs.append((1, 2 * args.class_size, tmp / "big_class"))
         print("| maps | classes | largest class | peak RSS MiB | eval s | maps/s |")
         print("|---:|---:|---:|---:|---:|---:|")

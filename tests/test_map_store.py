@@ -18,7 +18,10 @@ def data(fixtures_dir: Path) -> dict[str, np.ndarray]:
     with np.load(fixtures_dir / "metrics_inputs.npz") as d:
         out = {k: d[k] for k in d.files}
     n = len(out["preds"])
-    out["ids"] = np.asarray([str(f) for f in out["filename"]]) if "filename" in out else np.asarray([f"img{i:05d}" for i in range(n)])
+    if "filename" in out:
+        out["ids"] = np.asarray([str(f) for f in out["filename"]])
+    else:
+        out["ids"] = np.asarray([f"img{i:05d}" for i in range(n)])
     out["labels"] = (out["masks"].reshape(n, -1).max(axis=1) > 0).astype(np.int8)
     out["scores"] = np.linspace(0.0, 1.0, n)
     return out

@@ -187,7 +187,8 @@ class MapStore:
             for path in files:
                 chunk = _load(path, ["class_name", *_ARRAYS])
                 if str(chunk["class_name"]) != cls:
-                    raise UserError(f"{path}: holds class {str(chunk['class_name'])!r} but lies in the folder of {cls!r}")
+                    raise UserError(f"{path}: holds class {str(chunk['class_name'])!r} "
+                                    f"but lies in the folder of {cls!r}")
                 if not np.array_equal(chunk["ids"], index[path]):
                     raise UserError(f"{path}: changed while being read; re-run the evaluation")
                 rows = dest[start:start + len(chunk["ids"])]

@@ -476,7 +476,8 @@ def load_inputs(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     if arrays["maps"].ndim != 3 or arrays["masks"].shape != arrays["maps"].shape:
         raise UserError(f"{path}: maps {arrays['maps'].shape} and masks {arrays['masks'].shape} must both be (N, H, W)")
     if arrays["class_names"].shape != (len(arrays["maps"]),):
-        raise UserError(f"{path}: class_names has shape {arrays['class_names'].shape}, expected ({len(arrays['maps'])},)")
+        raise UserError(f"{path}: class_names has shape {arrays['class_names'].shape}, "
+                        f"expected ({len(arrays['maps'])},)")
     return arrays["maps"], arrays["masks"], arrays["class_names"]
 
 

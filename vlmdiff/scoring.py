@@ -64,7 +64,8 @@ def anomaly_map(
     acc = torch.zeros(batch, h, w, dtype=torch.float64, device=feats_in[0].device)
     for level, (fi, fr) in enumerate(zip(feats_in, feats_rec)):
         if fi.shape != fr.shape or fi.ndim != 4 or fi.shape[0] != batch:
-            raise ValueError(f"level {level}: feature shapes {tuple(fi.shape)} and {tuple(fr.shape)} differ or are not (B, C, h, w)")
+            raise ValueError(f"level {level}: feature shapes {tuple(fi.shape)} and {tuple(fr.shape)} "
+                             "differ or are not (B, C, h, w)")
         dist = 1.0 - F.cosine_similarity(fi.float(), fr.float(), dim=1, eps=COSINE_EPS)  # (B, h_l, w_l)
         up = F.interpolate(dist[:, None], size=(h, w), mode="bilinear", align_corners=True)  # (B, 1, H, W)
         acc += up[:, 0].double()
