@@ -161,6 +161,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     model_cfg = load_config(args.config, LatentDiffusionConfig, only_own_sections=True)
     ae_cfg = model_cfg.autoencoder
     image_size = args.image_size or model_cfg.image_size
+    factor = 2 ** (len(ae_cfg.ch_mult) - 1)
+    if image_size % factor:
+        raise UserError(f"--image_size {image_size} is not a multiple of the autoencoder's down-sampling factor {factor}")
     train_cfg = train_config_from_args(args)
     folder = run_folder(args, dataset)
     last = folder / "checkpoints" / "last.ckpt"

@@ -40,6 +40,16 @@ def shapes(sd: dict) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in sd.items()}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: these small convolutions gain nothing from two, and on a busy 2-core machine
+    two OpenMP threads waiting on each other make the module 3x slower. Restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def fixture_keys(fixtures_dir: Path) -> dict:
     return json.loads((fixtures_dir / "sd15_autoencoder_keys.json").read_text())
@@ -225,7 +235,8 @@ def test_discriminator_trained_from_disc_start(plain_run: Path, data_root: Path,
 
 
 def test_run_with_perceptual_weights_from_local_files(data_root: Path, vgg_file: Path, fixtures_dir: Path,
-                                                      fixture_keys: dict, tmp_path: Path) -> None:
+                                                      fixture_keys: dict, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     start = fixtures_dir / "tiny_ae_weights.pt"  # a plain AutoencoderKL state dict of the tiny config
     run = run_cli(data_root, tmp_path / "lpips", "--vgg_weights", str(vgg_file), "--resume_path", str(start),
                   "--accumulate_grad_batches", "1")
@@ -242,6 +253,13 @@ def test_run_with_perceptual_weights_from_local_files(data_root: Path, vgg_file:
     assert 0 < delta < 1e-3  # started from the file, moved by two Adam steps of lr 9e-5
     losses = [float(r["train/p_loss"]) for r in metrics_rows(run) if r.get("train/p_loss")]
     assert losses and all(v > 0 for v in losses)
+    # Starting from a checkpoint that carries the LPIPS weights (like kl-f8's model.ckpt): no files needed.
+    monkeypatch.chdir(tmp_path)  # no models/vgg16-397923af.pth here
+    module = AutoencoderTraining(tiny_ae(), AutoencoderTrainConfig())
+    finetune_autoencoder._load_starting_weights(module, finetune_autoencoder.parse_args(
+        ["--data_set", "mvtec", "--data_path", ".", "--resume_path", str(run / "autoencoder.ckpt")]))
+    torch.testing.assert_close(module.loss.perceptual_loss.state_dict()["net.slice3.12.weight"],
+                               sd["loss.perceptual_loss.net.slice3.12.weight"])
 
 
 def test_missing_perceptual_weight_files_say_which_and_where(data_root: Path, tmp_path: Path,
@@ -261,6 +279,21 @@ def test_missing_perceptual_weight_files_say_which_and_where(data_root: Path, tm
         run_cli(data_root, tmp_path / "c", "--resume_path", "none", "--lpips_weights", str(tmp_path / "lin.pth"))
     with pytest.raises(UserError, match=r"models/autoencoders\.ckpt not found.*kl-f8\.zip.*--resume_path none"):
         run_cli(data_root, tmp_path / "d", "--perceptual_weight", "0")
+
+
+def test_flags_override_the_train_config_and_an_epoch_budget_replaces_the_step_budget() -> None:
+    def cfg(*flags: str) -> AutoencoderTrainConfig:
+        return finetune_autoencoder.train_config_from_args(finetune_autoencoder.parse_args(
+            ["--data_set", "mvtec", "--data_path", ".", *flags]))
+
+    default = cfg()
+    assert (default.base_lr, default.batch_size, default.accumulate_grad_batches, default.max_steps) == (4.5e-5, 1, 8, 5000)
+    assert (default.loss.disc_start, default.loss.kl_weight, default.loss.disc_weight) == (50001, 1e-6, 0.5)
+    assert cfg("--batch_size", "4").learning_rate == pytest.approx(1.8e-4)  # not scaled by accumulation
+    assert (cfg("--max_epochs", "3").max_steps, cfg("--max_epochs", "3").max_epochs) == (-1, 3)
+    assert cfg("--max_epochs", "3", "--max_steps", "7").max_steps == 7
+    with pytest.raises(UserError, match="budget"):
+        cfg("--max_steps", "-1")
 
 
 def _module() -> AutoencoderTraining:

@@ -184,23 +184,20 @@ class AutoencoderTraining(pl.LightningModule):
                   hint="is --config the preset this autoencoder was made with?")
         loaded = ["autoencoder"]
         file_loss = loss_state_dict(ckpt, path)
-        groups = {"discriminator": self.loss.discriminator, "logvar": None}
-        if self.loss.perceptual_loss is not None and use_file_perceptual:
-            groups["perceptual_loss"] = self.loss.perceptual_loss
-        known = {"discriminator", "logvar", "perceptual_loss"}
-        stray = sorted(k for k in file_loss if k.split(".", 1)[0] not in known)
+        stray = sorted(k for k in file_loss if k.split(".", 1)[0] not in ("discriminator", "logvar", "perceptual_loss"))
         if stray:
             raise UserError(f"{path}: unexpected loss weight 'loss.{stray[0]}' (not an LPIPS-with-discriminator loss)")
-        for name, module in groups.items():
+        if "logvar" in file_loss:
+            if file_loss["logvar"].numel() != 1:
+                raise UserError(f"{path}: loss.logvar should be a scalar, has shape {tuple(file_loss['logvar'].shape)}")
+            with torch.no_grad():
+                self.loss.logvar.copy_(file_loss["logvar"].reshape(()))
+            loaded.append("logvar")
+        modules: dict[str, nn.Module] = {"discriminator": self.loss.discriminator}
+        if self.loss.perceptual_loss is not None and use_file_perceptual:
+            modules["perceptual_loss"] = self.loss.perceptual_loss
+        for name, module in modules.items():
             part = {k[len(name) + 1:]: v for k, v in file_loss.items() if k.startswith(name + ".")}
-            if name == "logvar":
-                if "logvar" in file_loss:
-                    if file_loss["logvar"].numel() != 1:
-                        raise UserError(f"{path}: loss.logvar should be a scalar, has shape {tuple(file_loss['logvar'].shape)}")
-                    with torch.no_grad():
-                        self.loss.logvar.copy_(file_loss["logvar"].reshape(()))
-                    loaded.append("logvar")
-                continue
             if part:
                 load_into(module, part, path, hint=f"the file's loss.{name}.* weights are incomplete or of another shape")
                 loaded.append(name)
