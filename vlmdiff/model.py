@@ -56,10 +56,30 @@ class VLMDiff(LatentDiffusion):
                          optimizer=optimizer, fused_optimizer=fused_optimizer,
                          load_pretrained_text=load_pretrained_text, text_encoder=text_encoder,
                          unet=ControlledUNet(cfg.unet))
-        self.control_model = SGNetwork(cfg.unet, cfg.control)
         self.only_mid_control = cfg.control.only_mid_control
+        self.control_model = SGNetwork(cfg.unet, cfg.control)
         self.trainable_prefixes = TRAINABLE
         self.set_trainable(TRAINABLE)
+
+    def set_trainable(self, prefixes: Sequence[str]) -> None:
+        """As in LatentDiffusion, minus the zero convolutions whose control the UNet never reads.
+
+        With ``only_mid_control`` the controls of the higher-resolution input blocks are unused, so their
+        zero convolutions get no gradient (and AdamW leaves them untouched); freezing them keeps DDP from
+        waiting for their gradients.
+        """
+        super().set_trainable(prefixes)
+        if hasattr(self, "control_model"):
+            for i in self.unused_controls():
+                self.control_model.zero_convs[i].requires_grad_(False)
+
+    def unused_controls(self) -> list[int]:
+        """Indices of control tensors that do not reach the UNet (empty unless ``only_mid_control``)."""
+        if not self.only_mid_control:
+            return []
+        n = len(self.control_model.zero_convs)
+        read = set(range(n - (self.cfg.unet.num_res_blocks + 1), n)) | set(self.control_model.sources)
+        return [i for i in range(n) if i not in read]
 
     def get_conditions(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         return {"context": self.get_learned_conditioning(batch["caption"]), "hint": batch["hint"]}

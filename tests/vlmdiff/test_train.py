@@ -1,0 +1,81 @@
+"""train.py: loss goes down, frozen weights stay, checkpoints carry config/provenance, bad input."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from ldm.checkpoint import load_checkpoint
+from tests.tinyckpt import build_tiny_vlmdiff
+from utils.errors import UserError
+from vlmdiff.data.demo import generate_demo_dataset
+from vlmdiff.model import TRAINABLE
+
+FAST = ["--accelerator", "cpu", "--devices", "1", "--num_workers", "0", "--batch_size", "2",
+        "--accumulate_grad_batches", "1", "--no_progress_bar", "--log_every_n_steps", "1", ]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("train")
+    data = generate_demo_dataset(tmp / "data", classes=("brick", "coffee"), n_train=4, n_test_good=1,
+                                 n_test_defect=1, image_size=128, seed=0)
+    return tmp, data, build_tiny_vlmdiff(tmp)
+
+
+def _losses(ckpt_dir: Path) -> list[float]:
+    with open(ckpt_dir / "logs" / "metrics.csv") as f:
+        return [float(r["train/loss_step"]) for r in csv.DictReader(f) if r.get("train/loss_step")]
+
+
+def test_training_reduces_loss_and_touches_only_trainable(setup):
+    tmp, data, start = setup
+    ckpt_dir = train.main(["--data_set", "mvtec", "--data_path", str(data), "--resume_path", str(start),
+                           "--output_root", str(tmp), "--exp_name", "fit", "--max_steps", "30", "--lr", "2e-3",
+                           "--save_every_n_steps", "30", "--seed", "3", *FAST])
+    losses = _losses(ckpt_dir)
+    assert len(losses) == 30
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.8 * first, (first, last)
+    before = load_checkpoint(start)["state_dict"]
+    final = load_checkpoint(ckpt_dir / "last.ckpt")
+    after = final["state_dict"]
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(TRAINABLE) for k in changed)
+    assert any(k.startswith("control_model.") for k in changed)
+    assert any(k.startswith("model.diffusion_model.output_blocks.") for k in changed)
+    for k in before:
+        if k.startswith(("first_stage_model.", "cond_stage_model.", "model.diffusion_model.input_blocks.",
+                         "model.diffusion_model.middle_block.", "model.diffusion_model.time_embed.")):
+            assert torch.equal(before[k], after[k]), k
+    assert final["config"]["unet"]["model_channels"] == 32
+    assert final["provenance"]["seed"] == 3 and "torch" in final["provenance"]["versions"]
+    assert final["global_step"] == 30 and final["optimizer_states"]
+
+
+def test_bad_inputs(setup, tmp_path):
+    tmp, data, start = setup
+    base = ["--data_set", "mvtec", "--data_path", str(data), "--output_root", str(tmp_path), "--max_steps", "1", *FAST]
+    with pytest.raises(UserError, match="caption"):
+        train.main(base + ["--resume_path", str(start), "--use_captions", "--caption_folder", str(tmp_path / "none")])
+    not_ckpt = tmp_path / "notes.ckpt"
+    not_ckpt.write_text("hello")
+    with pytest.raises(UserError, match="notes.ckpt"):
+        train.main(base + ["--resume_path", str(not_ckpt)])
+    with pytest.raises(UserError, match="another model config"):
+        train.main(base + ["--resume_path", str(start), "--config", "tiny", "unet.num_heads=2"])
+    ae_only = tmp / "ae.ckpt"
+    with pytest.raises(UserError, match="ae.ckpt"):
+        train.main(base + ["--resume_path", str(ae_only), "--config", "tiny"])
+    empty = tmp_path / "empty" / "brick" / "train" / "good"
+    empty.mkdir(parents=True)
+    (tmp_path / "empty" / "brick" / "test" / "good").mkdir(parents=True)
+    with pytest.raises(UserError):
+        train.main(["--data_set", "mvtec", "--data_path", str(tmp_path / "empty"), "--output_root", str(tmp_path),
+                    "--resume_path", str(start), *FAST])
+    with pytest.raises(UserError, match="--resume"):
+        train.main(base + ["--resume", "--exp_name", "never_ran"])
