@@ -62,6 +62,7 @@ class LatentDiffusion(pl.LightningModule):
         self.fused_optimizer = fused_optimizer
         self.scale_factor = cfg.diffusion.scale_factor
         self.num_timesteps = cfg.diffusion.timesteps
+        self.first_stage_factor = 2 ** (len(cfg.autoencoder.ch_mult) - 1)  # image side / latent side
         self.model = DiffusionWrapper(unet if unet is not None else UNetModel(cfg.unet))
         self.first_stage_model = AutoencoderKL(cfg.autoencoder)
         self.cond_stage_model = text_encoder or build_text_encoder(cfg.text_encoder, load_pretrained_text)
