@@ -20,12 +20,13 @@ from typing import Sequence
 
 import torch
 
-from ldm.checkpoint import drop_ema, load_state_dict, save_checkpoint, use_ema_weights
+from ldm.checkpoint import drop_ema, load_checkpoint, load_state_dict, save_checkpoint, use_ema_weights
 from ldm.config import to_dict
 from ldm.diffusion.schedule import register_schedule
 from utils.cli import run_main, setup_logging
 from utils.errors import UserError
-from vlmdiff.checkpoint import assemble_state_dict, autoencoder_weights
+from ldm.models.autoencoder import autoencoder_state_dict
+from vlmdiff.checkpoint import assemble_state_dict
 from vlmdiff.cli import DATASETS, add_config_args, canonical_dataset
 from vlmdiff.config import VLMDiffConfig, load_model_config
 from vlmdiff.model import VLMDiff
@@ -90,7 +91,7 @@ def build(args: argparse.Namespace) -> Path:
     log.info("reading %s", sd_path)
     sd = read_sd(sd_path, cfg, args.use_ema, args.unsafe_legacy_pickle)
     log.info("reading %s", ae_path)
-    ae = autoencoder_weights(load_state_dict(ae_path, args.unsafe_legacy_pickle), str(ae_path))
+    ae = autoencoder_state_dict(load_checkpoint(ae_path, args.unsafe_legacy_pickle), ae_path)
     with torch.device("meta"):
         target = {k: v.shape for k, v in VLMDiff(cfg, load_pretrained_text=False).state_dict().items()}
     state, sources = assemble_state_dict(target, fresh_weights(cfg, text_from_sd), sd, ae, text_from_sd=text_from_sd,

@@ -24,7 +24,6 @@ from utils.errors import UserError
 
 log = logging.getLogger(__name__)
 
-AE_PARTS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
 UNET = "model.diffusion_model."
 CONTROL = "control_model."
 FIRST_STAGE = "first_stage_model."
@@ -39,21 +38,6 @@ class Sources:
 
     def __str__(self) -> str:
         return ", ".join(f"{n} from {src}" for src, n in sorted(self.counts.items()))
-
-
-def autoencoder_weights(sd: Mapping[str, torch.Tensor], path: str = "autoencoder checkpoint") -> dict[str, torch.Tensor]:
-    """The AutoencoderKL weights of a checkpoint, unprefixed (``encoder.*``, ``decoder.*``, ...).
-
-    Accepts a finetuned first-stage checkpoint (``encoder.*`` ... plus ignored ``loss.*``), a full
-    SD/VLMDiff checkpoint (``first_stage_model.*``) or a bare autoencoder state dict.
-    """
-    if any(k.startswith(FIRST_STAGE) for k in sd):
-        out = {k[len(FIRST_STAGE):]: v for k, v in sd.items() if k.startswith(FIRST_STAGE)}
-    else:
-        out = {k: v for k, v in sd.items() if k.startswith(AE_PARTS)}
-    if not out:
-        raise UserError(f"{path} holds no autoencoder weights (expected encoder.*/decoder.* or first_stage_model.* keys)")
-    return out
 
 
 def assemble_state_dict(target: Mapping[str, torch.Size], fresh: Mapping[str, torch.Tensor],
