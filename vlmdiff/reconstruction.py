@@ -31,8 +31,8 @@ class ReconstructionSettings:
     seed: int = 1
 
     def check(self, num_timesteps: int) -> None:
-        if not 1 <= self.ddim_steps <= num_timesteps:
-            raise UserError(f"--ddim_steps must be in 1..{num_timesteps}, got {self.ddim_steps}")
+        if not 1 <= self.ddim_steps < num_timesteps:
+            raise UserError(f"--ddim_steps must be in 1..{num_timesteps - 1}, got {self.ddim_steps}")
         if not 0 <= self.noise_t < num_timesteps:
             raise UserError(f"--noise_t must be in 0..{num_timesteps - 1}, got {self.noise_t}")
         grid = ddim_timesteps(self.ddim_steps, num_timesteps)

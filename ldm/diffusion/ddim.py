@@ -17,11 +17,15 @@ Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[int]:
-    """The uniform DDIM grid in ascending order: [1, 1 + c, 1 + 2c, ...] with c = T // S."""
-    if not 1 <= num_steps <= num_train_timesteps:
-        raise ValueError(f"num_steps must be in 1..{num_train_timesteps}, got {num_steps}")
+    """The uniform DDIM grid in ascending order: [1, 1 + c, 1 + 2c, ...] with c = T // S, S entries.
+
+    For S dividing T this is the reference grid; otherwise the reference code would produce S + 1
+    entries, the last one out of range (T), so the grid is cut to its first S entries.
+    """
+    if not 1 <= num_steps < num_train_timesteps:
+        raise ValueError(f"num_steps must be in 1..{num_train_timesteps - 1}, got {num_steps}")
     c = num_train_timesteps // num_steps
-    return [t + 1 for t in range(0, num_train_timesteps, c)]
+    return [t + 1 for t in range(0, num_train_timesteps, c)][:num_steps]
 
 
 def ddim_parameters(alphas_cumprod: torch.Tensor, grid: Sequence[int], eta: float = 0.0

@@ -1,0 +1,187 @@
+"""Test VLMDiff: reconstruct every test image, compare features, write anomaly maps and the metrics.
+
+Per image: encode, noise to t = 999, 10 DDIM steps (901 ... 1) with guidance scale 9 (one pass when the
+caption is empty), decode; anomaly map = smoothed sum over feature levels of 1 - cosine(input,
+reconstruction); image score = max after 8 x avgpool(8). Metrics: the seven paper columns per class
+and their mean, under the official protocol (default) or upstream's legacy one.
+
+  python test.py --data_set mvtec --data_path data/mvtec --resume_path ckpt_vlmdiff_mvtec/last.ckpt \\
+      --use_dino --dino_version v1s8 --save_visuals
+  python test.py ... --start_ind 0 --end_ind 1000      # a shard; then the rest; then:
+  python test.py ... --run_eval_only                   # merge the shards' maps and compute the metrics
+  torchrun --nproc_per_node 4 test.py ...              # the same over 4 GPUs
+  python test.py --data_set folder --data_path my_images --resume_path ...   # no ground truth: scores only
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from ldm.config import to_dict
+from utils.cli import run_main, setup_logging
+from utils.errors import UserError
+from utils.provenance import provenance
+from vlmdiff import distributed
+from vlmdiff.cli import add_caption_args, add_config_args, add_data_args, canonical_dataset, coco_part, load_split_captions
+from vlmdiff.map_store import MapStore
+from vlmdiff.reconstruction import ReconstructionSettings
+
+log = logging.getLogger("test")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_args(p, folder=True)
+    add_caption_args(p)
+    p.add_argument("--test_captions", action="store_true",
+                   help="with --use_captions, also guide MVTec/VisA/Real-IAD test images by their captions "
+                        "(the paper uses \"\" there; COCO-AD always uses its captions)")
+    r = p.add_argument_group("model and reconstruction")
+    r.add_argument("--resume_path", required=False, help="the trained VLMDiff checkpoint to test")
+    r.add_argument("--unsafe_legacy_pickle", action="store_true", help="allow arbitrary pickles (trusted files only)")
+    r.add_argument("--ddim_steps", type=int, default=10)
+    r.add_argument("--noise_t", type=int, default=999, help="noise level of the input latent (DDIM steps <= it are run)")
+    r.add_argument("--guidance_scale", type=float, default=9.0)
+    r.add_argument("--seed", type=int, default=1, help="seeds each image's noise together with its id")
+    r.add_argument("--batch_size", type=int, default=8)
+    r.add_argument("--num_workers", type=int, default=4)
+    r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    r.add_argument("--precision", default="32", choices=("32", "bf16", "16"),
+                   help="32 is faithful; bf16 autocast roughly doubles GPU throughput (maps within ~1e-2)")
+    f = p.add_argument_group("anomaly maps")
+    f.add_argument("--feature_extractor", default=None, help="resnet50 (default), dino_v1s8, ..., efficientnet_lite0")
+    f.add_argument("--use_dino", action="store_true", help="upstream's spelling: DINO features (with --dino_version)")
+    f.add_argument("--dino_version", default=None, choices=("v1s8", "v1s16", "v1b8", "v1b16", "v2s14", "v1r50"))
+    f.add_argument("--feature_weights", default=None, help="weights of the feature extractor (default: models/features/...)")
+    f.add_argument("--sigma", type=float, default=5.0, help="Gaussian smoothing of the maps")
+    f.add_argument("--image_pooling", default="paper", choices=("paper", "ader", "max"),
+                   help="image score: paper = max after 8 x avgpool 8; ader = max after avgpool 16")
+    f.add_argument("--map_dtype", default="float32", choices=("float32", "float16"), help="storage of the maps")
+    e = p.add_argument_group("evaluation and output")
+    e.add_argument("--metrics_protocol", default="official", choices=("official", "legacy", "both"))
+    e.add_argument("--mask_threshold", type=float, default=0.0, help="ground truth = mask > this fraction of full scale")
+    e.add_argument("--exp_name", default=None, help="run name (default: vlmdiff_{data_set})")
+    e.add_argument("--output_dir", default=None, help="default: results/{exp_name}")
+    e.add_argument("--save_visuals", action="store_true", help="input | autoencoder | sample | heatmap | mask PNGs")
+    e.add_argument("--start_ind", type=int, default=0, help="first test image (sorted by id) of this shard")
+    e.add_argument("--end_ind", type=int, default=-1, help="end (exclusive) of this shard; -1: the end")
+    e.add_argument("--run_eval_only", action="store_true", help="only merge stored maps and compute the metrics")
+    e.add_argument("--no_progress_bar", action="store_true")
+    add_config_args(p, default=None)
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is available")
+    return torch.device(name)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    from vlmdiff.testing import check_coverage, evaluate_run, write_scores
+
+    dataset_name = canonical_dataset(args.data_set)
+    if dataset_name == "coco" and args.coco_part < 0:
+        raise UserError("--data_set coco needs --coco_part 0..3")
+    output_dir = Path(args.output_dir or Path("results") / (args.exp_name or f"vlmdiff_{dataset_name}"))
+    has_truth = dataset_name != "folder"
+    sharded = args.start_ind != 0 or args.end_ind != -1
+    ranks = distributed.detect_ranks()
+    records = _index(args, dataset_name)
+    if not args.run_eval_only:
+        _score(args, dataset_name, output_dir, ranks, records)
+        if ranks.world > 1:
+            distributed.barrier()
+        if not ranks.is_main:
+            distributed.finish()
+            return None
+        if sharded:
+            log.info("shard [%d, %s) done; when every shard is done run with --run_eval_only", args.start_ind,
+                     "end" if args.end_ind < 0 else args.end_ind)
+            return None
+    elif not (output_dir / "manifest.json").is_file():
+        raise UserError(f"--run_eval_only: {output_dir} holds no test run (no manifest.json); check --output_dir")
+    check_coverage(MapStore(output_dir / "maps"), [r.id for r in records], output_dir)
+    visuals = (output_dir / "visuals").is_dir()
+    if not has_truth:
+        path = write_scores(output_dir, args.image_pooling)
+        print(f"image scores: {path}" + (f"\nvisuals: {output_dir / 'visuals'}" if visuals else ""))
+        distributed.finish()
+        return None
+    extra = {"provenance": provenance(seed=args.seed, data_set=dataset_name, data_path=str(args.data_path))}
+    result = evaluate_run(output_dir, args.metrics_protocol, args.image_pooling, args.mask_threshold, visuals,
+                          dataset_name, extra)
+    print((output_dir / "metrics.md").read_text())
+    print(f"metrics: {output_dir / 'metrics.json'}" + (f"\nvisuals: {output_dir / 'visuals'}" if visuals else ""))
+    distributed.finish()
+    return result
+
+
+def _index(args: argparse.Namespace, dataset_name: str):
+    from vlmdiff.data import index_dataset
+
+    records = sorted(index_dataset(dataset_name, args.data_path, "test", classes=args.classes,
+                                   coco_part=coco_part(args)), key=lambda r: r.id)
+    if not records:
+        raise UserError(f"no test images found in {args.data_path} for --data_set {args.data_set}")
+    return records
+
+
+def _score(args: argparse.Namespace, dataset_name: str, output_dir: Path, ranks: distributed.Ranks,
+           records: list) -> None:
+    from vlmdiff.checkpoint import load_vlmdiff
+    from vlmdiff.data import AnomalyDataset, match_captions
+    from vlmdiff.features import build_feature_extractor, resolve_extractor_name
+    from vlmdiff.testing import check_manifest, manifest_for, score_images, shard_indices
+
+    if not args.resume_path:
+        raise UserError("--resume_path (the trained checkpoint) is required unless --run_eval_only")
+    device = _device(args.device, ranks.local_rank)
+    distributed.init(ranks, device)
+    settings = ReconstructionSettings(args.ddim_steps, args.noise_t, args.guidance_scale, 0.0, args.seed)
+    extractor_name = resolve_extractor_name(args.feature_extractor, args.use_dino, args.dino_version)
+    model, _ = load_vlmdiff(args.resume_path, args.config, args.overrides, args.unsafe_legacy_pickle)
+    settings.check(model.num_timesteps)
+    extractor = build_feature_extractor(extractor_name, args.feature_weights)
+    model.eval().to(device)
+    extractor.eval().to(device)
+    use_test_captions = args.use_captions and (dataset_name == "coco" or args.test_captions)
+    captions = load_split_captions(args, "test") if use_test_captions else None
+    matched = match_captions(records, captions, root=Path(args.data_path), require=True) if captions else {}
+    dataset = AnomalyDataset(records, image_size=model.cfg.image_size, captions=matched)
+    data = {"data_set": dataset_name, "data_path": str(Path(args.data_path).resolve()), "coco_part": args.coco_part,
+            "classes": args.classes, "test_captions": bool(captions), "image_size": model.cfg.image_size,
+            "n_images": len(records)}
+    manifest = manifest_for(checkpoint=args.resume_path, config=to_dict(model.cfg), settings=settings,
+                            extractor=extractor_name, extractor_weights=args.feature_weights, data=data,
+                            map_dtype=args.map_dtype, sigma=args.sigma, precision=args.precision)
+    if ranks.is_main:
+        check_manifest(output_dir, manifest)
+    distributed.barrier()
+    if not ranks.is_main:
+        check_manifest(output_dir, manifest)
+    indices = shard_indices(len(records), args.start_ind, None if args.end_ind < 0 else args.end_ind,
+                            ranks.rank, ranks.world)
+    autocast = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}[args.precision]
+    store = MapStore(output_dir / "maps", dtype=args.map_dtype)
+    visuals = output_dir / "visuals" if args.save_visuals else None
+    n = score_images(model, extractor, dataset, indices, store, settings, batch_size=args.batch_size,
+                     num_workers=args.num_workers, device=device, sigma=args.sigma, visuals=visuals,
+                     autocast_dtype=autocast, pooling=args.image_pooling,
+                     progress=not args.no_progress_bar and ranks.is_main)
+    log.info("rank %d scored %d images with %s features", ranks.rank, n, extractor_name)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

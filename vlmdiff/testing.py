@@ -1,0 +1,206 @@
+"""The test stage: score a test set into a map store, then evaluate it (test.py is the CLI).
+
+Output folder::
+
+    manifest.json            what the maps depend on (checkpoint, config, settings, data, extractor)
+    maps/{class}/{chunk}.npz per-image anomaly maps, masks, labels, image scores (vlmdiff.map_store)
+    visuals/{class}/*.png    with --save_visuals
+    metrics.json / .csv / .md, scores.csv
+
+A run refuses an output folder whose manifest differs from its own (stale maps from another run or
+config), resumes by skipping images that already have a map, and names each chunk by the global
+index of its first image, so shards, ranks and restarts never collide.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from utils.errors import UserError
+from utils.io import atomic_open, read_json, write_json, write_text
+from vlmdiff import metrics as M
+from vlmdiff.map_store import MapStore
+from vlmdiff.reconstruction import ReconstructionSettings, reconstruct
+from vlmdiff.scoring import anomaly_map, image_score
+from vlmdiff.visuals import finish_class, write_strips
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+
+
+def file_fingerprint(path: str | os.PathLike | None) -> dict[str, Any] | None:
+    """Identity of a weights file: absolute path, size and a hash of its first and last MiB."""
+    if path is None:
+        return None
+    import hashlib
+
+    p = Path(path).resolve()
+    size = p.stat().st_size
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        h.update(f.read(1 << 20))
+        if size > 2 << 20:
+            f.seek(-(1 << 20), os.SEEK_END)
+            h.update(f.read())
+    return {"path": str(p), "size": size, "sha256_head_tail": h.hexdigest()[:16]}
+
+
+def check_manifest(output_dir: Path, manifest: dict[str, Any]) -> None:
+    """Write the run's manifest, or check that the folder's existing one describes the same run."""
+    path = output_dir / MANIFEST
+    if path.is_file():
+        old = read_json(path)
+        diff = _first_difference(old, manifest)
+        if diff:
+            raise UserError(f"{output_dir} holds maps of another run ({diff}); use another --output_dir "
+                            "or remove that folder")
+        return
+    if (output_dir / "maps").exists() and any((output_dir / "maps").iterdir()):
+        raise UserError(f"{output_dir}/maps holds maps without a {MANIFEST}: use another --output_dir")
+    write_json(path, manifest)
+
+
+def _first_difference(a: Any, b: Any, key: str = "") -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            d = _first_difference(a.get(k), b.get(k), f"{key}.{k}" if key else k)
+            if d:
+                return d
+        return None
+    return None if a == b else f"{key}: {a!r} there, {b!r} now"
+
+
+def shard_indices(n: int, start: int, end: int | None, rank: int = 0, world: int = 1) -> list[int]:
+    """Indices of the sorted test set this process scores: [start, end) interleaved over ranks."""
+    end = n if end is None or end < 0 else min(end, n)
+    if start < 0 or start > end:
+        raise UserError(f"--start_ind {start} must be between 0 and --end_ind {end}")
+    return list(range(start, end))[rank::world]
+
+
+@torch.no_grad()
+def score_images(model, extractor, dataset, indices: Sequence[int], store: MapStore, settings: ReconstructionSettings,
+                 *, batch_size: int, num_workers: int, device: torch.device, sigma: float = 5.0,
+                 visuals: Path | None = None, autocast_dtype: torch.dtype | None = None,
+                 pooling: str = "paper", progress: bool = True) -> int:
+    """Reconstruct, extract features, map and store the images ``indices`` of ``dataset`` not yet stored.
+
+    Returns the number of images scored now. Chunks are named by the global index of their first image.
+    """
+    done = store.scored_ids()
+    todo = [i for i in indices if dataset.records[i].id not in done]
+    if len(todo) < len(indices):
+        log.info("%d of %d images already have maps: resuming", len(indices) - len(todo), len(indices))
+    if not todo:
+        return 0
+    loader = DataLoader(Subset(dataset, todo), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    firsts = todo[::batch_size]
+    bar = tqdm(total=len(todo), desc="test", unit="img", disable=not progress, dynamic_ncols=True)
+    for first, batch in zip(firsts, loader):
+        image = batch["image"].to(device)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            rec = reconstruct(model, image, batch["caption"], batch["filename"], settings)
+            f_in, f_rec = extractor(image), extractor(rec["sample"].to(image.dtype))
+        f_in, f_rec = [f.float() for f in f_in], [f.float() for f in f_rec]
+        maps = anomaly_map(f_in, f_rec, out_size=tuple(image.shape[-2:]), sigma=sigma)  # (B, H, W)
+        scores = image_score(maps, pooling)
+        store.write(f"{first:08d}", batch["filename"], batch["class_name"], maps.cpu(), batch["mask"][:, 0],
+                    batch["label"], scores.cpu())
+        if visuals is not None:
+            write_strips(visuals, list(batch["filename"]), list(batch["class_name"]), image, rec["autoencoder"],
+                         rec["sample"])
+        bar.update(len(batch["filename"]))
+    bar.close()
+    return len(todo)
+
+
+def check_coverage(store: MapStore, expected_ids: Iterable[str], output_dir: Path) -> None:
+    """Every test image has exactly one map (duplicates are caught by the store) and no stranger does."""
+    have = store.scored_ids()
+    expected = set(expected_ids)
+    missing = sorted(expected - have)
+    extra = sorted(have - expected)
+    if missing:
+        raise UserError(f"{output_dir}: {len(missing)} of {len(expected)} test images have no map yet "
+                        f"(e.g. {missing[0]}); run the missing shards first (--start_ind/--end_ind)")
+    if extra:
+        raise UserError(f"{output_dir}: {len(extra)} maps belong to no image of this test set (e.g. {extra[0]}); "
+                        "the folder holds another run's maps")
+
+
+def evaluate_run(output_dir: Path, protocol: str, pooling: str, mask_threshold: float = 0.0,
+                 visuals: bool = False, dataset_name: str | None = None, extra: dict[str, Any] | None = None
+                 ) -> dict[str, Any]:
+    """Metrics from the stored maps, class by class; writes metrics.json, metrics.csv, metrics.md."""
+    store = MapStore(output_dir / "maps")
+
+    def classes():
+        for cls, arrays in store.iter_classes():
+            if visuals:
+                finish_class(output_dir / "visuals", cls, arrays["ids"], arrays["maps"], arrays["masks"])
+            yield cls, arrays["maps"], arrays["masks"]
+
+    result = M.evaluate_stream(classes(), protocol=protocol, image_pooling=pooling, mask_threshold=mask_threshold)
+    by_protocol = result if protocol == "both" else {protocol: result}
+    write_json(output_dir / "metrics.json", {
+        "metrics": M._nan_to_none(by_protocol),
+        "settings": {"protocol": protocol, "image_pooling": pooling, "mask_threshold": mask_threshold},
+        **(extra or {}),
+    })
+    write_text(output_dir / "metrics.csv", metrics_csv(by_protocol))
+    md = [M.format_table(sub, f"{protocol_name} protocol") for protocol_name, sub in by_protocol.items()]
+    if dataset_name and dataset_name in M.PAPER_RESULTS:
+        first = next(iter(by_protocol.values()))
+        md.append(f"### mean vs the paper ({dataset_name})\n\n" + M.compare_to_paper(first["mean"], dataset_name))
+    write_text(output_dir / "metrics.md", "\n\n".join(md) + "\n")
+    return by_protocol
+
+
+def metrics_csv(by_protocol: dict[str, Any]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["protocol", "class", *M.METRICS])
+    for protocol, res in by_protocol.items():
+        for cls, row in [*res["per_class"].items(), ("mean", res["mean"])]:
+            w.writerow([protocol, cls, *("" if math.isnan(row[k]) else f"{row[k]:.6f}" for k in M.METRICS)])
+    return buf.getvalue()
+
+
+def write_scores(output_dir: Path, pooling: str) -> Path:
+    """scores.csv: id, class, image score (recomputed from the maps with ``pooling``), max of the map."""
+    store = MapStore(output_dir / "maps")
+    path = output_dir / "scores.csv"
+    with atomic_open(path, "w") as f:
+        w = csv.writer(f)
+        w.writerow(["id", "class", "image_score", "map_max"])
+        for cls, arrays in store.iter_classes():
+            maps = torch.from_numpy(arrays["maps"].astype(np.float32))
+            scores = image_score(maps, pooling).numpy()
+            for image_id, s, mx in zip(arrays["ids"], scores, maps.amax(dim=(1, 2)).numpy()):
+                w.writerow([str(image_id), cls, f"{s:.6f}", f"{mx:.6f}"])
+    return path
+
+
+def manifest_for(*, checkpoint: str, config: dict, settings: ReconstructionSettings, extractor: str,
+                 extractor_weights: str | None, data: dict[str, Any], map_dtype: str, sigma: float,
+                 precision: str) -> dict[str, Any]:
+    return {
+        "checkpoint": file_fingerprint(checkpoint), "config": config, "reconstruction": asdict(settings),
+        "feature_extractor": {"name": extractor, "weights": file_fingerprint(extractor_weights)},
+        "data": data, "map_dtype": map_dtype, "sigma": sigma, "precision": precision,
+    }
+
