@@ -28,7 +28,7 @@ class ControlledUNet(UNetModel):
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
                 control: Sequence[torch.Tensor] | None = None, only_mid_control: bool = True) -> torch.Tensor:
         with torch.no_grad():
-            emb = self.embed_time(timesteps)  # (B, 4*mc)
+            emb = self.embed_time(timesteps)  # (B or 1, 4*mc)
             h, hs = self.encode(x, emb, context)  # frozen encoder half
         if control is None:
             return self.decode(h, hs, emb, context)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ldm.config import UNetConfig
-from ldm.modules.unet import build_input_blocks, build_middle_block, build_time_embed, timestep_embedding, validate_unet_config
+from ldm.modules.unet import build_input_blocks, build_middle_block, build_time_embed, embed_timesteps, validate_unet_config
 from vlmdiff.config import ControlConfig
 
 
@@ -75,7 +75,7 @@ class SGNetwork(nn.Module):
 
     def forward(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor,
                 context: torch.Tensor) -> list[torch.Tensor]:
-        emb = self.time_embed(timestep_embedding(timesteps, self.unet_cfg.model_channels))  # (B, 4*mc)
+        emb = embed_timesteps(self.time_embed, timesteps, self.unet_cfg.model_channels)  # (B or 1, 4*mc)
         guided_hint: torch.Tensor | None = self.input_hint_block(hint)  # (B, mc, h, w)
         outs = []
         h = x

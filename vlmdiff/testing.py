@@ -112,11 +112,8 @@ def score_images(model, extractor, dataset, indices: Sequence[int], store: MapSt
     bar = tqdm(total=len(todo), desc="test", unit="img", disable=not progress, dynamic_ncols=True)
     for first, batch in zip(firsts, loader):
         image = batch["image"].to(device)
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            rec = reconstruct(model, image, batch["caption"], batch["filename"], settings)
-            f_in, f_rec = extractor(image), extractor(rec["sample"].to(image.dtype))
-        f_in, f_rec = [f.float() for f in f_in], [f.float() for f in f_rec]
-        maps = anomaly_map(f_in, f_rec, out_size=tuple(image.shape[-2:]), sigma=sigma)  # (B, H, W)
+        maps, rec = _maps(model, extractor, image, list(batch["caption"]), list(batch["filename"]), settings, sigma,
+                          autocast_dtype)
         scores = image_score(maps, pooling)
         store.write(f"{first:08d}", batch["filename"], batch["class_name"], maps.cpu(), batch["mask"][:, 0],
                     batch["label"], scores.cpu())
@@ -126,6 +123,27 @@ def score_images(model, extractor, dataset, indices: Sequence[int], store: MapSt
         bar.update(len(batch["filename"]))
     bar.close()
     return len(todo)
+
+
+def _maps(model, extractor, image: torch.Tensor, captions: list[str], ids: list[str], settings: ReconstructionSettings,
+          sigma: float, autocast_dtype: torch.dtype | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Anomaly maps (B, H, W) and reconstructions of one batch.
+
+    On the CPU a batch of one image runs as two copies: oneDNN's convolutions round differently for a
+    single image than for a batch (and identically for every batch size above one), so this keeps each
+    image's map bit-identical whatever the batch size. On GPUs results agree to float rounding only.
+    """
+    single = image.shape[0] == 1 and image.device.type == "cpu"
+    if single:
+        image, captions, ids = image.expand(2, -1, -1, -1), captions * 2, ids * 2
+    with torch.autocast(image.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        rec = reconstruct(model, image, captions, ids, settings)
+        f_in, f_rec = extractor(image), extractor(rec["sample"].to(image.dtype))
+    f_in, f_rec = [f.float() for f in f_in], [f.float() for f in f_rec]
+    maps = anomaly_map(f_in, f_rec, out_size=tuple(image.shape[-2:]), sigma=sigma)  # (B, H, W)
+    if single:
+        maps, rec = maps[:1], {k: v[:1] for k, v in rec.items()}
+    return maps, rec
 
 
 def check_coverage(store: MapStore, expected_ids: Iterable[str], output_dir: Path) -> None:

@@ -35,6 +35,18 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return emb
 
 
+def embed_timesteps(time_embed: nn.Module, timesteps: torch.Tensor, dim: int) -> torch.Tensor:
+    """time_embed(sinusoidal(t)): (B, 4*dim), or (1, 4*dim) when every t is equal (it broadcasts).
+
+    Sampling runs one timestep for the whole batch; computing its embedding once is cheaper and keeps
+    every image's result independent of the batch size (small matrix products round differently
+    depending on their row count).
+    """
+    if timesteps.numel() > 1 and bool((timesteps == timesteps[0]).all()):
+        timesteps = timesteps[:1]
+    return time_embed(timestep_embedding(timesteps, dim))
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 whatever the input dtype (eps 1e-5), as SD's UNet does."""
 
@@ -202,8 +214,8 @@ class UNetModel(nn.Module):
         self.out = nn.Sequential(GroupNorm32(cfg.norm_groups, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
     def embed_time(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """(B,) integer timesteps -> (B, 4*model_channels)."""
-        return self.time_embed(timestep_embedding(timesteps, self.cfg.model_channels))
+        """(B,) integer timesteps -> (B or 1, 4*model_channels); see :func:`embed_timesteps`."""
+        return embed_timesteps(self.time_embed, timesteps, self.cfg.model_channels)
 
     def encode(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Input blocks and middle block: returns the middle-block output and the 12 skip tensors."""
@@ -226,6 +238,6 @@ class UNetModel(nn.Module):
         return self.out(h)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        emb = self.embed_time(timesteps)  # (B, 4*mc)
+        emb = self.embed_time(timesteps)  # (B or 1, 4*mc)
         h, hs = self.encode(x, emb, context)
         return self.decode(h, hs, emb, context)
