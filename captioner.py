@@ -15,7 +15,8 @@ Progress is appended to ``{output}/progress/*.jsonl`` one fsynced line per image
 loses at most the image in flight: rerun the same command to resume. Split the work with
 ``--start_ind/--end_ind`` (indexes into the sorted image list, train images then test images, end
 exclusive); once every image of a split has a caption its upstream files are written (or run
-``--merge`` after the shards finish).
+``--merge`` after the shards finish). Under ``torchrun`` or SLURM each process takes every
+world-size-th image of the shard and writes its own progress file; the last one to finish merges.
 
 Example: python captioner.py --data_set mvtec --data_path data/mvtec --vlm_model models/InternVL3-8B-hf
 """
@@ -30,6 +31,7 @@ from typing import Sequence
 
 from utils.cli import run_main, setup_logging
 from utils.errors import UserError
+from vlmdiff.distributed import detect_ranks
 
 logger = logging.getLogger("captioner")
 
@@ -85,6 +87,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     splits = ["train", "test"] if args.split == "both" else [args.split]
     jobs = cap.plan_jobs(dataset, root, splits, args.coco_part)
     mine = cap.shard(jobs, args.start_ind, args.end_ind)
+    ranks = detect_ranks()  # under torchrun/SLURM each process takes every world-th image of the shard
+    mine = mine[ranks.rank::ranks.world]
     done = cap.read_progress(output, dataset, vlm, args.prompt_type)
     if args.merge:
         for split in splits:
@@ -98,9 +102,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         if backend_name == "template":
             backend = cap.TemplateBackend(args.prompt_type)
         else:
-            backend = cap.HFBackend(args.vlm_model, prompt, args.dtype, args.device, args.max_new_tokens)
+            device = f"cuda:{ranks.local_rank}" if args.device == "auto" and ranks.world > 1 else args.device
+            backend = cap.HFBackend(args.vlm_model, prompt, args.dtype, device, args.max_new_tokens)
         writer = cap.ProgressWriter(cap.progress_file(output, dataset, vlm, args.prompt_type, args.start_ind,
-                                                      args.end_ind))
+                                                      args.end_ind, ranks.rank, ranks.world))
         meta = {"dataset": dataset, "vlm": vlm, "prompt_type": args.prompt_type}
         try:
             cap.caption_jobs(todo, backend, writer, meta, args.batch_size, args.delay_per_image)

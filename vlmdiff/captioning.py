@@ -263,8 +263,11 @@ def progress_dir(output: Path) -> Path:
     return output / "progress"
 
 
-def progress_file(output: Path, dataset: str, vlm: str, prompt_type: str, start: int, end: int | None) -> Path:
-    return progress_dir(output) / f"{dataset}_{vlm}_{prompt_type}_{start}-{'end' if end is None else end}.jsonl"
+def progress_file(output: Path, dataset: str, vlm: str, prompt_type: str, start: int, end: int | None,
+                  rank: int = 0, world: int = 1) -> Path:
+    """The JSON-lines progress file of one shard (and one rank of it, under a distributed launcher)."""
+    ranked = f"_rank{rank}of{world}" if world > 1 else ""
+    return progress_dir(output) / f"{dataset}_{vlm}_{prompt_type}_{start}-{'end' if end is None else end}{ranked}.jsonl"
 
 
 def read_progress(output: Path, dataset: str, vlm: str, prompt_type: str) -> dict[tuple[str, str], str]:
