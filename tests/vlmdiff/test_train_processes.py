@@ -81,3 +81,8 @@ def test_ddp_two_processes_on_cpu(setup):
     before = load_checkpoint(start)["state_dict"]
     key = "control_model.middle_block_out.0.weight"
     assert not torch.equal(before[key], final["state_dict"][key])
+    # the same run continues on another device count (here one process)
+    train.main([*COMMON, "--devices", "1", "--data_path", str(data), "--resume", "--output_root", str(tmp),
+                "--exp_name", "ddp", "--max_steps", "5", "--save_every_n_steps", "5"])
+    resumed = load_checkpoint(tmp / "ckpt_ddp" / "last.ckpt")
+    assert resumed["global_step"] == 5 and _adam_step(resumed) == 5
