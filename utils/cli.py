@@ -30,9 +30,24 @@ def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str]
     try:
         main(argv)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def one_line(e: UserError) -> str:
+    """The message of ``e`` on one line.
+
+    A :class:`UserError` raised in a DataLoader worker process is re-raised in the main process by
+    torch with the worker's whole traceback as its message; only the original message (the
+    traceback's last ``utils.errors.UserError: ...`` line) is kept.
+    """
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else type(e).__name__
+    prefix = f"{type(e).__module__}.{type(e).__qualname__}: "
+    original = [line[len(prefix):] for line in lines if line.startswith(prefix)]
+    return original[-1] if original else " ".join(lines)
