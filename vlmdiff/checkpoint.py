@@ -50,7 +50,7 @@ def assemble_state_dict(target: Mapping[str, torch.Size], fresh: Mapping[str, to
     weights; ``fresh``: freshly initialised tensors for keys with no pretrained source (must cover at
     least the SG network's new layers and ``logvar``); ``text_from_sd``: take the CLIP weights from SD
     (False when the text encoder comes from elsewhere, then they must be in ``fresh``).
-    Raises :class:`UserError` naming the first missing, unexpected or mis-shaped key.
+    Raises :class:`UserError` naming the first missing, unexpected, mis-shaped or non-finite key.
     """
     sd = canonical_clip_names(dict(sd)) if text_from_sd else dict(sd)
     out: dict[str, torch.Tensor] = {}
@@ -62,6 +62,9 @@ def assemble_state_dict(target: Mapping[str, torch.Size], fresh: Mapping[str, to
                 f"{src} does not fit the model: {key} has shape {tuple(value.shape)} there, the model needs "
                 f"{tuple(shape)} (checkpoint for another model size? check --config)"
             )
+        if value.is_floating_point() and not value.is_meta and not torch.isfinite(value).all():
+            raise UserError(f"{src}: tensor {key} holds NaN or infinite values; the file is damaged (re-download "
+                            "or re-create it)")
         out[key] = value.clone() if key.startswith(CONTROL) else value
         origin[key] = src
     unused = [k for k in sd if k not in out and not _ignored_sd_key(k, text_from_sd)]
