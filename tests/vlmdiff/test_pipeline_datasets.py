@@ -34,7 +34,7 @@ def test_stages_on_each_dataset_layout(dataset, ckpt, tmp_path):
         root = datagen.make_visa(tmp_path / "visa")
         data = ["--data_set", "visa", "--data_path", str(root)]
     elif dataset == "real_iad":
-        root = datagen.make_realiad(tmp_path)
+        root = datagen.make_realiad(tmp_path, classes=("toy",))
         data = ["--data_set", "real_iad", "--data_path", str(root)]
     else:
         root = datagen.make_coco_ad(tmp_path / "coco", part=1)
