@@ -89,6 +89,15 @@ def _run_mid(mid: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return mid.block_2(mid.attn_1(mid.block_1(h)))
 
 
+def _run_stage(stage: nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """The residual blocks of one resolution level, each followed by its attention block if any."""
+    for i, block in enumerate(stage.block):
+        h = block(h)
+        if len(stage.attn):
+            h = stage.attn[i](h)
+    return h
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: AutoencoderConfig):
         super().__init__()
@@ -119,10 +128,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for stage in self.down:
-            for i, block in enumerate(stage.block):
-                h = block(h)
-                if len(stage.attn):
-                    h = stage.attn[i](h)
+            h = _run_stage(stage, h)
             if hasattr(stage, "downsample"):
                 h = stage.downsample(h)
         h = _run_mid(self.mid, h)
@@ -159,10 +165,7 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = _run_mid(self.mid, self.conv_in(z))
         for stage in reversed(self.up):
-            for i, block in enumerate(stage.block):
-                h = block(h)
-                if len(stage.attn):
-                    h = stage.attn[i](h)
+            h = _run_stage(stage, h)
             if hasattr(stage, "upsample"):
                 h = stage.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
