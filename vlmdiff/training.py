@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader, Dataset
 
+from ldm.models.autoencoder import AtomicCheckpointIO
 from utils.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -75,4 +76,5 @@ def make_trainer(args: Any, ckpt_dir: Path, callbacks: list[Callback]) -> pl.Tra
         accumulate_grad_batches=args.accumulate_grad_batches, callbacks=callbacks, logger=loggers,
         log_every_n_steps=args.log_every_n_steps, default_root_dir=str(ckpt_dir), num_sanity_val_steps=0,
         limit_val_batches=0, enable_progress_bar=not args.no_progress_bar, benchmark=False,
+        plugins=[AtomicCheckpointIO()],  # temporary file beside the target, fsync, rename (utils.io)
     )
