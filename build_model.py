@@ -25,6 +25,7 @@ from ldm.config import to_dict
 from ldm.diffusion.schedule import register_schedule
 from utils.cli import run_main, setup_logging
 from utils.errors import UserError
+from utils.provenance import provenance
 from ldm.models.autoencoder import autoencoder_state_dict
 from vlmdiff.checkpoint import assemble_state_dict
 from vlmdiff.cli import DATASETS, add_config_args, canonical_dataset
@@ -97,9 +98,9 @@ def build(args: argparse.Namespace) -> Path:
     state, sources = assemble_state_dict(target, fresh_weights(cfg, text_from_sd), sd, ae, text_from_sd=text_from_sd,
                                          sd_path=str(sd_path), ae_path=str(ae_path))
     log.info("assembled %d tensors: %s", len(state), sources)
-    provenance = {"sd_path": str(sd_path), "ae_path": str(ae_path), "use_ema": args.use_ema,
-                  "sources": sources.counts, "seed": args.seed}
-    save_checkpoint(output, state, config=to_dict(cfg), extra={"build_model": provenance})
+    info = provenance(seed=args.seed, config=to_dict(cfg), sd_path=str(sd_path), ae_path=str(ae_path),
+                      use_ema=args.use_ema, sources=sources.counts)
+    save_checkpoint(output, state, config=to_dict(cfg), extra={"provenance": info})
     log.info("wrote %s", output)
     return output
 

@@ -152,8 +152,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     from ldm.config import LatentDiffusionConfig, load_config
     from ldm.models.autoencoder import AtomicCheckpointIO, AutoencoderTraining, ReconstructionImages, StepCheckpoint
     from utils.io import write_text
+    from utils.provenance import provenance
     from vlmdiff.data import build_dataset, canonical_name
     from vlmdiff.data.dataset import IMAGENET_MEAN, IMAGENET_STD
+    from vlmdiff.training import SaveProvenance
 
     args = parse_args(argv)
     setup_logging(args.verbose)
@@ -193,6 +195,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0, drop_last=False)
 
     write_text(folder / "config.yaml", yaml.safe_dump(module.resolved_config() | {"args": vars(args)}, sort_keys=False))
+    info = provenance(seed=args.seed, config=module.resolved_config(), start_weights=str(args.resume_path),
+                      data_set=dataset, data_path=str(args.data_path))
     devices = _devices(args.devices)
     multi = not (devices == 1 or (isinstance(devices, list) and len(devices) == 1))
     trainer = pl.Trainer(
@@ -201,7 +205,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         max_epochs=train_cfg.max_epochs if train_cfg.max_epochs > 0 else -1, max_steps=-1,
         logger=_loggers(folder), enable_checkpointing=False, plugins=[AtomicCheckpointIO()],
         callbacks=[StepCheckpoint(folder / "checkpoints", args.save_every_n_steps, args.keep_checkpoints),
-                   ReconstructionImages(folder / "images", args.log_images_every_n_steps, IMAGENET_MEAN, IMAGENET_STD)],
+                   ReconstructionImages(folder / "images", args.log_images_every_n_steps, IMAGENET_MEAN, IMAGENET_STD),
+                   SaveProvenance(info)],
         default_root_dir=str(folder), enable_progress_bar=not args.no_progress_bar, num_sanity_val_steps=0,
         log_every_n_steps=args.log_every_n_steps,
     )
@@ -216,7 +221,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if trainer.is_global_zero:
         out = folder / "autoencoder.ckpt"
         save_checkpoint(out, module.state_dict(), config=module.resolved_config(),
-                        extra={"global_step": module.ae_steps, "epoch": trainer.current_epoch})
+                        extra={"global_step": module.ae_steps, "epoch": trainer.current_epoch,
+                               "provenance": {**info, "global_step": module.ae_steps, "epoch": trainer.current_epoch}})
         logger.info("done after %d generator steps: %s (give it to build_model.py), images in %s, logs in %s",
                     module.ae_steps, out, folder / "images", folder)
 

@@ -26,6 +26,7 @@ import torch
 from ldm.config import to_dict
 from utils.cli import run_main, setup_logging
 from utils.errors import UserError
+from utils.io import read_json
 from utils.provenance import provenance
 from vlmdiff import distributed
 from vlmdiff.cli import add_caption_args, add_config_args, add_data_args, canonical_dataset, coco_part, load_split_captions
@@ -119,7 +120,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         print(f"image scores: {path}" + (f"\nvisuals: {output_dir / 'visuals'}" if visuals else ""))
         distributed.finish()
         return None
-    extra = {"provenance": provenance(seed=args.seed, data_set=dataset_name, data_path=str(args.data_path))}
+    made_by = read_json(output_dir / "manifest.json")  # the scoring run's settings (also for --run_eval_only)
+    seed = made_by.get("reconstruction", {}).get("seed", args.seed)
+    extra = {"provenance": provenance(seed=seed, config=made_by.get("config"), checkpoint=made_by.get("checkpoint"),
+                                      data_set=dataset_name, data_path=str(args.data_path))}
     result = evaluate_run(output_dir, args.metrics_protocol, args.image_pooling, args.mask_threshold, visuals,
                           dataset_name, extra)
     print((output_dir / "metrics.md").read_text())
