@@ -78,7 +78,9 @@ def load_checkpoint(path: str | os.PathLike, allow_unsafe_pickle: bool = False) 
 
 
 def _short(e: BaseException) -> str:
-    return str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+    """The first sentence of the first line of an exception's message (torch's go on with advice), at most 200 chars."""
+    text = str(e).strip()
+    return text.splitlines()[0].split(". ")[0][:200] if text else type(e).__name__
 
 
 def _load_with_opaque_globals(path: Path, first_error: Exception) -> Any:
