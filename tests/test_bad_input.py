@@ -514,7 +514,8 @@ def _(ws: Workspace, tmp: Path) -> Run:
 
 @case("test: --start_ind 7 greater than --end_ind 3")
 def _(ws: Workspace, tmp: Path) -> Run:
-    return Run("test", scoring_args(ws, tmp / "out", "--start_ind", "7", "--end_ind", "3"), names=("--start_ind 7",))
+    return Run("test", scoring_args(ws, tmp / "out", "--start_ind", "7", "--end_ind", "3"),
+               names=("--start_ind 7", "--end_ind 3"))
 
 
 @case("test: an autoencoder checkpoint given as the VLMDiff --resume_path")

@@ -85,9 +85,13 @@ def _first_difference(a: Any, b: Any, key: str = "") -> str | None:
 
 def shard_indices(n: int, start: int, end: int | None, rank: int = 0, world: int = 1) -> list[int]:
     """Indices of the sorted test set this process scores: [start, end) interleaved over ranks."""
+    if start < 0:
+        raise UserError(f"--start_ind {start} must be >= 0")
+    if end is not None and end >= 0 and start > end:
+        raise UserError(f"--start_ind {start} is greater than --end_ind {end}")
+    if start > n:
+        raise UserError(f"--start_ind {start} is past the end of the test set ({n} images)")
     end = n if end is None or end < 0 else min(end, n)
-    if start < 0 or start > end:
-        raise UserError(f"--start_ind {start} must be between 0 and --end_ind {end}")
     return list(range(start, end))[rank::world]
 
 
