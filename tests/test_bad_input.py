@@ -18,7 +18,7 @@ import io
 import json
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Callable
@@ -56,8 +56,7 @@ class Run:
     names: tuple[str, ...] = ()  # substrings the error line must contain (paths, flags); () = must succeed
     protect: tuple[Path, ...] = ()  # files/folders written before the run that must not change
     disk_full: bool = False  # utils.io writes fail with ENOSPC
-    check: Callable[[], None] | None = None  # extra assertions after a successful run
-    scratch: tuple[Path, ...] = field(default_factory=tuple)  # folders that must hold no *.tmp afterwards
+    check: Callable[[], None] | None = None  # extra assertions on what the run left behind
 
 
 class Workspace:
@@ -558,7 +557,7 @@ def _(ws: Workspace, tmp: Path) -> Run:
     records = sorted(index_dataset("mvtec", ws.mvtec, "test"), key=lambda r: r.id)
     masks = np.stack([np.full((64, 64), 255 * r.label, dtype=np.uint8) for r in records])
     maps = np.random.default_rng(0).random((len(records), 64, 64)).astype(np.float32) + masks / 255.0
-    (out).mkdir()
+    out.mkdir()
     (out / "manifest.json").write_text("{}")
     MapStore(out / "maps").write("00000000", [r.id for r in records], [r.class_name for r in records], maps, masks,
                                  [r.label for r in records], maps.max(axis=(1, 2)))
@@ -569,6 +568,8 @@ def _(ws: Workspace, tmp: Path) -> Run:
 
 
 # ------------------------------------------------------------------------------------------------ runner
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """One intra-op thread: these tiny models gain nothing from two, and on a busy 2-core machine two OpenMP
@@ -577,7 +578,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
 
 
 @pytest.fixture(scope="module")
