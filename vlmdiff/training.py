@@ -53,12 +53,18 @@ def train_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int)
 
 
 def checkpoint_callback(ckpt_dir: Path, every_n_epochs: int | None, every_n_steps: int | None) -> ModelCheckpoint:
-    """Keep every periodic checkpoint (epoch/step in the name) plus ``last.ckpt`` for --resume."""
+    """Keep every periodic checkpoint (epoch/step in the name) plus ``last.ckpt`` for --resume.
+
+    No version counter: a resumed run (even with other saving flags) overwrites ``last.ckpt`` instead of
+    starting a ``last-v1.ckpt`` that --resume would not find.
+    """
     if every_n_steps:
         return ModelCheckpoint(dirpath=ckpt_dir, filename="step={step:07d}", every_n_train_steps=every_n_steps,
-                               save_top_k=-1, save_last=True, auto_insert_metric_name=False)
+                               save_top_k=-1, save_last=True, auto_insert_metric_name=False,
+                               enable_version_counter=False)
     return ModelCheckpoint(dirpath=ckpt_dir, filename="epoch={epoch:03d}", every_n_epochs=every_n_epochs or 1,
-                           save_top_k=-1, save_last=True, auto_insert_metric_name=False)
+                           save_top_k=-1, save_last=True, auto_insert_metric_name=False,
+                               enable_version_counter=False)
 
 
 def last_checkpoint(ckpt_dir: Path) -> Path | None:
