@@ -1,0 +1,293 @@
+"""The VLMDiff pipeline end to end on a small generated dataset, on a CPU, with nothing downloaded.
+
+Runs the five stages through the real scripts (each script's ``main`` is called in this process;
+the equivalent command line is printed first so that it can be copied):
+
+  0. a demo dataset in MVTec-AD layout: crops of real photographs shipped with scikit-image and
+     scikit-learn, with synthetic defects (scratch, stain, hole, patch) and exact masks;
+  1. captioner.py with the offline ``template`` backend (stands in for the VLM);
+  2. finetune_autoencoder.py: the demo's KL autoencoder, trained from a random start;
+  3. a tiny "base" latent diffusion model, pretrained here for a few minutes on the demo's normal
+     training images (it stands in for Stable Diffusion 1.5, which was pretrained on images), then
+     build_model.py assembles it with the autoencoder into the starting VLMDiff checkpoint;
+  4. train.py with the captions (encoded by a real sentence encoder shipped as a pip package);
+  5. test.py with the ImageNet EfficientNet-Lite0 backbone for the anomaly maps and --save_visuals,
+
+then prints the seven metrics (official protocol) and where the heatmaps are.
+
+The models are tiny and trained from scratch on synthetic defects in real photographs, so the
+numbers are not the paper's: they show that the pipeline works, nothing more. configs/demo.yaml is
+the model; the training and test settings are the ``FULL`` constants in this file.
+
+  python scripts/demo.py                   # the whole demo into demo_out/ (~10 min on 2 CPU cores)
+  python scripts/demo.py --quick           # a smoke run: 1 class, a few images, 2 steps per stage
+  python scripts/demo.py --keep            # reuse the stages an earlier run already finished
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+
+log = logging.getLogger("demo")
+
+BANNER = """\
+VLMDiff demo. Everything here is small: the models are tiny, trained from scratch in minutes on a CPU,
+on synthetic defects pasted into real photographs (not MVTec-AD, VisA, Real-IAD or COCO-AD), with a
+template captioner instead of a VLM and a tiny pretrained-here diffusion model instead of Stable
+Diffusion 1.5. Its numbers are therefore NOT the paper's; they only show that the five stages work
+together. The real pipeline is the same scripts with the commands of the README."""
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Every choice of the demo (the model itself is ``config``)."""
+
+    config: str = "demo"  # configs/demo.yaml
+    # data
+    classes: tuple[str, ...] = ("coffee", "chelsea")
+    n_train: int = 32
+    n_test_good: int = 8
+    n_test_defect: int = 16
+    data_image_size: int = 128
+    data_seed: int = 0
+    # stage 2: autoencoder
+    ae_steps: int = 300
+    ae_batch_size: int = 8
+    ae_base_lr: float = 2.5e-4  # lr = base_lr x batch size, upstream's rule
+    # stage 3: base model pretraining (stands in for SD-1.5)
+    base_steps: int = 300
+    base_batch_size: int = 8
+    base_lr: float = 1e-3
+    # stage 4: VLMDiff training
+    train_steps: int = 300
+    train_batch_size: int = 8
+    train_lr: float = 1e-3
+    # stage 5: test
+    ddim_steps: int = 10
+    noise_t: int = 999
+    sigma: float = 4.0
+    test_batch_size: int = 8
+    seed: int = 1
+
+
+FULL = DemoSettings()
+QUICK = DemoSettings(classes=("coffee",), n_train=2, n_test_good=1, n_test_defect=2, ae_steps=2, ae_batch_size=2,
+                     base_steps=2, base_batch_size=2, train_steps=2, train_batch_size=2, ddim_steps=2, noise_t=999,
+                     test_batch_size=4)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", default="demo_out", help="folder for everything the demo makes (default demo_out)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 class, a few images, 2 steps per stage")
+    p.add_argument("--keep", action="store_true",
+                   help="keep what an earlier run with the same settings finished in --output and redo only the "
+                        "rest (default: start afresh)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+
+
+class Runner:
+    """Runs named stages in order, prints their command lines, times them and remembers finished ones."""
+
+    def __init__(self, output: Path, keep: bool, settings: DemoSettings):
+        self.output = output
+        self.marks = output / "stages"
+        self.times: dict[str, float] = {}
+        fingerprint = repr(settings)
+        stamp = self.marks / "settings.txt"
+        if not keep or not stamp.is_file() or stamp.read_text() != fingerprint:
+            if output.exists():
+                _clear(output)
+        self.marks.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(fingerprint)
+
+    def stage(self, name: str, title: str, command: list[str] | None, fn: Callable[[], Any]) -> None:
+        mark = self.marks / f"{name}.done"
+        print(f"\n=== {title} ===", flush=True)
+        if command is not None:
+            print("$ " + " ".join(shlex.quote(c) for c in command), flush=True)
+        if mark.is_file():
+            print("(already done by an earlier run: --keep)", flush=True)
+            return
+        start = time.perf_counter()
+        fn()
+        self.times[name] = time.perf_counter() - start
+        mark.write_text(f"{self.times[name]:.1f}\n")
+        print(f"--- {title}: {self.times[name]:.0f} s", flush=True)
+
+
+def _clear(output: Path) -> None:
+    """Remove a previous demo's folders (only the names the demo makes, never anything else)."""
+    for name in ("data", "captions", "autoencoder", "models", "train", "results", "stages"):
+        shutil.rmtree(output / name, ignore_errors=True)
+
+
+def _script(name: str) -> Any:
+    import importlib
+
+    return importlib.import_module(name)
+
+
+def pretrain_base(settings: DemoSettings, data: Path, captions: Path, ae_ckpt: Path, out: Path, workdir: Path) -> Path:
+    """Pretrain a plain latent diffusion model (the whole UNet) on the normal training images.
+
+    It stands in for Stable Diffusion 1.5 (pretrained on images, with captions) and is written as an
+    SD-style checkpoint (``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.*``,
+    schedule buffers, no ``logvar``), so build_model.py reads it exactly as it reads SD-1.5. The
+    autoencoder inside is the finetuned one; ``base_steps`` 0 leaves the UNet at its random start.
+    """
+    import lightning.pytorch as pl
+
+    from ldm.checkpoint import load_checkpoint, load_into, save_checkpoint
+    from ldm.config import LatentDiffusionConfig, load_config, to_dict
+    from ldm.models.autoencoder import autoencoder_state_dict
+    from ldm.models.latent_diffusion import LatentDiffusion
+
+    pl.seed_everything(settings.seed, workers=True, verbose=False)
+    cfg = load_config(settings.config, LatentDiffusionConfig, only_own_sections=True)
+    model = LatentDiffusion(cfg, learning_rate=settings.base_lr)
+    load_into(model.first_stage_model, autoencoder_state_dict(load_checkpoint(ae_ckpt), ae_ckpt), str(ae_ckpt))
+    if settings.base_steps > 0:
+        _fit(model, settings, data, captions, workdir)
+    sd = {k: v for k, v in model.state_dict().items() if k != "logvar"}
+    save_checkpoint(out, sd, config=to_dict(cfg),
+                    extra={"demo_base": {"steps": settings.base_steps, "lr": settings.base_lr,
+                                         "batch_size": settings.base_batch_size, "seed": settings.seed}})
+    log.info("wrote the base model %s", out)
+    return out
+
+
+def _fit(model: Any, settings: DemoSettings, data: Path, captions: Path, workdir: Path) -> None:
+    """``base_steps`` AdamW steps of the plain eps-prediction loss over the captioned training images."""
+    import lightning.pytorch as pl
+    import torch
+    from torch.utils.data import DataLoader
+
+    from vlmdiff.data import build_dataset, load_captions
+
+    caps = load_captions(captions, "train", "mvtec", vlm="template")
+    dataset = build_dataset("mvtec", data, "train", image_size=model.cfg.image_size, captions=caps,
+                            require_captions=True)
+    loader = DataLoader(dataset, batch_size=settings.base_batch_size, shuffle=True, num_workers=0,
+                        generator=torch.Generator().manual_seed(settings.seed))
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=settings.base_steps, max_epochs=-1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(workdir))
+    torch.manual_seed(settings.seed)
+    trainer.fit(model, train_dataloaders=loader)
+
+
+def run(settings: DemoSettings, output: Path, keep: bool = False, quick: bool = False) -> dict[str, Any]:
+    """Run the whole demo into ``output``; returns test.py's metrics (official protocol)."""
+    from vlmdiff.data.demo import generate_demo_dataset
+
+    output = Path(output)
+    runner = Runner(output, keep, settings)
+    py = "python"
+    data, captions = output / "data", output / "captions"
+    ae_dir, models, results = output / "autoencoder", output / "models", output / "results"
+    ae_ckpt, base_ckpt, init_ckpt = ae_dir / "autoencoder.ckpt", models / "base_sd.ckpt", models / "vlmdiff_init.ckpt"
+    ckpt_dir = output / "train" / "ckpt_demo"
+    common_cpu = ["--num_workers", "0", "--no_progress_bar"]
+    s = settings
+
+    gen_args = ["--output", str(data), "--classes", *s.classes, "--n_train", str(s.n_train), "--n_test_good",
+                str(s.n_test_good), "--n_test_defect", str(s.n_test_defect), "--image_size", str(s.data_image_size), "--seed",
+                str(s.data_seed)]
+    runner.stage("data", "0/5 demo dataset (MVTec-AD layout)", [py, "-m", "vlmdiff.data.demo", *gen_args],
+                 lambda: generate_demo_dataset(data, s.classes, s.n_train, s.n_test_good, s.n_test_defect, s.data_image_size,
+                                               s.data_seed))
+
+    cap_args = ["--data_set", "mvtec", "--data_path", str(data), "--vlm_model", "template", "--prompt_type", "pd",
+                "--output", str(captions)]
+    runner.stage("captions", "1/5 captions (template backend standing in for a VLM)", [py, "captioner.py", *cap_args],
+                 lambda: _script("captioner").main(cap_args))
+
+    ae_args = ["--data_set", "mvtec", "--data_path", str(data), "--config", s.config, "--resume_path", "none",
+               "--perceptual_weight", "0", "--batch_size", str(s.ae_batch_size), "--accumulate_grad_batches", "1",
+               "--base_lr", str(s.ae_base_lr), "--max_steps", str(s.ae_steps), "--output_dir", str(ae_dir),
+               "--accelerator", "cpu", "--log_images_every_n_steps", str(max(1, s.ae_steps)),
+               "--save_every_n_steps", "0", "--log_every_n_steps", "10", "--seed", str(s.seed), *common_cpu]
+    runner.stage("autoencoder", "2/5 autoencoder (random start; no LPIPS: no VGG weights offline)",
+                 [py, "finetune_autoencoder.py", *ae_args], lambda: _script("finetune_autoencoder").main(ae_args))
+
+    runner.stage("base", "3/5 a tiny base model standing in for Stable Diffusion 1.5 (pretrained here)", None,
+                 lambda: pretrain_base(s, data, captions, ae_ckpt, base_ckpt, models))
+    build_args = ["--sd_path", str(base_ckpt), "--ae_path", str(ae_ckpt), "--output", str(init_ckpt), "--config",
+                  s.config, "--seed", str(s.seed)]
+    runner.stage("build", "3/5 assemble the starting VLMDiff checkpoint", [py, "build_model.py", *build_args],
+                 lambda: _script("build_model").main(build_args))
+
+    train_args = ["--data_set", "mvtec", "--data_path", str(data), "--resume_path", str(init_ckpt), "--use_captions",
+                  "--caption_folder", str(captions), "--vlm_model", "template", "--output_root", str(output / "train"),
+                  "--exp_name", "demo", "--max_steps", str(s.train_steps), "--max_epochs", "-1", "--batch_size",
+                  str(s.train_batch_size), "--accumulate_grad_batches", "1", "--lr", str(s.train_lr),
+                  "--save_every_n_steps", str(max(1, s.train_steps)), "--log_every_n_steps", "10", "--accelerator",
+                  "cpu", "--devices", "1", "--seed", str(s.seed), *common_cpu]
+    runner.stage("train", "4/5 train VLMDiff (SG network + UNet decoder) with the captions",
+                 [py, "train.py", *train_args], lambda: _script("train").main(train_args))
+
+    test_args = ["--data_set", "mvtec", "--data_path", str(data), "--resume_path", str(ckpt_dir / "last.ckpt"),
+                 "--use_captions", "--caption_folder", str(captions), "--vlm_model", "template",
+                 "--feature_extractor", "efficientnet_lite0", "--ddim_steps", str(s.ddim_steps), "--noise_t",
+                 str(s.noise_t), "--sigma", str(s.sigma), "--batch_size", str(s.test_batch_size), "--device", "cpu",
+                 "--seed", str(s.seed), "--output_dir", str(results), "--save_visuals", *common_cpu]
+    runner.stage("test", "5/5 test: reconstructions, anomaly maps, metrics", [py, "test.py", *test_args],
+                 lambda: _script("test").main(test_args))
+    return _report(results, runner.times)
+
+
+def _report(results: Path, times: dict[str, float]) -> dict[str, Any]:
+    import json
+
+    from vlmdiff.metrics import format_table
+
+    metrics = json.loads((results / "metrics.json").read_text())["metrics"]["official"]
+    metrics = {"per_class": metrics["per_class"], "mean": metrics["mean"]}
+    nan = float("nan")
+    for row in [*metrics["per_class"].values(), metrics["mean"]]:
+        for k, v in row.items():
+            row[k] = nan if v is None else v
+    print("\n" + format_table(metrics, "demo results, official protocol (%; NOT comparable to the paper)"))
+    if times:
+        print("\nstage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
+              + f"; total {sum(times.values()):.0f} s")
+    print(f"\nheatmaps (input | autoencoder | reconstruction | anomaly map | ground truth): {results / 'visuals'}")
+    print(f"metrics: {results / 'metrics.json'} and {results / 'metrics.md'}")
+    return metrics
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from utils.cli import setup_logging
+
+    setup_logging(args.verbose)
+    print(BANNER, flush=True)
+    settings = QUICK if args.quick else FULL
+    return run(settings, Path(args.output), keep=args.keep, quick=args.quick)
+
+
+if __name__ == "__main__":
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from utils.cli import run_main
+
+    sys.exit(run_main(main))
