@@ -11,10 +11,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
+from pathlib import Path
 
 import torch
 
-from common import peak_rss_mb, table, time_call, write_results  # noqa: E402  (bench/ is the script dir)
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.common import peak_rss_mb, table, time_call, write_results  # noqa: E402
 from ldm.config import LatentDiffusionConfig, load_config
 from ldm.modules.unet import UNetModel
 
