@@ -84,6 +84,17 @@ class VLMDiff(LatentDiffusion):
     def get_conditions(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         return {"context": self.get_learned_conditioning(batch["caption"]), "hint": batch["hint"]}
 
+    @torch.no_grad()
+    def sampling_condition(self, cond: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``cond`` plus ``guided_hint`` (the SG hint block's output), which stays the same at every sampling step.
+
+        :meth:`apply_model` then skips the hint block (bit-identical result, one hint block per run
+        instead of one per step).
+        """
+        return {**cond, "guided_hint": self.control_model.embed_hint(cond["hint"])}
+
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        control = self.control_model(x_noisy, cond["hint"], t, cond["context"])
+        """eps (B,4,h,w) from the SG network's controls and the controlled UNet; ``cond``: context, hint
+        and optionally guided_hint (:meth:`sampling_condition`)."""
+        control = self.control_model(x_noisy, cond["hint"], t, cond["context"], cond.get("guided_hint"))
         return self.model.diffusion_model(x_noisy, t, cond["context"], control, self.only_mid_control)

@@ -58,19 +58,23 @@ def per_image_noise(ids: Sequence[str], seed: int, latent_shape: Sequence[int]) 
 
 @torch.no_grad()
 def reconstruct_latent(model, image: torch.Tensor, context: torch.Tensor, uncond_context: torch.Tensor,
-                       posterior_eps: torch.Tensor, noise: torch.Tensor, settings: ReconstructionSettings
-                       ) -> dict[str, torch.Tensor]:
+                       posterior_eps: torch.Tensor, noise: torch.Tensor, settings: ReconstructionSettings,
+                       *, two_passes: bool = False) -> dict[str, torch.Tensor]:
     """The reconstruction of a batch given its contexts and noises; returns z, x_noisy and the final latent.
 
-    ``model`` is a VLMDiff (anything with encode_first_stage, q_sample, apply_model, alphas_cumprod).
-    ``context`` and ``uncond_context`` (B, L, D): pass the same tensor object when they are equal.
+    ``model`` is a VLMDiff (anything with encode_first_stage, q_sample, sampling_condition, apply_model,
+    alphas_cumprod). ``context`` and ``uncond_context`` (B, L, D): pass the same tensor object when
+    they are equal. The hint block runs once per call, not once per step (:meth:`VLMDiff.sampling_condition`).
+    ``two_passes=True`` runs the unconditional pass even when it equals the conditional one, as the
+    reference code does (same result; for benchmarks of that way only).
     """
     z = model.encode_first_stage(image, noise=posterior_eps.to(image.device, image.dtype))  # (B, 4, h, w)
     t = torch.full((z.shape[0],), settings.noise_t, dtype=torch.long, device=z.device)
     x_noisy = model.q_sample(z, t, noise.to(z.device, z.dtype))
-    cond = {"context": context, "hint": image}
-    uncond = cond if uncond_context is context else {"context": uncond_context, "hint": image}
-    denoise = classifier_free_guidance(model.apply_model, cond, uncond, settings.guidance_scale)
+    cond = model.sampling_condition({"context": context, "hint": image})
+    uncond = cond if uncond_context is context else {**cond, "context": uncond_context}
+    denoise = classifier_free_guidance(model.apply_model, cond, uncond, settings.guidance_scale,
+                                       skip_same=not two_passes)
     grid = ddim_timesteps(settings.ddim_steps, model.num_timesteps)
     final = ddim_sample(denoise, x_noisy, model.alphas_cumprod, grid, steps_up_to(grid, settings.noise_t),
                         eta=settings.eta)
@@ -79,11 +83,13 @@ def reconstruct_latent(model, image: torch.Tensor, context: torch.Tensor, uncond
 
 @torch.no_grad()
 def reconstruct(model, image: torch.Tensor, captions: Sequence[str], ids: Sequence[str],
-                settings: ReconstructionSettings) -> dict[str, torch.Tensor]:
+                settings: ReconstructionSettings, *, decode_autoencoder: bool = True,
+                two_passes: bool = False) -> dict[str, torch.Tensor]:
     """Reconstruct a batch (B,3,H,W): returns ``sample`` (decoded diffusion output) and ``autoencoder``.
 
     ``autoencoder`` is the plain autoencoder reconstruction decode(z) of the same latent sample, for
-    visual inspection. With eta > 0 the extra DDIM noise also comes from per-image generators.
+    visual inspection only: ``decode_autoencoder=False`` leaves it out (a second decoder pass, about
+    a fifth of the work at the ``mid`` preset). ``two_passes``: see :func:`reconstruct_latent`.
     """
     b = image.shape[0]
     latent = [model.cfg.autoencoder.embed_dim, image.shape[2] // model.first_stage_factor,
@@ -93,6 +99,8 @@ def reconstruct(model, image: torch.Tensor, captions: Sequence[str], ids: Sequen
     context = uncond if all(c == "" for c in captions) else model.get_learned_conditioning(list(captions))
     if settings.eta > 0:
         raise UserError("--eta > 0 is not supported at test time (the method uses deterministic DDIM, eta 0)")
-    out = reconstruct_latent(model, image, context, uncond, eps, noise, settings)
-    return {"sample": model.decode_first_stage(out["final_latent"]),
-            "autoencoder": model.decode_first_stage(out["z"])}
+    out = reconstruct_latent(model, image, context, uncond, eps, noise, settings, two_passes=two_passes)
+    rec = {"sample": model.decode_first_stage(out["final_latent"])}
+    if decode_autoencoder:
+        rec["autoencoder"] = model.decode_first_stage(out["z"])
+    return rec

@@ -73,17 +73,26 @@ class SGNetwork(nn.Module):
         """The branch from the i-th source to the j-th target (1-based, upstream's ``down{i}{j}``)."""
         return getattr(self, f"down{i}{j}")
 
-    def forward(self, x: torch.Tensor, hint: torch.Tensor, timesteps: torch.Tensor,
-                context: torch.Tensor) -> list[torch.Tensor]:
+    def embed_hint(self, hint: torch.Tensor) -> torch.Tensor:
+        """The hint block's output (B, mc, h, w) for images (B, 3, 8h, 8w); it does not depend on x or t."""
+        return self.input_hint_block(hint)
+
+    def forward(self, x: torch.Tensor, hint: torch.Tensor | None, timesteps: torch.Tensor,
+                context: torch.Tensor, guided_hint: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """13 controls; ``guided_hint`` = :meth:`embed_hint` of ``hint`` when already computed (``hint`` unused then).
+
+        A sampler calls the network at every step with the same hint: computing its embedding once
+        per sampling run gives the same result for less work.
+        """
         emb = embed_timesteps(self.time_embed, timesteps, self.unet_cfg.model_channels)  # (B or 1, 4*mc)
-        guided_hint: torch.Tensor | None = self.input_hint_block(hint)  # (B, mc, h, w)
+        if guided_hint is None:
+            guided_hint = self.embed_hint(hint)  # (B, mc, h, w)
         outs = []
         h = x
-        for block, zero_conv in zip(self.input_blocks, self.zero_convs):
+        for k, (block, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs)):
             h = block(h, emb, context)
-            if guided_hint is not None:
+            if k == 0:
                 h = h + guided_hint
-                guided_hint = None
             outs.append(zero_conv(h))
         h = self.middle_block(h, emb, context)
         outs.append(self.middle_block_out(h))

@@ -117,7 +117,7 @@ def score_images(model, extractor, dataset, indices: Sequence[int], store: MapSt
     for first, batch in zip(firsts, loader):
         image = batch["image"].to(device)
         maps, rec = _maps(model, extractor, image, list(batch["caption"]), list(batch["filename"]), settings, sigma,
-                          autocast_dtype)
+                          autocast_dtype, decode_autoencoder=visuals is not None)
         scores = image_score(maps, pooling)
         store.write(f"{first:08d}", batch["filename"], batch["class_name"], maps.cpu(), batch["mask"][:, 0],
                     batch["label"], scores.cpu())
@@ -130,8 +130,9 @@ def score_images(model, extractor, dataset, indices: Sequence[int], store: MapSt
 
 
 def _maps(model, extractor, image: torch.Tensor, captions: list[str], ids: list[str], settings: ReconstructionSettings,
-          sigma: float, autocast_dtype: torch.dtype | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Anomaly maps (B, H, W) and reconstructions of one batch.
+          sigma: float, autocast_dtype: torch.dtype | None, decode_autoencoder: bool = False
+          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Anomaly maps (B, H, W) and reconstructions of one batch (``autoencoder`` only when asked: visuals).
 
     On the CPU a batch of one image runs as two copies: oneDNN's convolutions round differently for a
     single image than for a batch (and identically for every batch size above one), so this keeps each
@@ -141,7 +142,7 @@ def _maps(model, extractor, image: torch.Tensor, captions: list[str], ids: list[
     if single:
         image, captions, ids = image.expand(2, -1, -1, -1), captions * 2, ids * 2
     with torch.autocast(image.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        rec = reconstruct(model, image, captions, ids, settings)
+        rec = reconstruct(model, image, captions, ids, settings, decode_autoencoder=decode_autoencoder)
         f_in, f_rec = extractor(image), extractor(rec["sample"].to(image.dtype))
     f_in, f_rec = [f.float() for f in f_in], [f.float() for f in f_rec]
     maps = anomaly_map(f_in, f_rec, out_size=tuple(image.shape[-2:]), sigma=sigma)  # (B, H, W)

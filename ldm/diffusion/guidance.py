@@ -33,13 +33,15 @@ def same_condition(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 
 def classifier_free_guidance(model: CondDenoiser, cond: Mapping[str, Any], uncond: Mapping[str, Any],
-                             scale: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+                             scale: float, skip_same: bool = True) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """A ``denoise(x, t)`` callable for :func:`ldm.diffusion.ddim.ddim_sample`.
 
     ``model(x, t, cond)`` returns eps; tensors in the condition dicts have the batch first. The
     two-pass case evaluates one concatenated batch [uncond; cond], as the reference code does.
+    ``skip_same=False`` runs both passes even when the conditions are equal (the reference code's
+    behaviour, kept for benchmarks that time it).
     """
-    if scale == 1.0 or same_condition(cond, uncond):
+    if scale == 1.0 or (skip_same and same_condition(cond, uncond)):
         return lambda x, t: model(x, t, cond)
 
     both = {k: torch.cat([uncond[k], cond[k]]) if isinstance(cond[k], torch.Tensor) else cond[k] for k in cond}

@@ -43,9 +43,20 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
+        """``x`` (B, N, query_dim), ``context`` (B, M, context_dim) or None -> (B, N, query_dim).
+
+        A context that is one row broadcast over the batch (``expand``, batch stride 0: the empty
+        caption of every image at test time) gets its keys and values computed once, for that row,
+        and broadcast; the result is the same and does not depend on the batch size.
+        """
         b, n, _ = x.shape
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)  # (B, N|M, h*d)
+        if context is None:
+            k, v = self.to_k(x), self.to_v(x)  # (B, N, h*d)
+        elif b > 1 and context.stride(0) == 0:
+            k, v = (f(context[:1]).expand(b, -1, -1) for f in (self.to_k, self.to_v))  # (B, M, h*d), one row
+        else:
+            k, v = self.to_k(context), self.to_v(context)  # (B, M, h*d)
+        q = self.to_q(x)  # (B, N, h*d)
         q, k, v = (t.reshape(b, t.shape[1], self.heads, -1).transpose(1, 2) for t in (q, k, v))  # (B, h, N|M, d)
         out = attention(q, k, v, self.impl)  # (B, h, N, d)
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
