@@ -1,0 +1,48 @@
+"""The benchmark scripts run end to end in their smallest settings (the benchmarks themselves are never run by make test)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from bench import bench_eval, bench_inference, bench_training
+
+
+def test_inference_benchmark_tiny(tmp_path):
+    out = bench_inference.main(["--config", "tiny", "--images", "2", "--batch", "2", "--repeats", "1",
+                                "--ddim_steps", "2", "--ablation", "--output", str(tmp_path / "inference.json")])
+    names = list(out["variants"])
+    assert names[0] == "upstream way" and names[-1] == "ours" and len(names) >= 4
+    assert all(v["within_tolerance"] for v in out["variants"].values())
+    assert out["variants"]["upstream way"]["two_passes"] and out["variants"]["upstream way"]["attention"] == "math"
+    assert json.loads((tmp_path / "inference.json").read_text())["config"] == "tiny"
+
+
+def test_training_benchmark_tiny(tmp_path):
+    out = bench_training.main(["--measure", "tiny", "--analyse", "tiny", "--settings", "0,4", "--steps", "1",
+                               "--output", str(tmp_path / "training.json")])
+    fp32, bf16_ckpt = out["analysis"]["tiny"].values()
+    assert fp32["params"]["all"]["trainable"] < fp32["params"]["all"]["total"]
+    assert fp32["adamw_state_bytes"] == 2 * fp32["grads_bytes"] > 0
+    assert 0 < bf16_ckpt["activation_bytes"] < fp32["activation_bytes"]
+    (measured,) = out["measured"].values()  # bf16 is not measured on a CPU by default
+    assert measured["step_s"] > 0 and measured["extra_peak_mib"] > 0
+
+
+def test_eval_benchmark_tiny(tmp_path):
+    out = bench_eval.main(["--n_images", "4", "--sizes", "20", "--class_size", "20", "--output",
+                           str(tmp_path / "eval.json"), "--tmp", str(tmp_path)])
+    a = out["aupro_timing"]
+    assert abs(a["aupro_legacy_upstream_loop"] - a["aupro_legacy"]) < 1e-9  # the two legacy loops agree
+    assert [r["maps"] for r in out["memory_curve"]] == [20, 40]
+
+
+def test_memory_meter_sees_an_allocation():
+    from bench.common import MemoryMeter
+
+    meter = MemoryMeter(torch.device("cpu"))
+    meter.reset()
+    x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+    assert meter.peak_mib() > 48
+    del x
