@@ -60,6 +60,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     f.add_argument("--use_dino", action="store_true", help="upstream's spelling: DINO features (with --dino_version)")
     f.add_argument("--dino_version", default=None, choices=("v1s8", "v1s16", "v1b8", "v1b16", "v2s14", "v1r50"))
     f.add_argument("--feature_weights", default=None, help="weights of the feature extractor (default: models/features/...)")
+    f.add_argument("--feature_input_size", type=int, default=None,
+                   help="resize images to this square size before the feature extractor (default: the extractor's "
+                        "own, 224 for DINOv2, else the model's image size); the maps keep the image size")
     f.add_argument("--sigma", type=float, default=5.0, help="Gaussian smoothing of the maps")
     f.add_argument("--image_pooling", default="paper", choices=("paper", "ader", "max"),
                    help="image score: paper = max after 8 x avgpool 8; ader = max after avgpool 16")
@@ -157,7 +160,7 @@ def _score(args: argparse.Namespace, dataset_name: str, output_dir: Path, ranks:
     extractor_name = resolve_extractor_name(args.feature_extractor, args.use_dino, args.dino_version)
     model, _ = load_vlmdiff(args.resume_path, args.config, args.overrides, args.unsafe_legacy_pickle)
     settings.check(model.num_timesteps)
-    extractor = build_feature_extractor(extractor_name, args.feature_weights)
+    extractor = build_feature_extractor(extractor_name, args.feature_weights, input_size=args.feature_input_size)
     model.eval().to(device)
     extractor.eval().to(device)
     use_test_captions = args.use_captions and (dataset_name == "coco" or args.test_captions)
@@ -168,7 +171,8 @@ def _score(args: argparse.Namespace, dataset_name: str, output_dir: Path, ranks:
             "classes": args.classes, "test_captions": bool(captions), "image_size": model.cfg.image_size,
             "n_images": len(records)}
     manifest = manifest_for(checkpoint=args.resume_path, config=to_dict(model.cfg), settings=settings,
-                            extractor=extractor_name, extractor_weights=args.feature_weights, data=data,
+                            extractor=extractor_name, extractor_weights=args.feature_weights,
+                            extractor_input_size=args.feature_input_size, data=data,
                             map_dtype=args.map_dtype, sigma=args.sigma, precision=args.precision)
     if ranks.is_main:
         check_manifest(output_dir, manifest)

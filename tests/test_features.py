@@ -354,3 +354,21 @@ def test_resolve_extractor_name_rejects_contradictions(feature_extractor, use_di
 def test_upstream_dino_versions_map_to_extractors() -> None:
     assert set(DINO_VERSIONS) == {"v1s8", "v1s16", "v1b8", "v1b16", "v2s14", "v1r50"}
     assert set(DINO_VERSIONS.values()) <= set(FEATURE_EXTRACTORS)
+
+
+def test_feature_input_size_resizes_before_every_backbone() -> None:
+    """``input_size`` upsamples a small image first: features of the 64 px image equal those of its 128 px resize."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    big = F.interpolate(x, size=(128, 128), mode="bilinear", align_corners=False, antialias=True)
+    for name in ("resnet50", "efficientnet_lite0"):
+        plain = build_feature_extractor(name, random_init=True)
+        sized = build_feature_extractor(name, random_init=True, input_size=128)
+        sized.load_state_dict(plain.state_dict())
+        with torch.no_grad():
+            got, want = sized(x), plain(big)
+        assert got[0].shape[-1] == 32  # stride 4 of 128 px, not of 64 px
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w)
+    with pytest.raises(UserError, match="--feature_input_size 8"):
+        build_feature_extractor("resnet50", random_init=True, input_size=8)

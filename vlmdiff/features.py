@@ -178,14 +178,22 @@ class FeatureExtractor(nn.Module):
     statistics never change.
     """
 
-    def __init__(self, name: str, backbone: nn.Module, dims: tuple[int, ...]) -> None:
+    def __init__(self, name: str, backbone: nn.Module, dims: tuple[int, ...], input_size: int | None = None) -> None:
         super().__init__()
         self.name = name
         self.backbone = backbone
         self.dims = dims
+        self.input_size = input_size  # resize the input to this square size first (None: as given)
 
     def train(self, mode: bool = True) -> FeatureExtractor:
         return super().train(False)
+
+    def resize_input(self, x: Tensor) -> Tensor:
+        """(B, 3, H, W) -> (B, 3, S, S) by bilinear interpolation with antialias (identity without ``input_size``)."""
+        s = self.input_size
+        if s is None or tuple(x.shape[-2:]) == (s, s):
+            return x
+        return F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         raise NotImplementedError
@@ -203,6 +211,7 @@ class ResNetFeatures(FeatureExtractor):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         b = self.backbone
+        x = self.resize_input(x)
         h = b["maxpool"](b["relu"](b["bn1"](b["conv1"](x))))  # (B, 64, H/4, W/4)
         feats = []
         for i in range(1, max(self.levels) + 1):
@@ -221,15 +230,7 @@ class ViTFeatures(FeatureExtractor):
     def __init__(self, name: str, vit: nn.Module, input_size: int | None) -> None:
         if getattr(vit, "reg_token", None) is not None or vit.num_prefix_tokens != 1 or vit.no_embed_class:
             raise ValueError("only ViTs with one CLS token and class-position embedding are supported")
-        super().__init__(name, vit, (vit.embed_dim,))
-        self.input_size = input_size
-
-    def resize_input(self, x: Tensor) -> Tensor:
-        """(B, 3, H, W) -> (B, 3, S, S) by bilinear interpolation with antialias (identity without ``input_size``)."""
-        s = self.input_size
-        if s is None or tuple(x.shape[-2:]) == (s, s):
-            return x
-        return F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
+        super().__init__(name, vit, (vit.embed_dim,), input_size)
 
     def forward(self, x: Tensor) -> list[Tensor]:
         v = self.backbone
@@ -260,6 +261,7 @@ class EfficientNetLiteFeatures(FeatureExtractor):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         b = self.backbone
+        x = self.resize_input(x)
         mean, std = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1), x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
         x = (x * std + mean) * (255 / 128) - 127 / 128  # (B, 3, H, W), now (rgb*255 - 127) / 128
         h = b["_act"](b["_bn0"](b["_conv_stem"](x)))  # (B, 32, H/2, W/2)
@@ -382,8 +384,12 @@ def _load_backbone(extractor: FeatureExtractor, arch_shapes: Mapping[str, tuple[
 
 
 def build_feature_extractor(name: str, weights: str | os.PathLike | None = None, *,
-                            random_init: bool = False) -> FeatureExtractor:
+                            random_init: bool = False, input_size: int | None = None) -> FeatureExtractor:
     """Build extractor ``name`` on the CPU in eval mode with frozen weights.
+
+    ``input_size``: resize every input to this square size first (default: the extractor's own,
+    224 for DINOv2, else none). Features of small images gain from it: an ImageNet backbone sees a
+    64 px image at strides 4-16 as 16x16 to 4x4 cells.
 
     ``weights``: a local ``.pth``/``.bin``/``.safetensors`` file in the official naming; None looks in
     ``models/features/<release file>`` (EfficientNet-Lite0: the packaged file). ``random_init=True``
@@ -404,6 +410,10 @@ def build_feature_extractor(name: str, weights: str | os.PathLike | None = None,
             extractor, arch_shapes = _assemble(name, spec)
         _load_backbone(extractor, arch_shapes, state, path, spec)
         logger.info("feature extractor %s: weights from %s", name, path)
+    if input_size is not None:
+        if input_size < 16:
+            raise UserError(f"--feature_input_size {input_size}: too small (at least 16)")
+        extractor.input_size = input_size
     extractor.requires_grad_(False)
     return extractor.eval()
 

@@ -220,10 +220,13 @@ def write_scores(output_dir: Path, pooling: str) -> Path:
 
 def manifest_for(*, checkpoint: str, config: dict, settings: ReconstructionSettings, extractor: str,
                  extractor_weights: str | None, data: dict[str, Any], map_dtype: str, sigma: float,
-                 precision: str) -> dict[str, Any]:
+                 precision: str, extractor_input_size: int | None = None) -> dict[str, Any]:
+    features = {"name": extractor, "weights": file_fingerprint(extractor_weights)}
+    if extractor_input_size is not None:
+        features["input_size"] = extractor_input_size
     return {
         "checkpoint": file_fingerprint(checkpoint), "config": config, "reconstruction": asdict(settings),
-        "feature_extractor": {"name": extractor, "weights": file_fingerprint(extractor_weights)},
+        "feature_extractor": features,
         "data": data, "map_dtype": map_dtype, "sigma": sigma, "precision": precision,
     }
 
