@@ -19,7 +19,7 @@ The models are tiny and trained from scratch on synthetic defects in real photog
 numbers are not the paper's: they show that the pipeline works, nothing more. configs/demo.yaml is
 the model; the training and test settings are the ``FULL`` constants in this file.
 
-  python scripts/demo.py                   # the whole demo into demo_out/ (~10 min on 2 CPU cores)
+  python scripts/demo.py                   # the whole demo into demo_out/ (~9 min on 2 CPU cores)
   python scripts/demo.py --quick           # a smoke run: 1 class, a few images, 2 steps per stage
   python scripts/demo.py --keep            # reuse the stages an earlier run already finished
 """
