@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -114,24 +114,33 @@ def saved_activation_bytes(model: VLMDiff, batch: dict[str, Any], bf16: bool) ->
     With ``bf16`` the forward runs under CPU autocast (fake tensors are CPU tensors); its casting
     rules for convolutions, matrix products and norms are those of CUDA autocast.
     """
-    weights = {p.untyped_storage()._cdata for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        s = t.untyped_storage()
-        if s._cdata not in weights:
-            saved[s._cdata] = s.nbytes()
-        return t
-
     # LatentDiffusion.diffusion_loss step by step, with one timestep for the batch: fake tensors have no values
     # for the UNet's "all timesteps equal?" test; the time embedding is then (1, D) instead of (B, D), a few KiB
     t = torch.full((1,), model.num_timesteps // 2)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+
+    def loss() -> None:
         z = model.encode_first_stage(batch["image"])
         noise = torch.randn_like(z)
         eps = model.apply_model(model.q_sample(z, t, noise), t, model.get_conditions(batch))
         torch.nn.functional.mse_loss(eps.float(), noise.float())
+
+    return _saved_bytes(model, loss, bf16)
+
+
+def _saved_bytes(model: VLMDiff, forward: Callable[[], Any], bf16: bool) -> int:
+    """Bytes of the tensors autograd saves while ``forward()`` runs (each storage once, the model's weights excluded)."""
+    weights = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(x: torch.Tensor) -> torch.Tensor:
+        s = x.untyped_storage()
+        if s._cdata not in weights:
+            saved[s._cdata] = s.nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        forward()
     return sum(saved.values())
 
 
@@ -168,20 +177,8 @@ def frozen_encoder_activation_bytes(model: VLMDiff, batch: dict[str, Any], bf16:
                                                                        for s in batch["image"].shape[2:]))
     t = torch.full((1,), model.num_timesteps // 2)  # one timestep: see saved_activation_bytes
     context = torch.randn(z.shape[0], 77, unet.cfg.context_dim)
-    weights = {p.untyped_storage()._cdata for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(x: torch.Tensor) -> torch.Tensor:
-        s = x.untyped_storage()
-        if s._cdata not in weights:
-            saved[s._cdata] = s.nbytes()
-        return x
-
     z.requires_grad_(True)  # stands for a trainable input; the weights stay frozen
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x), \
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        unet.encode(z, unet.embed_time(t), context)
-    return sum(saved.values())
+    return _saved_bytes(model, lambda: unet.encode(z, unet.embed_time(t), context), bf16)
 
 
 def child_measure(config: str, batch: int, setting: Setting, steps: int, device: torch.device) -> dict[str, Any]:
