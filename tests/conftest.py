@@ -35,3 +35,18 @@ def fixtures_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_config(fixtures_dir: Path) -> dict:
     return json.loads((fixtures_dir / "tiny_config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``).
+
+    Tiny models gain nothing from a second thread, and on a busy 2-core machine two OpenMP threads
+    waiting on each other make every stage several times slower. Restored afterwards.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -570,14 +570,7 @@ def _(ws: Workspace, tmp: Path) -> Run:
 # ------------------------------------------------------------------------------------------------ runner
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these tiny models gain nothing from two, and on a busy 2-core machine two OpenMP
-    threads waiting on each other make every stage several times slower. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -28,14 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SEEDS = {"build": 5, "train": 7, "test": 3, "finetune": 11}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: these tiny models gain nothing from two, and on a busy 2-core machine two OpenMP
-    threads waiting on each other make every stage several times slower. Restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
