@@ -60,3 +60,13 @@ def build_tiny_vlmdiff(tmp: Path, config: str = "tiny", overrides: tuple[str, ..
     out = tmp / "vlmdiff.ckpt"
     build_model.main(["--sd_path", str(sd), "--ae_path", str(ae), "--output", str(out), "--config", config, *overrides])
     return out
+
+
+def demo_data_and_model(tmp: Path, *, n_train: int, n_test_good: int, n_test_defect: int,
+                        seed: int = 0) -> tuple[Path, Path, Path]:
+    """``(tmp, data, checkpoint)``: a two-class demo dataset (brick, coffee) at 128 px and a tiny assembled VLMDiff."""
+    from vlmdiff.data.demo import generate_demo_dataset
+
+    data = generate_demo_dataset(tmp / "data", classes=("brick", "coffee"), n_train=n_train, n_test_good=n_test_good,
+                                 n_test_defect=n_test_defect, image_size=128, seed=seed)
+    return tmp, data, build_tiny_vlmdiff(tmp)

@@ -13,9 +13,8 @@ import pytest
 import torch
 
 import test as test_script
-from tests.tinyckpt import build_tiny_vlmdiff
+from tests.tinyckpt import demo_data_and_model
 from vlmdiff.data.captions import read_jsonl
-from vlmdiff.data.demo import generate_demo_dataset
 from vlmdiff.map_store import MapStore
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,10 +32,7 @@ def _torchrun(script: str, args: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dist")
-    data = generate_demo_dataset(tmp / "data", classes=("brick", "coffee"), n_train=2, n_test_good=2,
-                                 n_test_defect=3, image_size=128, seed=1)
-    return tmp, data, build_tiny_vlmdiff(tmp)
+    return demo_data_and_model(tmp_path_factory.mktemp("dist"), n_train=2, n_test_good=2, n_test_defect=3, seed=1)
 
 
 @pytest.mark.slow

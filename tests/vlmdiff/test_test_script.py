@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import test as test_script
-from tests.tinyckpt import build_tiny_vlmdiff
+from tests.tinyckpt import demo_data_and_model
 from utils.errors import UserError
 from vlmdiff.data.demo import generate_demo_dataset
 from vlmdiff.map_store import MapStore
@@ -27,10 +27,7 @@ FAST = ["--feature_extractor", "efficientnet_lite0", "--ddim_steps", "3", "--num
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("testpy")
-    data = generate_demo_dataset(tmp / "data", classes=("brick", "coffee"), n_train=2, n_test_good=2,
-                                 n_test_defect=3, image_size=128, seed=0)
-    return tmp, data, build_tiny_vlmdiff(tmp)
+    return demo_data_and_model(tmp_path_factory.mktemp("testpy"), n_train=2, n_test_good=2, n_test_defect=3)
 
 
 def _run(data: Path, ckpt: Path, out: Path, *extra: str):

@@ -10,9 +10,8 @@ import torch
 
 import train
 from ldm.checkpoint import load_checkpoint
-from tests.tinyckpt import build_tiny_vlmdiff
+from tests.tinyckpt import demo_data_and_model
 from utils.errors import UserError
-from vlmdiff.data.demo import generate_demo_dataset
 from vlmdiff.model import TRAINABLE
 
 FAST = ["--accelerator", "cpu", "--devices", "1", "--num_workers", "0", "--batch_size", "2",
@@ -21,10 +20,7 @@ FAST = ["--accelerator", "cpu", "--devices", "1", "--num_workers", "0", "--batch
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("train")
-    data = generate_demo_dataset(tmp / "data", classes=("brick", "coffee"), n_train=4, n_test_good=1,
-                                 n_test_defect=1, image_size=128, seed=0)
-    return tmp, data, build_tiny_vlmdiff(tmp)
+    return demo_data_and_model(tmp_path_factory.mktemp("train"), n_train=4, n_test_good=1, n_test_defect=1)
 
 
 def _losses(ckpt_dir: Path) -> list[float]:

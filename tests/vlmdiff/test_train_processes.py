@@ -14,8 +14,7 @@ import torch
 
 import train
 from ldm.checkpoint import load_checkpoint
-from tests.tinyckpt import build_tiny_vlmdiff
-from vlmdiff.data.demo import generate_demo_dataset
+from tests.tinyckpt import demo_data_and_model
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMON = ["--data_set", "mvtec", "--accelerator", "cpu", "--num_workers", "0", "--batch_size", "2",
@@ -24,10 +23,7 @@ COMMON = ["--data_set", "mvtec", "--accelerator", "cpu", "--num_workers", "0", "
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("trainproc")
-    data = generate_demo_dataset(tmp / "data", classes=("brick", "coffee"), n_train=4, n_test_good=1,
-                                 n_test_defect=1, image_size=128, seed=0)
-    return tmp, data, build_tiny_vlmdiff(tmp)
+    return demo_data_and_model(tmp_path_factory.mktemp("trainproc"), n_train=4, n_test_good=1, n_test_defect=1)
 
 
 def _env() -> dict[str, str]:
