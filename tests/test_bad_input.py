@@ -332,21 +332,24 @@ def _(ws: Workspace, tmp: Path) -> Run:
     return Run("build_model", build(ws, tmp, sd=bad), names=(str(bad), key, "NaN"))
 
 
-@case("build_model: a legacy pickle with code objects, without --unsafe_legacy_pickle")
-def _(ws: Workspace, tmp: Path) -> Run:
+def _legacy_ae(ws: Workspace, tmp: Path) -> Path:
+    """The workspace's autoencoder checkpoint with a pickled object of arbitrary code beside the weights."""
     ckpt = torch.load(ws.ae, weights_only=False)
     ckpt["hyper_parameters"] = LegacyThing()
     legacy = tmp / "legacy_ae.ckpt"
     torch.save(ckpt, legacy)
+    return legacy
+
+
+@case("build_model: a legacy pickle with code objects, without --unsafe_legacy_pickle")
+def _(ws: Workspace, tmp: Path) -> Run:
+    legacy = _legacy_ae(ws, tmp)
     return Run("build_model", build(ws, tmp, ae=legacy), names=(str(legacy), "--unsafe_legacy_pickle"))
 
 
 @case("build_model: the same legacy pickle with --unsafe_legacy_pickle works (exit 0)")
 def _(ws: Workspace, tmp: Path) -> Run:
-    ckpt = torch.load(ws.ae, weights_only=False)
-    ckpt["hyper_parameters"] = LegacyThing()
-    legacy = tmp / "legacy_ae.ckpt"
-    torch.save(ckpt, legacy)
+    legacy = _legacy_ae(ws, tmp)
     out = tmp / "out.ckpt"
 
     def check() -> None:
