@@ -44,6 +44,7 @@ if str(ROOT) not in sys.path:
 
 from bench.common import MemoryMeter, load_average, table, write_results  # noqa: E402
 from vlmdiff.config import VLMDiffConfig, load_model_config  # noqa: E402
+from vlmdiff.data.dataset import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from vlmdiff.features import FeatureExtractor, build_feature_extractor  # noqa: E402
 from vlmdiff.model import VLMDiff  # noqa: E402
 from vlmdiff.reconstruction import ReconstructionSettings, reconstruct  # noqa: E402
@@ -52,8 +53,6 @@ from vlmdiff.sg_network import zero_initialised_modules  # noqa: E402
 
 # Largest |map difference| to upstream's way accepted, per compute precision (maps lie in [0, 6]).
 TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2}
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from utils.errors import UserError
+from vlmdiff.data.dataset import IMAGENET_MEAN, IMAGENET_STD
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +71,6 @@ DINO_VERSIONS: Mapping[str, str] = MappingProxyType({
 })
 DEFAULT_DINO_VERSION = "v1s8"
 DEFAULT_WEIGHTS_DIR = Path("models") / "features"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DINO_POS_EMBED_OFFSET = 0.1  # DINO/DINOv2 add 0.1 to the target grid in the interpolation scale factor
 
 

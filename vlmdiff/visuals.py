@@ -14,9 +14,10 @@ import torch
 from PIL import Image
 
 from utils.io import atomic_open
+from vlmdiff.data.dataset import IMAGENET_MEAN as _MEAN, IMAGENET_STD as _STD
 
-IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+IMAGENET_MEAN = torch.tensor(_MEAN).view(1, 3, 1, 1)
+IMAGENET_STD = torch.tensor(_STD).view(1, 3, 1, 1)
 
 
 def to_uint8_images(x: torch.Tensor) -> np.ndarray:
