@@ -58,13 +58,11 @@ def checkpoint_callback(ckpt_dir: Path, every_n_epochs: int | None, every_n_step
     No version counter: a resumed run (even with other saving flags) overwrites ``last.ckpt`` instead of
     starting a ``last-v1.ckpt`` that --resume would not find.
     """
+    keep_all = {"dirpath": ckpt_dir, "save_top_k": -1, "save_last": True, "auto_insert_metric_name": False,
+                "enable_version_counter": False}
     if every_n_steps:
-        return ModelCheckpoint(dirpath=ckpt_dir, filename="step={step:07d}", every_n_train_steps=every_n_steps,
-                               save_top_k=-1, save_last=True, auto_insert_metric_name=False,
-                               enable_version_counter=False)
-    return ModelCheckpoint(dirpath=ckpt_dir, filename="epoch={epoch:03d}", every_n_epochs=every_n_epochs or 1,
-                           save_top_k=-1, save_last=True, auto_insert_metric_name=False,
-                               enable_version_counter=False)
+        return ModelCheckpoint(filename="step={step:07d}", every_n_train_steps=every_n_steps, **keep_all)
+    return ModelCheckpoint(filename="epoch={epoch:03d}", every_n_epochs=every_n_epochs or 1, **keep_all)
 
 
 def last_checkpoint(ckpt_dir: Path) -> Path | None:
