@@ -11,7 +11,6 @@ import copy
 import json
 import shutil
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
