@@ -1,8 +1,8 @@
 """Shared test set-up: offline hubs and the reference-fixture folder.
 
-The fixtures produced by the upstream code live outside the repository. Tests find them through
-``VLMDIFF_FIXTURES`` (default ``../shared/fixtures`` from the project root) and fail, not skip,
-when they are missing.
+The reference fixtures produced by the upstream code live in ``tests/fixtures/`` (their README says
+what each file holds). ``VLMDIFF_FIXTURES`` points the tests at another folder of the same kind;
+the tests fail, not skip, when the folder is missing.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def fixtures_path() -> Path:
-    return Path(os.environ.get("VLMDIFF_FIXTURES", ROOT.parent / "shared" / "fixtures")).resolve()
+    return Path(os.environ.get("VLMDIFF_FIXTURES", ROOT / "tests" / "fixtures")).resolve()
 
 
 @pytest.fixture(scope="session")
