@@ -99,12 +99,12 @@ def resolve_model(model: str) -> str:
     Raises a one-line UserError within seconds when the files are nowhere to be had.
     """
     import huggingface_hub
-    from huggingface_hub import errors
+    from huggingface_hub import constants, errors
 
     path = Path(model).expanduser()
     if path.is_dir():
         return str(path)
-    if model.startswith((".", "/", "~")) or model.count("/") > 1 or path.suffix:
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:  # a path, not an owner/name hub id
         raise UserError(f"--vlm_model {model}: no such model folder; give the folder holding the model's "
                         "config.json and weights, or a hub id such as OpenGVLab/InternVL2-8B")
     try:
@@ -114,8 +114,8 @@ def resolve_model(model: str) -> str:
     except (errors.LocalEntryNotFoundError, FileNotFoundError):
         pass
     where = (f"put its files in a folder and pass --vlm_model FOLDER, or download {model} into the Hugging Face "
-             f"cache ({huggingface_hub.constants.HF_HUB_CACHE}, e.g. `hf download {model}` where there is network)")
-    if huggingface_hub.is_offline_mode():
+             f"cache ({constants.HF_HUB_CACHE}, e.g. `hf download {model}` where there is network)")
+    if constants.HF_HUB_OFFLINE:
         raise UserError(f"--vlm_model {model} is not on disk and the hub is offline (HF_HUB_OFFLINE): {where}")
     try:
         huggingface_hub.HfApi().model_info(model, timeout=10)
