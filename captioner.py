@@ -1,15 +1,26 @@
 """Stage 1: caption the train and test images of a dataset with a vision-language model.
 
-Writes upstream's caption files (DESIGN.md section 7) into the output folder, by default
+Writes upstream's caption files into the output folder, by default
 ``{dataset}_captions_{vlm}_{prompt_type}`` beside the dataset root:
 ``{split}_captions_{dataset}_{vlm}.json`` + ``{split}_labels_{dataset}_{vlm}.json`` (ids: path
 relative to the root; absolute paths for Real-IAD, as upstream). COCO-AD captions go to
 ``{data_path}/annotations/captions_{train|val}2017_{vlm}.json`` (COCO caption format).
 
-Backends: ``--backend hf`` loads any image-text-to-text model of ``transformers`` (a local folder or
-a hub id; short names internvl/blip/deepseekvl map to native checkpoints) and decodes greedily;
-``--backend template`` (or ``--vlm_model template``) writes deterministic descriptions from the class
-name and image statistics, offline and fast.
+Captioners (--vlm_model; a short name, its hub id, or a local folder named like the hub id picks the
+backend that reproduces the paper's captions):
+  internvl    OpenGVLab/InternVL2-8B, its remote code (trust_remote_code), bf16, dynamic 448 px tiling
+              (up to 12 tiles + a thumbnail), chat, greedy, up to 1024 new tokens
+  blip        Salesforce/blip2-flan-t5-xxl decoded as LAVIS blip2_t5 generate: 5 beams, at most 30
+              new tokens, min length 1
+  deepseekvl  deepseek-ai/deepseek-vl-1.3b-chat through LMDeploy (pip install lmdeploy), prompt
+              "{prompt} <IMAGE_TOKEN>", greedy, up to 512 new tokens
+  llava       llava-hf/llama3-llava-next-8b-hf (LLaVA-NeXT Llama-3-8B), greedy, 256 new tokens
+  template    deterministic descriptions from the class name and image statistics, offline and fast
+Any other folder or hub id of an image-text-to-text model runs in the ``hf`` backend (chat template,
+greedy); --backend forces a backend (e.g. internvl for another InternVL2 size). File names carry the
+model actually used: the short names above, else the sanitised model name (or --vlm_name). A model
+must be a local folder or in the Hugging Face cache when the hub is offline (HF_HUB_OFFLINE=1) or
+unreachable; otherwise the run stops at once saying where to put it.
 
 Progress is appended to ``{output}/progress/*.jsonl`` one fsynced line per image, so a killed run
 loses at most the image in flight: rerun the same command to resume. Split the work with
@@ -18,7 +29,7 @@ exclusive); once every image of a split has a caption its upstream files are wri
 ``--merge`` after the shards finish). Under ``torchrun`` or SLURM each process takes every
 world-size-th image of the shard and writes its own progress file; the last one to finish merges.
 
-Example: python captioner.py --data_set mvtec --data_path data/mvtec --vlm_model models/InternVL3-8B-hf
+Example: python captioner.py --data_set mvtec --data_path data/mvtec --vlm_model models/InternVL2-8B
 """
 
 from __future__ import annotations
@@ -43,20 +54,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--coco_part", type=int, default=-1, choices=[-1, 0, 1, 2, 3],
                    help="COCO-AD part whose images to caption (-1: every meta_20_*.json present)")
     p.add_argument("--vlm_model", default="internvl",
-                   help="local model folder or hub id; internvl/blip/deepseekvl; 'template' = template backend")
+                   help="internvl, blip, deepseekvl, llava, template, or a local model folder / hub id")
     p.add_argument("--prompt_type", default="pd", choices=["pd", "pa"], help="pd: describe; pa: defect inspector")
     p.add_argument("--start_ind", type=int, default=0, help="first image of this shard (sorted list)")
     p.add_argument("--end_ind", type=int, default=None, help="end of this shard, exclusive (default/-1: to the end)")
     p.add_argument("--caption_folder", default=None, help="output folder (upstream's name for it; same as --output)")
     p.add_argument("--output", default=None, help="output folder (default: {dataset}_captions_{vlm}_{prompt_type} "
                                                   "beside the dataset root)")
-    p.add_argument("--backend", default=None, choices=["hf", "template"], help="default: hf, template for "
-                                                                                "--vlm_model template")
+    p.add_argument("--backend", default=None, choices=["hf", "internvl", "blip", "deepseekvl", "template"],
+                   help="default: the paper's backend for internvl/blip/deepseekvl, template for --vlm_model "
+                        "template, else hf")
     p.add_argument("--vlm_name", default=None, help="short model token in file names (default: from --vlm_model)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--batch_size", type=int, default=1)
-    p.add_argument("--max_new_tokens", type=int, default=1024, help="upstream InternVL used 1024")
+    p.add_argument("--max_new_tokens", type=int, default=None,
+                   help="default: internvl 1024, blip 30, deepseekvl 512, llava 256, other models 1024")
     p.add_argument("--split", default="both", choices=["train", "test", "both"])
     p.add_argument("--merge", action="store_true", help="only merge the progress files into the upstream files")
     p.add_argument("--delay_per_image", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: slow down
@@ -64,7 +77,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.end_ind is not None and args.end_ind == -1:
         args.end_ind = None
-    if args.batch_size < 1 or args.max_new_tokens < 1:
+    if args.batch_size < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
         p.error("--batch_size and --max_new_tokens must be >= 1")
     return args
 
@@ -73,12 +86,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     from vlmdiff import captioning as cap
     from vlmdiff.data.captions import caption_folder_name
     from vlmdiff.data.registry import canonical_name
+    from vlmdiff.vlm_backends import build_backend, default_backend
 
     args = parse_args(argv)
     setup_logging(args.verbose)
     dataset = canonical_name(args.data_set)
     root = Path(args.data_path)
-    backend_name = args.backend or ("template" if args.vlm_model == "template" else "hf")
+    backend_name = args.backend or default_backend(args.vlm_model)
     vlm = cap.check_vlm_name(args.vlm_name or cap.derive_vlm_name(args.vlm_model, backend_name))
     if args.output and args.caption_folder and Path(args.output) != Path(args.caption_folder):
         raise UserError(f"--output {args.output} and --caption_folder {args.caption_folder} differ; give one")
@@ -103,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             backend = cap.TemplateBackend(args.prompt_type)
         else:
             device = f"cuda:{ranks.local_rank}" if args.device == "auto" and ranks.world > 1 else args.device
-            backend = cap.HFBackend(args.vlm_model, prompt, args.dtype, device, args.max_new_tokens)
+            backend = build_backend(backend_name, args.vlm_model, prompt, args.dtype, device, args.max_new_tokens)
         writer = cap.ProgressWriter(cap.progress_file(output, dataset, vlm, args.prompt_type, args.start_ind,
                                                       args.end_ind, ranks.rank, ranks.world))
         meta = {"dataset": dataset, "vlm": vlm, "prompt_type": args.prompt_type}

@@ -14,6 +14,7 @@ import pytest
 
 from captioner import main
 from tests import datagen
+from tests.tiny_vlms import tiny_llava
 from utils.errors import UserError
 from vlmdiff.captioning import PROMPTS, derive_vlm_name, prompt_for
 from vlmdiff.data import build_dataset, index_dataset, load_captions
@@ -38,6 +39,9 @@ def test_prompts_are_upstreams() -> None:
     assert derive_vlm_name("OpenGVLab/InternVL2-8B", "hf") == "internvl"
     assert derive_vlm_name("Salesforce/blip2-flan-t5-xxl", "hf") == "blip"
     assert derive_vlm_name("/models/llava-1.5-7b-hf/", "hf") == "llava157bhf"
+    assert derive_vlm_name("OpenGVLab/InternVL3-8B-hf", "hf") == "internvl38bhf"  # not upstream's InternVL2-8B
+    assert [derive_vlm_name(m, "hf") for m in ("deepseek", "llava", "models/blip2-flan-t5-xxl")] == [
+        "deepseekvl", "llava", "blip"]
 
 
 def test_template_backend_shards_merge_and_read_back(tmp_path: Path) -> None:
@@ -83,43 +87,8 @@ def test_realiad_absolute_ids_and_coco_caption_format(tmp_path: Path) -> None:
     assert ds[0]["caption"].startswith("The image shows a scene")
 
 
-def _tiny_llava(folder: Path) -> Path:
-    """A randomly initialised LLaVA (tiny CLIP vision tower + tiny Llama) with an offline word-level tokenizer."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
-
-    words = ("<unk> <pad> <s> </s> <image> a the image shows smooth rough surface with dark bright object "
-             "defect no scratch metal bottle").split()
-    vocab = {w: i for i, w in enumerate(words)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>")
-    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    template = ("{% for m in messages %}USER: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image> "
-                "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endfor %}"
-                "{% if add_generation_prompt %} ASSISTANT:{% endif %}")
-    processor = LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16},
-                                                                  crop_size={"height": 16, "width": 16}),
-                               tokenizer=fast, patch_size=8, vision_feature_select_strategy="default",
-                               chat_template=template, num_additional_image_tokens=1)
-    vision = CLIPVisionConfig(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                              num_attention_heads=2, projection_dim=16)
-    text = LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512,
-                       bos_token_id=2, eos_token_id=3, pad_token_id=1)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=vocab["<image>"],
-                         vision_feature_select_strategy="default", vision_feature_layer=-1)
-    torch.manual_seed(0)
-    LlavaForConditionalGeneration(config).save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
 def test_tiny_random_hf_vlm_end_to_end(tmp_path: Path) -> None:
-    model = _tiny_llava(tmp_path / "tiny-llava")
+    model = tiny_llava(tmp_path / "tiny-llava")
     root = datagen.make_visa(tmp_path / "visa", classes=("candle",), n_train=3, n_test_good=1, n_test_anomaly=2)
     main(["--data_set", "visa", "--data_path", str(root), "--vlm_model", str(model), "--backend", "hf",
           "--batch_size", "2", "--max_new_tokens", "6", "--device", "cpu", "--dtype", "float32"])
@@ -132,7 +101,7 @@ def test_tiny_random_hf_vlm_end_to_end(tmp_path: Path) -> None:
         assert len(build_dataset("visa", root, split, captions=out, require_captions=True)) == n
     assert any(c for c in load_captions(out, "train", "visa").values())
 
-    from vlmdiff.captioning import HFBackend
+    from vlmdiff.vlm_backends import HFBackend
 
     backend = HFBackend(str(model), PROMPTS["pd"], device="cpu", max_new_tokens=4)
     assert backend.text == f"USER: <image> {PROMPTS['pd']} ASSISTANT:"
@@ -144,7 +113,7 @@ def test_tiny_random_hf_vlm_end_to_end(tmp_path: Path) -> None:
 
 def test_missing_model_is_one_clear_error(tmp_path: Path) -> None:
     root = datagen.make_mvtec(tmp_path / "mvtec", classes=("bottle",))
-    with pytest.raises(UserError, match="cannot load the processor of --vlm_model"):
+    with pytest.raises(UserError, match="no such model folder"):
         main(["--data_set", "mvtec", "--data_path", str(root), "--vlm_model", str(tmp_path / "no-such-model")])
 
 

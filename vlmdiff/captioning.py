@@ -1,8 +1,8 @@
-"""Stage 1: caption every image of a dataset with a vision-language model (DESIGN.md sections 2, 7, 10).
+"""Stage 1: caption every image of a dataset with a vision-language model.
 
-Pieces: the prompts; two backends (``hf``: any image-text-to-text model that ``transformers`` loads,
-greedy decoding; ``template``: offline descriptions from the class name and image statistics); a
-crash-safe JSON-lines progress file per shard; and the merge into upstream's file formats.
+Pieces: the prompts; the ``template`` backend (offline descriptions from the class name and image
+statistics; the VLM backends are in ``vlmdiff.vlm_backends``); a crash-safe JSON-lines progress file per
+shard; and the merge into upstream's file formats.
 
 Progress files live in ``{output}/progress/{dataset}_{vlm}_{prompt_type}_{start}-{end}.jsonl``
 (not named like upstream's files, so upstream's prefix lookup never picks them up). Every record is
@@ -39,14 +39,6 @@ PROMPTS: Mapping[str, str] = MappingProxyType({
           "object itself, with around 60 words and maybe 4 or 5 sentences.",
     "coco": "Describe the visual features of image in detail, with around 60 words and maybe 4 or 5 sentences.",
 })
-# short --vlm_model names -> transformers-native checkpoints (upstream's InternVL2-8B and DeepSeek-VL
-# ran through remote code / LMDeploy; these are the closest models AutoModelForImageTextToText loads)
-MODEL_ALIASES: Mapping[str, str] = MappingProxyType({
-    "internvl": "OpenGVLab/InternVL3-8B-hf",
-    "blip": "Salesforce/blip2-flan-t5-xxl",
-    "deepseekvl": "deepseek-community/deepseek-vl-1.3b-chat",
-    "deepseek": "deepseek-community/deepseek-vl-1.3b-chat",
-})
 
 
 @dataclass(frozen=True)
@@ -65,14 +57,16 @@ def prompt_for(dataset: str, prompt_type: str) -> str:
 
 
 def derive_vlm_name(model: str, backend: str) -> str:
-    """Short file-name token of a model: internvl / blip / deepseekvl, else the sanitised model name."""
+    """File-name token of the model actually used: internvl / blip / deepseekvl / llava for the paper's
+    captioners (short name, hub id, or a folder named like the hub id), else the sanitised model name."""
+    from vlmdiff.vlm_backends import known_vlm
+
     if backend == "template":
         return "template"
-    low = model.lower()
-    for key, name in (("internvl", "internvl"), ("blip", "blip"), ("deepseek", "deepseekvl")):
-        if key in low:
-            return name
-    token = re.sub(r"[^a-z0-9]", "", Path(low.rstrip("/")).name)
+    vlm = known_vlm(model)
+    if vlm is not None:
+        return vlm.name
+    token = re.sub(r"[^a-z0-9]", "", Path(model.lower().rstrip("/")).name)
     if not token:
         raise UserError(f"cannot derive a file-name token from --vlm_model {model!r}; pass --vlm_name")
     return token
@@ -185,76 +179,6 @@ class TemplateBackend:
 
     def __call__(self, images: Sequence[Image.Image], class_names: Sequence[str]) -> list[str]:
         return [describe_image(np.asarray(im), c, self.prompt_type) for im, c in zip(images, class_names)]
-
-
-class HFBackend:
-    """Any ``transformers`` image-text-to-text model: chat template if the processor has one, greedy decoding."""
-
-    def __init__(self, model: str, prompt: str, dtype: str = "auto", device: str = "auto",
-                 max_new_tokens: int = 1024) -> None:
-        import torch
-        import transformers
-        from transformers import AutoProcessor
-
-        self.torch = torch
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-        if dtype == "auto":
-            dtype = "float32" if self.device.type == "cpu" else (
-                "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
-        if dtype not in ("float32", "float16", "bfloat16"):
-            raise UserError(f"unknown --dtype {dtype!r}; valid: auto, float32, float16, bfloat16")
-        self.dtype = getattr(torch, dtype)
-        model_id = MODEL_ALIASES.get(model, model)
-        classes = [getattr(transformers, n) for n in ("AutoModelForImageTextToText", "AutoModelForVision2Seq")
-                   if hasattr(transformers, n)]
-        try:
-            self.processor = AutoProcessor.from_pretrained(model_id)
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot load the processor of --vlm_model {model_id!r} ({e}); pass a local model folder "
-                            "or download the model first") from e
-        errors = []
-        for cls in classes:
-            try:
-                self.model = cls.from_pretrained(model_id, dtype=self.dtype)
-                break
-            except (OSError, ValueError, KeyError) as e:
-                errors.append(f"{cls.__name__}: {e}")
-        else:
-            raise UserError(f"cannot load --vlm_model {model_id!r} as an image-text-to-text model ({'; '.join(errors)})")
-        self.model.to(self.device).eval()
-        self.max_new_tokens = int(max_new_tokens)
-        tok = getattr(self.processor, "tokenizer", None)
-        if tok is not None:
-            tok.padding_side = "left"  # batched decoder-only generation needs left padding
-            if tok.pad_token is None and tok.eos_token is not None:
-                tok.pad_token = tok.eos_token
-        self.text = prompt
-        if getattr(self.processor, "chat_template", None):
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-            self.text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        logger.info("captioning with %s (%s) on %s, %s", model_id, type(self.model).__name__, self.device, dtype)
-
-    def _inputs(self, images: Sequence[Image.Image]) -> dict:
-        texts = [self.text] * len(images)
-        try:
-            inputs = self.processor(images=list(images), text=texts, return_tensors="pt", padding=True)
-        except (ValueError, TypeError):  # processors that want one list of images per text
-            inputs = self.processor(images=[[im] for im in images], text=texts, return_tensors="pt", padding=True)
-        out = {}
-        for k, v in inputs.items():
-            if isinstance(v, self.torch.Tensor):
-                v = v.to(self.device, dtype=self.dtype) if v.is_floating_point() else v.to(self.device)
-            out[k] = v
-        return out
-
-    def __call__(self, images: Sequence[Image.Image], class_names: Sequence[str]) -> list[str]:
-        inputs = self._inputs(images)
-        with self.torch.inference_mode():
-            out = self.model.generate(**inputs, do_sample=False, num_beams=1, max_new_tokens=self.max_new_tokens)
-        ids = inputs.get("input_ids")
-        if ids is not None and out.shape[1] >= ids.shape[1] and self.torch.equal(out[:, : ids.shape[1]], ids):
-            out = out[:, ids.shape[1]:]  # decoder-only models return prompt + new tokens
-        return [t.strip() for t in self.processor.batch_decode(out, skip_special_tokens=True)]
 
 
 # ---------------------------------------------------------------- progress files

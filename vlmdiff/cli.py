@@ -31,7 +31,7 @@ def add_caption_args(p: argparse.ArgumentParser) -> None:
                    help="folder of caption files (default: {dataset}_captions_{vlm}_{prompt_type} beside the dataset root)")
     p.add_argument("--caption_model", default="_internvl",
                    help="suffix of COCO caption files: annotations/captions_{train,val}2017{suffix}.json")
-    p.add_argument("--vlm_model", default="internvl", help="the captioner's --vlm_model (internvl, blip, deepseekvl, template, a model id); names the caption files")
+    p.add_argument("--vlm_model", default="internvl", help="the captioner's --vlm_model (internvl, blip, deepseekvl, llava, template, a model folder or id); names the caption files")
     p.add_argument("--prompt_type", default="pd", choices=("pd", "pa"), help="caption prompt: pd (describe) or pa (defect)")
 
 

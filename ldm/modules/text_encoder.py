@@ -4,6 +4,10 @@
 name its weights as transformers 4.19 did (``transformer.text_model.*`` with a persistent
 ``position_ids`` buffer); newer transformers releases drop the ``text_model.`` level and make
 ``position_ids`` non-persistent. This wrapper always writes the SD-1.5 names and reads either.
+Its tokenizer cleans each caption as SD-1.5's did (transformers' slow ``CLIPTokenizer`` with ``ftfy``
+installed): ``ftfy.fix_text`` (typographic quotes, ligatures, HTML entities), runs of whitespace to one
+space, strip, lower case; then CLIP's BPE. The tokenizers-backed ``CLIPTokenizer`` of transformers 5
+skips ``ftfy``, so without this step such captions got other token ids.
 ``hf``: any transformers text model (``AutoModel`` + ``AutoTokenizer``), e.g. a sentence encoder.
 """
 
@@ -13,6 +17,7 @@ import gzip
 import json
 import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -55,8 +60,9 @@ class TextEncoder(nn.Module):
         return self
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        texts = [sd_clip_clean(t) for t in texts] if self.kind == "clip" else list(texts)
         enc = self.tokenizer(
-            list(texts), padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+            texts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
         )
         return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
@@ -69,6 +75,13 @@ class TextEncoder(nn.Module):
         else:
             out = self.transformer(**{k: v.to(device) for k, v in enc.items()})
         return out.last_hidden_state  # (B, L, D)
+
+
+def sd_clip_clean(text: str) -> str:
+    """SD-1.5's caption clean-up before CLIP BPE: ``ftfy.fix_text``, whitespace runs to one space, strip, lower."""
+    import ftfy
+
+    return re.sub(r"\s+", " ", ftfy.fix_text(text)).strip().lower()
 
 
 def _clip_to_sd_names(module: TextEncoder, state_dict: dict, prefix: str, local_metadata: Any) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ldm.config import CLIPTextArch, TextEncoderConfig
-from ldm.modules.text_encoder import build_text_encoder, clip_bpe_tokenizer_dir
+from ldm.modules.text_encoder import build_text_encoder, clip_bpe_tokenizer_dir, sd_clip_clean
 from utils.errors import UserError
 
 TINY_CLIP = CLIPTextArch(hidden_size=24, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2)
@@ -24,6 +24,18 @@ def test_bundled_clip_tokenizer_gives_sd_ids(tmp_path):
     long_ids = enc.tokenize(["word " * 200])["input_ids"]
     assert long_ids.shape == (1, 77) and long_ids[0, -1].item() == 49407  # truncated, end token kept
     assert enc.tokenize([""])["input_ids"][0, :2].tolist() == [49406, 49407]
+
+
+def test_clip_tokenizer_cleans_text_as_sd15_did():
+    """ftfy (quotes, ligatures, HTML entities), whitespace clean-up and lower case come before BPE."""
+    enc = build_text_encoder(TextEncoderConfig(clip_arch=TINY_CLIP))
+    messy = "  The \u201cﬁlled\u201d bottle\u2019s cap &amp;   its\tlabel\n are  OK  "
+    clean = "the \"filled\" bottle's cap & its label are ok"
+    assert sd_clip_clean(messy) == clean
+    ids = enc.tokenize([messy, clean])["input_ids"]
+    assert ids.shape == (2, 77) and torch.equal(ids[0], ids[1])
+    raw = enc.tokenizer([messy, clean], padding="max_length", max_length=77, return_tensors="pt")["input_ids"]
+    assert not torch.equal(raw[0], raw[1])  # the BPE alone would give other ids
 
 
 def test_clip_encoder_is_frozen_and_shaped():
