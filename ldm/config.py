@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from utils.errors import UserError
+from utils.io import read_yaml
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -216,17 +217,6 @@ def _is_model_preset(path: Path) -> bool:
     except Exception:  # noqa: BLE001 - any unreadable file is simply not listed
         return False
     return isinstance(data, DictConfig) and ("base" in data or "unet" in data)
-
-
-def read_yaml(path: Path) -> dict:
-    """A YAML file whose top level is a mapping, as plain data; bad YAML is a :class:`UserError`."""
-    try:
-        data = OmegaConf.to_container(OmegaConf.load(path))
-    except Exception as e:  # noqa: BLE001 - yaml's scanner/parser errors have no common public base here
-        raise UserError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from e
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping at the top level")
-    return data
 
 
 def preset_chain(name: str) -> list[tuple[str, dict]]:
