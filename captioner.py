@@ -1,6 +1,6 @@
 """Stage 1: caption the train and test images of a dataset with a vision-language model.
 
-Writes upstream's caption files (DESIGN.md section 7) into the output folder, by default
+Writes upstream's caption files into the output folder, by default
 ``{dataset}_captions_{vlm}_{prompt_type}`` beside the dataset root:
 ``{split}_captions_{dataset}_{vlm}.json`` + ``{split}_labels_{dataset}_{vlm}.json`` (ids: path
 relative to the root; absolute paths for Real-IAD, as upstream). COCO-AD captions go to

@@ -4,8 +4,8 @@ Starts from Stable Diffusion's kl-f8 autoencoder (``--resume_path``: the origina
 ``model.ckpt``, an SD-1.5 ``.ckpt``/``.safetensors`` whose ``first_stage_model.*`` is taken, a plain
 autoencoder state dict, or a finetuned first-stage checkpoint; ``none`` = random initialisation) and
 trains it with upstream's loss: L1 + LPIPS reconstruction NLL, KL (weight 1e-6) and, from generator
-step ``disc_start`` (50001) on, a PatchGAN hinge loss with adaptive weight x 0.5 (DESIGN.md
-section 3). Adam betas (0.5, 0.9), lr = base_lr (4.5e-5) x batch size (1), gradient accumulation 8.
+step ``disc_start`` (50001) on, a PatchGAN hinge loss with adaptive weight x 0.5.
+Adam betas (0.5, 0.9), lr = base_lr (4.5e-5) x batch size (1), gradient accumulation 8.
 The images are ImageNet-normalised, as upstream feeds them. Training hyper-parameters come from
 ``configs/autoencoder.yaml`` (``--train_config``); flags override them. The default budget is that
 file's ``max_steps: 5000`` generator updates (40,000 images at batch 1 x accumulation 8); giving only

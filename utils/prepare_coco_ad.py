@@ -7,7 +7,7 @@ and ``val2017/`` image folders. Output, in the same root, for each part p (defau
   ``{img_path, mask_path, cls_name: "coco", specie_name, anomaly}``;
 - ``val2017_mask_ad_20_{p}/{image stem}.png``: 0/255 masks of the anomalous test images.
 
-Rules (DESIGN.md section 6): the contiguous label index of a category is its position in sorted
+Rules: the contiguous label index of a category is its position in sorted
 category-id order; part p holds out indexes 20p..20p+19 as anomalies. Train = every train2017 image
 (annotated or not) with no instance of a held-out category. Test = every val2017 image with at least
 one annotation; it is anomalous iff a held-out category is present, and its mask is the union of all

@@ -1,4 +1,4 @@
-"""Stage 1: caption every image of a dataset with a vision-language model (DESIGN.md sections 2, 7, 10).
+"""Stage 1: caption every image of a dataset with a vision-language model.
 
 Pieces: the prompts; two backends (``hf``: any image-text-to-text model that ``transformers`` loads,
 greedy decoding; ``template``: offline descriptions from the class name and image statistics); a

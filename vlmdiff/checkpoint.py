@@ -1,6 +1,6 @@
 """Assembly of a starting VLMDiff checkpoint from Stable Diffusion 1.5 and a finetuned autoencoder.
 
-The rule (DESIGN.md section 8, ControlNet's): every ``control_model.X`` with a twin
+The rule (ControlNet's): every ``control_model.X`` with a twin
 ``model.diffusion_model.X`` starts from it; ``first_stage_model.*`` comes from the finetuned
 autoencoder; everything else SD has is copied; the rest (hint block, zero convolutions, SFF,
 ``logvar``) keeps its fresh initialisation. :func:`assemble_state_dict` is pure: it returns a new state

@@ -403,7 +403,7 @@ def evaluate(maps: Any, masks: Any, class_names: Sequence[str], protocol: str = 
 # --------------------------------------------------------------------------- reporting
 _HEADERS = ("AU-ROC_I", "AP_I", "F1max_I", "AU-ROC_P", "AP_P", "F1max_P", "AU-PRO")
 
-PAPER_RESULTS: dict[str, dict[str, float]] = {  # DESIGN section 9: VLMDiff paper, mean over classes
+PAPER_RESULTS: dict[str, dict[str, float]] = {  # the VLMDiff paper (WACV 2026), mean over classes
     name: dict(zip(METRICS, (v / 100.0 for v in vals)))
     for name, vals in {
         "realiad": (78.0, 73.2, 69.8, 97.1, 25.5, 32.3, 87.7),
@@ -435,7 +435,7 @@ def format_table(result: dict[str, Any], title: str | None = None) -> str:
 
 
 def compare_to_paper(mean_row: dict[str, float], dataset: str) -> str:
-    """Markdown table of our mean row, the paper's (DESIGN section 9) and the difference, in points."""
+    """Markdown table of our mean row, the paper's and the difference, in points."""
     key = _DATASET_ALIASES.get(dataset, dataset)
     if key not in PAPER_RESULTS:
         raise UserError(f"no published results for dataset {dataset!r}; known: {', '.join(PAPER_RESULTS)}")
