@@ -144,3 +144,18 @@ def test_print_config_captioner_and_finetune_autoencoder(tmp_path, capsys):
     assert out["autoencoder"]["ch"] == 32 and out["finetune"]["loss"]["kl_weight"] == 0.5
     assert out["finetune"]["max_steps"] == 5000 and out["image_size"] == 128
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("captioner", [*DATA, "--vlm_model", "template", "--end_ind", "-1", "--split", "test"]),
+    ("finetune_autoencoder", [*DATA, "--config", "tiny", "--kl_weight", "0.5", "--classes", "bottle", "--precision", "bf16"]),
+    ("build_model", ["--config", "tiny", "--use_ema", "unet.num_heads=2"]),
+    ("train", [*DATA, "--config", "tiny", "--use_captions", "--lr", "3e-5", "--devices", "2", "--precision", "16"]),
+    ("test", [*DATA, "--config", "tiny", "--protocol", "both", "--sigma", "4", "--end_ind", "7"]),
+])
+def test_printed_flags_work_as_a_run_file(tmp_path, capsys, module, argv):
+    flags = _printed(capsys, module, [*argv, "--print_config"])["flags"]
+    run = tmp_path / "run.yaml"
+    run.write_text(yaml.safe_dump(flags))
+    again = _printed(capsys, module, ["--config_file", str(run), "--print_config"])["flags"]
+    assert again == flags

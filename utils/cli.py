@@ -106,7 +106,7 @@ def apply_run_file(p: argparse.ArgumentParser, path: Path) -> None:
     by_name = {}
     for action in p._actions:  # argparse keeps its actions only here
         names = [o.lstrip("-") for o in action.option_strings if o.startswith("--")] or [action.dest]
-        if action.dest != "help" and action.help != argparse.SUPPRESS and action.dest not in RUN_FILE_FLAGS:
+        if action.dest != "help" and action.dest not in RUN_FILE_FLAGS:
             by_name.update({name: action for name in names})
     defaults = {}
     for key, value in read_yaml(path).items():
