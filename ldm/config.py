@@ -192,11 +192,6 @@ def to_dict(cfg: Any) -> dict:
     return plain(OmegaConf.to_container(OmegaConf.structured(cfg)))
 
 
-def to_yaml(data: Any) -> str:
-    """A dataclass config or plain data as YAML text (what ``--print_config`` shows)."""
-    return OmegaConf.to_yaml(data if isinstance(data, Mapping) else to_dict(data))
-
-
 def preset_path(name: str) -> Path:
     """``name`` may be a preset in ``configs/`` (``tiny``, ``mid``, ``sd15``, ...) or a YAML path."""
     p = Path(name)
@@ -224,7 +219,7 @@ def preset_chain(name: str) -> list[tuple[str, dict]]:
     chain: list[tuple[str, dict]] = []
     path = preset_path(name)
     while True:
-        if any(str(path) == where for where, _ in chain):
+        if any(path.resolve() == Path(where).resolve() for where, _ in chain):
             raise UserError(f"{path}: circular 'base:' chain")
         data = read_yaml(path)
         base = data.pop("base", None)
