@@ -47,8 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local model folder or hub id; internvl/blip/deepseekvl; 'template' = template backend")
     p.add_argument("--prompt_type", default="pd", choices=["pd", "pa"], help="pd: describe; pa: defect inspector")
     p.add_argument("--start_ind", type=int, default=0, help="first image of this shard (sorted list)")
-    p.add_argument("--end_ind", type=int, default=None, help="end of this shard, exclusive; -1 also means the end (default: the end)")
-    p.add_argument("--caption_folder", default=None, help="output folder (upstream's name for it; same as --output; default: as --output)")
+    p.add_argument("--end_ind", type=int, default=None,
+                   help="end of this shard, exclusive; -1 also means the end (default: the end)")
+    p.add_argument("--caption_folder", default=None,
+                   help="output folder (upstream's name for it; same as --output; default: as --output)")
     p.add_argument("--output", default=None, help="output folder (default: {dataset}_captions_{vlm}_{prompt_type} "
                                                   "beside the dataset root)")
     p.add_argument("--backend", default=None, choices=["hf", "template"],
@@ -58,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dtype of the VLM (auto: float32 on CPU, bfloat16 on GPUs that have it, else float16)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--batch_size", type=int, default=1, help="images per VLM call")
-    p.add_argument("--max_new_tokens", type=int, default=1024, help="longest caption in tokens (upstream InternVL used 1024)")
+    p.add_argument("--max_new_tokens", type=int, default=1024,
+                   help="longest caption in tokens (upstream InternVL used 1024)")
     p.add_argument("--split", default="both", choices=["train", "test", "both"], help="which images to caption")
     p.add_argument("--merge", action="store_true", help="only merge the progress files into the upstream files")
     p.add_argument("--delay_per_image", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: slow down

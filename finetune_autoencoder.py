@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_set", required=True, choices=["mvtec", "visa", "realiad", "real_iad", "coco", "folder"],
                    help="dataset layout (real_iad is accepted for realiad; folder = any folder of images)")
     p.add_argument("--data_path", required=True, help="dataset root")
-    p.add_argument("--coco_part", type=int, default=-1, choices=[-1, 0, 1, 2, 3], help="COCO-AD part (0..3) to train on; -1: none")
+    p.add_argument("--coco_part", type=int, default=-1, choices=[-1, 0, 1, 2, 3],
+                   help="COCO-AD part (0..3) to train on; -1: none")
     p.add_argument("--classes", nargs="+", default=None, help="only these classes (default: all)")
     p.add_argument("--config", default="sd15", help="model preset (sd15, mid, tiny, demo) or YAML whose autoencoder: "
                                                     "section is trained")
@@ -65,15 +66,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unsafe_legacy_pickle", action="store_true", help="allow arbitrary pickles (trusted files only)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in the run folder")
     p.add_argument("--batch_size", type=int, default=None, help="per device (default: the finetuning config's, 1)")
-    p.add_argument("--accumulate_grad_batches", type=int, default=None, help="batches per generator update (default: the finetuning config's, 8)")
-    p.add_argument("--base_lr", type=float, default=None, help="lr = base_lr x batch size (default: the finetuning config's, 4.5e-5)")
-    p.add_argument("--max_steps", type=int, default=None, help="generator updates; -1: no limit (default: the finetuning config's, 5000)")
+    p.add_argument("--accumulate_grad_batches", type=int, default=None,
+                   help="batches per generator update (default: the finetuning config's, 8)")
+    p.add_argument("--base_lr", type=float, default=None,
+                   help="lr = base_lr x batch size (default: the finetuning config's, 4.5e-5)")
+    p.add_argument("--max_steps", type=int, default=None,
+                   help="generator updates; -1: no limit (default: the finetuning config's, 5000)")
     p.add_argument("--max_epochs", type=int, default=None, help="epochs (-1: no limit); given alone, it replaces "
                                                                 "the step budget (default: the finetuning config's, -1)")
-    p.add_argument("--disc_start", type=int, default=None, help="generator step the GAN loss starts at (default: the finetuning config's, 50001)")
-    p.add_argument("--kl_weight", type=float, default=None, help="KL loss weight (default: the finetuning config's, 1e-6)")
-    p.add_argument("--disc_weight", type=float, default=None, help="GAN loss weight (default: the finetuning config's, 0.5)")
-    p.add_argument("--perceptual_weight", type=float, default=None, help="LPIPS weight; 0 = no LPIPS (default: the finetuning config's, 1.0)")
+    p.add_argument("--disc_start", type=int, default=None,
+                   help="generator step the GAN loss starts at (default: the finetuning config's, 50001)")
+    p.add_argument("--kl_weight", type=float, default=None,
+                   help="KL loss weight (default: the finetuning config's, 1e-6)")
+    p.add_argument("--disc_weight", type=float, default=None,
+                   help="GAN loss weight (default: the finetuning config's, 0.5)")
+    p.add_argument("--perceptual_weight", type=float, default=None,
+                   help="LPIPS weight; 0 = no LPIPS (default: the finetuning config's, 1.0)")
     p.add_argument("--vgg_weights", default=None, help="torchvision vgg16-397923af.pth (default: "
                                                        "models/vgg16-397923af.pth)")
     p.add_argument("--lpips_weights", default=None, help="LPIPS v0.1 VGG linear layers (default: from the lpips "
@@ -84,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                        "generator steps (0: epoch ends only)")
     p.add_argument("--log_every_n_steps", type=int, default=50, help="batches between metric log rows")
     p.add_argument("--keep_checkpoints", action="store_true", help="also keep checkpoints/step=N.ckpt at each save")
-    p.add_argument("--output_dir", default=None, help="run folder (default: runs/autoencoder_{dataset}[_part{p}][_{exp_name}])")
+    p.add_argument("--output_dir", default=None,
+                   help="run folder (default: runs/autoencoder_{dataset}[_part{p}][_{exp_name}])")
     p.add_argument("--exp_name", default=None, help="appended to the default run folder name (default: nothing)")
     p.add_argument("--seed", type=int, default=1, help="seed of the run (data order, initialisation)")
     p.add_argument("--accelerator", default="auto", help="auto, cpu, gpu, ...")

@@ -45,11 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --use_captions, also guide MVTec/VisA/Real-IAD test images by their captions "
                         "(the paper uses \"\" there; COCO-AD always uses its captions)")
     r = p.add_argument_group("model and reconstruction")
-    r.add_argument("--resume_path", default=None, help="the trained VLMDiff checkpoint to test (default: none; needed unless --run_eval_only)")
+    r.add_argument("--resume_path", default=None,
+                   help="the trained VLMDiff checkpoint to test (default: none; needed unless --run_eval_only)")
     r.add_argument("--unsafe_legacy_pickle", action="store_true", help="allow arbitrary pickles (trusted files only)")
-    r.add_argument("--ddim_steps", type=int, default=10, help="DDIM grid: 901, 801, ..., 1 for 10 steps")
+    r.add_argument("--ddim_steps", type=int, default=10, help="DDIM steps (10: timesteps 901, 801, ..., 1)")
     r.add_argument("--noise_t", type=int, default=999, help="noise level of the input latent (DDIM steps <= it are run)")
-    r.add_argument("--guidance_scale", type=float, default=9.0, help="classifier-free guidance scale (one pass when the caption is empty)")
+    r.add_argument("--guidance_scale", type=float, default=9.0,
+                   help="classifier-free guidance scale (one pass when the caption is empty)")
     r.add_argument("--seed", type=int, default=1, help="seeds each image's noise together with its id")
     r.add_argument("--batch_size", type=int, default=8, help="images per forward pass")
     r.add_argument("--num_workers", type=int, default=4, help="data loader processes")
@@ -69,11 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "own, 224 for DINOv2, else the model's image size); the maps keep the image size")
     f.add_argument("--sigma", type=float, default=5.0, help="Gaussian smoothing of the maps")
     f.add_argument("--image_pooling", default="paper", choices=("paper", "ader", "max"),
-                   help="image score: paper = max after 8 x avgpool 8; ader = max after avgpool 16; max = the map's maximum")
+                   help="image score: paper = max after 8 x avgpool 8; ader = max after avgpool 16; "
+                        "max = the map's maximum")
     f.add_argument("--map_dtype", default="float32", choices=("float32", "float16"), help="storage of the maps")
     e = p.add_argument_group("evaluation and output")
     e.add_argument("--metrics_protocol", "--protocol", default="official", choices=("official", "legacy", "both"),
-                   help="official (scikit-learn, MVTec AU-PRO) or legacy (upstream's metric code, the paper's table)")
+                   help="official (scikit-learn, MVTec AU-PRO), legacy (upstream's metric code, the paper's table) "
+                        "or both")
     e.add_argument("--mask_threshold", type=float, default=0.0, help="ground truth = mask > this fraction of full scale")
     e.add_argument("--exp_name", default=None, help="run name (default: vlmdiff_{data_set})")
     e.add_argument("--output_dir", default=None, help="default: results/{exp_name}")

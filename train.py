@@ -39,15 +39,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_caption_args(p)
     g = p.add_argument_group("run")
     g.add_argument("--resume_path", default=None,
-                   help="starting weights: an assembled or trained VLMDiff checkpoint (default: none; needed unless --resume)")
+                   help="starting weights: an assembled or trained VLMDiff checkpoint "
+                        "(default: none; needed unless --resume)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in ckpt_{exp_name}/ from last.ckpt (weights, optimiser, epoch, step)")
-    g.add_argument("--exp_name", default=None, help="run name (default: vlmdiff_{data_set}); checkpoints in ckpt_{exp_name}/")
+    g.add_argument("--exp_name", default=None,
+                   help="run name (default: vlmdiff_{data_set}); checkpoints in ckpt_{exp_name}/")
     g.add_argument("--output_root", default=".", help="folder that holds ckpt_{exp_name}/")
     g.add_argument("--seed", type=int, default=1, help="global seed; each rank derives its own from it")
-    g.add_argument("--unsafe_legacy_pickle", action="store_true", help="allow arbitrary pickles in --resume_path (trusted files only)")
+    g.add_argument("--unsafe_legacy_pickle", action="store_true",
+                   help="allow arbitrary pickles in --resume_path (trusted files only)")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--max_epochs", type=int, default=None, help="epochs (default: the paper's, 300 for MVTec-AD/VisA and 100 for Real-IAD/COCO-AD)")
+    o.add_argument("--max_epochs", type=int, default=None,
+                   help="epochs (default: the paper's, 300 for MVTec-AD/VisA and 100 for Real-IAD/COCO-AD)")
     o.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimiser steps (-1: no limit)")
     o.add_argument("--batch_size", type=int, default=12, help="images per device and step")
     o.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate")
@@ -67,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--num_workers", type=int, default=4, help="data loader processes per device")
     s = p.add_argument_group("saving and logging")
     s.add_argument("--save_every_n_epochs", type=int, default=10, help="keep a checkpoint every N epochs")
-    s.add_argument("--save_every_n_steps", type=int, default=None, help="save by optimiser steps instead of epochs (default: by epochs)")
+    s.add_argument("--save_every_n_steps", type=int, default=None,
+                   help="save by optimiser steps instead of epochs (default: by epochs)")
     s.add_argument("--log_every_n_steps", type=int, default=10, help="optimiser steps between logged rows")
     s.add_argument("--no_progress_bar", action="store_true", help="no progress bar (log files, batch jobs)")
     add_config_args(p, default=None)

@@ -112,7 +112,8 @@ def apply_run_file(p: argparse.ArgumentParser, path: Path) -> None:
     for key, value in read_yaml(path).items():
         action = by_name.get(str(key))
         if action is None:
-            raise UserError(f"{path}: unknown key '{key}': not a flag of {p.prog} (valid keys: {', '.join(sorted(by_name))})")
+            raise UserError(f"{path}: unknown key '{key}': not a flag of {p.prog} "
+                            f"(valid keys: {', '.join(sorted(by_name))})")
         defaults[action.dest] = _flag_value(action, value, f"{path}: key '{key}'")
         action.required = False
     p.set_defaults(**defaults)

@@ -32,8 +32,10 @@ def add_caption_args(p: argparse.ArgumentParser) -> None:
                    help="folder of caption files (default: {dataset}_captions_{vlm}_{prompt_type} beside the dataset root)")
     p.add_argument("--caption_model", default="_internvl",
                    help="suffix of COCO caption files: annotations/captions_{train,val}2017{suffix}.json")
-    p.add_argument("--vlm_model", default="internvl", help="the captioner's --vlm_model (internvl, blip, deepseekvl, template, a model id); names the caption files")
-    p.add_argument("--prompt_type", default="pd", choices=("pd", "pa"), help="caption prompt: pd (describe) or pa (defect)")
+    p.add_argument("--vlm_model", default="internvl",
+                   help="the captioner's --vlm_model (internvl, blip, deepseekvl, template, a model id); names the caption files")
+    p.add_argument("--prompt_type", default="pd", choices=("pd", "pa"),
+                   help="caption prompt: pd (describe) or pa (defect)")
 
 
 def coco_part(args: argparse.Namespace) -> int | None:
@@ -70,7 +72,8 @@ def load_split_captions(args: argparse.Namespace, split: str) -> dict[str, str] 
 
 def add_config_args(p: argparse.ArgumentParser, default: str | None = "sd15") -> None:
     p.add_argument("--config", default=default,
-                   help="model preset (sd15, mid, tiny, demo) or a YAML file" + ("" if default else " (default: the checkpoint's own)"))
+                   help="model preset (sd15, mid, tiny, demo) or a YAML file"
+                        + ("" if default else " (default: the checkpoint's own)"))
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotlist overrides of the model config, e.g. unet.use_checkpoint=true")
 
@@ -103,4 +106,5 @@ def lightning_precision(value: str) -> str:
 
 def short_precision(value: str) -> str:
     """test.py's --precision: 32, bf16 or 16 (32-true, bf16-mixed and 16-mixed mean the same)."""
-    return {lightning: short for short, lightning in SHORT_PRECISIONS.items()}.get(value, "32" if value == "32-true" else value)
+    to_short = {lightning: short for short, lightning in SHORT_PRECISIONS.items()} | {"32-true": "32"}
+    return to_short.get(value, value)

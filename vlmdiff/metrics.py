@@ -487,10 +487,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", "--metrics_protocol", choices=PROTOCOLS, default="official",
                    help="official (scikit-learn, MVTec AU-PRO), legacy (upstream's metric code) or both")
     p.add_argument("--image_pooling", choices=scoring.POOLINGS, default="paper",
-                   help="image score: paper = max after 8 x avgpool 8; ader = max after avgpool 16; max = the map's maximum")
+                   help="image score: paper = max after 8 x avgpool 8; ader = max after avgpool 16; "
+                        "max = the map's maximum")
     p.add_argument("--mask_threshold", type=float, default=0.0,
                    help="ground truth = mask > this fraction of full scale (255 for uint8, 1 otherwise)")
-    p.add_argument("--output", help="write the metrics (fractions, NaN as null) to this JSON file (default: print only)")
+    p.add_argument("--output",
+                   help="write the metrics (fractions, NaN as null) to this JSON file (default: print only)")
     return p
 
 
