@@ -23,7 +23,7 @@ import torch
 from ldm.checkpoint import drop_ema, load_checkpoint, load_state_dict, save_checkpoint, use_ema_weights
 from ldm.config import to_dict
 from ldm.diffusion.schedule import register_schedule
-from utils.cli import run_main, setup_logging
+from utils.cli import HelpFormatter, add_run_file_args, parse_with_run_file, print_config, run_main, setup_logging
 from utils.errors import UserError
 from utils.provenance import provenance
 from ldm.models.autoencoder import autoencoder_state_dict
@@ -36,8 +36,8 @@ from vlmdiff.sg_network import fresh_new_layers
 log = logging.getLogger("build_model")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--sd_path", default="models/v1-5-pruned.ckpt", help="Stable Diffusion 1.x weights (file or diffusers folder)")
     p.add_argument("--ae_path", default=None, help="finetuned autoencoder checkpoint (default: models/{data_set}_ae.ckpt)")
     p.add_argument("--data_set", default="mvtec", choices=DATASETS, help="names the default --ae_path")
@@ -47,8 +47,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="allow arbitrary pickles in the input checkpoints (only for files you trust)")
     p.add_argument("--seed", type=int, default=1, help="seed of the fresh initialisation of the new layers")
     add_config_args(p)
-    p.add_argument("-v", "--verbose", action="store_true")
-    return p.parse_args(argv)
+    add_run_file_args(p)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return parse_with_run_file(build_parser(), argv)
 
 
 def read_sd(path: Path, cfg: VLMDiffConfig, use_ema: bool, unsafe: bool) -> dict[str, torch.Tensor]:
@@ -105,8 +110,11 @@ def build(args: argparse.Namespace) -> Path:
     return output
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
+def main(argv: Sequence[str] | None = None) -> Path | None:
     args = parse_args(argv)
+    if args.print_config:
+        print_config(args, model=to_dict(load_model_config(args.config, args.overrides)))
+        return None
     setup_logging(args.verbose)
     return build(args)
 

@@ -40,16 +40,17 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from utils.cli import run_main, setup_logging
+from utils.cli import HelpFormatter, add_run_file_args, parse_with_run_file, print_config, run_main, setup_logging
 from utils.errors import UserError
 from vlmdiff.distributed import detect_ranks
 
 logger = logging.getLogger("captioner")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_set", required=True, choices=["mvtec", "visa", "realiad", "real_iad", "coco"])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--data_set", required=True, choices=["mvtec", "visa", "realiad", "real_iad", "coco"],
+                   help="dataset layout (real_iad is accepted for realiad)")
     p.add_argument("--data_path", required=True, help="dataset root")
     p.add_argument("--coco_part", type=int, default=-1, choices=[-1, 0, 1, 2, 3],
                    help="COCO-AD part whose images to caption (-1: every meta_20_*.json present)")
@@ -57,24 +58,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="internvl, blip, deepseekvl, llava, template, or a local model folder / hub id")
     p.add_argument("--prompt_type", default="pd", choices=["pd", "pa"], help="pd: describe; pa: defect inspector")
     p.add_argument("--start_ind", type=int, default=0, help="first image of this shard (sorted list)")
-    p.add_argument("--end_ind", type=int, default=None, help="end of this shard, exclusive (default/-1: to the end)")
-    p.add_argument("--caption_folder", default=None, help="output folder (upstream's name for it; same as --output)")
+    p.add_argument("--end_ind", type=int, default=None,
+                   help="end of this shard, exclusive; -1 also means the end (default: the end)")
+    p.add_argument("--caption_folder", default=None,
+                   help="output folder (upstream's name for it; same as --output; default: as --output)")
     p.add_argument("--output", default=None, help="output folder (default: {dataset}_captions_{vlm}_{prompt_type} "
                                                   "beside the dataset root)")
     p.add_argument("--backend", default=None, choices=["hf", "internvl", "blip", "deepseekvl", "template"],
-                   help="default: the paper's backend for internvl/blip/deepseekvl, template for --vlm_model "
-                        "template, else hf")
+                   help="caption backend (default: the paper's backend for internvl/blip/deepseekvl, template for "
+                        "--vlm_model template, else hf)")
     p.add_argument("--vlm_name", default=None, help="short model token in file names (default: from --vlm_model)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
+                   help="dtype of the VLM (auto: float32 on CPU, bfloat16 on GPUs that have it, else float16)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--batch_size", type=int, default=1, help="images per VLM call")
     p.add_argument("--max_new_tokens", type=int, default=None,
-                   help="default: internvl 1024, blip 30, deepseekvl 512, llava 256, other models 1024")
-    p.add_argument("--split", default="both", choices=["train", "test", "both"])
+                   help="longest caption in tokens (default: internvl 1024, blip 30, deepseekvl 512, llava 256, "
+                        "other models 1024)")
+    p.add_argument("--split", default="both", choices=["train", "test", "both"], help="which images to caption")
     p.add_argument("--merge", action="store_true", help="only merge the progress files into the upstream files")
     p.add_argument("--delay_per_image", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: slow down
-    p.add_argument("--verbose", action="store_true")
-    args = p.parse_args(argv)
+    add_run_file_args(p)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
+    args = parse_with_run_file(p, argv)
     if args.end_ind is not None and args.end_ind == -1:
         args.end_ind = None
     if args.batch_size < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
@@ -89,6 +100,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     from vlmdiff.vlm_backends import build_backend, default_backend
 
     args = parse_args(argv)
+    if args.print_config:
+        print_config(args)
+        return
     setup_logging(args.verbose)
     dataset = canonical_name(args.data_set)
     root = Path(args.data_path)

@@ -4,8 +4,8 @@ Starts from Stable Diffusion's kl-f8 autoencoder (``--resume_path``: the origina
 ``model.ckpt``, an SD-1.5 ``.ckpt``/``.safetensors`` whose ``first_stage_model.*`` is taken, a plain
 autoencoder state dict, or a finetuned first-stage checkpoint; ``none`` = random initialisation) and
 trains it with upstream's loss: L1 + LPIPS reconstruction NLL, KL (weight 1e-6) and, from generator
-step ``disc_start`` (50001) on, a PatchGAN hinge loss with adaptive weight x 0.5 (DESIGN.md
-section 3). Adam betas (0.5, 0.9), lr = base_lr (4.5e-5) x batch size (1), gradient accumulation 8.
+step ``disc_start`` (50001) on, a PatchGAN hinge loss with adaptive weight x 0.5.
+Adam betas (0.5, 0.9), lr = base_lr (4.5e-5) x batch size (1), gradient accumulation 8.
 The images are ImageNet-normalised, as upstream feeds them. Training hyper-parameters come from
 ``configs/autoencoder.yaml`` (``--train_config``); flags override them. The default budget is that
 file's ``max_steps: 5000`` generator updates (40,000 images at batch 1 x accumulation 8); giving only
@@ -38,7 +38,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from utils.cli import run_main, setup_logging
+from utils.cli import HelpFormatter, add_run_file_args, parse_with_run_file, print_config, run_main, setup_logging
 from utils.errors import UserError
 
 logger = logging.getLogger("finetune_autoencoder")
@@ -47,32 +47,42 @@ DEFAULT_RESUME_PATH = "models/autoencoders.ckpt"  # upstream's name for kl-f8's 
 KL_F8_URL = "https://ommer-lab.com/files/latent-diffusion/kl-f8.zip"
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_set", required=True, choices=["mvtec", "visa", "realiad", "real_iad", "coco", "folder"])
+def build_parser() -> argparse.ArgumentParser:
+    from vlmdiff.cli import lightning_precision
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--data_set", required=True, choices=["mvtec", "visa", "realiad", "real_iad", "coco", "folder"],
+                   help="dataset layout (real_iad is accepted for realiad; folder = any folder of images)")
     p.add_argument("--data_path", required=True, help="dataset root")
-    p.add_argument("--coco_part", type=int, default=-1, choices=[-1, 0, 1, 2, 3], help="COCO-AD part (0..3) to train on")
+    p.add_argument("--coco_part", type=int, default=-1, choices=[-1, 0, 1, 2, 3],
+                   help="COCO-AD part (0..3) to train on; -1: none")
     p.add_argument("--classes", nargs="+", default=None, help="only these classes (default: all)")
-    p.add_argument("--config", default="sd15", help="model preset (sd15, mid, tiny) or YAML whose autoencoder: "
+    p.add_argument("--config", default="sd15", help="model preset (sd15, mid, tiny, demo) or YAML whose autoencoder: "
                                                     "section is trained")
-    p.add_argument("--train_config", default="autoencoder", help="finetuning hyper-parameters: preset in configs/ "
-                                                                 "or YAML (default configs/autoencoder.yaml)")
+    p.add_argument("--train_config", default="autoencoder", help="finetuning hyper-parameters: a preset in configs/ "
+                                                                 "(autoencoder = configs/autoencoder.yaml) or a YAML file")
     p.add_argument("--resume_path", default=DEFAULT_RESUME_PATH,
-                   help=f"starting weights (default {DEFAULT_RESUME_PATH}: kl-f8 model.ckpt from {KL_F8_URL}); "
-                        "'none' = random initialisation")
+                   help=f"starting weights (kl-f8 model.ckpt from {KL_F8_URL}); 'none' = random initialisation")
     p.add_argument("--unsafe_legacy_pickle", action="store_true", help="allow arbitrary pickles (trusted files only)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in the run folder")
-    p.add_argument("--batch_size", type=int, default=None, help="per device (config default 1)")
-    p.add_argument("--accumulate_grad_batches", type=int, default=None, help="config default 8")
-    p.add_argument("--base_lr", type=float, default=None, help="lr = base_lr x batch size (config default 4.5e-5)")
-    p.add_argument("--max_steps", type=int, default=None, help="generator updates (config default 5000; -1: no limit)")
+    p.add_argument("--batch_size", type=int, default=None, help="per device (default: the finetuning config's, 1)")
+    p.add_argument("--accumulate_grad_batches", type=int, default=None,
+                   help="batches per generator update (default: the finetuning config's, 8)")
+    p.add_argument("--base_lr", type=float, default=None,
+                   help="lr = base_lr x batch size (default: the finetuning config's, 4.5e-5)")
+    p.add_argument("--max_steps", type=int, default=None,
+                   help="generator updates; -1: no limit (default: the finetuning config's, 5000)")
     p.add_argument("--max_epochs", type=int, default=None, help="epochs (-1: no limit); given alone, it replaces "
-                                                                "the step budget")
-    p.add_argument("--disc_start", type=int, default=None, help="generator step the GAN loss starts at (50001)")
-    p.add_argument("--kl_weight", type=float, default=None, help="config default 1e-6")
-    p.add_argument("--disc_weight", type=float, default=None, help="config default 0.5")
-    p.add_argument("--perceptual_weight", type=float, default=None, help="LPIPS weight (1.0); 0 = no LPIPS")
-    p.add_argument("--vgg_weights", default=None, help="torchvision vgg16-397923af.pth (default "
+                                                                "the step budget (default: the finetuning config's, -1)")
+    p.add_argument("--disc_start", type=int, default=None,
+                   help="generator step the GAN loss starts at (default: the finetuning config's, 50001)")
+    p.add_argument("--kl_weight", type=float, default=None,
+                   help="KL loss weight (default: the finetuning config's, 1e-6)")
+    p.add_argument("--disc_weight", type=float, default=None,
+                   help="GAN loss weight (default: the finetuning config's, 0.5)")
+    p.add_argument("--perceptual_weight", type=float, default=None,
+                   help="LPIPS weight; 0 = no LPIPS (default: the finetuning config's, 1.0)")
+    p.add_argument("--vgg_weights", default=None, help="torchvision vgg16-397923af.pth (default: "
                                                        "models/vgg16-397923af.pth)")
     p.add_argument("--lpips_weights", default=None, help="LPIPS v0.1 VGG linear layers (default: from the lpips "
                                                          "package)")
@@ -82,16 +92,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                                                        "generator steps (0: epoch ends only)")
     p.add_argument("--log_every_n_steps", type=int, default=50, help="batches between metric log rows")
     p.add_argument("--keep_checkpoints", action="store_true", help="also keep checkpoints/step=N.ckpt at each save")
-    p.add_argument("--output_dir", default=None, help="run folder")
-    p.add_argument("--exp_name", default=None, help="appended to the default run folder name")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--output_dir", default=None,
+                   help="run folder (default: runs/autoencoder_{dataset}[_part{p}][_{exp_name}])")
+    p.add_argument("--exp_name", default=None, help="appended to the default run folder name (default: nothing)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the run (data order, initialisation)")
     p.add_argument("--accelerator", default="auto", help="auto, cpu, gpu, ...")
     p.add_argument("--devices", default="1", help="number of devices, a list like 0,1, or auto")
-    p.add_argument("--precision", default="32", help="32, bf16-mixed, 16-mixed, ...")
-    p.add_argument("--num_workers", type=int, default=8)
-    p.add_argument("--no_progress_bar", action="store_true")
-    p.add_argument("--verbose", action="store_true")
-    args = p.parse_args(argv)
+    p.add_argument("--precision", default="32", type=lightning_precision,
+                   help="Lightning precision: 32, bf16-mixed, 16-mixed, ... (bf16 and 16 mean bf16-mixed and 16-mixed)")
+    p.add_argument("--num_workers", type=int, default=8, help="data loader processes (at most the CPU count)")
+    p.add_argument("--no_progress_bar", action="store_true", help="no progress bar (log files, batch jobs)")
+    add_run_file_args(p)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
+    args = parse_with_run_file(p, argv)
     for name in ("batch_size", "accumulate_grad_batches", "image_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
@@ -149,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from torch.utils.data import DataLoader
 
     from ldm.checkpoint import save_checkpoint
-    from ldm.config import LatentDiffusionConfig, load_config
+    from ldm.config import LatentDiffusionConfig, load_config, to_dict
     from ldm.models.autoencoder import AtomicCheckpointIO, AutoencoderTraining, ReconstructionImages, StepCheckpoint
     from utils.io import write_text
     from utils.provenance import provenance
@@ -167,6 +185,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if image_size % factor:
         raise UserError(f"--image_size {image_size} is not a multiple of the autoencoder's down-sampling factor {factor}")
     train_cfg = train_config_from_args(args)
+    if args.print_config:
+        print_config(args, autoencoder=to_dict(ae_cfg), finetune=to_dict(train_cfg), image_size=image_size)
+        return
     folder = run_folder(args, dataset)
     last = folder / "checkpoints" / "last.ckpt"
     if args.resume and not last.is_file():

@@ -24,51 +24,60 @@ from typing import Any, Sequence
 import torch
 
 from ldm.config import to_dict
-from utils.cli import run_main, setup_logging
+from utils.cli import HelpFormatter, add_run_file_args, parse_with_run_file, print_config, run_main, setup_logging
 from utils.errors import UserError
 from utils.io import read_json
 from utils.provenance import provenance
 from vlmdiff import distributed
-from vlmdiff.cli import add_caption_args, add_config_args, add_data_args, canonical_dataset, coco_part, load_split_captions
+from vlmdiff.cli import (add_caption_args, add_config_args, add_data_args, canonical_dataset, coco_part, load_split_captions,
+                         model_config_to_print, short_precision)
 from vlmdiff.map_store import MapStore
 from vlmdiff.reconstruction import ReconstructionSettings
 
 log = logging.getLogger("test")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_data_args(p, folder=True)
     add_caption_args(p)
     p.add_argument("--test_captions", action="store_true",
                    help="with --use_captions, also guide MVTec/VisA/Real-IAD test images by their captions "
                         "(the paper uses \"\" there; COCO-AD always uses its captions)")
     r = p.add_argument_group("model and reconstruction")
-    r.add_argument("--resume_path", required=False, help="the trained VLMDiff checkpoint to test")
+    r.add_argument("--resume_path", default=None,
+                   help="the trained VLMDiff checkpoint to test (default: none; needed unless --run_eval_only)")
     r.add_argument("--unsafe_legacy_pickle", action="store_true", help="allow arbitrary pickles (trusted files only)")
-    r.add_argument("--ddim_steps", type=int, default=10)
+    r.add_argument("--ddim_steps", type=int, default=10, help="DDIM steps (10: timesteps 901, 801, ..., 1)")
     r.add_argument("--noise_t", type=int, default=999, help="noise level of the input latent (DDIM steps <= it are run)")
-    r.add_argument("--guidance_scale", type=float, default=9.0)
+    r.add_argument("--guidance_scale", type=float, default=9.0,
+                   help="classifier-free guidance scale (one pass when the caption is empty)")
     r.add_argument("--seed", type=int, default=1, help="seeds each image's noise together with its id")
-    r.add_argument("--batch_size", type=int, default=8)
-    r.add_argument("--num_workers", type=int, default=4)
+    r.add_argument("--batch_size", type=int, default=8, help="images per forward pass")
+    r.add_argument("--num_workers", type=int, default=4, help="data loader processes")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    r.add_argument("--precision", default="32", choices=("32", "bf16", "16"),
-                   help="32 is faithful; bf16 autocast roughly doubles GPU throughput (maps within ~1e-2)")
+    r.add_argument("--precision", default="32", type=short_precision, choices=("32", "bf16", "16"),
+                   help="32 is faithful; bf16 autocast roughly doubles GPU throughput (maps within ~1e-2); "
+                        "bf16-mixed, 16-mixed and 32-true are accepted for bf16, 16 and 32")
     f = p.add_argument_group("anomaly maps")
-    f.add_argument("--feature_extractor", default=None, help="resnet50 (default), dino_v1s8, ..., efficientnet_lite0")
+    f.add_argument("--feature_extractor", default=None,
+                   help="resnet50, dino_v1s8, ..., efficientnet_lite0 (default: resnet50, or DINO with --use_dino)")
     f.add_argument("--use_dino", action="store_true", help="upstream's spelling: DINO features (with --dino_version)")
-    f.add_argument("--dino_version", default=None, choices=("v1s8", "v1s16", "v1b8", "v1b16", "v2s14", "v1r50"))
+    f.add_argument("--dino_version", default=None, choices=("v1s8", "v1s16", "v1b8", "v1b16", "v2s14", "v1r50"),
+                   help="DINO backbone for --use_dino (default: v1s8)")
     f.add_argument("--feature_weights", default=None, help="weights of the feature extractor (default: models/features/...)")
     f.add_argument("--feature_input_size", type=int, default=None,
                    help="resize images to this square size before the feature extractor (default: the extractor's "
                         "own, 224 for DINOv2, else the model's image size); the maps keep the image size")
     f.add_argument("--sigma", type=float, default=5.0, help="Gaussian smoothing of the maps")
     f.add_argument("--image_pooling", default="paper", choices=("paper", "ader", "max"),
-                   help="image score: paper = max after 8 x avgpool 8; ader = max after avgpool 16")
+                   help="image score: paper = max after 8 x avgpool 8; ader = max after avgpool 16; "
+                        "max = the map's maximum")
     f.add_argument("--map_dtype", default="float32", choices=("float32", "float16"), help="storage of the maps")
     e = p.add_argument_group("evaluation and output")
-    e.add_argument("--metrics_protocol", default="official", choices=("official", "legacy", "both"))
+    e.add_argument("--metrics_protocol", "--protocol", default="official", choices=("official", "legacy", "both"),
+                   help="official (scikit-learn, MVTec AU-PRO), legacy (upstream's metric code, the paper's table) "
+                        "or both")
     e.add_argument("--mask_threshold", type=float, default=0.0, help="ground truth = mask > this fraction of full scale")
     e.add_argument("--exp_name", default=None, help="run name (default: vlmdiff_{data_set})")
     e.add_argument("--output_dir", default=None, help="default: results/{exp_name}")
@@ -76,10 +85,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     e.add_argument("--start_ind", type=int, default=0, help="first test image (sorted by id) of this shard")
     e.add_argument("--end_ind", type=int, default=-1, help="end (exclusive) of this shard; -1: the end")
     e.add_argument("--run_eval_only", action="store_true", help="only merge stored maps and compute the metrics")
-    e.add_argument("--no_progress_bar", action="store_true")
+    e.add_argument("--no_progress_bar", action="store_true", help="no progress bar (log files, batch jobs)")
     add_config_args(p, default=None)
-    p.add_argument("-v", "--verbose", action="store_true")
-    return p.parse_args(argv)
+    add_run_file_args(p)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return parse_with_run_file(build_parser(), argv)
 
 
 def _device(name: str, local_rank: int) -> torch.device:
@@ -92,6 +106,9 @@ def _device(name: str, local_rank: int) -> torch.device:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     args = parse_args(argv)
+    if args.print_config:
+        print_config(args, model=model_config_to_print(args, args.resume_path))
+        return None
     setup_logging(args.verbose)
     from vlmdiff.testing import check_coverage, evaluate_run, write_scores
 

@@ -22,53 +22,67 @@ from typing import Sequence
 import lightning.pytorch as pl
 
 from ldm.config import to_dict
-from utils.cli import run_main, setup_logging
+from utils.cli import HelpFormatter, add_run_file_args, parse_with_run_file, print_config, run_main, setup_logging
 from utils.errors import UserError
 from utils.provenance import provenance
 from vlmdiff.checkpoint import load_vlmdiff
-from vlmdiff.cli import PAPER_EPOCHS, add_caption_args, add_config_args, add_data_args, canonical_dataset, coco_part, load_split_captions
+from vlmdiff.cli import (PAPER_EPOCHS, add_caption_args, add_config_args, add_data_args, canonical_dataset, coco_part,
+                         lightning_precision, load_split_captions, model_config_to_print)
 from vlmdiff.training import PRECISIONS, PerRankSeed, SaveProvenance, checkpoint_callback, last_checkpoint, make_trainer, train_loader
 
 log = logging.getLogger("train")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_data_args(p)
     add_caption_args(p)
     g = p.add_argument_group("run")
-    g.add_argument("--resume_path", default=None, help="starting weights: an assembled or trained VLMDiff checkpoint")
+    g.add_argument("--resume_path", default=None,
+                   help="starting weights: an assembled or trained VLMDiff checkpoint "
+                        "(default: none; needed unless --resume)")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in ckpt_{exp_name}/ from last.ckpt (weights, optimiser, epoch, step)")
-    g.add_argument("--exp_name", default=None, help="run name (default: vlmdiff_{data_set}); checkpoints in ckpt_{exp_name}/")
+    g.add_argument("--exp_name", default=None,
+                   help="run name (default: vlmdiff_{data_set}); checkpoints in ckpt_{exp_name}/")
     g.add_argument("--output_root", default=".", help="folder that holds ckpt_{exp_name}/")
-    g.add_argument("--seed", type=int, default=1)
-    g.add_argument("--unsafe_legacy_pickle", action="store_true", help="allow arbitrary pickles in --resume_path (trusted files only)")
+    g.add_argument("--seed", type=int, default=1, help="global seed; each rank derives its own from it")
+    g.add_argument("--unsafe_legacy_pickle", action="store_true",
+                   help="allow arbitrary pickles in --resume_path (trusted files only)")
     o = p.add_argument_group("optimisation")
-    o.add_argument("--max_epochs", type=int, default=None, help="default: the paper's (300 MVTec-AD/VisA, 100 Real-IAD/COCO-AD)")
+    o.add_argument("--max_epochs", type=int, default=None,
+                   help="epochs (default: the paper's, 300 for MVTec-AD/VisA and 100 for Real-IAD/COCO-AD)")
     o.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimiser steps (-1: no limit)")
     o.add_argument("--batch_size", type=int, default=12, help="images per device and step")
-    o.add_argument("--lr", type=float, default=1e-5)
-    o.add_argument("--weight_decay", type=float, default=0.01)
-    o.add_argument("--accumulate_grad_batches", type=int, default=4)
+    o.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate")
+    o.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
+    o.add_argument("--accumulate_grad_batches", type=int, default=4, help="batches per optimiser step")
     o.add_argument("--fused_adamw", action="store_true", help="fused AdamW kernel (GPU)")
     o.add_argument("--gradient_checkpointing", action="store_true",
                    help="recompute activations in the backward pass (less memory, ~30%% slower)")
     h = p.add_argument_group("hardware")
     h.add_argument("--accelerator", default="auto", help="cpu, gpu, auto")
     h.add_argument("--devices", default="auto", help="number of devices, a list, or auto")
-    h.add_argument("--num_nodes", type=int, default=1)
+    h.add_argument("--num_nodes", type=int, default=1, help="machines taking part")
     h.add_argument("--strategy", default="auto", help="auto, ddp, ddp_find_unused_parameters_true, ...")
-    h.add_argument("--precision", default="32", choices=PRECISIONS, help="32 is faithful; bf16-mixed is recommended on GPUs that have it")
-    h.add_argument("--num_workers", type=int, default=4)
+    h.add_argument("--precision", default="32", type=lightning_precision, choices=PRECISIONS,
+                   help="32 is faithful; bf16-mixed is recommended on GPUs that have it (bf16 and 16 are accepted "
+                        "for bf16-mixed and 16-mixed)")
+    h.add_argument("--num_workers", type=int, default=4, help="data loader processes per device")
     s = p.add_argument_group("saving and logging")
-    s.add_argument("--save_every_n_epochs", type=int, default=10)
-    s.add_argument("--save_every_n_steps", type=int, default=None, help="save by optimiser steps instead of epochs")
-    s.add_argument("--log_every_n_steps", type=int, default=10)
-    s.add_argument("--no_progress_bar", action="store_true")
+    s.add_argument("--save_every_n_epochs", type=int, default=10, help="keep a checkpoint every N epochs")
+    s.add_argument("--save_every_n_steps", type=int, default=None,
+                   help="save by optimiser steps instead of epochs (default: by epochs)")
+    s.add_argument("--log_every_n_steps", type=int, default=10, help="optimiser steps between logged rows")
+    s.add_argument("--no_progress_bar", action="store_true", help="no progress bar (log files, batch jobs)")
     add_config_args(p, default=None)
-    p.add_argument("-v", "--verbose", action="store_true")
-    args = p.parse_args(argv)
+    add_run_file_args(p)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    args = parse_with_run_file(build_parser(), argv)
     args.devices = _devices(args.devices)
     return args
 
@@ -84,8 +98,11 @@ def _devices(value: str) -> int | str | list[int]:
         raise UserError(f"--devices must be a number, a comma list or auto, got {value!r}") from None
 
 
-def main(argv: Sequence[str] | None = None) -> Path:
+def main(argv: Sequence[str] | None = None) -> Path | None:
     args = parse_args(argv)
+    if args.print_config:
+        print_config(args, model=model_config_to_print(args, args.resume_path))
+        return None
     setup_logging(args.verbose)
     dataset = canonical_dataset(args.data_set)
     if dataset == "coco" and args.coco_part < 0:

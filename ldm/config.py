@@ -1,24 +1,25 @@
-"""Typed configuration: dataclasses, YAML presets by name, dotted overrides, strict validation.
+"""Typed configuration: dataclasses as OmegaConf structured configs, YAML presets by name, dotlist overrides.
 
-A config file is YAML whose keys must match the dataclass fields exactly: an unknown key, a missing
-required key or a value of the wrong type fails at load time with the file and the key named. A file
-may start from another preset with ``base: NAME`` and override only what differs.
+The dataclasses below are the typed API the code uses (``cfg.unet.model_channels``). Reading a config
+merges, in order, onto ``OmegaConf.structured(cls)``: the YAML files of a preset's ``base:`` chain
+(``configs/tiny.yaml`` says ``base: sd15`` and overrides only what differs), then ``key=value`` dotlist
+overrides; ``OmegaConf.to_object`` gives the frozen dataclass back. An unknown key or a value of the
+wrong type fails at load time as one :class:`UserError` line naming the file (or the override) and the key.
 
     cfg = load_config("tiny", LatentDiffusionConfig, overrides=["unet.num_heads=2"])
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, Iterable, Mapping, Sequence, TypeVar
 
-import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from utils.errors import UserError
+from utils.io import read_yaml
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -117,79 +118,78 @@ class LatentDiffusionConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Building dataclasses from plain data, with validation.
+# Reading configs through OmegaConf.
 
 
-def from_dict(cls: type[T], data: Any, where: str = "config", key: str = "") -> T:
-    """Build dataclass ``cls`` from a mapping; unknown keys or wrong types raise :class:`UserError`.
+def build_config(cls: type[T], sources: Iterable[tuple[str, Any]], overrides: Sequence[str] = ()) -> T:
+    """Merge each ``(where, data)`` of ``sources`` onto ``cls``'s defaults, then the dotlist ``overrides``.
 
-    ``where`` names the file in messages and ``key`` the dotted path of this section in it.
+    ``data`` is a mapping (parsed YAML, a config dict stored in a checkpoint); ``where`` names it in
+    errors. Returns the frozen dataclass.
     """
-    section = key or "the top level"
-    if not isinstance(data, dict):
-        raise UserError(f"{where}: '{section}' must be a mapping of {cls.__name__} fields, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise UserError(f"{where}: unknown key '{_join(key, unknown[0])}' (valid keys in {section}: {', '.join(sorted(names))})")
-    kwargs = {k: _coerce(hints[k], v, where, _join(key, k)) for k, v in data.items()}
+    cfg = OmegaConf.structured(cls)
+    for where, data in sources:
+        cfg = _merge(cfg, data, where)
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"config override '{item}' must look like key.sub=value (e.g. unet.num_heads=4)")
+        key, value = item.split("=", 1)
+        cfg = _merge(cfg, OmegaConf.from_dotlist([f"{key.strip()}={value}"]), f"config override '{item}'")
+    return OmegaConf.to_object(cfg)
+
+
+def _merge(cfg: DictConfig, data: Any, where: str) -> DictConfig:
+    if not isinstance(data, (Mapping, DictConfig)):
+        raise UserError(f"{where}: expected a mapping of config keys, got {data!r}")
     try:
-        return cls(**kwargs)
-    except TypeError as e:  # a required field is missing
-        raise UserError(f"{where}: {section}: {e}") from e
+        return OmegaConf.merge(cfg, data)
+    except OmegaConfBaseException as e:
+        if e.full_key is None:  # OmegaConf does not always say where: merge the entries one by one to find it
+            for key, value in _leaves(data):
+                try:
+                    OmegaConf.merge(cfg, _nested(key, value))
+                except OmegaConfBaseException as leaf_error:
+                    raise _user_error(leaf_error, where, key) from None
+        raise _user_error(e, where, e.full_key) from None
 
 
-def _join(key: str, name: str) -> str:
-    return f"{key}.{name}" if key else name
+def _leaves(data: Any, prefix: str = "") -> Iterable[tuple[str, Any]]:
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, (Mapping, DictConfig)) and v:
+            yield from _leaves(v, key + ".")
+        else:
+            yield key, v
 
 
-def _coerce(tp: Any, value: Any, where: str, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where, key)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(a, value, where, key)
-            except UserError as e:
-                errors.append(str(e))
-        raise UserError(errors[0] if errors else f"{where}: {key}: invalid value {value!r}")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"{where}: {key}: expected a list, got {value!r}")
-        (item, *_rest) = typing.get_args(tp)
-        return tuple(_coerce(item, v, where, f"{key}[{i}]") for i, v in enumerate(value))
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{where}: {key}: expected a number, got {value!r}")
-        return float(value)
-    if tp in (int, bool, str):
-        if type(value) is not tp:
-            raise UserError(f"{where}: {key}: expected {tp.__name__}, got {value!r}")
-        return value
-    if tp is Any:
-        return value
-    raise TypeError(f"unsupported config field type {tp} at {key}")
+def _nested(key: str, value: Any) -> dict:
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def _user_error(e: OmegaConfBaseException, where: str, key: str | None) -> UserError:
+    """One line: where, the key, and OmegaConf's reason (without its multi-line context)."""
+    reason = str(e).splitlines()[0].replace("Value '$VALUE' of type '$VALUE_TYPE'", "an item")
+    if isinstance(e, ConfigKeyError):
+        return UserError(f"{where}: unknown key '{key}' ({reason})")
+    return UserError(f"{where}: key '{key}': {reason}" if key else f"{where}: {reason}")
+
+
+def from_dict(cls: type[T], data: Any, where: str = "config", overrides: Sequence[str] = ()) -> T:
+    """Build dataclass ``cls`` from plain data (a stored config dict), with validation and ``overrides``."""
+    return build_config(cls, [(where, data)], overrides)
 
 
 def to_dict(cfg: Any) -> dict:
     """A dataclass config as plain YAML/JSON-friendly data (tuples become lists)."""
 
-    def plain(v: Any) -> Any:
-        if dataclasses.is_dataclass(v):
-            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        return v
+    def plain(v: Any) -> Any:  # OmegaConf keeps tuple fields as tuples
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
 
-    return plain(cfg)
+    return plain(OmegaConf.to_container(OmegaConf.structured(cfg)))
 
 
 def preset_path(name: str) -> Path:
@@ -208,67 +208,36 @@ def preset_path(name: str) -> Path:
 
 def _is_model_preset(path: Path) -> bool:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
+        data = OmegaConf.load(path)
+    except Exception:  # noqa: BLE001 - any unreadable file is simply not listed
         return False
-    return isinstance(data, dict) and ("base" in data or "unet" in data)
+    return isinstance(data, DictConfig) and ("base" in data or "unet" in data)
 
 
-def load_raw(name: str, _seen: tuple[str, ...] = ()) -> dict:
-    """Read a preset/YAML file into plain data, resolving ``base:`` chains (deep merge)."""
+def preset_chain(name: str) -> list[tuple[str, dict]]:
+    """``(file, data)`` of a preset and its ``base:`` ancestors (preset names or YAML paths), farthest first."""
+    chain: list[tuple[str, dict]] = []
     path = preset_path(name)
-    if str(path) in _seen:
-        raise UserError(f"{path}: circular 'base:' chain")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: not valid YAML ({e})") from e
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a mapping at the top level")
-    base = data.pop("base", None)
-    if base is None:
-        return data
-    return deep_merge(load_raw(base, _seen + (str(path),)), data)
-
-
-def deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
-    """Apply ``a.b.c=value`` strings (value parsed as YAML) to plain config data."""
-    data = dict(data)
-    for item in overrides:
-        if "=" not in item:
-            raise UserError(f"config override '{item}' must look like key.sub=value")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as e:
-            raise UserError(f"config override '{item}': cannot parse value ({e})") from e
-        node = data
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            child = node.get(p, {})
-            if not isinstance(child, dict):
-                raise UserError(f"config override '{item}': '{p}' is not a section")
-            node[p] = dict(child)
-            node = node[p]
-        node[parts[-1]] = value
-    return data
+    while True:
+        if any(path.resolve() == Path(where).resolve() for where, _ in chain):
+            raise UserError(f"{path}: circular 'base:' chain")
+        data = read_yaml(path)
+        base = data.pop("base", None)
+        chain.append((str(path), data))
+        if base is None:
+            return chain[::-1]
+        beside = path.parent / str(base)  # a base file path is relative to the file that names it
+        path = preset_path(str(beside) if beside.suffix in (".yaml", ".yml") and beside.is_file() else str(base))
 
 
 def load_config(name: str, cls: type[T], overrides: Sequence[str] = (), only_own_sections: bool = False) -> T:
-    """Load preset/YAML ``name`` (with ``base:`` chains and dotted overrides) as dataclass ``cls``.
+    """Load preset/YAML ``name`` (with its ``base:`` chain and dotlist overrides) as dataclass ``cls``.
 
     ``only_own_sections`` keeps just the top-level keys that ``cls`` has, so the generic
     :class:`LatentDiffusionConfig` can be read from a preset that also configures a model built on it.
     """
-    data = apply_overrides(load_raw(name), overrides)
+    chain = preset_chain(name)
     if only_own_sections:
-        own = {f.name for f in dataclasses.fields(cls)}
-        data = {k: v for k, v in data.items() if k in own}
-    return from_dict(cls, data, str(preset_path(name)))
+        own = set(cls.__dataclass_fields__)
+        chain = [(where, {k: v for k, v in data.items() if k in own}) for where, data in chain]
+    return build_config(cls, chain, overrides)

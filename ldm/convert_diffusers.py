@@ -1,4 +1,4 @@
-"""Stable Diffusion folders in diffusers layout -> CompVis state-dict names (DESIGN.md sections 8, 10).
+"""Stable Diffusion folders in diffusers layout -> CompVis state-dict names.
 
 A diffusers folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ...) holds the same
 tensors as ``v1-5-pruned.ckpt`` under other names. :func:`load_diffusers_folder` reads the three

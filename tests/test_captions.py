@@ -136,3 +136,18 @@ def test_jsonl_records_partial_last_line_and_bad_line(tmp_path: Path) -> None:
     (folder / "train_0_3.jsonl").write_text(text.replace('"mvtec"', '"visa"'))
     with pytest.raises(UserError, match="holds captions of dataset 'visa'"):
         load_captions(folder.parent, "train", "mvtec")
+
+
+def test_failed_lookup_names_the_files_it_looked_for(tmp_path: Path) -> None:
+    folder = tmp_path / "mvtec_captions_internvl_pd"
+    folder.mkdir()
+    with pytest.raises(UserError) as err:
+        load_captions(folder, "test", "mvtec", vlm="internvl")
+    for tried in (folder / "test_captions_mvtec_internvl*.json", folder / "*.jsonl", folder / "progress" / "*.jsonl"):
+        assert str(tried) in str(err.value)
+    with pytest.raises(UserError) as err:
+        load_captions(tmp_path, "train", "coco", caption_model="_blip")
+    for tried in (tmp_path / "annotations" / "captions_train2017_blip.json", tmp_path / "captions_train2017_blip.json"):
+        assert str(tried) in str(err.value)
+    with pytest.raises(UserError, match=f"caption file or folder {tmp_path / 'absent'} not found"):
+        load_captions(tmp_path / "absent", "train", "mvtec")

@@ -65,9 +65,20 @@ def test_the_readme_shows_every_stage_for_every_dataset():
     assert any(t == "utils/prepare_coco_ad.py" for t, _ in cmds)
 
 
+def readme_files() -> dict[str, str]:
+    """The example files the README shows as ```yaml blocks whose first line is ``# NAME``."""
+    blocks = re.findall(r"```yaml\n# (\S+)\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    return {name: body for name, body in blocks}
+
+
 @pytest.mark.parametrize("source,target,argv", commands(),
                          ids=[f"{s}: {t} {' '.join(a[:4])}" for s, t, a in commands()])
-def test_command_parses(source, target, argv, monkeypatch):
+def test_command_parses(source, target, argv, monkeypatch, tmp_path):
+    if "--config_file" in argv:  # the README's run file, written where the command expects it
+        name = argv[argv.index("--config_file") + 1]
+        assert name in readme_files(), f"{source}: the README does not show {name}"
+        (tmp_path / name).write_text(readme_files()[name])
+        monkeypatch.chdir(tmp_path)
     if target in MODULES:
         module = importlib.import_module(MODULES[target])
     else:

@@ -1,12 +1,24 @@
-"""Plumbing every script shares: logging set-up and turning bad input into one line and exit code 2."""
+"""Plumbing every script shares: logging set-up, bad input as one line and exit code 2, and the
+argument-parser pieces that read the same in every script (help with defaults, run files, --print_config).
+
+A run file (``--config_file run.yaml``) is a YAML mapping of a script's flag names (without ``--``) to
+values. Its values become the parser's defaults before the command line is parsed, so the command
+line wins; each value goes through the flag's own type and choices, as if typed on the command line.
+argparse has no hook for this, hence the small reader here.
+"""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
-from typing import Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import yaml
 
 from utils.errors import UserError
+from utils.io import read_yaml
 
 EXIT_BAD_INPUT = 2
 
@@ -51,3 +63,100 @@ def one_line(e: UserError) -> str:
     prefix = f"{type(e).__module__}.{type(e).__qualname__}: "
     original = [line[len(prefix):] for line in lines if line.startswith(prefix)]
     return original[-1] if original else " ".join(lines)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` keeps the description's line breaks and shows every flag's default.
+
+    A flag whose default is None (worked out at run time) says in its own help what it defaults to,
+    and a required flag has no default to show.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
+RUN_FILE_FLAGS = ("config_file", "print_config")
+
+
+def add_run_file_args(p: argparse.ArgumentParser) -> None:
+    """``--config_file`` and ``--print_config``; parse with :func:`parse_with_run_file`."""
+    g = p.add_argument_group("run file")
+    g.add_argument("--config_file", default=None, metavar="RUN_YAML",
+                   help="YAML mapping of this script's flag names (without --) to values, used as defaults; "
+                        "flags on the command line win (default: none)")
+    g.add_argument("--print_config", action="store_true",
+                   help="print the resolved configuration (flags and model config) as YAML and exit without doing work")
+
+
+def parse_with_run_file(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """``p.parse_args(argv)`` with the values of ``--config_file`` (if given) as the parser's defaults."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --config must not pass for --config_file
+    pre.add_argument("--config_file", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config_file:
+        apply_run_file(p, Path(known.config_file))
+    return p.parse_args(argv)
+
+
+def apply_run_file(p: argparse.ArgumentParser, path: Path) -> None:
+    """Set ``p``'s defaults from run file ``path``; an unknown flag or a bad value is one :class:`UserError`."""
+    by_name = {}
+    for action in p._actions:  # argparse keeps its actions only here
+        names = [o.lstrip("-") for o in action.option_strings if o.startswith("--")] or [action.dest]
+        if action.dest != "help" and action.dest not in RUN_FILE_FLAGS:
+            by_name.update({name: action for name in names})
+    defaults = {}
+    for key, value in read_yaml(path).items():
+        action = by_name.get(str(key))
+        if action is None:
+            raise UserError(f"{path}: unknown key '{key}': not a flag of {p.prog} "
+                            f"(valid keys: {', '.join(sorted(by_name))})")
+        defaults[action.dest] = _flag_value(action, value, f"{path}: key '{key}'")
+        action.required = False
+    p.set_defaults(**defaults)
+
+
+def _flag_value(action: argparse.Action, value: Any, where: str) -> Any:
+    """``value`` from a run file as the command line would give it: the flag's type and choices apply."""
+    if action.nargs == 0:  # store_true and the like
+        if not isinstance(value, bool):
+            raise UserError(f"{where}: expected true or false, got {value!r}")
+        return action.const if value else action.default
+    if value is None:
+        if action.default is not None:
+            raise UserError(f"{where}: null is not a value of this flag (default {action.default!r})")
+        return None
+    if action.nargs in ("*", "+") or isinstance(action.nargs, int):
+        if not isinstance(value, list):
+            raise UserError(f"{where}: expected a list, got {value!r}")
+        return [_scalar(action, v, where) for v in value]
+    return _scalar(action, value, where)
+
+
+def _scalar(action: argparse.Action, value: Any, where: str) -> Any:
+    if isinstance(value, (list, dict)):
+        raise UserError(f"{where}: expected a single value, got {value!r}")
+    text = str(value).lower() if isinstance(value, bool) else str(value)
+    try:
+        converted = action.type(text) if callable(action.type) else text
+    except (TypeError, ValueError, argparse.ArgumentTypeError, UserError) as e:
+        expected = {int: "an integer", float: "a number"}.get(action.type, f"a valid value ({e})")
+        raise UserError(f"{where}: expected {expected}, got {value!r}") from None
+    if action.choices is not None and converted not in action.choices:
+        raise UserError(f"{where}: {value!r} is not one of {', '.join(map(str, action.choices))}")
+    return converted
+
+
+def print_config(args: argparse.Namespace, **resolved: Any) -> None:
+    """``--print_config``: the run's flags and the resolved configs (plain data) as YAML on stdout."""
+    flags = {k: _plain(v) for k, v in vars(args).items() if k not in RUN_FILE_FLAGS}
+    sys.stdout.write(yaml.safe_dump({"flags": flags, **resolved}, sort_keys=False, default_flow_style=None))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value if value is None or isinstance(value, (bool, int, float, str)) else str(value)

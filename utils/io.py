@@ -77,3 +77,19 @@ def read_json(path: str | os.PathLike) -> Any:
             return json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from e
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    """Read a YAML file whose top level is a mapping (via OmegaConf, so ``1e-5`` is a number) as plain data."""
+    from omegaconf import DictConfig, OmegaConf
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        data = OmegaConf.load(path)
+        if isinstance(data, DictConfig):
+            return OmegaConf.to_container(data, resolve=True)  # ${...} interpolations resolved here
+    except Exception as e:  # noqa: BLE001 - YAML scanner/parser and interpolation errors share no public base class
+        raise UserError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from e
+    raise UserError(f"{path}: expected a mapping (key: value lines) at the top level")

@@ -7,7 +7,7 @@ and ``val2017/`` image folders. Output, in the same root, for each part p (defau
   ``{img_path, mask_path, cls_name: "coco", specie_name, anomaly}``;
 - ``val2017_mask_ad_20_{p}/{image stem}.png``: 0/255 masks of the anomalous test images.
 
-Rules (DESIGN.md section 6): the contiguous label index of a category is its position in sorted
+Rules: the contiguous label index of a category is its position in sorted
 category-id order; part p holds out indexes 20p..20p+19 as anomalies. Train = every train2017 image
 (annotated or not) with no instance of a held-out category. Test = every val2017 image with at least
 one annotation; it is anomalous iff a held-out category is present, and its mask is the union of all
@@ -35,7 +35,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import numpy as np
 
-from utils.cli import run_main, setup_logging
+from utils.cli import HelpFormatter, run_main, setup_logging
 from utils.errors import UserError
 from utils.io import write_bytes, write_json
 
@@ -129,12 +129,17 @@ def prepare(root: Path, parts: Sequence[int]) -> list[Path]:
     return written
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--coco_root", required=True, help="COCO 2017 root (annotations/, train2017/, val2017/)")
-    p.add_argument("--parts", type=int, nargs="+", default=[0, 1, 2, 3], choices=[0, 1, 2, 3])
-    p.add_argument("--verbose", action="store_true")
-    return p.parse_args(argv)
+    p.add_argument("--parts", type=int, nargs="+", default=[0, 1, 2, 3], choices=[0, 1, 2, 3],
+                   help="which of the four COCO-AD parts to write")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

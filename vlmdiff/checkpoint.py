@@ -1,6 +1,6 @@
 """Assembly of a starting VLMDiff checkpoint from Stable Diffusion 1.5 and a finetuned autoencoder.
 
-The rule (DESIGN.md section 8, ControlNet's): every ``control_model.X`` with a twin
+The rule (ControlNet's): every ``control_model.X`` with a twin
 ``model.diffusion_model.X`` starts from it; ``first_stage_model.*`` comes from the finetuned
 autoencoder; everything else SD has is copied; the rest (hint block, zero convolutions, SFF,
 ``logvar``) keeps its fresh initialisation. :func:`assemble_state_dict` is pure: it returns a new state
@@ -142,7 +142,7 @@ def config_difference(a: Mapping, b: Mapping) -> str | None:
 
 def resolve_checkpoint_config(ckpt: Mapping, path: str, config: str | None, overrides: Sequence[str] = ()):
     """The model config for a checkpoint: its own (plus overrides), or ``config`` checked against it."""
-    from ldm.config import apply_overrides, from_dict, to_dict
+    from ldm.config import from_dict, to_dict
     from vlmdiff.config import VLMDiffConfig, load_model_config
 
     stored = ckpt.get("config")
@@ -150,7 +150,7 @@ def resolve_checkpoint_config(ckpt: Mapping, path: str, config: str | None, over
         if stored is None:
             log.info("%s carries no config (an upstream checkpoint?): using the sd15 preset", path)
             return load_model_config("sd15", overrides)
-        return from_dict(VLMDiffConfig, apply_overrides(dict(stored), overrides), f"{path} (stored config)")
+        return from_dict(VLMDiffConfig, stored, f"{path} (stored config)", overrides)
     cfg = load_model_config(config, overrides)
     if stored is not None:
         diff = config_difference(to_dict(cfg), stored)

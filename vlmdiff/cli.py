@@ -1,9 +1,10 @@
-"""Command-line pieces the stage scripts share: dataset, caption and model-config flags."""
+"""Command-line pieces the stage scripts share: dataset, caption, model-config and precision flags."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from vlmdiff.data.captions import caption_folder_name
 
@@ -21,7 +22,7 @@ def add_data_args(p: argparse.ArgumentParser, folder: bool = False) -> None:
                    help="dataset layout (real_iad is accepted for realiad)" + ("; folder = any images, no ground truth" if folder else ""))
     p.add_argument("--data_path", required=True, help="dataset root folder")
     p.add_argument("--coco_part", type=int, default=-1, choices=(-1, 0, 1, 2, 3),
-                   help="COCO-AD part (0..3; required for --data_set coco)")
+                   help="COCO-AD part (0..3; required for --data_set coco; -1: none)")
     p.add_argument("--classes", nargs="+", default=None, help="only these classes (default: all)")
 
 
@@ -31,8 +32,10 @@ def add_caption_args(p: argparse.ArgumentParser) -> None:
                    help="folder of caption files (default: {dataset}_captions_{vlm}_{prompt_type} beside the dataset root)")
     p.add_argument("--caption_model", default="_internvl",
                    help="suffix of COCO caption files: annotations/captions_{train,val}2017{suffix}.json")
-    p.add_argument("--vlm_model", default="internvl", help="the captioner's --vlm_model (internvl, blip, deepseekvl, llava, template, a model folder or id); names the caption files")
-    p.add_argument("--prompt_type", default="pd", choices=("pd", "pa"), help="caption prompt: pd (describe) or pa (defect)")
+    p.add_argument("--vlm_model", default="internvl",
+                   help="the captioner's --vlm_model (internvl, blip, deepseekvl, llava, template, a model folder or id); names the caption files")
+    p.add_argument("--prompt_type", default="pd", choices=("pd", "pa"),
+                   help="caption prompt: pd (describe) or pa (defect)")
 
 
 def coco_part(args: argparse.Namespace) -> int | None:
@@ -69,6 +72,39 @@ def load_split_captions(args: argparse.Namespace, split: str) -> dict[str, str] 
 
 def add_config_args(p: argparse.ArgumentParser, default: str | None = "sd15") -> None:
     p.add_argument("--config", default=default,
-                   help="model preset (sd15, mid, tiny) or a YAML file" + ("" if default else "; default: the checkpoint's own"))
+                   help="model preset (sd15, mid, tiny, demo) or a YAML file"
+                        + ("" if default else " (default: the checkpoint's own)"))
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="dotted config overrides, e.g. unet.use_checkpoint=true")
+                   help="dotlist overrides of the model config, e.g. unet.use_checkpoint=true")
+
+
+def model_config_to_print(args: argparse.Namespace, checkpoint: str | None) -> dict[str, Any] | None:
+    """``--print_config``'s model section: what ``--config`` and the overrides resolve to for ``checkpoint``.
+
+    Without ``--config`` that is the checkpoint's own stored config (None when there is no file to read).
+    """
+    from ldm.checkpoint import load_checkpoint
+    from ldm.config import to_dict
+    from vlmdiff.checkpoint import resolve_checkpoint_config
+    from vlmdiff.config import load_model_config
+
+    if checkpoint and Path(checkpoint).is_file():
+        ckpt = load_checkpoint(checkpoint, getattr(args, "unsafe_legacy_pickle", False))
+        return to_dict(resolve_checkpoint_config(ckpt, checkpoint, args.config, args.overrides))
+    return to_dict(load_model_config(args.config, args.overrides)) if args.config else None
+
+
+# --precision: Lightning's names in the training scripts, autocast's short names in test.py; each
+# script accepts the other spelling of the same setting.
+SHORT_PRECISIONS = {"32": "32", "bf16": "bf16-mixed", "16": "16-mixed"}  # short name -> Lightning's
+
+
+def lightning_precision(value: str) -> str:
+    """A training script's --precision: Lightning's name (bf16 and 16 mean bf16-mixed and 16-mixed)."""
+    return SHORT_PRECISIONS.get(value, value)
+
+
+def short_precision(value: str) -> str:
+    """test.py's --precision: 32, bf16 or 16 (32-true, bf16-mixed and 16-mixed mean the same)."""
+    to_short = {lightning: short for short, lightning in SHORT_PRECISIONS.items()} | {"32-true": "32"}
+    return to_short.get(value, value)

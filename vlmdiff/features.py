@@ -1,6 +1,6 @@
 """Frozen feature extractors whose features of an image and of its reconstruction make the anomaly map.
 
-DESIGN.md section 4. Every extractor takes ImageNet-normalised images ``(B, 3, H, W)`` (256x256 in
+Every extractor takes ImageNet-normalised images ``(B, 3, H, W)`` (256x256 in
 practice) and returns a list of feature maps ``(B, C_l, h_l, w_l)``, one per level; ``scoring``
 compares input and reconstruction level by level (1 - cosine over channels).
 

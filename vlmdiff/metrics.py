@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from utils.cli import run_main, setup_logging
+from utils.cli import HelpFormatter, run_main, setup_logging
 from utils.errors import UserError
 from utils.io import write_json
 from vlmdiff import scoring
@@ -403,7 +403,7 @@ def evaluate(maps: Any, masks: Any, class_names: Sequence[str], protocol: str = 
 # --------------------------------------------------------------------------- reporting
 _HEADERS = ("AU-ROC_I", "AP_I", "F1max_I", "AU-ROC_P", "AP_P", "F1max_P", "AU-PRO")
 
-PAPER_RESULTS: dict[str, dict[str, float]] = {  # DESIGN section 9: VLMDiff paper, mean over classes
+PAPER_RESULTS: dict[str, dict[str, float]] = {  # the VLMDiff paper (WACV 2026), mean over classes
     name: dict(zip(METRICS, (v / 100.0 for v in vals)))
     for name, vals in {
         "realiad": (78.0, 73.2, 69.8, 97.1, 25.5, 32.3, 87.7),
@@ -435,7 +435,7 @@ def format_table(result: dict[str, Any], title: str | None = None) -> str:
 
 
 def compare_to_paper(mean_row: dict[str, float], dataset: str) -> str:
-    """Markdown table of our mean row, the paper's (DESIGN section 9) and the difference, in points."""
+    """Markdown table of our mean row, the paper's and the difference, in points."""
     key = _DATASET_ALIASES.get(dataset, dataset)
     if key not in PAPER_RESULTS:
         raise UserError(f"no published results for dataset {dataset!r}; known: {', '.join(PAPER_RESULTS)}")
@@ -481,16 +481,23 @@ def load_inputs(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return arrays["maps"], arrays["masks"], arrays["class_names"]
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m vlmdiff.metrics", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m vlmdiff.metrics", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("file", help=".npz with maps (or preds), masks, class_names (or clsname)")
-    p.add_argument("--protocol", choices=PROTOCOLS, default="official")
-    p.add_argument("--image_pooling", choices=scoring.POOLINGS, default="paper")
+    p.add_argument("--protocol", "--metrics_protocol", choices=PROTOCOLS, default="official",
+                   help="official (scikit-learn, MVTec AU-PRO), legacy (upstream's metric code) or both")
+    p.add_argument("--image_pooling", choices=scoring.POOLINGS, default="paper",
+                   help="image score: paper = max after 8 x avgpool 8; ader = max after avgpool 16; "
+                        "max = the map's maximum")
     p.add_argument("--mask_threshold", type=float, default=0.0,
                    help="ground truth = mask > this fraction of full scale (255 for uint8, 1 otherwise)")
-    p.add_argument("--output", help="write the metrics (fractions, NaN as null) to this JSON file")
-    return p.parse_args(argv)
+    p.add_argument("--output",
+                   help="write the metrics (fractions, NaN as null) to this JSON file (default: print only)")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The controlled UNet and the VLMDiff LightningModule (DESIGN.md section 3).
+"""The controlled UNet and the VLMDiff LightningModule.
 
 The UNet's time embedding, input blocks and middle block run frozen and without autograd; the SG
 network's last control tensor is added to the middle-block output; the output blocks get skip +

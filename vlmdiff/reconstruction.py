@@ -1,6 +1,6 @@
 """Test-time reconstruction: encode, noise almost completely, denoise with DDIM under SG guidance, decode.
 
-Per image (DESIGN.md section 3): z = 0.18215 * sample of q(z|x); x_T = q_sample(z, T = 999);
+Per image: z = 0.18215 * sample of q(z|x); x_T = q_sample(z, T = 999);
 10 DDIM steps over 901, 801, ..., 1 (upstream noises to 999 but starts at 901; reproduced); classifier-
 free guidance with scale 9, the unconditional branch being the empty caption with the same hint --
 when every caption is empty the two branches are identical and one pass is run; decode.

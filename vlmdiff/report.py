@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from utils.cli import run_main
+from utils.cli import HelpFormatter, run_main
 from utils.errors import UserError
 from utils.io import read_json, write_json
 from vlmdiff.metrics import METRICS, PAPER_RESULTS, compare_to_paper, format_table
@@ -36,14 +36,19 @@ def average(rows: Sequence[dict[str, float]]) -> dict[str, float]:
     return {k: sum(r[k] for r in rows) / len(rows) for k in METRICS}
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("runs", nargs="+", help="test.py output folders or metrics.json files")
     p.add_argument("--dataset", default=None, choices=sorted(PAPER_RESULTS) + ["real_iad"],
-                   help="print the paper's row (DESIGN.md section 9) beside ours")
-    p.add_argument("--protocol", default="official", choices=("official", "legacy"))
-    p.add_argument("--output", default=None, help="write the averaged row as JSON")
-    return p.parse_args(argv)
+                   help="print the paper's published mean row for this dataset beside ours (default: none)")
+    p.add_argument("--protocol", "--metrics_protocol", default="official", choices=("official", "legacy"),
+                   help="which of the run's metric sets to read (test.py --metrics_protocol)")
+    p.add_argument("--output", default=None, help="write the averaged row as JSON (default: print only)")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Anomaly maps and image scores from backbone features (DESIGN section 4).
+"""Anomaly maps and image scores from backbone features.
 
 The anomaly map of an image is the sum over feature levels of the per-position cosine distance
 between the features of the input and of its reconstruction, each level upsampled bilinearly

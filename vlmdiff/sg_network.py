@@ -1,7 +1,7 @@
 """The Semantic-Guided (SG) network: a trainable copy of the UNet encoder that sees the input image.
 
 It returns 13 control tensors (one per UNet input block, one for the middle block) that the
-controlled UNet adds to its decoder (``vlmdiff.model``). Parts (DESIGN.md section 3):
+controlled UNet adds to its decoder (``vlmdiff.model``). Parts:
 
 1. hint block: 3x3 convolutions with SiLU between them, three of them with stride 2 (image -> latent
    size); its output is added to the hidden state after input block 0;

@@ -33,7 +33,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
 from ldm.checkpoint import describe_mismatch, load_into, state_dict_of
-from ldm.config import AutoencoderConfig, from_dict, to_dict
+from ldm.config import AutoencoderConfig, to_dict
 from ldm.modules.autoencoder import AutoencoderKL, DiagonalGaussian
 from ldm.modules.losses import AutoencoderLossConfig, LPIPSWithDiscriminator
 from utils.errors import UserError
@@ -81,9 +81,9 @@ def validate_train_config(cfg: AutoencoderTrainConfig, where: str = "finetuning 
 
 def load_train_config(name: str = "autoencoder", overrides: Sequence[str] = ()) -> AutoencoderTrainConfig:
     """Read ``configs/{name}.yaml`` (or a YAML path) strictly as :class:`AutoencoderTrainConfig`."""
-    from ldm.config import apply_overrides, load_raw, preset_path
+    from ldm.config import load_config, preset_path
 
-    cfg = from_dict(AutoencoderTrainConfig, apply_overrides(load_raw(name), overrides), str(preset_path(name)))
+    cfg = load_config(name, AutoencoderTrainConfig, overrides)
     validate_train_config(cfg, str(preset_path(name)))
     return cfg
 

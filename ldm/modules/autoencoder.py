@@ -2,7 +2,7 @@
 
 Weight names equal the CompVis ``AutoencoderKL`` ones (``encoder.down.0.block.1.conv2``,
 ``decoder.mid.attn_1.q``, ``quant_conv``, ...). The model sees ImageNet-normalised images in this
-project (DESIGN.md section 3), but nothing here depends on the normalisation.
+project, but nothing here depends on the normalisation.
 """
 
 from __future__ import annotations

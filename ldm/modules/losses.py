@@ -59,7 +59,7 @@ DISC_LOSSES = ("hinge", "vanilla")
 
 @dataclass(frozen=True)
 class AutoencoderLossConfig:
-    """Settings of :class:`LPIPSWithDiscriminator`; defaults are upstream's (DESIGN.md section 3).
+    """Settings of :class:`LPIPSWithDiscriminator`; defaults are upstream's.
 
     ``disc_start`` counts generator optimiser updates (upstream's Lightning ``global_step``).
     """

@@ -1,6 +1,6 @@
 """Caption files: reading every format upstream and we write, and matching captions to images by id.
 
-Formats (DESIGN.md sections 7 and 10):
+Formats:
 
 - upstream pairs in a folder ``{dataset}_captions_{vlm}_{prompt_type}``:
   ``{split}_captions_{dataset}_{vlm}*.json`` (JSON list of strings) with its twin
@@ -155,9 +155,10 @@ def _coco_files(folder: Path, split: str, caption_model: str | None) -> list[Pat
     stem = f"captions_{coco_split_folder(split)}"
     if caption_model is not None:
         suffix = caption_model if caption_model == "" or caption_model.startswith("_") else f"_{caption_model}"
-        found = [b / f"{stem}{suffix}.json" for b in bases if (b / f"{stem}{suffix}.json").is_file()]
+        tried = [b / f"{stem}{suffix}.json" for b in bases]
+        found = [p for p in tried if p.is_file()]
         if not found:
-            raise UserError(f"COCO caption file not found: expected {bases[0] / f'{stem}{suffix}.json'} "
+            raise UserError(f"COCO caption file not found: looked for {' and '.join(map(str, tried))} "
                             f"(--caption_model {caption_model!r})")
         return found[:1]
     found = sorted({p for b in bases if b.is_dir() for p in b.glob(f"{stem}*.json")})
@@ -203,9 +204,11 @@ def load_captions(path: str | os.PathLike, split: str, dataset: str, *, vlm: str
             jsonl = sorted(path.glob("*.jsonl")) + sorted((path / "progress").glob("*.jsonl"))
             _read_jsonl_files(jsonl, split, dataset, vlm, out, sources)
             if not jsonl:
-                raise UserError(f"no {split} captions for {dataset} in {path}: expected {prefix}*.json with its "
-                                f"{split}_labels_{dataset}_* twin, our *.jsonl files"
-                                + (", or annotations/captions_*2017*.json" if dataset == "coco" else ""))
+                tried = [path / f"{prefix}*.json", path / "*.jsonl", path / "progress" / "*.jsonl"]
+                if dataset == "coco":
+                    tried += [b / f"captions_{coco_split_folder(split)}*.json" for b in (path / "annotations", path)]
+                raise UserError(f"no {split} captions for {dataset} in {path}: looked for {', '.join(map(str, tried))} "
+                                f"(upstream's {prefix}*.json needs its {split}_labels_{dataset}_* twin)")
     else:
         raise UserError(f"caption file or folder {path} not found")
     logger.info("read %d %s captions for %s from %s", len(out), split, dataset, path)

@@ -3,7 +3,7 @@
 Items are dicts with exactly these keys:
 
 - ``image``: float32 [3, S, S], RGB resized to S x S with PIL bilinear (antialiased) through
-  torchvision ``Resize``, then ImageNet mean/std normalisation (DESIGN.md section 10);
+  torchvision ``Resize``, then ImageNet mean/std normalisation;
 - ``hint``: the same tensor object as ``image`` (the SG network's input);
 - ``caption``: str, "" when the image has no caption or none were given;
 - ``mask``: uint8 [1, S, S], 0..255: the ground-truth mask file binarised (> 0 -> 255; raw VisA
