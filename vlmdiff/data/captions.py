@@ -1,6 +1,6 @@
 """Caption files: reading every format upstream and we write, and matching captions to images by id.
 
-Formats (DESIGN.md sections 7 and 10):
+Formats:
 
 - upstream pairs in a folder ``{dataset}_captions_{vlm}_{prompt_type}``:
   ``{split}_captions_{dataset}_{vlm}*.json`` (JSON list of strings) with its twin

@@ -1,4 +1,4 @@
-"""COCO-AD indexing from ADer's meta files (DESIGN.md section 6).
+"""COCO-AD indexing from ADer's meta files.
 
 ``{root}/meta_20_{p}.json`` = ``{"train": {"coco": [...]}, "test": {"coco": [...]}}`` with items
 ``{img_path, mask_path ("" if normal), cls_name "coco", specie_name, anomaly 0/1}``; paths relative to

@@ -1,5 +1,5 @@
 """MVTec-AD indexing: ``{root}/{class}/train/good/*.png``, ``{root}/{class}/test/{defect}/*.png``,
-masks ``{root}/{class}/ground_truth/{defect}/{stem}_mask.png`` (DESIGN.md section 6).
+masks ``{root}/{class}/ground_truth/{defect}/{stem}_mask.png``.
 
 Classes are the sub-folders of the root that hold a ``train`` or ``test`` folder. Every anomalous
 test image must have its mask; images directly in ``train/`` or ``test/`` (outside a defect folder)

@@ -1,4 +1,4 @@
-"""Real-IAD indexing through the official per-class JSON files (DESIGN.md section 6).
+"""Real-IAD indexing through the official per-class JSON files.
 
 Images ``{root}/{class}/{OK|NG/<defect>}/S..../*.jpg``; the JSON of a class is read from
 ``{root}/../real_iad_jsons/realiad_jsons/{class}.json`` (upstream's code) or

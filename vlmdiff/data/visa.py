@@ -1,4 +1,4 @@
-"""VisA indexing through the official split csv ``{root}/split_csv/1cls.csv`` (DESIGN.md section 6).
+"""VisA indexing through the official split csv ``{root}/split_csv/1cls.csv``.
 
 Columns ``object, split, label, image, mask``; ``label`` is "normal" or "anomaly"; paths are relative
 to the root (images ``{class}/Data/Images/{Normal,Anomaly}/*.JPG``, masks
