@@ -8,6 +8,7 @@ under torchvision's names; the LPIPS linear layers are the ones the ``lpips`` pa
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -280,13 +281,38 @@ def test_flags_override_the_train_config_and_an_epoch_budget_replaces_the_step_b
             ["--data_set", "mvtec", "--data_path", ".", *flags]))
 
     default = cfg()
-    assert (default.base_lr, default.batch_size, default.accumulate_grad_batches, default.max_steps) == (4.5e-5, 1, 8, 5000)
+    assert (default.base_lr, default.batch_size, default.accumulate_grad_batches, default.max_steps) == (4.5e-5, 1, 8, 60001)
     assert (default.loss.disc_start, default.loss.kl_weight, default.loss.disc_weight) == (50001, 1e-6, 0.5)
     assert cfg("--batch_size", "4").learning_rate == pytest.approx(1.8e-4)  # not scaled by accumulation
     assert (cfg("--max_epochs", "3").max_steps, cfg("--max_epochs", "3").max_epochs) == (-1, 3)
     assert cfg("--max_epochs", "3", "--max_steps", "7").max_steps == 7
     with pytest.raises(UserError, match="budget"):
         cfg("--max_steps", "-1")
+
+
+def test_default_budget_reaches_the_patchgan_phase(capsys: pytest.CaptureFixture) -> None:
+    """configs/autoencoder.yaml: updates 0..50000 without the GAN loss, 50001..60000 with it; --help says so."""
+    def cfg(*flags: str) -> AutoencoderTrainConfig:
+        return finetune_autoencoder.train_config_from_args(finetune_autoencoder.parse_args(
+            ["--data_set", "mvtec", "--data_path", ".", *flags]))
+
+    default = cfg()
+    assert AutoencoderTrainConfig() == default  # the dataclass defaults are the file's
+    loss = LPIPSWithDiscriminator(dataclasses.replace(default.loss, perceptual_weight=0.0))
+    last = default.max_steps - 1  # generator updates are numbered 0 .. max_steps - 1
+    active = [s for s in (0, default.loss.disc_start - 1, default.loss.disc_start, last)
+              if loss.discriminator_active(s)]
+    assert active == [50001, 60000]
+    assert finetune_autoencoder.loss_phases(default) == (
+        "L1 + LPIPS + KL for generator updates 0..50000, plus the PatchGAN loss for updates 50001..60000", True)
+    text, with_gan = finetune_autoencoder.loss_phases(cfg("--max_steps", "5000", "--perceptual_weight", "0"))
+    assert not with_gan and text.startswith("L1 + KL (no LPIPS) only: the PatchGAN loss starts at generator update 50001")
+    assert finetune_autoencoder.loss_phases(cfg("--max_steps", "5000", "--disc_start", "100"))[1]
+    with pytest.raises(SystemExit):
+        finetune_autoencoder.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "config default 60001: the PatchGAN loss runs from update 50001 on" in help_text
+    assert "the PatchGAN loss starts at (50001)" in help_text
 
 
 def _module() -> AutoencoderTraining:
