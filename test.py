@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         return None
     made_by = read_json(output_dir / "manifest.json")  # the scoring run's settings (also for --run_eval_only)
     seed = made_by.get("reconstruction", {}).get("seed", args.seed)
-    if args.mask_threshold > 0 and made_by.get("data", {}).get("mask_order", MASK_ORDERS[0]) == "resize_first":
+    if args.mask_threshold > 0 and made_by.get("data", {}).get("mask_order") == "resize_first":
         log.warning("--mask_threshold %g changes nothing: the stored masks are 0/255 (--mask_order resize_first)",
                     args.mask_threshold)
     extra = {"provenance": provenance(seed=seed, config=made_by.get("config"), checkpoint=made_by.get("checkpoint"),
