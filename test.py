@@ -76,7 +76,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     e.add_argument("--mask_order", default=MASK_ORDERS[0], choices=MASK_ORDERS,
                    help="how masks reach the image size: resize_first (upstream's order) resizes the raw mask values "
                         "(VisA: defect indexes 1..k) bilinearly, then takes > 0, which drops thin or tiny defects "
-                        "that round to 0; binarize_first takes > 0, then resizes (larger regions, nothing dropped). "
+                        "that round to 0; binarize_first takes > 0, then resizes (larger regions, keeps those defects). "
                         "Recorded in manifest.json")
     e.add_argument("--exp_name", default=None, help="run name (default: vlmdiff_{data_set})")
     e.add_argument("--output_dir", default=None, help="default: results/{exp_name}")

@@ -151,8 +151,9 @@ def resize_mask(mask: Image.Image, size: int, order: str = "resize_first") -> np
     indexes 1..k) are resized with PIL's bilinear filter (8-bit, rounded after each axis), then
     ``> 0`` -> 255, else 0. A thin or tiny defect whose resized values round to 0 is lost, as upstream
     loses it. ``order`` "binarize_first": ``> 0`` -> 255 first, then the bilinear resize; the result
-    keeps soft edges (0..255, the covered fraction), so regions are larger and nothing is lost, and
-    a ground-truth threshold (``mask_threshold``) can pick the coverage that counts.
+    keeps soft edges (0..255, the covered fraction), so regions are larger and thin or tiny defects
+    that the other order drops are kept, and a ground-truth threshold (``mask_threshold``) can pick
+    the coverage that counts.
     """
     if order not in MASK_ORDERS:
         raise UserError(f"mask order {order!r} is not one of {', '.join(MASK_ORDERS)}")
