@@ -4,11 +4,14 @@ Starts from Stable Diffusion's kl-f8 autoencoder (``--resume_path``: the origina
 ``model.ckpt``, an SD-1.5 ``.ckpt``/``.safetensors`` whose ``first_stage_model.*`` is taken, a plain
 autoencoder state dict, or a finetuned first-stage checkpoint; ``none`` = random initialisation) and
 trains it with upstream's loss: L1 + LPIPS reconstruction NLL, KL (weight 1e-6) and, from generator
-step ``disc_start`` (50001) on, a PatchGAN hinge loss with adaptive weight x 0.5.
-Adam betas (0.5, 0.9), lr = base_lr (4.5e-5) x batch size (1), gradient accumulation 8.
-The images are ImageNet-normalised, as upstream feeds them. Training hyper-parameters come from
+update ``disc_start`` (50001) on, a PatchGAN hinge loss with adaptive weight x 0.5. Adam betas
+(0.5, 0.9), lr = base_lr (4.5e-5) x batch size (1), gradient accumulation 8. The images are
+ImageNet-normalised, as upstream feeds them. Training hyper-parameters come from
 ``configs/autoencoder.yaml`` (``--train_config``); flags override them. The default budget is that
-file's ``max_steps: 5000`` generator updates (40,000 images at batch 1 x accumulation 8); giving only
+file's ``max_steps: 60001`` generator updates (480,008 images at batch 1 x accumulation 8): updates
+0..50000 train with L1 + LPIPS + KL, updates 50001..60000 with the PatchGAN loss too, so the GAN
+phase is reached as in upstream's run (whose implicit 1000 epochs passed disc_start). A budget of
+``--max_steps`` <= 50001 never reaches the PatchGAN loss (the log says so); giving only
 ``--max_epochs`` trains for that many epochs instead.
 
 LPIPS needs two weight files, read locally (nothing is downloaded): torchvision's VGG16
@@ -71,11 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base_lr", type=float, default=None,
                    help="lr = base_lr x batch size (default: the finetuning config's, 4.5e-5)")
     p.add_argument("--max_steps", type=int, default=None,
-                   help="generator updates; -1: no limit (default: the finetuning config's, 5000)")
+                   help="generator updates; the PatchGAN loss runs from update disc_start on, never if max_steps <= "
+                        "disc_start; -1: no limit (default: the finetuning config's, 60001)")
     p.add_argument("--max_epochs", type=int, default=None, help="epochs (-1: no limit); given alone, it replaces "
                                                                 "the step budget (default: the finetuning config's, -1)")
     p.add_argument("--disc_start", type=int, default=None,
-                   help="generator step the GAN loss starts at (default: the finetuning config's, 50001)")
+                   help="generator update the PatchGAN loss starts at (default: the finetuning config's, 50001)")
     p.add_argument("--kl_weight", type=float, default=None,
                    help="KL loss weight (default: the finetuning config's, 1e-6)")
     p.add_argument("--disc_weight", type=float, default=None,
@@ -134,6 +138,23 @@ def train_config_from_args(args: argparse.Namespace) -> Any:
     cfg = dataclasses.replace(cfg, **top, loss=dataclasses.replace(cfg.loss, **loss))
     validate_train_config(cfg, "flags")
     return cfg
+
+
+def loss_phases(cfg: Any) -> tuple[str, bool]:
+    """Which losses run within the budget of ``cfg`` (an AutoencoderTrainConfig): a sentence, and
+    whether the PatchGAN loss is certain to run (False: it never does, or only if an epoch budget
+    happens to reach ``disc_start``). Generator updates are numbered 0 .. max_steps - 1."""
+    base = "L1 + LPIPS + KL" if cfg.loss.perceptual_weight > 0 else "L1 + KL (no LPIPS)"
+    start, steps = cfg.loss.disc_start, cfg.max_steps
+    if cfg.loss.disc_factor <= 0:
+        return f"{base} only: disc_factor is 0, the PatchGAN loss never counts", False
+    if steps <= 0:
+        return f"{base}, plus the PatchGAN loss from generator update {start} on if the epoch budget gets there", False
+    if steps <= start:
+        return (f"{base} only: the PatchGAN loss starts at generator update {start}, after this budget of {steps} "
+                "updates (raise --max_steps or lower --disc_start to include it)"), False
+    return (f"{base} for generator updates 0..{start - 1}, plus the PatchGAN loss for updates {start}..{steps - 1}",
+            True)
 
 
 def run_folder(args: argparse.Namespace, dataset: str) -> Path:
@@ -237,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 train_cfg.batch_size, train_cfg.accumulate_grad_batches,
                 train_cfg.max_steps if train_cfg.max_steps > 0 else "unlimited",
                 train_cfg.max_epochs if train_cfg.max_epochs > 0 else "unlimited", train_cfg.loss.disc_start, folder)
+    phases, with_gan = loss_phases(train_cfg)
+    logger.log(logging.INFO if with_gan else logging.WARNING, "losses: %s", phases)
     trainer.fit(module, train_dataloaders=loader, ckpt_path=str(last) if args.resume else None)
 
     if trainer.is_global_zero:

@@ -31,6 +31,7 @@ from utils.provenance import provenance
 from vlmdiff import distributed
 from vlmdiff.cli import (add_caption_args, add_config_args, add_data_args, canonical_dataset, coco_part, load_split_captions,
                          model_config_to_print, short_precision)
+from vlmdiff.data.common import MASK_ORDERS
 from vlmdiff.map_store import MapStore
 from vlmdiff.reconstruction import ReconstructionSettings
 
@@ -78,7 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--metrics_protocol", "--protocol", default="official", choices=("official", "legacy", "both"),
                    help="official (scikit-learn, MVTec AU-PRO), legacy (upstream's metric code, the paper's table) "
                         "or both")
-    e.add_argument("--mask_threshold", type=float, default=0.0, help="ground truth = mask > this fraction of full scale")
+    e.add_argument("--mask_threshold", type=float, default=0.0,
+                   help="ground truth = stored mask > this fraction of full scale (stored masks are 0/255 with "
+                        "--mask_order resize_first, soft 0..255 edges with binarize_first)")
+    e.add_argument("--mask_order", default=MASK_ORDERS[0], choices=MASK_ORDERS,
+                   help="how masks reach the image size: resize_first (upstream's order) resizes the raw mask values "
+                        "(VisA: defect indexes 1..k) bilinearly, then takes > 0, which drops thin or tiny defects "
+                        "that round to 0; binarize_first takes > 0, then resizes (larger regions, keeps those defects). "
+                        "Recorded in manifest.json")
     e.add_argument("--exp_name", default=None, help="run name (default: vlmdiff_{data_set})")
     e.add_argument("--output_dir", default=None, help="default: results/{exp_name}")
     e.add_argument("--save_visuals", action="store_true", help="input | autoencoder | sample | heatmap | mask PNGs")
@@ -142,6 +150,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         return None
     made_by = read_json(output_dir / "manifest.json")  # the scoring run's settings (also for --run_eval_only)
     seed = made_by.get("reconstruction", {}).get("seed", args.seed)
+    if args.mask_threshold > 0 and made_by.get("data", {}).get("mask_order") == "resize_first":
+        log.warning("--mask_threshold %g changes nothing: the stored masks are 0/255 (--mask_order resize_first)",
+                    args.mask_threshold)
     extra = {"provenance": provenance(seed=seed, config=made_by.get("config"), checkpoint=made_by.get("checkpoint"),
                                       data_set=dataset_name, data_path=str(args.data_path))}
     result = evaluate_run(output_dir, args.metrics_protocol, args.image_pooling, args.mask_threshold, visuals,
@@ -183,10 +194,10 @@ def _score(args: argparse.Namespace, dataset_name: str, output_dir: Path, ranks:
     use_test_captions = args.use_captions and (dataset_name == "coco" or args.test_captions)
     captions = load_split_captions(args, "test") if use_test_captions else None
     matched = match_captions(records, captions, root=Path(args.data_path), require=True) if captions else {}
-    dataset = AnomalyDataset(records, image_size=model.cfg.image_size, captions=matched)
+    dataset = AnomalyDataset(records, image_size=model.cfg.image_size, captions=matched, mask_order=args.mask_order)
     data = {"data_set": dataset_name, "data_path": str(Path(args.data_path).resolve()), "coco_part": args.coco_part,
             "classes": args.classes, "test_captions": bool(captions), "image_size": model.cfg.image_size,
-            "n_images": len(records)}
+            "n_images": len(records), "mask_order": args.mask_order}
     manifest = manifest_for(checkpoint=args.resume_path, config=to_dict(model.cfg), settings=settings,
                             extractor=extractor_name, extractor_weights=args.feature_weights,
                             extractor_input_size=args.feature_input_size, data=data,

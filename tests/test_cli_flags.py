@@ -142,7 +142,7 @@ def test_print_config_captioner_and_finetune_autoencoder(tmp_path, capsys):
     out = _printed(capsys, "finetune_autoencoder", [*DATA, "--config", "tiny", "--kl_weight", "0.5", "--print_config",
                                                     "--output_dir", str(tmp_path / "run")])
     assert out["autoencoder"]["ch"] == 32 and out["finetune"]["loss"]["kl_weight"] == 0.5
-    assert out["finetune"]["max_steps"] == 5000 and out["image_size"] == 128
+    assert out["finetune"]["max_steps"] == 60001 and out["image_size"] == 128
     assert not (tmp_path / "run").exists()
 
 

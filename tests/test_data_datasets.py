@@ -85,6 +85,46 @@ def test_visa_split_csv(tmp_path: Path) -> None:
         index_dataset("visa", root, "train")
 
 
+# A 7 x 5 (width x height) VisA-like mask resized to 3 x 3. Every row is [0, 1, 0, 0, 1, 1, 0]: a
+# 1-pixel line (column 1) and a 2-pixel band (columns 4-5) of defect index 1. PIL's bilinear filter
+# widened to the scale 7/3 gives output column j the input weights (normalised triangle weights
+# around the centre (j + 0.5) * 7/3, input pixel centres at x + 0.5):
+#   j = 0: x 0..2 -> 0.7143, 0.8571, 0.4286 / 2.0    = 0.3571, 0.4286, 0.2143
+#   j = 1: x 1..5 -> 0.1429, 0.5714, 1, 0.5714, 0.1429 / 2.4286 = 0.0588, 0.2353, 0.4118, 0.2353, 0.0588
+#   j = 2: x 4..6 -> mirror of j = 0                   = 0.2143, 0.4286, 0.3571
+# Rows are constant, so the vertical pass keeps each column's value.
+# resize_first (raw values 0/1): j0 = 0.4286 -> 0, j1 = 0.0588 + 0.2353 + 0.0588 = 0.353 -> 0,
+#   j2 = 0.2143 + 0.4286 = 0.643 -> 1; so only column 2 is defect: the line is lost.
+# binarize_first (0/255): j0 = 109.3 -> 109, j1 = 90.0 -> 90, j2 = 163.9 -> 164: every column is defect.
+# With defect index 2 on the line, resize_first gives j0 = 0.857 -> 1: the line survives.
+HAND_ROW = [0, 1, 0, 0, 1, 1, 0]
+
+
+def test_mask_orders_hand_computed() -> None:
+    from vlmdiff.data.common import resize_mask
+
+    mask = Image.fromarray(np.array([HAND_ROW] * 5, np.uint8), "L")
+    assert resize_mask(mask, 3).tolist() == [[0, 0, 255]] * 3
+    assert resize_mask(mask, 3, "binarize_first").tolist() == [[109, 90, 164]] * 3
+    index2 = Image.fromarray(np.array([[0, 2, 0, 0, 1, 1, 0]] * 5, np.uint8), "L")
+    assert resize_mask(index2, 3).tolist() == [[255, 0, 255]] * 3
+    with pytest.raises(UserError, match="mask order 'nearest'"):
+        resize_mask(mask, 3, "nearest")
+
+
+def test_visa_mask_orders_through_the_dataset(tmp_path: Path) -> None:
+    root = datagen.make_visa(tmp_path / "visa", classes=("pcb1",), n_train=1, n_test_good=1, n_test_anomaly=1)
+    datagen._save(np.zeros((5, 7, 3), np.uint8), root / "pcb1/Data/Images/Anomaly/000.JPG")
+    Image.fromarray(np.array([HAND_ROW] * 5, np.uint8), "L").save(root / "pcb1/Data/Masks/Anomaly/000.png")
+    upstream = build_dataset("visa", root, "test", image_size=3)
+    i = [r.id for r in upstream.records].index("pcb1/Data/Images/Anomaly/000.JPG")
+    assert upstream[i]["mask"][0].tolist() == [[0, 0, 255]] * 3
+    binarized = build_dataset("visa", root, "test", image_size=3, mask_order="binarize_first")
+    assert binarized[i]["mask"][0].tolist() == [[109, 90, 164]] * 3
+    with pytest.raises(UserError, match="mask order"):
+        build_dataset("visa", root, "test", image_size=3, mask_order="after")
+
+
 @pytest.mark.parametrize("location", ["nested", "flat"])
 def test_realiad_both_json_locations(tmp_path: Path, location: str) -> None:
     root = datagen.make_realiad(tmp_path, classes=("audiojack", "toy"), json_location=location, n_train=1,

@@ -8,6 +8,7 @@ under torchvision's names; the LPIPS linear layers are the ones the ``lpips`` pa
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -25,6 +26,7 @@ from ldm.modules.autoencoder import AutoencoderKL, DiagonalGaussian
 from ldm.modules.losses import (LPIPS, AutoencoderLossConfig, LPIPSWithDiscriminator, NLayerDiscriminator,
                                 hinge_d_loss, load_perceptual_weights, packaged_lpips_weights,
                                 vgg16_features_from_torchvision)
+from tests.fixture_models import autoencoder_weights_path, model_config, write_model_config
 from utils.errors import UserError
 from vlmdiff.data.demo import generate_demo_dataset
 
@@ -70,9 +72,9 @@ def vgg_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def run_cli(data_root: Path, out: Path, *extra: str) -> Path:
+def run_cli(data_root: Path, out: Path, *extra: str, config: str) -> Path:
     finetune_autoencoder.main([
-        "--data_set", "mvtec", "--data_path", str(data_root), "--config", "tiny", "--image_size", str(SIZE),
+        "--data_set", "mvtec", "--data_path", str(data_root), "--config", config, "--image_size", str(SIZE),
         "--batch_size", "2", "--accumulate_grad_batches", "2", "--max_steps", "2", "--num_workers", "0",
         "--output_dir", str(out), "--no_progress_bar", "--log_images_every_n_steps", "1", "--log_every_n_steps", "1", *extra])
     return out
@@ -82,7 +84,7 @@ def run_cli(data_root: Path, out: Path, *extra: str) -> Path:
 def plain_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two generator steps without LPIPS, from a random start."""
     return run_cli(data_root, tmp_path_factory.mktemp("runs") / "p0", "--perceptual_weight", "0",
-                   "--resume_path", "none")
+                   "--resume_path", "none", config="tiny")
 
 
 # --- weight names and shapes ------------------------------------------------------------------------
@@ -205,7 +207,8 @@ def test_run_without_perceptual_weights_writes_readable_checkpoints(plain_run: P
     assert grid.size == (2 * (SIZE + 2) + 2, 2 * (SIZE + 2) + 2)  # 2 inputs over 2 reconstructions
     assert (plain_run / "config.yaml").is_file()
     with pytest.raises(UserError, match="already holds a run.*--resume"):
-        run_cli(plain_run.parent.parent / "unused", plain_run, "--perceptual_weight", "0", "--resume_path", "none")
+        run_cli(plain_run.parent.parent / "unused", plain_run, "--perceptual_weight", "0", "--resume_path", "none",
+                config="tiny")
 
 
 def disc_weights(sd: dict) -> dict:
@@ -218,7 +221,7 @@ def test_discriminator_trained_from_disc_start(plain_run: Path, data_root: Path,
     start = plain_run / "autoencoder.ckpt"  # a finetuned checkpoint as starting weights: AE + discriminator
     before = load_checkpoint(start)["state_dict"]
     run = run_cli(data_root, tmp_path / "gan", "--perceptual_weight", "0", "--resume_path", str(start),
-                  "--disc_start", "1")
+                  "--disc_start", "1", config="tiny")
     after = load_checkpoint(run / "autoencoder.ckpt")["state_dict"]
     assert all(not torch.equal(v, before[k]) for k, v in disc_weights(after).items())
     assert not torch.equal(after["decoder.conv_out.weight"], before["decoder.conv_out.weight"])
@@ -230,9 +233,10 @@ def test_discriminator_trained_from_disc_start(plain_run: Path, data_root: Path,
 def test_run_with_perceptual_weights_from_local_files(data_root: Path, vgg_file: Path, fixtures_dir: Path,
                                                       fixture_keys: dict, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    start = fixtures_dir / "tiny_ae_weights.pt"  # a plain AutoencoderKL state dict of the tiny config
+    start = autoencoder_weights_path(fixtures_dir)  # a plain AutoencoderKL state dict, sizes in the folder's config
+    config = write_model_config(fixtures_dir, tmp_path / "fixture_model.yaml")
     run = run_cli(data_root, tmp_path / "lpips", "--vgg_weights", str(vgg_file), "--resume_path", str(start),
-                  "--accumulate_grad_batches", "1")
+                  "--accumulate_grad_batches", "1", config=str(config))
     ckpt = load_checkpoint(run / "autoencoder.ckpt")
     sd = ckpt["state_dict"]
     assert shapes({k: v for k, v in sd.items() if k.startswith("loss.")}) == {
@@ -248,7 +252,7 @@ def test_run_with_perceptual_weights_from_local_files(data_root: Path, vgg_file:
     assert losses and all(v > 0 for v in losses)
     # Starting from a checkpoint that carries the LPIPS weights (like kl-f8's model.ckpt): no files needed.
     monkeypatch.chdir(tmp_path)  # no models/vgg16-397923af.pth here
-    module = AutoencoderTraining(tiny_ae(), AutoencoderTrainConfig())
+    module = AutoencoderTraining(model_config(fixtures_dir).autoencoder, AutoencoderTrainConfig())
     finetune_autoencoder._load_starting_weights(module, finetune_autoencoder.parse_args(
         ["--data_set", "mvtec", "--data_path", ".", "--resume_path", str(run / "autoencoder.ckpt")]))
     torch.testing.assert_close(module.loss.perceptual_loss.state_dict()["net.slice3.12.weight"],
@@ -259,19 +263,20 @@ def test_missing_perceptual_weight_files_say_which_and_where(data_root: Path, tm
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     nowhere = tmp_path / "nowhere.pth"
     with pytest.raises(UserError) as info:
-        run_cli(data_root, tmp_path / "a", "--resume_path", "none", "--vgg_weights", str(nowhere))
+        run_cli(data_root, tmp_path / "a", "--resume_path", "none", "--vgg_weights", str(nowhere), config="tiny")
     msg = str(info.value)
     assert str(nowhere) in msg and "https://download.pytorch.org/models/vgg16-397923af.pth" in msg
     assert "--perceptual_weight 0" in msg
     monkeypatch.chdir(tmp_path)  # the default location models/vgg16-397923af.pth is relative to the working folder
     with pytest.raises(UserError, match=r"models/vgg16-397923af\.pth not found \(the default location"):
-        run_cli(data_root, tmp_path / "b", "--resume_path", "none")
+        run_cli(data_root, tmp_path / "b", "--resume_path", "none", config="tiny")
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "vgg16-397923af.pth").write_bytes(b"")
     with pytest.raises(UserError, match=r"lin\.pth not found \(--lpips_weights\).*--perceptual_weight 0"):
-        run_cli(data_root, tmp_path / "c", "--resume_path", "none", "--lpips_weights", str(tmp_path / "lin.pth"))
+        run_cli(data_root, tmp_path / "c", "--resume_path", "none", "--lpips_weights", str(tmp_path / "lin.pth"),
+                config="tiny")
     with pytest.raises(UserError, match=r"models/autoencoders\.ckpt not found.*kl-f8\.zip.*--resume_path none"):
-        run_cli(data_root, tmp_path / "d", "--perceptual_weight", "0")
+        run_cli(data_root, tmp_path / "d", "--perceptual_weight", "0", config="tiny")
 
 
 def test_flags_override_the_train_config_and_an_epoch_budget_replaces_the_step_budget() -> None:
@@ -280,13 +285,38 @@ def test_flags_override_the_train_config_and_an_epoch_budget_replaces_the_step_b
             ["--data_set", "mvtec", "--data_path", ".", *flags]))
 
     default = cfg()
-    assert (default.base_lr, default.batch_size, default.accumulate_grad_batches, default.max_steps) == (4.5e-5, 1, 8, 5000)
+    assert (default.base_lr, default.batch_size, default.accumulate_grad_batches, default.max_steps) == (4.5e-5, 1, 8, 60001)
     assert (default.loss.disc_start, default.loss.kl_weight, default.loss.disc_weight) == (50001, 1e-6, 0.5)
     assert cfg("--batch_size", "4").learning_rate == pytest.approx(1.8e-4)  # not scaled by accumulation
     assert (cfg("--max_epochs", "3").max_steps, cfg("--max_epochs", "3").max_epochs) == (-1, 3)
     assert cfg("--max_epochs", "3", "--max_steps", "7").max_steps == 7
     with pytest.raises(UserError, match="budget"):
         cfg("--max_steps", "-1")
+
+
+def test_default_budget_reaches_the_patchgan_phase(capsys: pytest.CaptureFixture) -> None:
+    """configs/autoencoder.yaml: updates 0..50000 without the GAN loss, 50001..60000 with it; --help says so."""
+    def cfg(*flags: str) -> AutoencoderTrainConfig:
+        return finetune_autoencoder.train_config_from_args(finetune_autoencoder.parse_args(
+            ["--data_set", "mvtec", "--data_path", ".", *flags]))
+
+    default = cfg()
+    assert AutoencoderTrainConfig() == default  # the dataclass defaults are the file's
+    loss = LPIPSWithDiscriminator(dataclasses.replace(default.loss, perceptual_weight=0.0))
+    last = default.max_steps - 1  # generator updates are numbered 0 .. max_steps - 1
+    active = [s for s in (0, default.loss.disc_start - 1, default.loss.disc_start, last)
+              if loss.discriminator_active(s)]
+    assert active == [50001, 60000]
+    assert finetune_autoencoder.loss_phases(default) == (
+        "L1 + LPIPS + KL for generator updates 0..50000, plus the PatchGAN loss for updates 50001..60000", True)
+    text, with_gan = finetune_autoencoder.loss_phases(cfg("--max_steps", "5000", "--perceptual_weight", "0"))
+    assert not with_gan and text.startswith("L1 + KL (no LPIPS) only: the PatchGAN loss starts at generator update 50001")
+    assert finetune_autoencoder.loss_phases(cfg("--max_steps", "5000", "--disc_start", "100"))[1]
+    with pytest.raises(SystemExit):
+        finetune_autoencoder.parse_args(["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "the PatchGAN loss runs from update disc_start on" in help_text and "config's, 60001)" in help_text
+    assert "the PatchGAN loss starts at (default: the finetuning config's, 50001)" in help_text
 
 
 def _module() -> AutoencoderTraining:
@@ -297,10 +327,10 @@ def test_resume_continues_steps_and_optimiser_state(plain_run: Path, data_root: 
     run = tmp_path / "run"
     shutil.copytree(plain_run, run)
     with pytest.raises(UserError, match="no checkpoint to continue"):
-        run_cli(data_root, tmp_path / "empty", "--perceptual_weight", "0", "--resume")
+        run_cli(data_root, tmp_path / "empty", "--perceptual_weight", "0", "--resume", config="tiny")
     with pytest.raises(UserError, match="does not fit this run.*perceptual_weight"):
-        run_cli(data_root, run, "--resume", "--vgg_weights", "unused.pth")
-    run_cli(data_root, run, "--perceptual_weight", "0", "--resume", "--max_steps", "3")
+        run_cli(data_root, run, "--resume", "--vgg_weights", "unused.pth", config="tiny")
+    run_cli(data_root, run, "--perceptual_weight", "0", "--resume", "--max_steps", "3", config="tiny")
     ckpt = load_checkpoint(run / "autoencoder.ckpt")
     assert ckpt["global_step"] == 3
     before = load_checkpoint(plain_run / "autoencoder.ckpt")["state_dict"]

@@ -7,11 +7,15 @@ and ``val2017/`` image folders. Output, in the same root, for each part p (defau
   ``{img_path, mask_path, cls_name: "coco", specie_name, anomaly}``;
 - ``val2017_mask_ad_20_{p}/{image stem}.png``: 0/255 masks of the anomalous test images.
 
-Rules: the contiguous label index of a category is its position in sorted
-category-id order; part p holds out indexes 20p..20p+19 as anomalies. Train = every train2017 image
-(annotated or not) with no instance of a held-out category. Test = every val2017 image with at least
-one annotation; it is anomalous iff a held-out category is present, and its mask is the union of all
-held-out instances (crowd regions included). Normal test images have ``mask_path`` "".
+Rules, those of ADer's generator that produced the published COCO-AD files: the contiguous label
+index of a category is its position in sorted category-id order; part p holds out indexes
+20p..20p+19 as anomalies. Only images with at least one annotation exist (ADer iterates the COCO
+index's image-to-annotations table). Train = every annotated train2017 image with no instance of a
+held-out category. Test = every annotated val2017 image; it is anomalous iff a held-out category is
+present, and its mask is the union of all held-out instances (crowd regions included). Polygons are
+rasterised as ADer does, with OpenCV ``fillPoly`` on vertices truncated to integers (so a vertex at
+x = 3.9 lands on pixel 3), one polygon at a time; RLE regions are decoded and taken where > 0.5.
+Normal test images have ``mask_path`` "".
 
 Decisions: ``img_path`` and ``mask_path`` are relative to the root with forward slashes
 ("train2017/000000000009.jpg", as ADer writes them); ``specie_name`` is "" for normal images and the
@@ -64,6 +68,30 @@ def held_out(cat_ids: Sequence[int], part: int) -> set[int]:
     return set(ids)
 
 
+def instance_mask(ann: dict, height: int, width: int) -> np.ndarray:
+    """The pixels of one COCO instance, bool (height, width), rasterised as ADer's generator does.
+
+    Polygons (a list of flat ``[x0, y0, x1, y1, ...]`` lists): each filled with ``cv2.fillPoly`` on
+    its vertices truncated to int64. RLE (a dict, compressed or not): decoded, then > 0.5.
+    """
+    import cv2
+    from pycocotools import mask as mask_utils
+
+    seg = ann.get("segmentation")
+    if isinstance(seg, list):
+        canvas = np.zeros((height, width), dtype=np.uint8)
+        for poly in seg:
+            if len(poly) < 6 or len(poly) % 2:
+                raise UserError(f"annotation {ann.get('id')}: a polygon needs an even number (>= 6) of coordinates, "
+                                f"got {len(poly)}; fix or remove it in the instances file")
+            cv2.fillPoly(canvas, [np.array(poly).reshape(-1, 2).astype(np.int64)], 1)
+        return canvas > 0
+    if isinstance(seg, dict) and "counts" in seg:
+        rle = mask_utils.frPyObjects(seg, height, width) if isinstance(seg["counts"], list) else seg
+        return mask_utils.decode(rle) > 0.5
+    raise UserError(f"annotation {ann.get('id')}: segmentation is neither polygons nor RLE ({type(seg).__name__})")
+
+
 def _mask_png(mask: np.ndarray) -> bytes:
     from PIL import Image
 
@@ -78,15 +106,15 @@ def build_part(train, val, part: int, root: Path) -> dict:
     names = {c["id"]: c["name"] for c in val.loadCats(val.getCatIds())}
     mask_dir = f"val2017_mask_ad_20_{part}"
     train_items = []
-    for img_id in sorted(train.getImgIds()):
-        cats = {a["category_id"] for a in train.imgToAnns.get(img_id, [])}
-        if not cats & held:
+    for img_id in sorted(train.imgToAnns):  # annotated images only, as ADer
+        cats = {a["category_id"] for a in train.imgToAnns[img_id]}
+        if cats and not cats & held:
             name = train.imgs[img_id]["file_name"]
             train_items.append({"img_path": f"train2017/{name}", "mask_path": "", "cls_name": "coco",
                                 "specie_name": "", "anomaly": 0})
     test_items = []
-    for img_id in sorted(val.getImgIds()):
-        anns = val.imgToAnns.get(img_id, [])
+    for img_id in sorted(val.imgToAnns):  # annotated images only, as ADer
+        anns = val.imgToAnns[img_id]
         if not anns:
             continue
         info = val.imgs[img_id]
@@ -96,7 +124,7 @@ def build_part(train, val, part: int, root: Path) -> dict:
         if bad:
             mask = np.zeros((info["height"], info["width"]), dtype=np.uint8)
             for a in bad:
-                mask[val.annToMask(a) > 0] = 255
+                mask[instance_mask(a, info["height"], info["width"])] = 255
             rel = f"{mask_dir}/{Path(info['file_name']).stem}.png"
             write_bytes(root / rel, _mask_png(mask))
             item.update(mask_path=rel, anomaly=1,

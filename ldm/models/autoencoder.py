@@ -58,7 +58,7 @@ class AutoencoderTrainConfig:
     betas: tuple[float, ...] = (0.5, 0.9)
     batch_size: int = 1
     accumulate_grad_batches: int = 8
-    max_steps: int = 5000
+    max_steps: int = 60001  # reaches the PatchGAN phase (disc_start 50001) for 10,000 updates
     max_epochs: int = -1
     loss: AutoencoderLossConfig = field(default_factory=AutoencoderLossConfig)
 

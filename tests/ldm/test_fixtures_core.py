@@ -11,9 +11,9 @@ import torch
 from ldm.config import DiffusionConfig
 from ldm.diffusion.ddim import ddim_parameters, ddim_timesteps
 from ldm.diffusion.schedule import q_sample, register_schedule, schedule_arrays
-from ldm.modules.autoencoder import AutoencoderKL, DiagonalGaussian
-from ldm.modules.unet import UNetModel, timestep_embedding
-from tests.fixture_models import assert_close, autoencoder_config, sub_state_dict, unet_config, vlmdiff_weights
+from ldm.modules.autoencoder import DiagonalGaussian
+from ldm.modules.unet import timestep_embedding
+from tests.fixture_models import assert_close, build_autoencoder, build_unet
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +26,9 @@ def _diffusion_cfg(meta: dict) -> DiffusionConfig:
                            linear_end=meta["linear_end"], scale_factor=meta["scale_factor"])
 
 
-def test_autoencoder_reproduces_fixture(fixtures_dir, tiny_config):
+def test_autoencoder_reproduces_fixture(fixtures_dir):
     ref = torch.load(fixtures_dir / "autoencoder_forward.pt")
-    ae = AutoencoderKL(autoencoder_config(tiny_config)).eval()
-    ae.load_state_dict(torch.load(fixtures_dir / "tiny_ae_weights.pt"), strict=True)
+    ae = build_autoencoder(fixtures_dir)
     tol = dict(atol=1e-4, rtol=1e-4)
     with torch.no_grad():
         enc = ae.encoder(ref["x"])
@@ -50,23 +49,19 @@ def test_autoencoder_reproduces_fixture(fixtures_dir, tiny_config):
     assert clamp.logvar.min() >= -30 and clamp.logvar.max() <= 20
 
 
-def test_unet_without_control_reproduces_fixture(fixtures_dir, tiny_config):
+def test_unet_without_control_reproduces_fixture(fixtures_dir):
     ref = torch.load(fixtures_dir / "unet_forward.pt")
-    unet = UNetModel(unet_config(tiny_config)).eval()
-    unet.load_state_dict(sub_state_dict(vlmdiff_weights(fixtures_dir), "model.diffusion_model."), strict=True)
+    unet = build_unet(fixtures_dir)
     with torch.no_grad():
         eps = unet(ref["x"], ref["timesteps"], ref["context"])
     assert_close(eps, ref["eps_no_control"], atol=1e-4, rtol=1e-4, what="eps_no_control")
 
 
-def test_unet_math_attention_matches_sdpa(fixtures_dir, tiny_config):
+def test_unet_math_attention_matches_sdpa(fixtures_dir):
     ref = torch.load(fixtures_dir / "unet_forward.pt")
-    sd = sub_state_dict(vlmdiff_weights(fixtures_dir), "model.diffusion_model.")
-    import dataclasses
     outs = []
     for impl in ("sdpa", "math"):
-        unet = UNetModel(dataclasses.replace(unet_config(tiny_config), attention=impl)).eval()
-        unet.load_state_dict(sd)
+        unet = build_unet(fixtures_dir, attention=impl)
         with torch.no_grad():
             outs.append(unet(ref["x"], ref["timesteps"], ref["context"]))
     assert_close(outs[1], ref["eps_no_control"], atol=1e-4, rtol=1e-4, what="math attention")

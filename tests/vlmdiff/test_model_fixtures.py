@@ -2,28 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
 import torch
 
-from tests.fixture_models import assert_close, sub_state_dict, unet_config, vlmdiff_weights
-from vlmdiff.config import ControlConfig, load_model_config
-from vlmdiff.model import ControlledUNet, VLMDiff
-from vlmdiff.sg_network import SGNetwork, zero_initialised_modules
+from tests.fixture_models import assert_close, build_controlled_unet, build_sg_network, build_vlmdiff
+from vlmdiff.config import load_model_config
+from vlmdiff.model import VLMDiff
+from vlmdiff.sg_network import zero_initialised_modules
 
 
 @pytest.fixture(scope="module")
-def tiny_nets(fixtures_dir, tiny_config):
-    sd = vlmdiff_weights(fixtures_dir)
-    ucfg = unet_config(tiny_config)
-    cc = ControlConfig(hint_channels=tiny_config["unet_and_sgn"]["hint_channels"])
-    sgn = SGNetwork(ucfg, cc).eval()
-    sgn.load_state_dict(sub_state_dict(sd, "control_model."), strict=True)
-    unet = ControlledUNet(ucfg).eval()
-    unet.load_state_dict(sub_state_dict(sd, "model.diffusion_model."), strict=True)
-    return sgn, unet
+def tiny_nets(fixtures_dir):
+    return build_sg_network(fixtures_dir), build_controlled_unet(fixtures_dir)
 
 
 def test_sff_channels_follow_the_fixture(tiny_nets, tiny_config):
@@ -76,17 +68,10 @@ def test_zero_init_and_trainable_split():
     assert any(n.startswith("model.diffusion_model.time_embed.") for n in frozen)
 
 
-def test_vlmdiff_apply_model_matches_fixture(fixtures_dir, tiny_config):
+def test_vlmdiff_apply_model_matches_fixture(fixtures_dir):
     """The LightningModule's apply_model with the fixture weights reproduces eps_only_mid_control."""
     ref = torch.load(fixtures_dir / "unet_forward.pt")
-    cfg = load_model_config("tiny")
-    cfg = dataclasses.replace(cfg, unet=unet_config(tiny_config))
-    model = VLMDiff(cfg).eval()
-    own = model.state_dict()
-    sd = vlmdiff_weights(fixtures_dir)
-    for k, v in sd.items():
-        own[k] = v
-    model.load_state_dict(own)
+    model = build_vlmdiff(fixtures_dir)
     with torch.no_grad():
         eps = model.apply_model(ref["x"], ref["timesteps"], {"context": ref["context"], "hint": ref["hint"]})
     assert_close(eps, ref["eps_only_mid_control"], atol=1e-4, rtol=1e-4, what="apply_model")

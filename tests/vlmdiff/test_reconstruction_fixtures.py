@@ -2,31 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
 from ldm.diffusion.ddim import ddim_parameters, ddim_sample, ddim_timesteps, steps_up_to
 from ldm.diffusion.guidance import classifier_free_guidance
-from tests.fixture_models import assert_close, autoencoder_config, unet_config, vlmdiff_weights
-from vlmdiff.config import load_model_config
-from vlmdiff.model import VLMDiff
+from tests.fixture_models import assert_close, build_vlmdiff
 from vlmdiff.reconstruction import ReconstructionSettings, per_image_noise, reconstruct, reconstruct_latent
 
 LATENT_TOL = dict(atol=1e-3, rtol=1e-4)
 
 
 @pytest.fixture(scope="module")
-def model(fixtures_dir, tiny_config):
-    cfg = load_model_config("tiny")
-    cfg = dataclasses.replace(cfg, unet=unet_config(tiny_config), autoencoder=autoencoder_config(tiny_config))
-    m = VLMDiff(cfg).eval()
-    own = m.state_dict()
-    own.update(vlmdiff_weights(fixtures_dir))
-    own.update({f"first_stage_model.{k}": v for k, v in torch.load(fixtures_dir / "tiny_ae_weights.pt").items()})
-    m.load_state_dict(own)
-    return m
+def model(fixtures_dir):
+    return build_vlmdiff(fixtures_dir)
 
 
 def test_ddim_trajectory(fixtures_dir, model):

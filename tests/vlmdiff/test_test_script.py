@@ -88,6 +88,9 @@ def test_other_run_folder_and_bad_input(setup, reference, tmp_path):
     out, _ = reference
     with pytest.raises(UserError, match="another run"):
         _run(data, ckpt, out, "--ddim_steps", "4")
+    assert json.loads((out / "manifest.json").read_text())["data"]["mask_order"] == "resize_first"
+    with pytest.raises(UserError, match="data.mask_order: 'resize_first' there, 'binarize_first' now"):
+        _run(data, ckpt, out, "--mask_order", "binarize_first")  # its stored masks were made the other way
     with pytest.raises(UserError, match="another model config"):
         _run(data, ckpt, tmp_path / "o1", "--config", "tiny", "unet.num_heads=2")
     bad_weights = tmp_path / "resnet.pth"

@@ -19,6 +19,7 @@ from utils.errors import UserError
 
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 NORMAL_DEFECT = "good"
+MASK_ORDERS = ("resize_first", "binarize_first")  # the first is upstream's and the default
 
 
 @dataclass(frozen=True)
@@ -141,3 +142,25 @@ def load_mask(path: str | os.PathLike, image_size: tuple[int, int] | None = None
         raise UserError(f"mask {path} is {img.size[0]}x{img.size[1]} but its image {image_path} is "
                         f"{image_size[0]}x{image_size[1]}; masks must have the size of their image")
     return img
+
+
+def resize_mask(mask: Image.Image, size: int, order: str = "resize_first") -> np.ndarray:
+    """A ground-truth mask ("L" image, as :func:`load_mask` returns it) at ``size`` x ``size``, uint8 0..255.
+
+    ``order`` "resize_first" (upstream's order, the default): the raw file values (VisA: defect
+    indexes 1..k) are resized with PIL's bilinear filter (8-bit, rounded after each axis), then
+    ``> 0`` -> 255, else 0. A thin or tiny defect whose resized values round to 0 is lost, as upstream
+    loses it. ``order`` "binarize_first": ``> 0`` -> 255 first, then the bilinear resize; the result
+    keeps soft edges (0..255, the covered fraction), so regions are larger and thin or tiny defects
+    that the other order drops are kept, and a ground-truth threshold (``mask_threshold``) can pick
+    the coverage that counts.
+    """
+    if order not in MASK_ORDERS:
+        raise UserError(f"mask order {order!r} is not one of {', '.join(MASK_ORDERS)}")
+    if mask.mode != "L":
+        raise ValueError(f"resize_mask expects an 'L' image (load_mask returns one), got mode {mask.mode}")
+    if order == "binarize_first":
+        binary = Image.fromarray(np.where(np.asarray(mask) > 0, 255, 0).astype(np.uint8), "L")
+        return np.array(binary.resize((size, size), Image.Resampling.BILINEAR), dtype=np.uint8)
+    resized = np.asarray(mask.resize((size, size), Image.Resampling.BILINEAR))
+    return np.where(resized > 0, 255, 0).astype(np.uint8)
