@@ -8,6 +8,10 @@ gradient accumulation 4, seed 1 -- the paper's settings. Checkpoints, TensorBoar
   python train.py --data_set mvtec --data_path data/mvtec --resume_path models/vlmdiff.ckpt
   python train.py ... --use_captions --caption_folder data/mvtec_captions_internvl_pd
   python train.py ... --resume                      # continue after a crash or preemption
+
+SIGTERM (SLURM preemption or time limit) saves ckpt_{exp_name}/last.ckpt and exits with code 143; a
+non-finite loss stops the run with an error naming the step, and no checkpoint is ever written with
+NaN/inf weights.
   python train.py ... --devices 4 --strategy ddp    # several GPUs (see README for nodes/SLURM)
 """
 
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ldm.config import to_dict
 from utils.cli import run_main, setup_logging
@@ -27,7 +32,8 @@ from utils.errors import UserError
 from utils.provenance import provenance
 from vlmdiff.checkpoint import load_vlmdiff
 from vlmdiff.cli import PAPER_EPOCHS, add_caption_args, add_config_args, add_data_args, canonical_dataset, coco_part, load_split_captions
-from vlmdiff.training import PRECISIONS, PerRankSeed, SaveProvenance, checkpoint_callback, last_checkpoint, make_trainer, train_loader
+from vlmdiff.training import (PRECISIONS, FiniteTraining, Preempted, PerRankSeed, SaveOnSigterm, SaveProvenance,
+                              checkpoint_callback, last_checkpoint, make_trainer, train_loader)
 
 log = logging.getLogger("train")
 
@@ -113,12 +119,16 @@ def main(argv: Sequence[str] | None = None) -> Path:
     loader = train_loader(data, args.batch_size, args.num_workers, args.seed)
     info = provenance(seed=args.seed, config=to_dict(model.cfg), start_weights=str(start), data_set=dataset,
                       data_path=str(args.data_path), use_captions=args.use_captions)
-    callbacks = [checkpoint_callback(ckpt_dir, args.save_every_n_epochs, args.save_every_n_steps),
-                 PerRankSeed(args.seed), SaveProvenance(info)]
+    callbacks = [FiniteTraining(args.log_every_n_steps if args.no_progress_bar else 0),
+                 checkpoint_callback(ckpt_dir, args.save_every_n_epochs, args.save_every_n_steps),
+                 PerRankSeed(args.seed), SaveProvenance(info), SaveOnSigterm(ckpt_dir / "last.ckpt")]
     trainer = make_trainer(args, ckpt_dir, callbacks)
     log.info("training %d images of %d classes; %s", len(data), len(data.class_names),
              f"resuming {resume_from}" if resume_from else f"from {start}")
-    trainer.fit(model, train_dataloaders=loader, ckpt_path=str(resume_from) if resume_from else None)
+    try:
+        trainer.fit(model, train_dataloaders=loader, ckpt_path=str(resume_from) if resume_from else None)
+    except SIGTERMException:
+        raise Preempted() from None
     return ckpt_dir
 
 
