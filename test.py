@@ -158,9 +158,10 @@ def _score(args: argparse.Namespace, dataset_name: str, output_dir: Path, ranks:
     distributed.init(ranks, device)
     settings = ReconstructionSettings(args.ddim_steps, args.noise_t, args.guidance_scale, 0.0, args.seed)
     extractor_name = resolve_extractor_name(args.feature_extractor, args.use_dino, args.dino_version)
+    # The feature extractor is small: build it (checking its weight file) before the large checkpoint is read.
+    extractor = build_feature_extractor(extractor_name, args.feature_weights, input_size=args.feature_input_size)
     model, _ = load_vlmdiff(args.resume_path, args.config, args.overrides, args.unsafe_legacy_pickle)
     settings.check(model.num_timesteps)
-    extractor = build_feature_extractor(extractor_name, args.feature_weights, input_size=args.feature_input_size)
     model.eval().to(device)
     extractor.eval().to(device)
     use_test_captions = args.use_captions and (dataset_name == "coco" or args.test_captions)
