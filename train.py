@@ -107,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> Path:
     if resume_from is None and (ckpt_dir / "last.ckpt").exists():
         raise UserError(f"{ckpt_dir} already holds a run: pass --resume to continue it or choose another --exp_name")
     start = resume_from or Path(args.resume_path)
+    if not Path(args.data_path).is_dir():
+        raise UserError(f"--data_path {args.data_path} is not a folder")
+    captions = load_split_captions(args, "train")  # checked before the (large) checkpoint is read
     overrides = list(args.overrides) + (["unet.use_checkpoint=true"] if args.gradient_checkpointing else [])
     pl.seed_everything(args.seed, workers=True, verbose=False)
     model, _ = load_vlmdiff(start, args.config, overrides, args.unsafe_legacy_pickle, learning_rate=args.lr,
@@ -114,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     from vlmdiff.data import build_dataset
 
     data = build_dataset(dataset, args.data_path, "train", classes=args.classes, image_size=model.cfg.image_size,
-                         captions=load_split_captions(args, "train"), require_captions=args.use_captions,
+                         captions=captions, require_captions=args.use_captions,
                          coco_part=coco_part(args))
     loader = train_loader(data, args.batch_size, args.num_workers, args.seed)
     info = provenance(seed=args.seed, config=to_dict(model.cfg), start_weights=str(start), data_set=dataset,

@@ -592,6 +592,14 @@ def _(ws: Workspace, tmp: Path) -> Run:
     return Run("test", argv, names=(str(missing), "--feature_weights"))
 
 
+@case("train: a missing --data_path is reported before the checkpoint is read")
+def _(ws: Workspace, tmp: Path) -> Run:
+    garbage = tmp / "garbage.ckpt"
+    garbage.write_bytes(b"\0" * 4096)
+    return Run("train", train(ws, tmp, "--resume_path", str(garbage), data=tmp / "mvtec"),
+               names=("--data_path", str(tmp / "mvtec")))
+
+
 # ------------------------------------------------------------------------------------------------ runner
 
 
