@@ -2,9 +2,10 @@
 
 * ``.ckpt`` / ``.pt`` / ``.pth``: a torch pickle, usually a dict with a ``state_dict``. Loaded with
   ``weights_only=True`` and, for the zip format torch has written since 1.6, ``mmap=True``: tensors stay
-  in the file until read, so entries a stage does not use (EMA copies, optimiser state) cost no memory. Lightning 1.x checkpoints (upstream's) also pickle Lightning and OmegaConf
-  objects; those classes are mapped to an inert placeholder so the file loads without running their
-  code. Arbitrary pickles load only with ``allow_unsafe_pickle=True`` (trusted files only).
+  in the file until read, so entries a stage does not use (EMA copies, optimiser state) cost no memory.
+  Lightning 1.x checkpoints (upstream's) also pickle Lightning and OmegaConf objects; those classes
+  are mapped to an inert placeholder so the file loads without running their code. Arbitrary pickles
+  load only with ``allow_unsafe_pickle=True`` (trusted files only).
 * ``.safetensors``: tensors plus string metadata (ours stores the resolved config there); read lazily
   (``safe_open`` maps the file) and written by streaming the tensors into the temporary file.
 * Half-precision files (``*-fp16``, bf16) load into a float32 model: :func:`load_into` casts (and logs).
