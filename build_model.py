@@ -7,7 +7,9 @@ and every shape is checked. The resolved model config is stored in the output.
 
   python build_model.py --sd_path models/v1-5-pruned.ckpt --ae_path models/mvtec_ae.ckpt \\
       --output models/vlmdiff.ckpt
---sd_path takes a .ckpt, a .safetensors or a Stable Diffusion folder in diffusers layout.
+--sd_path takes a .ckpt, a .safetensors or a Stable Diffusion folder in diffusers layout; half-precision
+files (*-fp16, bf16) are cast to float32 (the schedule buffers are then recomputed, not taken rounded).
+A trained or assembled VLMDiff checkpoint is refused as --sd_path: it would overwrite the SG network.
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ from typing import Sequence
 
 import torch
 
-from ldm.checkpoint import drop_ema, load_checkpoint, load_state_dict, save_checkpoint, use_ema_weights
+from ldm.checkpoint import (cast_to_model_dtypes, drop_ema, load_checkpoint, load_state_dict, save_checkpoint,
+                            use_ema_weights)
 from ldm.config import to_dict
-from ldm.diffusion.schedule import register_schedule
+from ldm.diffusion.schedule import SCHEDULE_BUFFERS, register_schedule
 from utils.cli import HelpFormatter, add_run_file_args, parse_with_run_file, print_config, run_main, setup_logging
 from utils.errors import UserError
 from utils.provenance import provenance
 from ldm.models.autoencoder import autoencoder_state_dict
-from vlmdiff.checkpoint import assemble_state_dict
+from vlmdiff.checkpoint import CONTROL, UNET, assemble_state_dict, checkpoint_kind
 from vlmdiff.cli import DATASETS, add_config_args, canonical_dataset
 from vlmdiff.config import VLMDiffConfig, load_model_config
 from vlmdiff.model import VLMDiff
@@ -64,7 +67,16 @@ def read_sd(path: Path, cfg: VLMDiffConfig, use_ema: bool, unsafe: bool) -> dict
             raise UserError(f"--sd_path {path} is a folder but not a diffusers Stable Diffusion folder (no model_index.json, unet/, vae/)")
         return load_diffusers_folder(path, unet_cfg=cfg.unet, ae_cfg=cfg.autoencoder)
     sd = load_state_dict(path, unsafe)
-    return use_ema_weights(sd, path=path) if use_ema else drop_ema(sd)
+    if not any(k.startswith(UNET) for k in sd) or any(k.startswith(CONTROL) for k in sd):
+        raise UserError(f"--sd_path {path} is {checkpoint_kind(sd)}, not Stable Diffusion 1.x: give the SD "
+                        "checkpoint (e.g. v1-5-pruned.ckpt) as --sd_path; a VLMDiff checkpoint goes to train.py or "
+                        "test.py --resume_path, an autoencoder to --ae_path")
+    sd = use_ema_weights(sd, path=path) if use_ema else drop_ema(sd)
+    half = [k for k in SCHEDULE_BUFFERS if k in sd and sd[k].dtype in (torch.float16, torch.bfloat16)]
+    if half:
+        log.info("%s: the schedule buffers are stored in %s: using freshly computed float32 ones", path,
+                 sd[half[0]].dtype)
+    return {k: v for k, v in sd.items() if k not in half}
 
 
 def fresh_weights(cfg: VLMDiffConfig, text_from_sd: bool) -> dict[str, torch.Tensor]:
@@ -99,9 +111,12 @@ def build(args: argparse.Namespace) -> Path:
     log.info("reading %s", ae_path)
     ae = autoencoder_state_dict(load_checkpoint(ae_path, args.unsafe_legacy_pickle), ae_path)
     with torch.device("meta"):
-        target = {k: v.shape for k, v in VLMDiff(cfg, load_pretrained_text=False).state_dict().items()}
+        meta = VLMDiff(cfg, load_pretrained_text=False).state_dict()
+    target = {k: v.shape for k, v in meta.items()}
     state, sources = assemble_state_dict(target, fresh_weights(cfg, text_from_sd), sd, ae, text_from_sd=text_from_sd,
                                          sd_path=str(sd_path), ae_path=str(ae_path))
+    del sd, ae
+    state = cast_to_model_dtypes(state, {k: v.dtype for k, v in meta.items()}, "the assembled weights")
     log.info("assembled %d tensors: %s", len(state), sources)
     info = provenance(seed=args.seed, config=to_dict(cfg), sd_path=str(sd_path), ae_path=str(ae_path),
                       use_ema=args.use_ema, sources=sources.counts)

@@ -26,6 +26,9 @@ Run folder (``--output_dir``, default runs/autoencoder_{dataset}[_part{p}][_{exp
 epoch end and at the end; ``--resume`` continues from it with optimiser and step state),
 ``autoencoder.ckpt`` (final weights under upstream's names + the resolved config: give it to
 build_model.py), ``images/step_*.png`` (inputs over reconstructions) and CSV/TensorBoard logs.
+SIGTERM (SLURM preemption or time limit) saves ``checkpoints/last.ckpt`` and exits with code 143 (continue
+with ``--resume``); a non-finite loss stops the run with an error naming the step, and no checkpoint is
+written with NaN/inf weights.
 
 Example: python finetune_autoencoder.py --data_set mvtec --data_path data/mvtec --resume_path models/autoencoders.ckpt
 """
@@ -194,7 +197,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     from utils.provenance import provenance
     from vlmdiff.data import build_dataset, canonical_name
     from vlmdiff.data.dataset import IMAGENET_MEAN, IMAGENET_STD
-    from vlmdiff.training import SaveProvenance
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from vlmdiff.training import FiniteTraining, Preempted, SaveOnSigterm, SaveProvenance
 
     args = parse_args(argv)
     setup_logging(args.verbose)
@@ -246,9 +251,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         strategy="ddp_find_unused_parameters_true" if multi else "auto",
         max_epochs=train_cfg.max_epochs if train_cfg.max_epochs > 0 else -1, max_steps=-1,
         logger=_loggers(folder), enable_checkpointing=False, plugins=[AtomicCheckpointIO()],
-        callbacks=[StepCheckpoint(folder / "checkpoints", args.save_every_n_steps, args.keep_checkpoints),
+        callbacks=[FiniteTraining(args.log_every_n_steps if args.no_progress_bar else 0),
+                   StepCheckpoint(folder / "checkpoints", args.save_every_n_steps, args.keep_checkpoints),
                    ReconstructionImages(folder / "images", args.log_images_every_n_steps, IMAGENET_MEAN, IMAGENET_STD),
-                   SaveProvenance(info)],
+                   SaveProvenance(info), SaveOnSigterm(folder / "checkpoints" / "last.ckpt")],
         default_root_dir=str(folder), enable_progress_bar=not args.no_progress_bar, num_sanity_val_steps=0,
         log_every_n_steps=args.log_every_n_steps,
     )
@@ -260,7 +266,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 train_cfg.max_epochs if train_cfg.max_epochs > 0 else "unlimited", train_cfg.loss.disc_start, folder)
     phases, with_gan = loss_phases(train_cfg)
     logger.log(logging.INFO if with_gan else logging.WARNING, "losses: %s", phases)
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=str(last) if args.resume else None)
+    try:
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=str(last) if args.resume else None)
+    except SIGTERMException:
+        raise Preempted() from None
 
     if trainer.is_global_zero:
         out = folder / "autoencoder.ckpt"

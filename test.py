@@ -186,13 +186,14 @@ def _score(args: argparse.Namespace, dataset_name: str, output_dir: Path, ranks:
     distributed.init(ranks, device)
     settings = ReconstructionSettings(args.ddim_steps, args.noise_t, args.guidance_scale, 0.0, args.seed)
     extractor_name = resolve_extractor_name(args.feature_extractor, args.use_dino, args.dino_version)
-    model, _ = load_vlmdiff(args.resume_path, args.config, args.overrides, args.unsafe_legacy_pickle)
-    settings.check(model.num_timesteps)
-    extractor = build_feature_extractor(extractor_name, args.feature_weights, input_size=args.feature_input_size)
-    model.eval().to(device)
-    extractor.eval().to(device)
+    # Captions and the (small) feature extractor are checked before the large checkpoint is read.
     use_test_captions = args.use_captions and (dataset_name == "coco" or args.test_captions)
     captions = load_split_captions(args, "test") if use_test_captions else None
+    extractor = build_feature_extractor(extractor_name, args.feature_weights, input_size=args.feature_input_size)
+    model, _ = load_vlmdiff(args.resume_path, args.config, args.overrides, args.unsafe_legacy_pickle)
+    settings.check(model.num_timesteps)
+    model.eval().to(device)
+    extractor.eval().to(device)
     matched = match_captions(records, captions, root=Path(args.data_path), require=True) if captions else {}
     dataset = AnomalyDataset(records, image_size=model.cfg.image_size, captions=matched, mask_order=args.mask_order)
     data = {"data_set": dataset_name, "data_path": str(Path(args.data_path).resolve()), "coco_part": args.coco_part,

@@ -8,6 +8,10 @@ gradient accumulation 4, seed 1 -- the paper's settings. Checkpoints, TensorBoar
   python train.py --data_set mvtec --data_path data/mvtec --resume_path models/vlmdiff.ckpt
   python train.py ... --use_captions --caption_folder data/mvtec_captions_internvl_pd
   python train.py ... --resume                      # continue after a crash or preemption
+
+SIGTERM (SLURM preemption or time limit) saves ckpt_{exp_name}/last.ckpt and exits with code 143; a
+non-finite loss stops the run with an error naming the step, and no checkpoint is ever written with
+NaN/inf weights.
   python train.py ... --devices 4 --strategy ddp    # several GPUs (see README for nodes/SLURM)
 """
 
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ldm.config import to_dict
 from utils.cli import HelpFormatter, add_run_file_args, parse_with_run_file, print_config, run_main, setup_logging
@@ -28,7 +33,8 @@ from utils.provenance import provenance
 from vlmdiff.checkpoint import load_vlmdiff
 from vlmdiff.cli import (PAPER_EPOCHS, add_caption_args, add_config_args, add_data_args, canonical_dataset, coco_part,
                          lightning_precision, load_split_captions, model_config_to_print)
-from vlmdiff.training import PRECISIONS, PerRankSeed, SaveProvenance, checkpoint_callback, last_checkpoint, make_trainer, train_loader
+from vlmdiff.training import (PRECISIONS, FiniteTraining, Preempted, PerRankSeed, SaveOnSigterm, SaveProvenance,
+                              checkpoint_callback, last_checkpoint, make_trainer, train_loader)
 
 log = logging.getLogger("train")
 
@@ -118,6 +124,9 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
     if resume_from is None and (ckpt_dir / "last.ckpt").exists():
         raise UserError(f"{ckpt_dir} already holds a run: pass --resume to continue it or choose another --exp_name")
     start = resume_from or Path(args.resume_path)
+    if not Path(args.data_path).is_dir():
+        raise UserError(f"--data_path {args.data_path} is not a folder")
+    captions = load_split_captions(args, "train")  # checked before the (large) checkpoint is read
     overrides = list(args.overrides) + (["unet.use_checkpoint=true"] if args.gradient_checkpointing else [])
     pl.seed_everything(args.seed, workers=True, verbose=False)
     model, _ = load_vlmdiff(start, args.config, overrides, args.unsafe_legacy_pickle, learning_rate=args.lr,
@@ -125,17 +134,21 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
     from vlmdiff.data import build_dataset
 
     data = build_dataset(dataset, args.data_path, "train", classes=args.classes, image_size=model.cfg.image_size,
-                         captions=load_split_captions(args, "train"), require_captions=args.use_captions,
+                         captions=captions, require_captions=args.use_captions,
                          coco_part=coco_part(args))
     loader = train_loader(data, args.batch_size, args.num_workers, args.seed)
     info = provenance(seed=args.seed, config=to_dict(model.cfg), start_weights=str(start), data_set=dataset,
                       data_path=str(args.data_path), use_captions=args.use_captions)
-    callbacks = [checkpoint_callback(ckpt_dir, args.save_every_n_epochs, args.save_every_n_steps),
-                 PerRankSeed(args.seed), SaveProvenance(info)]
+    callbacks = [FiniteTraining(args.log_every_n_steps if args.no_progress_bar else 0),
+                 checkpoint_callback(ckpt_dir, args.save_every_n_epochs, args.save_every_n_steps),
+                 PerRankSeed(args.seed), SaveProvenance(info), SaveOnSigterm(ckpt_dir / "last.ckpt")]
     trainer = make_trainer(args, ckpt_dir, callbacks)
     log.info("training %d images of %d classes; %s", len(data), len(data.class_names),
              f"resuming {resume_from}" if resume_from else f"from {start}")
-    trainer.fit(model, train_dataloaders=loader, ckpt_path=str(resume_from) if resume_from else None)
+    try:
+        trainer.fit(model, train_dataloaders=loader, ckpt_path=str(resume_from) if resume_from else None)
+    except SIGTERMException:
+        raise Preempted() from None
     return ckpt_dir
 
 

@@ -1,10 +1,14 @@
 """Reading and writing checkpoints in the formats the latent-diffusion world uses.
 
 * ``.ckpt`` / ``.pt`` / ``.pth``: a torch pickle, usually a dict with a ``state_dict``. Loaded with
-  ``weights_only=True``. Lightning 1.x checkpoints (upstream's) also pickle Lightning and OmegaConf
-  objects; those classes are mapped to an inert placeholder so the file loads without running their
-  code. Arbitrary pickles load only with ``allow_unsafe_pickle=True`` (trusted files only).
-* ``.safetensors``: tensors plus string metadata (ours stores the resolved config there).
+  ``weights_only=True`` and, for the zip format torch has written since 1.6, ``mmap=True``: tensors stay
+  in the file until read, so entries a stage does not use (EMA copies, optimiser state) cost no memory.
+  Lightning 1.x checkpoints (upstream's) also pickle Lightning and OmegaConf objects; those classes
+  are mapped to an inert placeholder so the file loads without running their code. Arbitrary pickles
+  load only with ``allow_unsafe_pickle=True`` (trusted files only).
+* ``.safetensors``: tensors plus string metadata (ours stores the resolved config there); read lazily
+  (``safe_open`` maps the file) and written by streaming the tensors into the temporary file.
+* Half-precision files (``*-fp16``, bf16) load into a float32 model: :func:`load_into` casts (and logs).
 * Stable Diffusion's EMA copy ``model_ema.<name without dots>`` can replace the raw UNet weights.
 """
 
@@ -14,6 +18,8 @@ import json
 import logging
 import os
 import pickle
+import zipfile
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -21,7 +27,7 @@ import torch
 from torch import nn
 
 from utils.errors import UserError
-from utils.io import atomic_open
+from utils.io import atomic_open, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -62,14 +68,15 @@ def load_checkpoint(path: str | os.PathLike, allow_unsafe_pickle: bool = False) 
     _check_exists(path)
     if path.suffix == ".safetensors":
         return _load_safetensors(path)
+    mmap = zipfile.is_zipfile(path)  # the legacy (pre-1.6) format cannot be mapped
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if allow_unsafe_pickle:
             log.warning("loading %s as an arbitrary pickle (allow_unsafe_pickle): only do this for trusted files", path)
             obj = torch.load(path, map_location="cpu", weights_only=False)
         else:
-            obj = _load_with_opaque_globals(path, e)
+            obj = _load_with_opaque_globals(path, e, mmap)
     except Exception as e:  # noqa: BLE001 - torch raises many types for a damaged or foreign file
         raise UserError(f"{path} is not a readable checkpoint ({_short(e)}); is the file complete?") from e
     if not isinstance(obj, dict):
@@ -83,7 +90,7 @@ def _short(e: BaseException) -> str:
     return text.splitlines()[0].split(". ")[0][:200] if text else type(e).__name__
 
 
-def _load_with_opaque_globals(path: Path, first_error: Exception) -> Any:
+def _load_with_opaque_globals(path: Path, first_error: Exception, mmap: bool) -> Any:
     """weights_only load with the Lightning/OmegaConf globals of the file mapped to :class:`OpaqueObject`."""
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
@@ -97,7 +104,7 @@ def _load_with_opaque_globals(path: Path, first_error: Exception) -> Any:
         )
     with torch.serialization.safe_globals([(OpaqueObject, n) for n in names]):
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as e:  # noqa: BLE001
             raise UserError(f"{path} could not be read safely ({_short(e)}); if you trust it, pass --unsafe_legacy_pickle") from e
 
@@ -183,10 +190,12 @@ def load_into(module: nn.Module, sd: Mapping[str, torch.Tensor], path: str | os.
     On any mismatch one :class:`UserError` summarises all of them (with an example of each kind).
     ``assign`` makes the module use the given tensors (for modules built on the meta device).
     """
-    expected = {k: v.shape for k, v in module.state_dict().items()}
+    own = module.state_dict()
+    expected = {k: v.shape for k, v in own.items()}
     problem = describe_mismatch(expected, sd, ignore)
     if problem:
         raise UserError(f"{path} does not fit this model: {problem}{'; ' + hint if hint else ''}")
+    sd = cast_to_model_dtypes(sd, {k: v.dtype for k, v in own.items()}, path)
     missing, unexpected = module.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=False,
                                                  assign=assign)
     missing = [k for k in missing if k not in set(ignore)]
@@ -197,19 +206,36 @@ def load_into(module: nn.Module, sd: Mapping[str, torch.Tensor], path: str | os.
         raise UserError(f"{path}: tensor {bad[0]} holds NaN or infinite values ({len(bad)} such tensors); the file is damaged")
 
 
+def cast_to_model_dtypes(sd: Mapping[str, torch.Tensor], dtypes: Mapping[str, torch.dtype],
+                         path: str | os.PathLike = "checkpoint") -> dict[str, torch.Tensor]:
+    """``sd`` with every floating tensor in the dtype the model has for it (float16/bf16 files -> float32).
+
+    Logs what was cast; tensors already in the model's dtype (or not in ``dtypes``) are returned as they are.
+    """
+    out = dict(sd)
+    cast: Counter = Counter()
+    for k, v in sd.items():
+        want = dtypes.get(k)
+        if want is not None and v.is_floating_point() and want.is_floating_point and v.dtype != want:
+            out[k] = v.to(want)
+            cast[(str(v.dtype).removeprefix("torch."), str(want).removeprefix("torch."))] += 1
+    for (src, dst), n in sorted(cast.items()):
+        log.info("%s: %d tensors stored as %s, cast to %s (the model's dtype)", path, n, src, dst)
+    return out
+
+
 def save_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None = None,
                     extra: Mapping[str, Any] | None = None) -> None:
     """Write weights (+ the resolved config) atomically as ``.safetensors`` or a torch ``.ckpt`` dict."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import save
+        from safetensors.torch import save_file
 
         meta = {"config": json.dumps(config)} if config is not None else {}
         meta.update({k: json.dumps(v) for k, v in (extra or {}).items()})
         tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
-        data = save(_unshare(tensors), metadata=meta)
-        with atomic_open(path, "wb") as f:
-            f.write(data)
+        with atomic_path(path) as tmp:
+            save_file(_unshare(tensors), tmp, metadata=meta)  # streams each tensor to the file, no copy in memory
         return
     obj: dict[str, Any] = {"state_dict": dict(state_dict)}
     if config is not None:

@@ -522,7 +522,8 @@ def _(ws: Workspace, tmp: Path) -> Run:
 
 @case("test: an autoencoder checkpoint given as the VLMDiff --resume_path")
 def _(ws: Workspace, tmp: Path) -> Run:
-    return Run("test", scoring_args(ws, tmp / "out", ckpt=ws.ae), names=(str(ws.ae), "does not fit"))
+    return Run("test", scoring_args(ws, tmp / "out", ckpt=ws.ae),
+               names=(str(ws.ae), "an autoencoder checkpoint", "not a VLMDiff checkpoint"))
 
 
 @case("test: a truncated --resume_path")
@@ -568,6 +569,35 @@ def _(ws: Workspace, tmp: Path) -> Run:
     script.main(argv)  # a complete earlier evaluation
     assert (out / "metrics.json").is_file()
     return Run("test", argv, names=(str(out / "metrics.json"), "disk"), protect=(out,), disk_full=True)
+
+
+@case("build_model: a VLMDiff checkpoint as --sd_path (its SG network would be overwritten)")
+def _(ws: Workspace, tmp: Path) -> Run:
+    out = tmp / "out.ckpt"
+    return Run("build_model", build(ws, tmp, sd=ws.vlmdiff, output=out), names=("--sd_path", str(ws.vlmdiff), "VLMDiff"),
+               check=lambda: None if not out.exists() else pytest.fail(f"{out} was written"))
+
+
+@case("train: a Stable Diffusion checkpoint as --resume_path")
+def _(ws: Workspace, tmp: Path) -> Run:
+    return Run("train", train(ws, tmp, "--resume_path", str(ws.sd)), names=(str(ws.sd), "Stable Diffusion", "build_model"))
+
+
+@case("test: a missing --feature_weights is reported before the checkpoint is read")
+def _(ws: Workspace, tmp: Path) -> Run:
+    garbage = tmp / "garbage.ckpt"
+    garbage.write_bytes(b"\0" * 4096)
+    missing = tmp / "dino_deitsmall8_pretrain.pth"
+    argv = scoring_args(ws, tmp / "out", "--feature_weights", str(missing), ckpt=garbage)
+    return Run("test", argv, names=(str(missing), "--feature_weights"))
+
+
+@case("train: a missing --data_path is reported before the checkpoint is read")
+def _(ws: Workspace, tmp: Path) -> Run:
+    garbage = tmp / "garbage.ckpt"
+    garbage.write_bytes(b"\0" * 4096)
+    return Run("train", train(ws, tmp, "--resume_path", str(garbage), data=tmp / "mvtec"),
+               names=("--data_path", str(tmp / "mvtec")))
 
 
 # ------------------------------------------------------------------------------------------------ runner

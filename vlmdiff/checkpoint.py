@@ -13,7 +13,7 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -160,22 +160,45 @@ def resolve_checkpoint_config(ckpt: Mapping, path: str, config: str | None, over
     return cfg
 
 
+# Entries of a Lightning checkpoint that only a resumed fit needs (Lightning reads them from the file itself).
+TRAINING_STATE = ("state_dict", "optimizer_states", "lr_schedulers", "loops", "callbacks")
+
+
+def checkpoint_kind(keys: Iterable[str]) -> str:
+    """What a state dict is, from its key names: VLMDiff, Stable Diffusion, autoencoder, or unknown."""
+    keys = list(keys)
+    if any(k.startswith(CONTROL) for k in keys):
+        return "a VLMDiff checkpoint (it has control_model.* weights)"
+    if any(k.startswith(UNET) for k in keys):
+        return "a Stable Diffusion checkpoint (model.diffusion_model.* without control_model.*)"
+    if any(k.startswith(("encoder.", "decoder.", FIRST_STAGE)) for k in keys):
+        return "an autoencoder checkpoint (no UNet weights)"
+    return f"not a checkpoint this project knows (first key: {keys[0] if keys else 'none'})"
+
+
 def load_vlmdiff(path: str | os.PathLike, config: str | None = None, overrides: Sequence[str] = (),
                  allow_unsafe_pickle: bool = False, **model_kwargs):
     """Build a VLMDiff model from a checkpoint (assembled, trained, or upstream's) without a second copy.
 
-    The network is created on the meta device and takes the checkpoint's tensors directly; only the
-    text encoder is built on the CPU first (its tokenizer and non-persistent buffers).
+    The file is memory-mapped and the network, created on the meta device, takes its tensors directly
+    (half-precision files are cast to float32); only the text encoder is built on the CPU first (its
+    tokenizer and non-persistent buffers). Returns ``(model, info)``: ``info`` is the checkpoint without
+    its weights and training state (optimiser, loops), which are released here.
     """
     from ldm.checkpoint import load_checkpoint, state_dict_of
     from ldm.modules.text_encoder import build_text_encoder
     from vlmdiff.model import VLMDiff
 
     ckpt = load_checkpoint(path, allow_unsafe_pickle)
-    cfg = resolve_checkpoint_config(ckpt, str(path), config, overrides)
     sd = drop_ema(state_dict_of(ckpt, path))
+    if not any(k.startswith(CONTROL) for k in sd):
+        raise UserError(f"{path} is {checkpoint_kind(sd)}, not a VLMDiff checkpoint: assemble one with "
+                        "build_model.py (Stable Diffusion + autoencoder) or give a trained ckpt_*/last.ckpt")
+    cfg = resolve_checkpoint_config(ckpt, str(path), config, overrides)
+    info = {k: v for k, v in ckpt.items() if k not in TRAINING_STATE}
+    del ckpt  # the optimiser state of a trained checkpoint is not kept alive by the caller
     text = build_text_encoder(cfg.text_encoder, load_pretrained=False)
     with torch.device("meta"):
         model = VLMDiff(cfg, text_encoder=text, **model_kwargs)
     model.load_weights(sd, str(path), hint="is it a VLMDiff checkpoint of this config?", assign=True)
-    return model, ckpt
+    return model, info

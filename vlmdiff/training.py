@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import math
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.utils.data import DataLoader, Dataset
 
 from ldm.models.autoencoder import AtomicCheckpointIO
@@ -18,6 +21,71 @@ from utils.errors import UserError
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
+EXIT_PREEMPTED = 128 + 15  # what a process killed by SIGTERM reports; schedulers read it as "terminated"
+
+
+class Preempted(SystemExit):
+    """Training stopped on SIGTERM after saving a resumable checkpoint; the process exits with 143."""
+
+    def __init__(self) -> None:
+        super().__init__(EXIT_PREEMPTED)
+
+
+class SaveOnSigterm(Callback):
+    """On SIGTERM (SLURM preemption or time limit), save ``path`` with the full training state and stop.
+
+    Lightning's signal connector sets ``trainer.received_sigterm`` and ends the fit with a
+    ``SIGTERMException`` at the next batch end; this callback then writes the checkpoint through the
+    trainer (so the atomic checkpoint IO and the weight check of :class:`FiniteTraining` apply).
+    The script turns the exception into :class:`Preempted`. Under SLURM with ``auto_requeue``
+    Lightning's own SIGUSR1 handling (requeue) is unchanged.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException):
+            return
+        trainer.save_checkpoint(self.path, weights_only=False)
+        log.warning("SIGTERM: saved %s at step %d (epoch %d); continue with --resume", self.path,
+                    trainer.global_step, trainer.current_epoch)
+
+
+class FiniteTraining(Callback):
+    """Stop at the first non-finite loss, naming the step; refuse to save non-finite weights.
+
+    A NaN/inf loss (a too large ``--lr``, a broken input) raises :class:`UserError` at the end of its
+    batch, before any checkpoint callback of that batch runs. Every checkpoint (periodic, last, SIGTERM)
+    is checked too: a floating tensor with NaN/inf values stops the save, so no file on disk is
+    replaced by diverged weights. With ``log_every_n_steps`` > 0 it also logs the loss every that many
+    batches (what a cluster log shows without a progress bar).
+    """
+
+    def __init__(self, log_every_n_steps: int = 0):
+        self.log_every_n_steps = log_every_n_steps
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if loss is None:
+            return
+        value = float(loss.detach().float()) if isinstance(loss, torch.Tensor) else float(loss)
+        if not math.isfinite(value):
+            raise UserError(f"training diverged: the loss is {value} at step {trainer.global_step} (epoch "
+                            f"{trainer.current_epoch}, batch {batch_idx}); the checkpoints on disk are unchanged: "
+                            "lower --lr (or --base_lr) and restart, or --resume from the last good checkpoint")
+        if self.log_every_n_steps > 0 and (batch_idx + 1) % self.log_every_n_steps == 0:
+            log.info("step %d (epoch %d, batch %d): loss %.5g", trainer.global_step, trainer.current_epoch,
+                     batch_idx + 1, value)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        bad = [k for k, v in checkpoint.get("state_dict", {}).items()
+               if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise UserError(f"training diverged: at step {trainer.global_step} {len(bad)} weights hold NaN or "
+                            f"infinite values (e.g. {bad[0]}); not saving them, the checkpoints on disk are "
+                            "unchanged: lower --lr (or --base_lr) and restart, or --resume")
 
 
 class PerRankSeed(Callback):

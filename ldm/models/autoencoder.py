@@ -289,7 +289,7 @@ class AutoencoderTraining(pl.LightningModule):
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoints written through a temporary file, fsync and rename (``utils.io``)."""
+    """Lightning checkpoints written through a temporary file, fsync and rename (``utils.io``), read memory-mapped."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
                         storage_options: Any | None = None) -> None:
@@ -297,6 +297,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError("AtomicCheckpointIO takes no storage_options")
         with atomic_open(path, "wb") as f:
             torch.save(checkpoint, f)
+
+    def load_checkpoint(self, path: str | os.PathLike, map_location: Any | None = None,
+                        weights_only: bool | None = None) -> dict[str, Any]:
+        """Resuming: the file is memory-mapped, so the optimiser state and weights are read as they are restored."""
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
 
 
 class StepCheckpoint(pl.Callback):

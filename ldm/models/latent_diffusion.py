@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm.config import LatentDiffusionConfig, to_dict
-from ldm.diffusion.schedule import q_sample, register_schedule
+from ldm.diffusion.schedule import SCHEDULE_BUFFERS, q_sample, register_schedule
 from ldm.modules.autoencoder import AutoencoderKL
 from ldm.checkpoint import load_into
 from ldm.modules.text_encoder import TextEncoder, build_text_encoder, canonical_clip_names
@@ -98,6 +98,7 @@ class LatentDiffusion(pl.LightningModule):
         """
         if self.cond_stage_model.kind == "clip":
             sd = canonical_clip_names(dict(sd))
+        sd = self._exact_schedule(sd, path)
         load_into(self, sd, path, hint=hint, assign=assign)
         if assign:
             self.set_trainable(self.trainable_prefixes)
@@ -106,6 +107,22 @@ class LatentDiffusion(pl.LightningModule):
             left = [n for n, t in [*self.named_parameters(), *self.named_buffers()] if t.device.type == "meta"]
             if left:
                 raise UserError(f"{path} does not fill {left[0]} ({len(left)} tensors left uninitialised)")
+
+    def _exact_schedule(self, sd: Mapping[str, torch.Tensor], path: str) -> Mapping[str, torch.Tensor]:
+        """``sd`` with its schedule buffers recomputed if the file stores them in half precision.
+
+        bf16 rounds alphas_cumprod[0] = 0.99915 to 1.0 (and fp16 loses digits elsewhere), which turns the
+        DDIM step into a division by zero; the buffers are a function of the config, so they are recomputed.
+        """
+        half = [k for k in SCHEDULE_BUFFERS if k in sd and sd[k].dtype in (torch.float16, torch.bfloat16)]
+        if not half:
+            return sd
+        holder = nn.Module()
+        register_schedule(holder, self.cfg.diffusion)
+        log.info("%s: the schedule buffers are stored in %s: using freshly computed float32 ones", path,
+                 sd[half[0]].dtype)
+        fresh = holder.state_dict()
+        return {**sd, **{k: fresh[k] for k in SCHEDULE_BUFFERS if k in sd}}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
