@@ -200,6 +200,7 @@ def metrics_csv(by_protocol: dict[str, Any]) -> str:
     for protocol, res in by_protocol.items():
         for cls, row in [*res["per_class"].items(), ("mean", res["mean"])]:
             w.writerow([protocol, cls, *("" if math.isnan(row[k]) else f"{row[k]:.6f}" for k in M.METRICS)])
+        w.writerow([protocol, "classes in mean", *(res["mean_over"][k] for k in M.METRICS)])
     return buf.getvalue()
 
 
