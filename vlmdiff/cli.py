@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
+from typing import Mapping
 
+from utils.errors import UserError
 from vlmdiff.data.captions import caption_folder_name
 
 DATASETS = ("mvtec", "visa", "realiad", "real_iad", "coco")
@@ -72,3 +75,27 @@ def add_config_args(p: argparse.ArgumentParser, default: str | None = "sd15") ->
                    help="model preset (sd15, mid, tiny) or a YAML file" + ("" if default else "; default: the checkpoint's own"))
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted config overrides, e.g. unet.use_checkpoint=true")
+
+
+_RULES = {
+    "> 0": (lambda v: v > 0, "must be greater than 0"),
+    ">= 0": (lambda v: v >= 0, "must be 0 or more"),
+    ">= 1": (lambda v: v >= 1, "must be 1 or more"),
+    "[0, 1)": (lambda v: 0 <= v < 1, "must be at least 0 and below 1 (a fraction of the mask's full scale)"),
+    ">= 1 or -1": (lambda v: v >= 1 or v == -1, "must be 1 or more, or -1 (no limit)"),
+    ">= 0 or -1": (lambda v: v >= 0 or v == -1, "must be 0 or more, or -1 (no limit)"),
+}
+
+
+def check_numbers(args: argparse.Namespace, rules: Mapping[str, str]) -> None:
+    """Check numeric flags before any work: ``rules`` maps a flag (without ``--``) to a rule of ``_RULES``.
+
+    A flag left at None (optional) is not checked; NaN never passes.
+    """
+    for name, rule in rules.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        ok, says = _RULES[rule]
+        if (isinstance(value, float) and math.isnan(value)) or not ok(value):
+            raise UserError(f"--{name} {value} {says}")
