@@ -47,8 +47,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
         _silent_unlink(tmp)
         if not _is_torch_write_failure(e):
             raise
-        raise UserError(f"could not write {path}: torch's writer failed ({_first_line(e)}); "
-                        "check free disk space and permissions") from e
+        raise UserError(f"could not write {path}: the write failed part-way ({_free_space(path.parent)}; torch: "
+                        f"{_first_line(e)}); check free disk space and permissions") from e
     except BaseException:
         _silent_unlink(tmp)
         raise
@@ -78,6 +78,14 @@ def _is_torch_write_failure(e: RuntimeError) -> bool:
     """torch.save reports a failed write (e.g. ENOSPC) as a RuntimeError of its zip writer."""
     text = str(e)
     return any(s in text for s in ("PytorchStreamWriter", "inline_container", "file write failed"))
+
+
+def _free_space(folder: Path) -> str:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return "free space unknown"
+    return f"{st.f_bavail * st.f_frsize / 2**20:.1f} MiB free there"
 
 
 def _first_line(e: BaseException) -> str:

@@ -117,7 +117,8 @@ def claim_folder(folder: str | os.PathLike, job: str, hint: str, span: tuple[int
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(claim, f)
     except OSError as e:
-        raise UserError(f"cannot write into {folder}: {e.strerror or e} ({e.filename or folder}); "
+        where = f" ({e.filename})" if e.filename and Path(e.filename) != folder else ""
+        raise UserError(f"cannot write into {folder}: {e.strerror or e}{where}; "
                         f"check its permissions and free space, or choose another {hint}") from e
     try:
         yield mine
