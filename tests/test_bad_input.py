@@ -757,6 +757,19 @@ def _(ws: Workspace, tmp: Path) -> Run:
     return Run("test", argv, names=(str(folder), "d\\xe9faut.png", "not valid UTF-8"))
 
 
+@case("train: --accelerator gpus (not an accelerator name)")
+def _(ws: Workspace, tmp: Path) -> Run:
+    argv = train(ws, tmp, "--resume_path", str(ws.vlmdiff))
+    argv[argv.index("--accelerator") + 1] = "gpus"
+    return Run("train", argv, names=("--accelerator 'gpus'", "cpu"))
+
+
+@case("finetune_autoencoder: --devices 0")
+def _(ws: Workspace, tmp: Path) -> Run:
+    return Run("finetune_autoencoder", ["--data_set", "mvtec", "--data_path", str(ws.mvtec), "--output_dir",
+                                        str(tmp / "run"), *AE_FAST, "--devices", "0"], names=("--devices 0",))
+
+
 # ------------------------------------------------------------------------------------------------ runner
 
 

@@ -73,6 +73,11 @@ def last_checkpoint(ckpt_dir: Path) -> Path | None:
 
 def check_devices(accelerator: str, devices: int | str | list[int]) -> None:
     """--accelerator / --devices that Lightning would reject later (or that this machine lacks), as one line."""
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    known = ("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators()))
+    if accelerator not in known:
+        raise UserError(f"--accelerator {accelerator!r} is not one of {', '.join(known)}")
     gpu = accelerator in ("gpu", "cuda")
     if isinstance(devices, list):
         if not devices or min(devices) < 0 or len(set(devices)) != len(devices):
