@@ -31,8 +31,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, mode, encoding=None if binary else encoding) as f:
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())  # mkstemp makes 0600
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -44,10 +44,11 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
             raise UserError(f"could not write {path}: {blocker} is a file, not a folder; choose another output path") from e
         raise UserError(f"could not write {path}: {e.strerror or e} (check free disk space and permissions)") from e
     except RuntimeError as e:
+        free = _free_space(path.parent)  # before the temporary file is removed
         _silent_unlink(tmp)
         if not _is_torch_write_failure(e):
             raise
-        raise UserError(f"could not write {path}: the write failed part-way ({_free_space(path.parent)}; torch: "
+        raise UserError(f"could not write {path}: the write failed part-way ({free}; torch: "
                         f"{_first_line(e)}); check free disk space and permissions") from e
     except BaseException:
         _silent_unlink(tmp)
@@ -85,7 +86,7 @@ def _free_space(folder: Path) -> str:
         st = os.statvfs(folder)
     except OSError:
         return "free space unknown"
-    return f"{st.f_bavail * st.f_frsize / 2**20:.1f} MiB free there"
+    return f"{st.f_bavail * st.f_frsize / 2**20:.2f} MiB free there"
 
 
 def _first_line(e: BaseException) -> str:

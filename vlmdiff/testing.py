@@ -43,8 +43,6 @@ from vlmdiff.visuals import finish_class, write_strips
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-
-
 LOCATION_KEYS = frozenset({"path", "data_path"})  # where the files were: recorded, never compared
 
 
