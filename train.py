@@ -30,7 +30,8 @@ from utils.lock import claim_folder
 from utils.provenance import provenance
 from vlmdiff.checkpoint import load_vlmdiff
 from vlmdiff.cli import PAPER_EPOCHS, add_caption_args, add_config_args, add_data_args, canonical_dataset, check_numbers, coco_part, load_split_captions
-from vlmdiff.training import PRECISIONS, check_devices, PerRankSeed, SaveProvenance, checkpoint_callback, last_checkpoint, make_trainer, train_loader
+from vlmdiff.training import (PRECISIONS, PerRankSeed, SaveProvenance, check_devices, checkpoint_callback, last_checkpoint,
+                              make_trainer, train_loader)
 
 log = logging.getLogger("train")
 

@@ -41,7 +41,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
         _silent_unlink(tmp)
         blocker = _file_in_the_way(path.parent)
         if blocker is not None:
-            raise UserError(f"could not write {path}: {blocker} is a file, not a folder; choose another output path") from e
+            raise UserError(f"could not write {path}: {blocker} is a file, not a folder; "
+                            "choose another output path") from e
         raise UserError(f"could not write {path}: {e.strerror or e} (check free disk space and permissions)") from e
     except RuntimeError as e:
         free = _free_space(path.parent)  # before the temporary file is removed
