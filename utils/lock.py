@@ -17,6 +17,7 @@ a killed job leaves it behind, stale.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -71,8 +72,6 @@ def _span_text(span: list) -> str:
 
 @contextlib.contextmanager
 def _mutex(folder: Path) -> Iterator[None]:
-    import fcntl
-
     fd = os.open(folder, os.O_RDONLY)
     try:
         try:
@@ -113,9 +112,15 @@ def claim_folder(folder: str | os.PathLike, job: str, hint: str, span: tuple[int
                 if path == mine:
                     continue
                 _refuse_if_live(path, claim, hint)
-            fd = os.open(mine, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 & ~current_umask())
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(claim, f)
+            part = mine.with_name(mine.name + ".part")  # renamed into place: no job ever reads half a lock
+            try:
+                fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 & ~current_umask())
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump(claim, f)
+                os.replace(part, mine)
+            finally:
+                with contextlib.suppress(OSError):
+                    part.unlink()
     except OSError as e:
         where = f" ({e.filename})" if e.filename and Path(e.filename) != folder else ""
         raise UserError(f"cannot write into {folder}: {e.strerror or e}{where}; "
