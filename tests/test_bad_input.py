@@ -770,6 +770,13 @@ def _(ws: Workspace, tmp: Path) -> Run:
                                         str(tmp / "run"), *AE_FAST, "--devices", "0"], names=("--devices 0",))
 
 
+@case("build_model: a config override image_size=100 that the model's downsampling (64) does not divide")
+def _(ws: Workspace, tmp: Path) -> Run:
+    out = tmp / "models" / "vlmdiff.ckpt"
+    return Run("build_model", build(ws, tmp, "image_size=100", output=out), names=("--config tiny", "image_size=100",
+                                                                                   "multiple of 64"))
+
+
 # ------------------------------------------------------------------------------------------------ runner
 
 

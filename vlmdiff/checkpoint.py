@@ -152,6 +152,7 @@ def resolve_checkpoint_config(ckpt: Mapping, path: str, config: str | None, over
             cfg = load_model_config("sd15", overrides)
         else:
             cfg = from_dict(VLMDiffConfig, apply_overrides(dict(stored), overrides), f"{path} (stored config)")
+            check_image_size(cfg, f"{path} with {' '.join(overrides)}" if overrides else path)
     else:
         cfg = load_model_config(config, overrides)
         if stored is not None:
@@ -159,7 +160,6 @@ def resolve_checkpoint_config(ckpt: Mapping, path: str, config: str | None, over
             if diff:
                 raise UserError(f"{path} was built with another model config ({diff}); drop --config to use the "
                                 "checkpoint's own, or pass the config it was built with")
-    check_image_size(cfg, f"{path} with {' '.join(overrides)}" if overrides else str(path))
     return cfg
 
 

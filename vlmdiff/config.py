@@ -27,7 +27,9 @@ class VLMDiffConfig(LatentDiffusionConfig):
 
 def load_model_config(name: str, overrides: Sequence[str] = ()) -> VLMDiffConfig:
     """A preset name (``sd15``, ``mid``, ``tiny``, ...) or a YAML path, with dotted overrides."""
-    return load_config(name, VLMDiffConfig, overrides)
+    cfg = load_config(name, VLMDiffConfig, overrides)
+    check_image_size(cfg, f"--config {name}" + (f" {' '.join(overrides)}" if overrides else ""))
+    return cfg
 
 
 def check_image_size(cfg: VLMDiffConfig, where: str) -> None:
