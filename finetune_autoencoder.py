@@ -199,10 +199,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     from vlmdiff.data.dataset import IMAGENET_MEAN, IMAGENET_STD
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from vlmdiff.training import FiniteTraining, Preempted, SaveOnSigterm, SaveProvenance
+    from vlmdiff.training import FiniteTraining, Preempted, SaveOnSigterm, SaveProvenance, check_devices
 
     args = parse_args(argv)
     setup_logging(args.verbose)
+    check_devices(args.accelerator, _devices(args.devices))
     dataset = canonical_name(args.data_set)
     model_cfg = load_config(args.config, LatentDiffusionConfig, only_own_sections=True)
     ae_cfg = model_cfg.autoencoder

@@ -27,10 +27,11 @@ from ldm.config import to_dict
 from utils.cli import HelpFormatter, add_run_file_args, parse_with_run_file, print_config, run_main, setup_logging
 from utils.errors import UserError
 from utils.io import read_json
+from utils.lock import claim_folder
 from utils.provenance import provenance
 from vlmdiff import distributed
-from vlmdiff.cli import (add_caption_args, add_config_args, add_data_args, canonical_dataset, coco_part, load_split_captions,
-                         model_config_to_print, short_precision)
+from vlmdiff.cli import (add_caption_args, add_config_args, add_data_args, canonical_dataset, check_numbers, coco_part,
+                         load_split_captions, model_config_to_print, short_precision)
 from vlmdiff.data.common import MASK_ORDERS
 from vlmdiff.map_store import MapStore
 from vlmdiff.reconstruction import ReconstructionSettings
@@ -107,9 +108,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def _device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: no CUDA device is available")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device name; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: no CUDA device is available")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                            f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif device.type != "cpu":
+        raise UserError(f"--device {name}: only cpu and cuda devices are supported")
+    return device
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
@@ -118,12 +129,33 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
         print_config(args, model=model_config_to_print(args, args.resume_path))
         return None
     setup_logging(args.verbose)
-    from vlmdiff.testing import check_coverage, evaluate_run, write_scores
+    _check_args(args)
+    span = (0, None) if args.run_eval_only else (args.start_ind, None if args.end_ind < 0 else args.end_ind)
+    job = "test.py evaluation" if args.run_eval_only else "test.py scoring"
+    with claim_folder(_output_dir(args), job, "--output_dir", span, holder=distributed.detect_ranks().is_main):
+        return run(args)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Flags that can be checked before any work."""
+    if canonical_dataset(args.data_set) == "coco" and args.coco_part < 0:
+        raise UserError("--data_set coco needs --coco_part 0..3")
+    check_numbers(args, {"batch_size": ">= 1", "num_workers": ">= 0", "ddim_steps": ">= 1", "sigma": ">= 0",
+                         "mask_threshold": "[0, 1)", "feature_input_size": ">= 1"})
+    if not args.run_eval_only:
+        _device(args.device, 0)
+
+
+def _output_dir(args: argparse.Namespace) -> Path:
+    return Path(args.output_dir or Path("results") / (args.exp_name or f"vlmdiff_{canonical_dataset(args.data_set)}"))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Score (unless --run_eval_only) and evaluate, in the output folder main() holds."""
+    from vlmdiff.testing import check_coverage, check_data, evaluate_run, write_scores
 
     dataset_name = canonical_dataset(args.data_set)
-    if dataset_name == "coco" and args.coco_part < 0:
-        raise UserError("--data_set coco needs --coco_part 0..3")
-    output_dir = Path(args.output_dir or Path("results") / (args.exp_name or f"vlmdiff_{dataset_name}"))
+    output_dir = _output_dir(args)
     has_truth = dataset_name != "folder"
     sharded = args.start_ind != 0 or args.end_ind != -1
     ranks = distributed.detect_ranks()
@@ -141,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
             return None
     elif not (output_dir / "manifest.json").is_file():
         raise UserError(f"--run_eval_only: {output_dir} holds no test run (no manifest.json); check --output_dir")
+    else:
+        check_data(output_dir, records)
     check_coverage(MapStore(output_dir / "maps"), [r.id for r in records], output_dir)
     visuals = (output_dir / "visuals").is_dir()
     if not has_truth:
@@ -178,7 +212,7 @@ def _score(args: argparse.Namespace, dataset_name: str, output_dir: Path, ranks:
     from vlmdiff.checkpoint import load_vlmdiff
     from vlmdiff.data import AnomalyDataset, match_captions
     from vlmdiff.features import build_feature_extractor, resolve_extractor_name
-    from vlmdiff.testing import check_manifest, manifest_for, score_images, shard_indices
+    from vlmdiff.testing import check_manifest, data_fingerprint, manifest_for, score_images, shard_indices
 
     if not args.resume_path:
         raise UserError("--resume_path (the trained checkpoint) is required unless --run_eval_only")
@@ -198,7 +232,7 @@ def _score(args: argparse.Namespace, dataset_name: str, output_dir: Path, ranks:
     dataset = AnomalyDataset(records, image_size=model.cfg.image_size, captions=matched, mask_order=args.mask_order)
     data = {"data_set": dataset_name, "data_path": str(Path(args.data_path).resolve()), "coco_part": args.coco_part,
             "classes": args.classes, "test_captions": bool(captions), "image_size": model.cfg.image_size,
-            "n_images": len(records), "mask_order": args.mask_order}
+            "n_images": len(records), "mask_order": args.mask_order, "fingerprint": data_fingerprint(records)}
     manifest = manifest_for(checkpoint=args.resume_path, config=to_dict(model.cfg), settings=settings,
                             extractor=extractor_name, extractor_weights=args.feature_weights,
                             extractor_input_size=args.feature_input_size, data=data,

@@ -19,22 +19,25 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities import rank_zero_only
 
 from ldm.config import to_dict
 from utils.cli import HelpFormatter, add_run_file_args, parse_with_run_file, print_config, run_main, setup_logging
 from utils.errors import UserError
+from utils.lock import claim_folder
 from utils.provenance import provenance
 from vlmdiff.checkpoint import load_vlmdiff
-from vlmdiff.cli import (PAPER_EPOCHS, add_caption_args, add_config_args, add_data_args, canonical_dataset, coco_part,
-                         lightning_precision, load_split_captions, model_config_to_print)
+from vlmdiff.cli import (PAPER_EPOCHS, add_caption_args, add_config_args, add_data_args, canonical_dataset, check_numbers,
+                         coco_part, lightning_precision, load_split_captions, model_config_to_print)
 from vlmdiff.training import (PRECISIONS, FiniteTraining, Preempted, PerRankSeed, SaveOnSigterm, SaveProvenance,
-                              checkpoint_callback, last_checkpoint, make_trainer, train_loader)
+                              check_devices, checkpoint_callback, last_checkpoint, make_trainer, train_loader)
 
 log = logging.getLogger("train")
 
@@ -96,12 +99,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def _devices(value: str) -> int | str | list[int]:
     if value == "auto":
         return value
-    if "," in value:
-        return [int(v) for v in value.split(",") if v]
     try:
+        if "," in value:
+            return [int(v) for v in value.split(",") if v.strip()]
         return int(value)
     except ValueError:
-        raise UserError(f"--devices must be a number, a comma list or auto, got {value!r}") from None
+        raise UserError(f"--devices must be a number, a comma list of device indices or auto, got {value!r}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> Path | None:
@@ -110,12 +113,36 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
         print_config(args, model=model_config_to_print(args, args.resume_path))
         return None
     setup_logging(args.verbose)
-    dataset = canonical_dataset(args.data_set)
-    if dataset == "coco" and args.coco_part < 0:
+    _check_args(args)
+    first_process = rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0"  # of a DDP job
+    with claim_folder(_ckpt_dir(args), "train.py", "--exp_name or --output_root", holder=first_process):
+        return run(args)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Flags that can be checked before any work."""
+    if canonical_dataset(args.data_set) == "coco" and args.coco_part < 0:
         raise UserError("--data_set coco needs --coco_part 0..3")
+    check_numbers(args, {"batch_size": ">= 1", "accumulate_grad_batches": ">= 1", "lr": "> 0", "weight_decay": ">= 0",
+                         "num_nodes": ">= 1", "num_workers": ">= 0", "max_epochs": ">= 0 or -1",
+                         "max_steps": ">= 1 or -1", "save_every_n_epochs": ">= 1", "save_every_n_steps": ">= 1",
+                         "log_every_n_steps": ">= 1"})
+    if args.max_epochs == 0:
+        raise UserError(f"--max_epochs 0 trains nothing (--max_steps {args.max_steps} is never reached); give "
+                        "--max_epochs -1 to stop by --max_steps alone" if args.max_steps > 0 else
+                        "--max_epochs 0 trains nothing; give a positive --max_epochs")
+    check_devices(args.accelerator, args.devices)
+
+
+def _ckpt_dir(args: argparse.Namespace) -> Path:
+    return Path(args.output_root) / f"ckpt_{args.exp_name or f'vlmdiff_{canonical_dataset(args.data_set)}'}"
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Train in the checkpoint folder main() holds."""
+    dataset = canonical_dataset(args.data_set)
     args.max_epochs = args.max_epochs if args.max_epochs is not None else PAPER_EPOCHS[dataset]
-    exp = args.exp_name or f"vlmdiff_{dataset}"
-    ckpt_dir = Path(args.output_root) / f"ckpt_{exp}"
+    ckpt_dir = _ckpt_dir(args)
     resume_from = last_checkpoint(ckpt_dir) if args.resume else None
     if args.resume and resume_from is None and args.resume_path is None:
         raise UserError(f"--resume: no {ckpt_dir / 'last.ckpt'} to continue from, and no --resume_path to start from")

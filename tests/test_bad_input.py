@@ -11,14 +11,18 @@ produced, as a table printed by the last test of this module.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import importlib
 import io
 import json
+import os
 import re
 import shutil
-from dataclasses import dataclass
+import socket
+import subprocess
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Callable
@@ -28,7 +32,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests import datagen
+from tests import datagen, mounts
 from utils.cli import run_main
 
 TEST_FAST = ["--feature_extractor", "efficientnet_lite0", "--ddim_steps", "1", "--num_workers", "0",
@@ -57,6 +61,8 @@ class Run:
     protect: tuple[Path, ...] = ()  # files/folders written before the run that must not change
     disk_full: bool = False  # utils.io writes fail with ENOSPC
     check: Callable[[], None] | None = None  # extra assertions on what the run left behind
+    env: dict[str, str] = field(default_factory=dict)  # environment variables set for the run
+    cleanup: Callable[[], None] | None = None  # undoes what the case set up (e.g. unmounts), run last
 
 
 class Workspace:
@@ -600,6 +606,207 @@ def _(ws: Workspace, tmp: Path) -> Run:
                names=("--data_path", str(tmp / "mvtec")))
 
 
+# Reliability of runs and inputs: write paths, flags checked at start, locks, stale ground truth, file names.
+
+
+@case("test: a read-only --output_dir (a read-only mount)")
+def _(ws: Workspace, tmp: Path) -> Run:
+    stack = contextlib.ExitStack()
+    ro = stack.enter_context(mounts.tmpfs(tmp / "ro", readonly=True))
+    return Run("test", scoring_args(ws, ro / "out"), names=(str(ro / "out"), "Read-only"), cleanup=stack.close)
+
+
+@case("build_model: an --output whose parent folder is a file")
+def _(ws: Workspace, tmp: Path) -> Run:
+    (tmp / "models").write_text("not a folder")
+    return Run("build_model", build(ws, tmp, output=tmp / "models" / "vlmdiff.ckpt"),
+               names=(str(tmp / "models"), "is a file"), protect=(tmp / "models",))
+
+
+@case("test: a read-only tokenizer cache (XDG_CACHE_HOME on a read-only mount)")
+def _(ws: Workspace, tmp: Path) -> Run:
+    stack = contextlib.ExitStack()
+    cache = stack.enter_context(mounts.tmpfs(tmp / "cache", readonly=True))
+    return Run("test", scoring_args(ws, tmp / "out"), names=(str(cache), "XDG_CACHE_HOME"),
+               env={"XDG_CACHE_HOME": str(cache)}, cleanup=stack.close)
+
+
+@case("train: a really full disk (1 MiB tmpfs) while saving a checkpoint (torch's RuntimeError; no partial file)")
+def _(ws: Workspace, tmp: Path) -> Run:
+    stack = contextlib.ExitStack()
+    small = stack.enter_context(mounts.tmpfs(tmp / "small", size="1m"))
+    ckpt_dir = small / "ckpt_full"
+
+    def check_nothing_half_written() -> None:
+        assert not list(ckpt_dir.glob("*.ckpt")) and not list(ckpt_dir.glob(".*.tmp")), sorted(ckpt_dir.iterdir())
+
+    argv = ["--data_set", "mvtec", "--data_path", str(ws.mvtec), "--output_root", str(small), *TRAIN_FAST,
+            "--resume_path", str(ws.vlmdiff), "--exp_name", "full", "--save_every_n_steps", "1"]
+    return Run("train", argv, names=(str(ckpt_dir / "step=0000001.ckpt"), "disk space"),
+               check=check_nothing_half_written, cleanup=stack.close)
+
+
+@case("train: --batch_size 0")
+def _(ws: Workspace, tmp: Path) -> Run:
+    return Run("train", train(ws, tmp, "--resume_path", str(ws.vlmdiff), "--batch_size", "0"), names=("--batch_size 0",))
+
+
+@case("train: --accumulate_grad_batches 0")
+def _(ws: Workspace, tmp: Path) -> Run:
+    return Run("train", train(ws, tmp, "--resume_path", str(ws.vlmdiff), "--accumulate_grad_batches", "0"),
+               names=("--accumulate_grad_batches 0",))
+
+
+@case("train: --devices 0")
+def _(ws: Workspace, tmp: Path) -> Run:
+    return Run("train", train(ws, tmp, "--resume_path", str(ws.vlmdiff), "--devices", "0"), names=("--devices 0",))
+
+
+@case("train: --devices 0,0 (a device twice)")
+def _(ws: Workspace, tmp: Path) -> Run:
+    argv = train(ws, tmp, "--resume_path", str(ws.vlmdiff), "--devices", "0,0")
+    argv[argv.index("--accelerator") + 1] = "auto"
+    return Run("train", argv, names=("--devices 0,0",))
+
+
+@case("train: --lr 0")
+def _(ws: Workspace, tmp: Path) -> Run:
+    return Run("train", train(ws, tmp, "--resume_path", str(ws.vlmdiff), "--lr", "0"), names=("--lr 0",))
+
+
+@case("train: --max_epochs 0 with --max_steps 5")
+def _(ws: Workspace, tmp: Path) -> Run:
+    argv = train(ws, tmp, "--resume_path", str(ws.vlmdiff), "--max_epochs", "0")
+    argv[argv.index("--max_steps") + 1] = "5"
+    return Run("train", argv, names=("--max_epochs 0", "--max_steps 5", "--max_epochs -1"))
+
+
+@case("train: a config override image_size=100 that the model's downsampling (64) does not divide")
+def _(ws: Workspace, tmp: Path) -> Run:
+    return Run("train", train(ws, tmp, "--resume_path", str(ws.vlmdiff), "image_size=100"),
+               names=(str(ws.vlmdiff), "image_size=100", "multiple of 64"))
+
+
+@case("test: --sigma -1")
+def _(ws: Workspace, tmp: Path) -> Run:
+    return Run("test", scoring_args(ws, tmp / "out", "--sigma", "-1"), names=("--sigma -1",))
+
+
+@case("test: --mask_threshold 1.5 (refused at start, not after scoring)")
+def _(ws: Workspace, tmp: Path) -> Run:
+    out = tmp / "out"
+
+    def check_nothing_scored() -> None:
+        assert not out.exists(), sorted(out.rglob("*"))
+
+    return Run("test", scoring_args(ws, out, "--mask_threshold", "1.5"), names=("--mask_threshold 1.5",),
+               check=check_nothing_scored)
+
+
+@case("test: --device gpu (not a device name)")
+def _(ws: Workspace, tmp: Path) -> Run:
+    argv = scoring_args(ws, tmp / "out")
+    argv[argv.index("--device") + 1] = "gpu"
+    return Run("test", argv, names=("--device 'gpu'", "cuda:N"))
+
+
+@case("test: --batch_size 0")
+def _(ws: Workspace, tmp: Path) -> Run:
+    return Run("test", scoring_args(ws, tmp / "out", "--batch_size", "0"), names=("--batch_size 0",))
+
+
+@case("test: a config override image_size=96 that the model's downsampling (64) does not divide")
+def _(ws: Workspace, tmp: Path) -> Run:
+    return Run("test", scoring_args(ws, tmp / "out", "image_size=96"), names=(str(ws.vlmdiff), "image_size=96", "64"))
+
+
+def _live_lock(folder: Path) -> tuple[subprocess.Popen, Path]:
+    """A lock in ``folder`` naming a live process of this host (a sleeping child) as its job."""
+    from utils.lock import _start_ticks
+
+    holder = subprocess.Popen(["sleep", "300"])
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / f".lock.{socket.gethostname()}.{holder.pid}.json"
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "start_ticks": _start_ticks(holder.pid),
+                                "job": "test.py scoring", "span": [0, None], "command": "test.py --output_dir x",
+                                "started": "2026-01-01 00:00:00"}))
+    return holder, lock
+
+
+def _stop(holder: subprocess.Popen) -> Callable[[], None]:
+    def stop() -> None:
+        holder.kill()
+        holder.wait()
+    return stop
+
+
+@case("test: an --output_dir that a live job on this host holds (its lock names the job)")
+def _(ws: Workspace, tmp: Path) -> Run:
+    out = tmp / "out"
+    holder, _ = _live_lock(out)
+    return Run("test", scoring_args(ws, out), names=(str(out), f"pid {holder.pid}", socket.gethostname(), "in use"),
+               protect=(out,), cleanup=_stop(holder))
+
+
+@case("train: a checkpoint folder that a live job on this host holds")
+def _(ws: Workspace, tmp: Path) -> Run:
+    ckpt_dir = tmp / "ckpt_exp"
+    holder, _ = _live_lock(ckpt_dir)
+    return Run("train", train(ws, tmp, "--resume_path", str(ws.vlmdiff), "--exp_name", "exp"),
+               names=(str(ckpt_dir), f"pid {holder.pid}", "--exp_name"), protect=(ckpt_dir,), cleanup=_stop(holder))
+
+
+@case("test: --run_eval_only after the ground-truth masks changed (stored masks are stale)")
+def _(ws: Workspace, tmp: Path) -> Run:
+    from vlmdiff.data import index_dataset
+    from vlmdiff.map_store import MapStore
+    from vlmdiff.testing import data_fingerprint
+
+    root = ws.mvtec_copy(tmp / "mvtec")
+    out = tmp / "out"
+    records = sorted(index_dataset("mvtec", root, "test"), key=lambda r: r.id)
+    masks = np.stack([np.full((32, 32), 255 * r.label, dtype=np.uint8) for r in records])
+    out.mkdir()
+    (out / "manifest.json").write_text(json.dumps({"data": {"fingerprint": data_fingerprint(records)}}))
+    MapStore(out / "maps").write("00000000", [r.id for r in records], [r.class_name for r in records],
+                                 masks / 255.0, masks, [r.label for r in records], np.zeros(len(records)))
+    mask = root / "bottle" / "ground_truth" / "crack" / "000_mask.png"
+    mask.write_bytes(png_bytes(np.zeros((32, 32), dtype=np.uint8)))  # relabelled
+    return Run("test", ["--data_set", "mvtec", "--data_path", str(root), "--output_dir", str(out), "--run_eval_only"],
+               names=(str(out), "ground-truth masks changed"), protect=(out,))
+
+
+@case("test: --data_set folder with a file name that is not UTF-8")
+def _(ws: Workspace, tmp: Path) -> Run:
+    folder = tmp / "images"
+    folder.mkdir()
+    (folder / "ok.png").write_bytes(png_bytes(np.zeros((32, 32, 3), dtype=np.uint8)))
+    (Path(os.fsdecode(bytes(folder) + b"/d\xe9faut.png"))).write_bytes(png_bytes(np.zeros((32, 32, 3), dtype=np.uint8)))
+    argv = scoring_args(ws, tmp / "out", data=folder)
+    argv[argv.index("--data_set") + 1] = "folder"
+    return Run("test", argv, names=(str(folder), "d\\xe9faut.png", "not valid UTF-8"))
+
+
+@case("train: --accelerator gpus (not an accelerator name)")
+def _(ws: Workspace, tmp: Path) -> Run:
+    argv = train(ws, tmp, "--resume_path", str(ws.vlmdiff))
+    argv[argv.index("--accelerator") + 1] = "gpus"
+    return Run("train", argv, names=("--accelerator 'gpus'", "cpu"))
+
+
+@case("finetune_autoencoder: --devices 0")
+def _(ws: Workspace, tmp: Path) -> Run:
+    return Run("finetune_autoencoder", ["--data_set", "mvtec", "--data_path", str(ws.mvtec), "--output_dir",
+                                        str(tmp / "run"), *AE_FAST, "--devices", "0"], names=("--devices 0",))
+
+
+@case("build_model: a config override image_size=100 that the model's downsampling (64) does not divide")
+def _(ws: Workspace, tmp: Path) -> Run:
+    out = tmp / "models" / "vlmdiff.ckpt"
+    return Run("build_model", build(ws, tmp, "image_size=100", output=out), names=("--config tiny", "image_size=100",
+                                                                                   "multiple of 64"))
+
+
 # ------------------------------------------------------------------------------------------------ runner
 
 
@@ -631,9 +838,13 @@ def _fail_with_enospc(*args, **kwargs):
 @pytest.mark.parametrize("make", [fn for _, fn in CASES], ids=[d for d, _ in CASES])
 def test_bad_input(make, ws: Workspace, tmp_path: Path, capsys, monkeypatch, table, request) -> None:
     run = make(ws, tmp_path)
+    if run.cleanup is not None:
+        request.addfinalizer(run.cleanup)
     before = snapshot(run.protect) if run.protect else {}
     capsys.readouterr()
     with monkeypatch.context() as m:
+        for key, value in run.env.items():
+            m.setenv(key, value)
         if run.disk_full:
             import utils.io
 

@@ -240,19 +240,20 @@ def test_class_without_anomalies_is_nan_with_warning(inputs: dict[str, np.ndarra
         res = metrics.evaluate_stream(items)
     assert all(math.isnan(v) for v in res["per_class"]["normal_only"].values())
     only = res["per_class"]["anomalous_only"]
-    assert math.isnan(only["auroc_image"])
-    assert only["ap_image"] == 1.0 and only["f1max_image"] == 1.0
-    assert all(not math.isnan(v) for k, v in only.items() if k != "auroc_image")
+    image_level = ("auroc_image", "ap_image", "f1max_image")
+    assert all(math.isnan(only[k]) for k in image_level)  # no normal image: undefined, not a trivial 1.0
+    assert all(not math.isnan(v) for k, v in only.items() if k not in image_level)
     assert math.isnan(res["mean"]["auroc_image"])  # no class defines it
     assert res["mean"]["aupro"] == only["aupro"]  # mean over the classes where it is defined
+    assert res["mean_over"] == {**{k: 0 for k in image_level}, "auroc_pixel": 1, "ap_pixel": 1, "f1max_pixel": 1,
+                                "aupro": 1}
     assert "normal_only" in caplog.text and "undefined" in caplog.text
 
 
 def test_class_without_normal_pixels() -> None:
     maps = np.random.default_rng(0).random((2, 8, 8)).astype(np.float32)
     res = metrics.pixel_metrics(maps, np.ones(maps.shape, dtype=bool))
-    assert math.isnan(res["auroc"]) and math.isnan(res["aupro"])
-    assert res["ap"] == 1.0 and res["f1max"] == 1.0
+    assert all(math.isnan(v) for v in res.values()) and set(res) == {"auroc", "ap", "f1max", "aupro"}
     assert math.isnan(metrics.legacy_aupro(maps, np.ones(maps.shape, dtype=bool)))
 
 
@@ -287,9 +288,11 @@ def test_format_table_and_paper_comparison(both: dict) -> None:
     table = metrics.format_table(both["official"], title="fixture")
     lines = table.splitlines()
     assert lines[0] == "### fixture"
-    assert lines[-1].startswith("| mean | ")
-    assert f"{100 * both['official']['mean']['auroc_pixel']:.1f}" in lines[-1]
-    assert len(lines) == 4 + len(both["official"]["per_class"]) + 1
+    n = len(both["official"]["per_class"])
+    assert lines[-2].startswith("| mean | ")
+    assert f"{100 * both['official']['mean']['auroc_pixel']:.1f}" in lines[-2]
+    assert lines[-1] == "| classes in mean | " + " | ".join([f"{n} of {n}"] * 7) + " |"
+    assert len(lines) == 4 + n + 2
     assert "### legacy" in metrics.format_table(both)
     cmp = metrics.compare_to_paper(metrics.PAPER_RESULTS["mvtec"], "mvtec")
     assert "| difference | +0.0 |" in cmp and "89.4" in cmp

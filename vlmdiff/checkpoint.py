@@ -143,20 +143,23 @@ def config_difference(a: Mapping, b: Mapping) -> str | None:
 def resolve_checkpoint_config(ckpt: Mapping, path: str, config: str | None, overrides: Sequence[str] = ()):
     """The model config for a checkpoint: its own (plus overrides), or ``config`` checked against it."""
     from ldm.config import from_dict, to_dict
-    from vlmdiff.config import VLMDiffConfig, load_model_config
+    from vlmdiff.config import VLMDiffConfig, check_image_size, load_model_config
 
     stored = ckpt.get("config")
     if config is None:
         if stored is None:
             log.info("%s carries no config (an upstream checkpoint?): using the sd15 preset", path)
-            return load_model_config("sd15", overrides)
-        return from_dict(VLMDiffConfig, stored, f"{path} (stored config)", overrides)
-    cfg = load_model_config(config, overrides)
-    if stored is not None:
-        diff = config_difference(to_dict(cfg), stored)
-        if diff:
-            raise UserError(f"{path} was built with another model config ({diff}); drop --config to use the "
-                            "checkpoint's own, or pass the config it was built with")
+            cfg = load_model_config("sd15", overrides)
+        else:
+            cfg = from_dict(VLMDiffConfig, stored, f"{path} (stored config)", overrides)
+            check_image_size(cfg, f"{path} with {' '.join(overrides)}" if overrides else path)
+    else:
+        cfg = load_model_config(config, overrides)
+        if stored is not None:
+            diff = config_difference(to_dict(cfg), stored)
+            if diff:
+                raise UserError(f"{path} was built with another model config ({diff}); drop --config to use the "
+                                "checkpoint's own, or pass the config it was built with")
     return cfg
 
 

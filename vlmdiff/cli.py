@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
+from utils.errors import UserError
 from vlmdiff.data.captions import caption_folder_name
 
 DATASETS = ("mvtec", "visa", "realiad", "real_iad", "coco")
@@ -108,3 +110,27 @@ def short_precision(value: str) -> str:
     """test.py's --precision: 32, bf16 or 16 (32-true, bf16-mixed and 16-mixed mean the same)."""
     to_short = {lightning: short for short, lightning in SHORT_PRECISIONS.items()} | {"32-true": "32"}
     return to_short.get(value, value)
+
+
+_RULES = {
+    "> 0": (lambda v: v > 0, "must be greater than 0"),
+    ">= 0": (lambda v: v >= 0, "must be 0 or more"),
+    ">= 1": (lambda v: v >= 1, "must be 1 or more"),
+    "[0, 1)": (lambda v: 0 <= v < 1, "must be at least 0 and below 1 (a fraction of the mask's full scale)"),
+    ">= 1 or -1": (lambda v: v >= 1 or v == -1, "must be 1 or more, or -1 (no limit)"),
+    ">= 0 or -1": (lambda v: v >= 0 or v == -1, "must be 0 or more, or -1 (no limit)"),
+}
+
+
+def check_numbers(args: argparse.Namespace, rules: Mapping[str, str]) -> None:
+    """Check numeric flags before any work: ``rules`` maps a flag (without ``--``) to a rule of ``_RULES``.
+
+    A flag left at None (optional) is not checked; NaN never passes.
+    """
+    for name, rule in rules.items():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        ok, says = _RULES[rule]
+        if (isinstance(value, float) and math.isnan(value)) or not ok(value):
+            raise UserError(f"--{name} {value} {says}")

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from ldm.config import LatentDiffusionConfig, load_config
+from utils.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -26,4 +27,19 @@ class VLMDiffConfig(LatentDiffusionConfig):
 
 def load_model_config(name: str, overrides: Sequence[str] = ()) -> VLMDiffConfig:
     """A preset name (``sd15``, ``mid``, ``tiny``, ...) or a YAML path, with dotted overrides."""
-    return load_config(name, VLMDiffConfig, overrides)
+    cfg = load_config(name, VLMDiffConfig, overrides)
+    check_image_size(cfg, f"--config {name}" + (f" {' '.join(overrides)}" if overrides else ""))
+    return cfg
+
+
+def check_image_size(cfg: VLMDiffConfig, where: str) -> None:
+    """The image size must be a positive multiple of the model's total downsampling.
+
+    The autoencoder divides the image by 2 per level after its first, the UNet the latent likewise; a
+    size that does not divide evenly breaks the UNet's skip connections halfway through a batch.
+    """
+    factor = 2 ** (len(cfg.autoencoder.ch_mult) - 1) * 2 ** (len(cfg.unet.channel_mult) - 1)
+    if cfg.image_size <= 0 or cfg.image_size % factor:
+        raise UserError(f"{where}: image_size={cfg.image_size} does not suit this model: it must be a positive "
+                        f"multiple of {factor} (autoencoder x UNet downsampling), e.g. "
+                        f"{max(factor, round(cfg.image_size / factor) * factor)}")

@@ -149,9 +149,13 @@ def _curve_metrics(neg_sorted: np.ndarray, pos: np.ndarray, weights: np.ndarray 
     first point of a horizontal run is the best). Counts are exact int64 (AUROC is summed in
     integers); ``weights[k]`` = 1 / (num_regions * area of the region of GT pixel k), so their
     cumulative sum is the PRO. AP = sum (R_n - R_{n-1}) P_n (scikit-learn's definition),
-    F1 = 2 TP / (TP + FP + P). Needs a positive; without negatives AUROC and AU-PRO are NaN.
+    F1 = 2 TP / (TP + FP + P). Needs a positive; without negatives every metric is NaN (undefined:
+    AP and F1-max would be a trivial 1.0 that says nothing about the scores).
     """
     n_pos, n_neg = len(pos), len(neg_sorted)
+    if n_neg == 0:
+        return {"auroc": math.nan, "ap": math.nan, "f1max": math.nan,
+                **({"aupro": math.nan} if weights is not None and fpr_limit is not None else {})}
     order = np.argsort(pos)[::-1]
     ps = pos[order]  # descending
     last = np.flatnonzero(np.append(ps[:-1] != ps[1:], True))  # last index of each tie group
@@ -163,13 +167,11 @@ def _curve_metrics(neg_sorted: np.ndarray, pos: np.ndarray, weights: np.ndarray 
     tp = np.concatenate(([0], np.stack([tp_above, tp_at], 1).ravel(), [n_pos]))
     fp = np.concatenate(([0], np.stack([fp_above, fp_at], 1).ravel(), [n_neg]))
     out = {
-        "auroc": int(np.sum((tp[1:] + tp[:-1]) * np.diff(fp))) / (2.0 * n_pos * n_neg) if n_neg else math.nan,
+        "auroc": int(np.sum((tp[1:] + tp[:-1]) * np.diff(fp))) / (2.0 * n_pos * n_neg),
         "ap": float(np.sum((tp_at - tp_above) * (tp_at / (tp_at + fp_at)))) / n_pos,
         "f1max": float(np.max(2.0 * tp_at / (tp_at + fp_at + n_pos))),
     }
-    if weights is not None and fpr_limit is not None and n_neg == 0:
-        out["aupro"] = math.nan
-    elif weights is not None and fpr_limit is not None:
+    if weights is not None and fpr_limit is not None:
         w_at = np.cumsum(weights[order])[last]
         w_above = np.concatenate(([0.0], w_at[:-1]))
         pro = np.concatenate(([0.0], np.stack([w_above, w_at], 1).ravel(), [w_at[-1], 1.0]))
@@ -200,7 +202,7 @@ def _trapezoid(x: np.ndarray, y: np.ndarray, limit: float) -> float:
 def ranking_metrics(scores: Any, labels: Any) -> dict[str, float]:
     """AUROC, AP and F1-max of 1-D ``scores`` against binary ``labels`` (equal to scikit-learn).
 
-    NaN for AUROC when only one label occurs, for AP / F1-max when there is no positive.
+    All three are NaN (undefined) unless both labels occur.
     """
     s = np.asarray(_to_numpy(scores), dtype=np.float64).ravel()
     y = np.asarray(_to_numpy(labels)).ravel().astype(bool)
@@ -222,7 +224,7 @@ def pixel_metrics(maps: Any, gt: np.ndarray, fpr_limit: float = FPR_LIMIT) -> di
     GT-negative pixel of the class, (0, 0) and (1, 1) end points, trapezoid up to ``fpr_limit``
     (PRO interpolated there), divided by ``fpr_limit``. Only the GT-negative scores are sorted
     (a float32 copy, 4 bytes per pixel; float64 maps: 8); the GT pixels are argsorted. NaN
-    where undefined (no GT-positive or no GT-negative pixel).
+    (all four) where undefined: no GT-positive or no GT-negative pixel.
     """
     m = _check_maps(maps, "pixel_metrics")
     if gt.shape != m.shape:
@@ -333,15 +335,17 @@ def evaluate_class(name: str, maps: Any, masks: Any, protocol: str = "official",
     return out
 
 
-def _mean_rows(per_class: dict[str, dict[str, float]]) -> dict[str, float]:
-    mean = {}
+def _mean_rows(per_class: dict[str, dict[str, float]]) -> tuple[dict[str, float], dict[str, int]]:
+    """The mean over the classes where each metric is defined, and how many classes that is per metric."""
+    mean, over = {}, {}
     for k in METRICS:
         vals = [row[k] for row in per_class.values()]
         ok = [v for v in vals if not math.isnan(v)]
         if len(ok) < len(vals):
-            logger.warning("mean %s is over %d of %d classes (the others are NaN)", k, len(ok), len(vals))
+            logger.warning("mean %s is over %d of %d classes (undefined for the others)", k, len(ok), len(vals))
         mean[k] = float(np.mean(ok)) if ok else math.nan
-    return mean
+        over[k] = len(ok)
+    return mean, over
 
 
 def evaluate_stream(items: Iterable[tuple[str, Any, Any]], protocol: str = "official", image_pooling: str = "paper",
@@ -350,8 +354,9 @@ def evaluate_stream(items: Iterable[tuple[str, Any, Any]], protocol: str = "offi
 
     Only one class is held at a time, so peak memory is set by the largest class (about 13 bytes
     per pixel for float32 maps, uint8 masks and the official sort, plus the caller's copy).
-    Returns ``{"per_class": {cls: {metric: value}}, "mean": {metric: value}}`` with fractions as
-    Python floats (mean = arithmetic mean over the classes where a metric is defined); for
+    Returns ``{"per_class": {cls: {metric: value}}, "mean": {metric: value}, "mean_over": {metric: n}}``
+    with fractions as Python floats: NaN where a metric is undefined for a class (no normal or no
+    anomalous image / pixel); mean = arithmetic mean over the ``n`` classes where a metric is defined; for
     ``protocol="both"`` ``{"official": <that>, "legacy": <that>}``. Each class may appear once.
     """
     protocols = _protocols(protocol)
@@ -365,7 +370,10 @@ def evaluate_stream(items: Iterable[tuple[str, Any, Any]], protocol: str = "offi
         logger.info("evaluated class %s (%d images)", name, len(maps))
     if not rows[protocols[0]]:
         raise UserError("nothing to evaluate: no classes given")
-    result = {p: {"per_class": rows[p], "mean": _mean_rows(rows[p])} for p in protocols}
+    result = {}
+    for p in protocols:
+        mean, over = _mean_rows(rows[p])
+        result[p] = {"per_class": rows[p], "mean": mean, "mean_over": over}
     return result if protocol == "both" else result[protocol]
 
 
@@ -416,13 +424,14 @@ _DATASET_ALIASES = {"real_iad": "realiad", "mvtec_ad": "mvtec", "coco_ad": "coco
 
 
 def _pct(v: float) -> str:
-    return "nan" if math.isnan(v) else f"{100.0 * v:.1f}"
+    return "n/a" if math.isnan(v) else f"{100.0 * v:.1f}"
 
 
 def format_table(result: dict[str, Any], title: str | None = None) -> str:
     """Markdown table of a result of :func:`evaluate` (percent, one decimal; classes, then "mean").
 
-    A ``protocol="both"`` result gives one table per protocol.
+    A ``protocol="both"`` result gives one table per protocol. With ``mean_over`` in the result a last
+    row says over how many classes each column's mean is taken; "n/a" marks an undefined metric.
     """
     if "per_class" not in result:
         return "\n\n".join(format_table(sub, f"{title} ({p})" if title else p) for p, sub in result.items())
@@ -431,6 +440,9 @@ def format_table(result: dict[str, Any], title: str | None = None) -> str:
     lines.append("|---|" + "---:|" * len(_HEADERS))
     for name, row in [*result["per_class"].items(), ("mean", result["mean"])]:
         lines.append(f"| {name} | " + " | ".join(_pct(row[k]) for k in METRICS) + " |")
+    if "mean_over" in result:
+        n = len(result["per_class"])
+        lines.append("| classes in mean | " + " | ".join(f"{result['mean_over'][k]} of {n}" for k in METRICS) + " |")
     return "\n".join(lines)
 
 
@@ -445,7 +457,7 @@ def compare_to_paper(mean_row: dict[str, float], dataset: str) -> str:
     for label, row in (("ours", mean_row), (f"paper ({key})", paper)):
         lines.append(f"| {label} | " + " | ".join(_pct(row[k]) for k in METRICS) + " |")
     lines.append("| difference | " + " | ".join(
-        "nan" if math.isnan(diff[k]) else f"{100.0 * diff[k]:+.1f}" for k in METRICS) + " |")
+        "n/a" if math.isnan(diff[k]) else f"{100.0 * diff[k]:+.1f}" for k in METRICS) + " |")
     return "\n".join(lines)
 
 

@@ -9,7 +9,11 @@ Output folder::
 
 A run refuses an output folder whose manifest differs from its own (stale maps from another run or
 config), resumes by skipping images that already have a map, and names each chunk by the global
-index of its first image, so shards, ranks and restarts never collide.
+index of its first image, so shards, ranks and restarts never collide. The manifest identifies the
+checkpoint, weights and data by content, not by path: a node-local copy of the same files is the same
+run, while changed ground-truth masks (hashed in full) or a changed set of test images (ids, labels,
+file sizes) are caught, also by ``--run_eval_only``. A folder whose manifest was written but which
+holds no map yet (a crash before the first batch) takes the new run's manifest.
 """
 
 from __future__ import annotations
@@ -39,10 +43,11 @@ from vlmdiff.visuals import finish_class, write_strips
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+LOCATION_KEYS = frozenset({"path", "data_path"})  # where the files were: recorded, never compared
 
 
 def file_fingerprint(path: str | os.PathLike | None) -> dict[str, Any] | None:
-    """Identity of a weights file: absolute path, size and a hash of its first and last MiB."""
+    """Identity of a weights file: size and a hash of its first and last MiB (plus its absolute path, not compared)."""
     if path is None:
         return None
     import hashlib
@@ -58,24 +63,67 @@ def file_fingerprint(path: str | os.PathLike | None) -> dict[str, Any] | None:
     return {"path": str(p), "size": size, "sha256_head_tail": h.hexdigest()[:16]}
 
 
+def data_fingerprint(records: Sequence[Any]) -> dict[str, Any]:
+    """Content identity of a test set: its images (id, label, file size) and every mask file's bytes.
+
+    Paths do not enter, so a copy of the dataset elsewhere has the same fingerprint. Masks are hashed
+    in full (they are small); images by size only, since reading every image would cost a scoring pass.
+    """
+    import hashlib
+
+    images, masks = hashlib.sha256(), hashlib.sha256()
+    for r in sorted(records, key=lambda r: r.id):
+        try:
+            images.update(f"{r.id}\0{r.label}\0{Path(r.image_path).stat().st_size}\n".encode("utf-8", "surrogateescape"))
+            if r.mask_path is not None:
+                masks.update(f"{r.id}\0".encode("utf-8", "surrogateescape"))
+                masks.update(hashlib.sha256(Path(r.mask_path).read_bytes()).digest())
+        except OSError as e:
+            raise UserError(f"cannot read {e.filename}: {e.strerror or e}") from e
+    return {"images": images.hexdigest()[:16], "masks": masks.hexdigest()[:16]}
+
+
 def check_manifest(output_dir: Path, manifest: dict[str, Any]) -> None:
     """Write the run's manifest, or check that the folder's existing one describes the same run."""
     path = output_dir / MANIFEST
     if path.is_file():
         old = read_json(path)
         diff = _first_difference(old, manifest)
-        if diff:
-            raise UserError(f"{output_dir} holds maps of another run ({diff}); use another --output_dir "
-                            "or remove that folder")
+        if diff and not MapStore(output_dir / "maps").classes():
+            log.info("%s holds no map yet: replacing its manifest (%s)", output_dir, diff)
+            write_json(path, manifest)
+        elif diff:
+            raise UserError(_stale_message(output_dir, diff))
         return
     if (output_dir / "maps").exists() and any((output_dir / "maps").iterdir()):
         raise UserError(f"{output_dir}/maps holds maps without a {MANIFEST}: use another --output_dir")
     write_json(path, manifest)
 
 
+def check_data(output_dir: Path, records: Sequence[Any]) -> None:
+    """Before evaluating stored maps: the test set's images and masks are those the maps were stored with."""
+    stored = read_json(output_dir / MANIFEST).get("data", {}).get("fingerprint")
+    if stored is None:
+        log.warning("%s: the manifest has no data fingerprint (an older run); ground truth not checked", output_dir)
+        return
+    diff = _first_difference({"data": {"fingerprint": stored}}, {"data": {"fingerprint": data_fingerprint(records)}})
+    if diff:
+        raise UserError(_stale_message(output_dir, diff))
+
+
+def _stale_message(output_dir: Path, diff: str) -> str:
+    if diff.startswith("data.fingerprint.masks"):
+        return (f"the ground-truth masks changed since the maps in {output_dir} were stored (their masks are stale); "
+                f"remove {output_dir / 'maps'} and score again, or use another --output_dir")
+    if diff.startswith("data.fingerprint.images"):
+        return (f"the test images changed since the maps in {output_dir} were stored (ids, labels or file sizes "
+                f"differ); remove {output_dir / 'maps'} and score again, or use another --output_dir")
+    return f"{output_dir} holds maps of another run ({diff}); use another --output_dir or remove that folder"
+
+
 def _first_difference(a: Any, b: Any, key: str = "") -> str | None:
     if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
+        for k in sorted((set(a) | set(b)) - LOCATION_KEYS):
             d = _first_difference(a.get(k), b.get(k), f"{key}.{k}" if key else k)
             if d:
                 return d
@@ -200,6 +248,7 @@ def metrics_csv(by_protocol: dict[str, Any]) -> str:
     for protocol, res in by_protocol.items():
         for cls, row in [*res["per_class"].items(), ("mean", res["mean"])]:
             w.writerow([protocol, cls, *("" if math.isnan(row[k]) else f"{row[k]:.6f}" for k in M.METRICS)])
+        w.writerow([protocol, "classes in mean", *(res["mean_over"][k] for k in M.METRICS)])
     return buf.getvalue()
 
 

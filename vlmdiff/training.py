@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -138,10 +139,41 @@ def last_checkpoint(ckpt_dir: Path) -> Path | None:
     return last if last.is_file() else None
 
 
+def check_devices(accelerator: str, devices: int | str | list[int]) -> None:
+    """--accelerator / --devices that Lightning would reject later (or that this machine lacks), as one line."""
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+
+    known = ("auto", "gpu", *sorted(AcceleratorRegistry.available_accelerators()))
+    if accelerator not in known:
+        raise UserError(f"--accelerator {accelerator!r} is not one of {', '.join(known)}")
+    gpu = accelerator in ("gpu", "cuda")
+    if isinstance(devices, list):
+        if not devices or min(devices) < 0 or len(set(devices)) != len(devices):
+            raise UserError(f"--devices {','.join(map(str, devices))}: give distinct device indices 0, 1, ...")
+        if accelerator == "cpu":
+            raise UserError("--devices with a list of indices needs GPUs; with --accelerator cpu give a number")
+    elif isinstance(devices, int) and devices < 1 and devices != -1:
+        raise UserError(f"--devices {devices} must be 1 or more, -1 (all) or auto")
+    if gpu:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        wanted = max(devices) + 1 if isinstance(devices, list) else devices if isinstance(devices, int) else 1
+        if count == 0:
+            raise UserError(f"--accelerator {accelerator}: no CUDA device is available (use --accelerator cpu or auto)")
+        if wanted > count:
+            raise UserError(f"--devices {devices}: this machine has {count} GPU(s)")
+
+
 def make_trainer(args: Any, ckpt_dir: Path, callbacks: list[Callback]) -> pl.Trainer:
     precision = "32-true" if args.precision == "32" else args.precision
     loggers = [TensorBoardLogger(save_dir=str(ckpt_dir), name="logs", version=""),
                CSVLogger(save_dir=str(ckpt_dir), name="logs", version="")]
+    try:
+        return _trainer(args, ckpt_dir, callbacks, precision, loggers)
+    except MisconfigurationException as e:  # a combination of hardware flags Lightning rejects
+        raise UserError(f"{e} (check --accelerator, --devices, --num_nodes, --strategy, --precision)") from e
+
+
+def _trainer(args: Any, ckpt_dir: Path, callbacks: list[Callback], precision: str, loggers: list) -> pl.Trainer:
     return pl.Trainer(
         accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy,
         precision=precision, max_epochs=args.max_epochs, max_steps=args.max_steps,

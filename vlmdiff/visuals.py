@@ -27,8 +27,10 @@ def to_uint8_images(x: torch.Tensor) -> np.ndarray:
 
 
 def visual_name(image_id: str) -> str:
-    """A file name for an image id (path separators become '__')."""
-    return Path(image_id.replace("/", "__").replace("\\", "__")).with_suffix(".png").name
+    """A file name for an image id: path separators become '__'; a PNG keeps its name, any other file gets
+    ``.png`` appended to its whole name (``a.jpg`` -> ``a.jpg.png``), so ``a.png`` and ``a.jpg`` stay apart."""
+    flat = image_id.replace("/", "__").replace("\\", "__")
+    return flat if flat.lower().endswith(".png") else f"{flat}.png"
 
 
 def save_png(path: Path, array: np.ndarray) -> None:

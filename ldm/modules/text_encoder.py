@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -27,6 +26,7 @@ from torch import nn
 
 from ldm.config import TextEncoderConfig
 from utils.errors import UserError
+from utils.io import write_text
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,6 @@ def clip_bpe_tokenizer_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     folder = Path(cache_dir) if cache_dir else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vlmdiff" / "clip_tokenizer"
     if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file() and (folder / "tokenizer_config.json").is_file():
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
     lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
     merges = lines[1 : 49152 - 256 - 2 + 1]
     byte_tokens = list(bytes_to_unicode().values())
@@ -165,10 +164,10 @@ def clip_bpe_tokenizer_dir(cache_dir: str | os.PathLike | None = None) -> Path:
         }),
     }
     for name, text in files.items():  # atomic per file: concurrent processes may race here
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, folder / name)
+        try:
+            write_text(folder / name, text)
+        except UserError as e:
+            raise UserError(f"{e}; the tokenizer cache needs a writable folder: set XDG_CACHE_HOME to one") from e
     return folder
 
 

@@ -54,7 +54,7 @@ def test_full_run_writes_everything(reference):
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["metrics"]["official"]["mean"] == pytest.approx(result["official"]["mean"], nan_ok=True)
     assert saved["provenance"]["git_commit"] is None or len(saved["provenance"]["git_commit"]) >= 40
-    assert (out / "metrics.csv").read_text().count("\n") == 2 * 3 + 1
+    assert (out / "metrics.csv").read_text().count("\n") == 2 * 4 + 1  # 2 protocols x (2 classes, mean, count)
     assert "paper (mvtec)" in (out / "metrics.md").read_text()
     store = MapStore(out / "maps")
     assert len(store.scored_ids()) == 10

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from utils.errors import UserError
 
@@ -51,10 +51,39 @@ def require_dir(path: Path, expected: str) -> None:
 
 
 def list_images(folder: Path, recursive: bool = False) -> list[Path]:
-    """Image files of ``folder`` (by extension, case-insensitive), sorted, hidden files skipped."""
-    pattern = folder.rglob("*") if recursive else folder.iterdir()
-    return sorted(p for p in pattern if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+    """Image files of ``folder`` (by extension, case-insensitive), sorted, hidden files skipped.
+
+    ``recursive`` descends into sub-folders, symlinked ones included (each real folder once, so a
+    link loop ends), skipping hidden folders.
+    """
+    if not recursive:
+        candidates: Iterable[Path] = folder.iterdir()
+    else:
+        candidates, seen = [], set()
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+            real = os.path.realpath(dirpath)
+            if real in seen:
+                dirnames[:] = []
+                continue
+            seen.add(real)
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            candidates.extend(Path(dirpath) / f for f in filenames)
+    return sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
                   and not p.name.startswith("."))
+
+
+def check_utf8_names(records: Sequence[Record], root: Path) -> None:
+    """Every image id must be valid UTF-8: ids go into JSON, CSV and caption files (one UserError otherwise)."""
+    bad = []
+    for r in records:
+        try:
+            r.id.encode("utf-8")
+        except UnicodeEncodeError:
+            bad.append(r.id)
+    if bad:
+        example = os.fsencode(bad[0]).decode("utf-8", "backslashreplace")
+        raise UserError(f"{len(bad)} file name(s) under {root} are not valid UTF-8, e.g. {example}; rename them "
+                        "to UTF-8 (e.g. convmv -f latin1 -t utf8 -r --notest DIR)")
 
 
 def check_files_exist(paths: Iterable[Path], what: str, source: str) -> None:
@@ -111,10 +140,14 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _open(path: Path, what: str) -> Image.Image:
-    """Open and fully decode (truncation is detected unless PIL's LOAD_TRUNCATED_IMAGES was switched on)."""
+    """Open and fully decode, upright: an EXIF orientation tag (camera JPEGs) is applied to images and
+    masks alike, as viewers show them. Truncation is detected unless PIL's LOAD_TRUNCATED_IMAGES was
+    switched on."""
     try:
         img = Image.open(path)
         img.load()
+        if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+            img = ImageOps.exif_transpose(img)
     except FileNotFoundError as e:
         raise UserError(f"{what} {path} not found") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

@@ -7,7 +7,7 @@ from typing import Sequence
 
 from utils.errors import UserError
 from vlmdiff.data.coco import index_coco
-from vlmdiff.data.common import Record
+from vlmdiff.data.common import Record, check_utf8_names
 from vlmdiff.data.folder import index_folder
 from vlmdiff.data.mvtec import index_mvtec
 from vlmdiff.data.realiad import index_realiad
@@ -42,11 +42,14 @@ def index_dataset(name: str, root: str | Path, split: str, *, classes: Sequence[
     if isinstance(classes, str):
         classes = [classes]
     if key == "mvtec":
-        return index_mvtec(root, split, classes)
-    if key == "visa":
-        return index_visa(root, split, classes)
-    if key == "realiad":
-        return index_realiad(root, split, classes)
-    if key == "coco":
-        return index_coco(root, split, coco_part, classes)
-    return index_folder(root, split, classes)
+        records = index_mvtec(root, split, classes)
+    elif key == "visa":
+        records = index_visa(root, split, classes)
+    elif key == "realiad":
+        records = index_realiad(root, split, classes)
+    elif key == "coco":
+        records = index_coco(root, split, coco_part, classes)
+    else:
+        records = index_folder(root, split, classes)
+    check_utf8_names(records, Path(root))
+    return records
