@@ -5,6 +5,11 @@ caption is empty), decode; anomaly map = smoothed sum over feature levels of 1 -
 reconstruction); image score = max after 8 x avgpool(8). Metrics: the seven paper columns per class
 and their mean, under the official protocol (default) or upstream's legacy one.
 
+--use_captions guides every test image by its own test caption, as upstream does (two guidance passes).
+The paper's recipe for MVTec-AD, VisA and Real-IAD is to leave it out: the empty caption, one pass.
+--resume_path takes a Lightning checkpoint (ckpt_{exp_name}/model_epoch=NNN.ckpt, last.ckpt), an upstream
+one, or a weights-only export (python -m vlmdiff.export CKPT OUT.safetensors).
+
   python test.py --data_set mvtec --data_path data/mvtec --resume_path ckpt_vlmdiff_mvtec/last.ckpt \\
       --use_dino --dino_version v1s8 --save_visuals
   python test.py ... --start_ind 0 --end_ind 1000      # a shard; then the rest; then:
@@ -40,9 +45,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_data_args(p, folder=True)
     add_caption_args(p)
-    p.add_argument("--test_captions", action="store_true",
-                   help="with --use_captions, also guide MVTec/VisA/Real-IAD test images by their captions "
-                        "(the paper uses \"\" there; COCO-AD always uses its captions)")
     r = p.add_argument_group("model and reconstruction")
     r.add_argument("--resume_path", required=False, help="the trained VLMDiff checkpoint to test")
     r.add_argument("--unsafe_legacy_pickle", action="store_true", help="allow arbitrary pickles (trusted files only)")
@@ -163,8 +165,7 @@ def _score(args: argparse.Namespace, dataset_name: str, output_dir: Path, ranks:
     extractor = build_feature_extractor(extractor_name, args.feature_weights, input_size=args.feature_input_size)
     model.eval().to(device)
     extractor.eval().to(device)
-    use_test_captions = args.use_captions and (dataset_name == "coco" or args.test_captions)
-    captions = load_split_captions(args, "test") if use_test_captions else None
+    captions = load_split_captions(args, "test")  # None without --use_captions: every caption is ""
     matched = match_captions(records, captions, root=Path(args.data_path), require=True) if captions else {}
     dataset = AnomalyDataset(records, image_size=model.cfg.image_size, captions=matched)
     data = {"data_set": dataset_name, "data_path": str(Path(args.data_path).resolve()), "coco_part": args.coco_part,

@@ -3,10 +3,13 @@
 Starts from an assembled checkpoint (build_model.py) or continues an interrupted run. Trainable: the
 SG network, the UNet output blocks and its final layer; AdamW (lr 1e-5, weight decay 0.01), batch 12,
 gradient accumulation 4, seed 1 -- the paper's settings. Checkpoints, TensorBoard and CSV logs go to
-{output_root}/ckpt_{exp_name}/.
+{output_root}/ckpt_{exp_name}/: model_epoch=NNN.ckpt every 25 epochs (20 for Real-IAD and COCO-AD; NNN is
+the 0-based epoch, so the 100th epoch is model_epoch=099.ckpt) and last.ckpt. A relative --caption_folder
+that does not exist in the working folder is looked up beside the dataset root ({data_path}/..).
 
   python train.py --data_set mvtec --data_path data/mvtec --resume_path models/vlmdiff.ckpt
-  python train.py ... --use_captions --caption_folder data/mvtec_captions_internvl_pd
+  python train.py ... --use_captions --caption_folder mvtec_captions_internvl_pd   # found in data/
+  python train.py ... --keep_last_n 2              # only the two newest model_epoch=NNN.ckpt stay on disk
   python train.py ... --resume                      # continue after a crash or preemption
   python train.py ... --devices 4 --strategy ddp    # several GPUs (see README for nodes/SLURM)
 """
@@ -26,7 +29,7 @@ from utils.cli import run_main, setup_logging
 from utils.errors import UserError
 from utils.provenance import provenance
 from vlmdiff.checkpoint import load_vlmdiff
-from vlmdiff.cli import PAPER_EPOCHS, add_caption_args, add_config_args, add_data_args, canonical_dataset, coco_part, load_split_captions
+from vlmdiff.cli import PAPER_EPOCHS, SAVE_EVERY_N_EPOCHS, add_caption_args, add_config_args, add_data_args, canonical_dataset, coco_part, load_split_captions
 from vlmdiff.training import PRECISIONS, PerRankSeed, SaveProvenance, checkpoint_callback, last_checkpoint, make_trainer, train_loader
 
 log = logging.getLogger("train")
@@ -62,13 +65,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     h.add_argument("--precision", default="32", choices=PRECISIONS, help="32 is faithful; bf16-mixed is recommended on GPUs that have it")
     h.add_argument("--num_workers", type=int, default=4)
     s = p.add_argument_group("saving and logging")
-    s.add_argument("--save_every_n_epochs", type=int, default=10)
-    s.add_argument("--save_every_n_steps", type=int, default=None, help="save by optimiser steps instead of epochs")
+    s.add_argument("--save_every_n_epochs", type=int, default=None,
+                   help="write model_epoch=NNN.ckpt every this many epochs (default: upstream's 25; 20 for Real-IAD "
+                        "and COCO-AD)")
+    s.add_argument("--save_every_n_steps", type=int, default=None,
+                   help="save by optimiser steps instead of epochs (step=NNNNNNN.ckpt)")
+    s.add_argument("--keep_last_n", type=int, default=None,
+                   help="keep only the N newest periodic checkpoints (default: all, as upstream); last.ckpt stays")
     s.add_argument("--log_every_n_steps", type=int, default=10)
     s.add_argument("--no_progress_bar", action="store_true")
     add_config_args(p, default=None)
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
+    if args.keep_last_n is not None and args.keep_last_n < 1:
+        p.error(f"--keep_last_n must be at least 1 (got {args.keep_last_n}); leave it out to keep every checkpoint")
     args.devices = _devices(args.devices)
     return args
 
@@ -113,7 +123,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
     loader = train_loader(data, args.batch_size, args.num_workers, args.seed)
     info = provenance(seed=args.seed, config=to_dict(model.cfg), start_weights=str(start), data_set=dataset,
                       data_path=str(args.data_path), use_captions=args.use_captions)
-    callbacks = [checkpoint_callback(ckpt_dir, args.save_every_n_epochs, args.save_every_n_steps),
+    every_n_epochs = args.save_every_n_epochs or SAVE_EVERY_N_EPOCHS[dataset]
+    callbacks = [checkpoint_callback(ckpt_dir, every_n_epochs, args.save_every_n_steps, args.keep_last_n),
                  PerRankSeed(args.seed), SaveProvenance(info)]
     trainer = make_trainer(args, ckpt_dir, callbacks)
     log.info("training %d images of %d classes; %s", len(data), len(data.class_names),

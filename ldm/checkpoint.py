@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from utils.errors import UserError
-from utils.io import atomic_open
+from utils.io import atomic_open, atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -199,17 +199,20 @@ def load_into(module: nn.Module, sd: Mapping[str, torch.Tensor], path: str | os.
 
 def save_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None = None,
                     extra: Mapping[str, Any] | None = None) -> None:
-    """Write weights (+ the resolved config) atomically as ``.safetensors`` or a torch ``.ckpt`` dict."""
+    """Write weights (+ the resolved config) atomically as ``.safetensors`` or a torch ``.ckpt`` dict.
+
+    safetensors files are written straight to a temporary file beside ``path`` (no second copy of the
+    weights in memory), then renamed; the config and ``extra`` go into the metadata as JSON strings.
+    """
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import save
+        from safetensors.torch import save_file
 
         meta = {"config": json.dumps(config)} if config is not None else {}
         meta.update({k: json.dumps(v) for k, v in (extra or {}).items()})
         tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
-        data = save(_unshare(tensors), metadata=meta)
-        with atomic_open(path, "wb") as f:
-            f.write(data)
+        with atomic_path(path) as tmp:
+            save_file(_unshare(tensors), str(tmp), metadata=meta)
         return
     obj: dict[str, Any] = {"state_dict": dict(state_dict)}
     if config is not None:
