@@ -108,7 +108,10 @@ def _load_safetensors(path: Path) -> dict[str, Any]:
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            sd = {k: f.get_tensor(k) for k in f.keys()}
+            # Each tensor is copied into its own allocation: inside the file tensors are only 8-byte aligned,
+            # and CPU kernels round differently on unaligned memory (maps would differ in the last bits
+            # from those of the same weights loaded from a .ckpt).
+            sd = {k: f.get_tensor(k).clone() for k in f.keys()}
             meta = f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path} is not a readable safetensors file ({_short(e)})") from e
@@ -206,13 +209,17 @@ def save_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, torch.Tens
     """
     path = Path(path)
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         meta = {"config": json.dumps(config)} if config is not None else {}
         meta.update({k: json.dumps(v) for k, v in (extra or {}).items()})
         tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
         with atomic_path(path) as tmp:
-            save_file(_unshare(tensors), str(tmp), metadata=meta)
+            try:
+                save_file(_unshare(tensors), str(tmp), metadata=meta)
+            except SafetensorError as e:  # its I/O errors (a full disk) are not OSErrors
+                raise OSError(str(e)) from e
         return
     obj: dict[str, Any] = {"state_dict": dict(state_dict)}
     if config is not None:
