@@ -74,7 +74,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     e.add_argument("--mask_threshold", type=float, default=0.0, help="ground truth = mask > this fraction of full scale")
     e.add_argument("--exp_name", default=None, help="run name (default: vlmdiff_{data_set})")
     e.add_argument("--output_dir", default=None, help="default: results/{exp_name}")
-    e.add_argument("--save_visuals", action="store_true", help="input | autoencoder | sample | heatmap | mask PNGs")
+    e.add_argument("--save_visuals", action="store_true",
+                   help="input | autoencoder | sample | heatmap | mask PNGs in {output_dir}/visuals/, and upstream's "
+                        "{name}-input/-reconstruction/-samples/-features.jpg and -heatmap.png in "
+                        "{output_dir}/log_image_{exp_name}/")
     e.add_argument("--start_ind", type=int, default=0, help="first test image (sorted by id) of this shard")
     e.add_argument("--end_ind", type=int, default=-1, help="end (exclusive) of this shard; -1: the end")
     e.add_argument("--run_eval_only", action="store_true", help="only merge stored maps and compute the metrics")
@@ -100,13 +103,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     dataset_name = canonical_dataset(args.data_set)
     if dataset_name == "coco" and args.coco_part < 0:
         raise UserError("--data_set coco needs --coco_part 0..3")
-    output_dir = Path(args.output_dir or Path("results") / (args.exp_name or f"vlmdiff_{dataset_name}"))
+    exp_name = args.exp_name or f"vlmdiff_{dataset_name}"
+    output_dir = Path(args.output_dir or Path("results") / exp_name)
     has_truth = dataset_name != "folder"
     sharded = args.start_ind != 0 or args.end_ind != -1
     ranks = distributed.detect_ranks()
     records = _index(args, dataset_name)
     if not args.run_eval_only:
-        _score(args, dataset_name, output_dir, ranks, records)
+        _score(args, dataset_name, exp_name, output_dir, ranks, records)
         if ranks.world > 1:
             distributed.barrier()
         if not ranks.is_main:
@@ -147,7 +151,7 @@ def _index(args: argparse.Namespace, dataset_name: str):
     return records
 
 
-def _score(args: argparse.Namespace, dataset_name: str, output_dir: Path, ranks: distributed.Ranks,
+def _score(args: argparse.Namespace, dataset_name: str, exp_name: str, output_dir: Path, ranks: distributed.Ranks,
            records: list) -> None:
     from vlmdiff.checkpoint import load_vlmdiff
     from vlmdiff.data import AnomalyDataset, match_captions
@@ -185,10 +189,11 @@ def _score(args: argparse.Namespace, dataset_name: str, output_dir: Path, ranks:
     autocast = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}[args.precision]
     store = MapStore(output_dir / "maps", dtype=args.map_dtype)
     visuals = output_dir / "visuals" if args.save_visuals else None
+    upstream_visuals = output_dir / f"log_image_{exp_name}" if args.save_visuals else None
     n = score_images(model, extractor, dataset, indices, store, settings, batch_size=args.batch_size,
                      num_workers=args.num_workers, device=device, sigma=args.sigma, visuals=visuals,
                      autocast_dtype=autocast, pooling=args.image_pooling,
-                     progress=not args.no_progress_bar and ranks.is_main)
+                     progress=not args.no_progress_bar and ranks.is_main, upstream_visuals=upstream_visuals)
     log.info("rank %d scored %d images with %s features", ranks.rank, n, extractor_name)
 
 

@@ -64,6 +64,8 @@ def test_full_run_writes_everything(reference):
     assert len(pngs) == 10
     from PIL import Image
     assert Image.open(pngs[0]).size == (5 * 128, 128)  # input | autoencoder | sample | heatmap | mask
+    upstream = sorted(p.name for p in (out / "log_image_vlmdiff_mvtec").iterdir())  # upstream's files, too
+    assert len(upstream) == 10 * 5 and sum(n.endswith("-heatmap.png") for n in upstream) == 10
 
 
 def test_shards_merge_and_batch_size(setup, reference):
