@@ -79,7 +79,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "{name}-input/-reconstruction/-samples/-features.jpg and -heatmap.png in "
                         "{output_dir}/log_image_{exp_name}/")
     e.add_argument("--start_ind", type=int, default=0, help="first test image (sorted by id) of this shard")
-    e.add_argument("--end_ind", type=int, default=-1, help="end (exclusive) of this shard; -1: the end")
+    e.add_argument("--end_ind", type=int, default=-1, help="end (exclusive) of this shard; -1 or any end past the last image: the end")
     e.add_argument("--run_eval_only", action="store_true", help="only merge stored maps and compute the metrics")
     e.add_argument("--no_progress_bar", action="store_true")
     add_config_args(p, default=None)
@@ -106,9 +106,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     exp_name = args.exp_name or f"vlmdiff_{dataset_name}"
     output_dir = Path(args.output_dir or Path("results") / exp_name)
     has_truth = dataset_name != "folder"
-    sharded = args.start_ind != 0 or args.end_ind != -1
     ranks = distributed.detect_ranks()
     records = _index(args, dataset_name)
+    # upstream's README passes --start_ind 0 --end_ind 120000 for a whole test set: that is no shard
+    sharded = args.start_ind != 0 or 0 <= args.end_ind < len(records)
     if not args.run_eval_only:
         _score(args, dataset_name, exp_name, output_dir, ranks, records)
         if ranks.world > 1:
