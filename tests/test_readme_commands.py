@@ -17,8 +17,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"captioner.py", "finetune_autoencoder.py", "build_model.py", "train.py", "test.py",
-           "utils/prepare_coco_ad.py", "bench/bench_inference.py", "bench/bench_training.py", "bench/bench_eval.py"}
-MODULES = {"-m vlmdiff.report": "vlmdiff.report", "-m vlmdiff.metrics": "vlmdiff.metrics"}
+           "utils/prepare_coco_ad.py", "bench/bench_inference.py", "bench/bench_training.py", "bench/bench_eval.py",
+           "bench/bench_checkpoint_size.py"}
+MODULES = {"-m vlmdiff.report": "vlmdiff.report", "-m vlmdiff.metrics": "vlmdiff.metrics",
+           "-m vlmdiff.export": "vlmdiff.export"}
 
 
 def _logical_lines(text: str) -> list[str]:
