@@ -136,3 +136,24 @@ def test_jsonl_records_partial_last_line_and_bad_line(tmp_path: Path) -> None:
     (folder / "train_0_3.jsonl").write_text(text.replace('"mvtec"', '"visa"'))
     with pytest.raises(UserError, match="holds captions of dataset 'visa'"):
         load_captions(folder.parent, "train", "mvtec")
+
+
+def test_relative_caption_folder_is_found_beside_the_dataset_root(tmp_path: Path, monkeypatch) -> None:
+    import argparse
+
+    from vlmdiff.cli import caption_source
+
+    root = datagen.make_mvtec(tmp_path / "D" / "mvtec", classes=("bottle",))
+    beside = tmp_path / "D" / "mvtec_captions_internvl_pd"
+    beside.mkdir()
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    args = argparse.Namespace(data_set="mvtec", data_path=str(root), caption_folder="mvtec_captions_internvl_pd",
+                              vlm_model="internvl", prompt_type="pd")
+    assert caption_source(args) == beside.resolve()
+    (work / "mvtec_captions_internvl_pd").mkdir()  # one in the working folder comes first
+    assert caption_source(args) == Path("mvtec_captions_internvl_pd")
+    args.caption_folder = "visa_captions_internvl_pd"
+    with pytest.raises(UserError, match=r"visa_captions_internvl_pd.*working folder.*beside the dataset root"):
+        caption_source(args)

@@ -108,6 +108,20 @@ def test_other_run_folder_and_bad_input(setup, reference, tmp_path):
         _run(data, ckpt, tmp_path / "o4", "--start_ind", "7", "--end_ind", "3")
 
 
+def test_use_captions_guides_mvtec_test_images_by_their_captions(setup, reference):
+    import captioner
+
+    tmp, data, ckpt = setup
+    captioner.main(["--data_set", "mvtec", "--data_path", str(data), "--vlm_model", "template", "--split", "test"])
+    out = tmp / "captioned"
+    guided = _run(data, ckpt, out, "--batch_size", "4", "--use_captions", "--vlm_model", "template")
+    assert json.loads((out / "manifest.json").read_text())["data"]["test_captions"] is True
+    maps = dict(MapStore(out / "maps").iter_classes())
+    plain = dict(MapStore(reference[0] / "maps").iter_classes())
+    assert not np.array_equal(maps["brick"]["maps"], plain["brick"]["maps"])  # the captions changed the samples
+    assert set(guided) == set(reference[1])
+
+
 def test_folder_of_images_without_ground_truth(setup, tmp_path):
     tmp, data, ckpt = setup
     folder = tmp_path / "imgs"
