@@ -77,8 +77,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add_config_args(p, default=None)
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
-    if args.keep_last_n is not None and args.keep_last_n < 1:
-        p.error(f"--keep_last_n must be at least 1 (got {args.keep_last_n}); leave it out to keep every checkpoint")
+    for flag in ("keep_last_n", "save_every_n_epochs", "save_every_n_steps"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            p.error(f"--{flag} must be at least 1 (got {value}); leave it out for the default")
     args.devices = _devices(args.devices)
     return args
 
