@@ -8,7 +8,8 @@ run's provenance as safetensors metadata (JSON strings), so test.py builds the m
   python -m vlmdiff.export ckpt_vlmdiff_mvtec/model_epoch=299.ckpt vlmdiff_mvtec.safetensors
   python test.py --data_set mvtec --data_path data/mvtec --resume_path vlmdiff_mvtec.safetensors ...
 
-The file is written to a temporary file beside OUT and renamed when complete.
+The output is written to a temporary file beside it and renamed when complete; tensors keep their dtype
+(float32 for train.py's runs).
 """
 
 from __future__ import annotations
