@@ -46,7 +46,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add_data_args(p, folder=True)
     add_caption_args(p)
     r = p.add_argument_group("model and reconstruction")
-    r.add_argument("--resume_path", required=False, help="the trained VLMDiff checkpoint to test")
+    r.add_argument("--resume_path", required=False, help="the trained VLMDiff checkpoint to test (.ckpt, or a weights-only .safetensors from "
+                        "python -m vlmdiff.export)")
     r.add_argument("--unsafe_legacy_pickle", action="store_true", help="allow arbitrary pickles (trusted files only)")
     r.add_argument("--ddim_steps", type=int, default=10)
     r.add_argument("--noise_t", type=int, default=999, help="noise level of the input latent (DDIM steps <= it are run)")
