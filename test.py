@@ -5,6 +5,11 @@ caption is empty), decode; anomaly map = smoothed sum over feature levels of 1 -
 reconstruction); image score = max after 8 x avgpool(8). Metrics: the seven paper columns per class
 and their mean, under the official protocol (default) or upstream's legacy one.
 
+--use_captions guides every test image by its own test caption, as upstream does (two guidance passes).
+The paper's recipe for MVTec-AD, VisA and Real-IAD is to leave it out: the empty caption, one pass.
+--resume_path takes a Lightning checkpoint (ckpt_{exp_name}/model_epoch=NNN.ckpt, last.ckpt), an upstream
+one, or a weights-only export (python -m vlmdiff.export CKPT OUT.safetensors).
+
   python test.py --data_set mvtec --data_path data/mvtec --resume_path ckpt_vlmdiff_mvtec/last.ckpt \\
       --use_dino --dino_version v1s8 --save_visuals
   python test.py ... --start_ind 0 --end_ind 1000      # a shard; then the rest; then:
@@ -43,12 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_data_args(p, folder=True)
     add_caption_args(p)
-    p.add_argument("--test_captions", action="store_true",
-                   help="with --use_captions, also guide MVTec/VisA/Real-IAD test images by their captions "
-                        "(the paper uses \"\" there; COCO-AD always uses its captions)")
     r = p.add_argument_group("model and reconstruction")
     r.add_argument("--resume_path", default=None,
-                   help="the trained VLMDiff checkpoint to test (default: none; needed unless --run_eval_only)")
+                   help="the trained VLMDiff checkpoint to test: a .ckpt, or a weights-only .safetensors from "
+                        "python -m vlmdiff.export (default: none; needed unless --run_eval_only)")
     r.add_argument("--unsafe_legacy_pickle", action="store_true", help="allow arbitrary pickles (trusted files only)")
     r.add_argument("--ddim_steps", type=int, default=10, help="DDIM steps (10: timesteps 901, 801, ..., 1)")
     r.add_argument("--noise_t", type=int, default=999, help="noise level of the input latent (DDIM steps <= it are run)")
@@ -90,9 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "Recorded in manifest.json")
     e.add_argument("--exp_name", default=None, help="run name (default: vlmdiff_{data_set})")
     e.add_argument("--output_dir", default=None, help="default: results/{exp_name}")
-    e.add_argument("--save_visuals", action="store_true", help="input | autoencoder | sample | heatmap | mask PNGs")
+    e.add_argument("--save_visuals", action="store_true",
+                   help="input | autoencoder | sample | heatmap | mask PNGs in {output_dir}/visuals/, and upstream's "
+                        "{name}-input/-reconstruction/-samples/-features.jpg and -heatmap.png in "
+                        "{output_dir}/log_image_{exp_name}/")
     e.add_argument("--start_ind", type=int, default=0, help="first test image (sorted by id) of this shard")
-    e.add_argument("--end_ind", type=int, default=-1, help="end (exclusive) of this shard; -1: the end")
+    e.add_argument("--end_ind", type=int, default=-1, help="end (exclusive) of this shard; -1 or any end past the last image: the end")
     e.add_argument("--run_eval_only", action="store_true", help="only merge stored maps and compute the metrics")
     e.add_argument("--no_progress_bar", action="store_true", help="no progress bar (log files, batch jobs)")
     add_config_args(p, default=None)
@@ -155,13 +161,15 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     from vlmdiff.testing import check_coverage, check_data, evaluate_run, write_scores
 
     dataset_name = canonical_dataset(args.data_set)
+    exp_name = args.exp_name or f"vlmdiff_{dataset_name}"
     output_dir = _output_dir(args)
     has_truth = dataset_name != "folder"
-    sharded = args.start_ind != 0 or args.end_ind != -1
     ranks = distributed.detect_ranks()
     records = _index(args, dataset_name)
+    # upstream's README passes --start_ind 0 --end_ind 120000 for a whole test set: that is no shard
+    sharded = args.start_ind != 0 or 0 <= args.end_ind < len(records)
     if not args.run_eval_only:
-        _score(args, dataset_name, output_dir, ranks, records)
+        _score(args, dataset_name, exp_name, output_dir, ranks, records)
         if ranks.world > 1:
             distributed.barrier()
         if not ranks.is_main:
@@ -207,7 +215,7 @@ def _index(args: argparse.Namespace, dataset_name: str):
     return records
 
 
-def _score(args: argparse.Namespace, dataset_name: str, output_dir: Path, ranks: distributed.Ranks,
+def _score(args: argparse.Namespace, dataset_name: str, exp_name: str, output_dir: Path, ranks: distributed.Ranks,
            records: list) -> None:
     from vlmdiff.checkpoint import load_vlmdiff
     from vlmdiff.data import AnomalyDataset, match_captions
@@ -221,8 +229,7 @@ def _score(args: argparse.Namespace, dataset_name: str, output_dir: Path, ranks:
     settings = ReconstructionSettings(args.ddim_steps, args.noise_t, args.guidance_scale, 0.0, args.seed)
     extractor_name = resolve_extractor_name(args.feature_extractor, args.use_dino, args.dino_version)
     # Captions and the (small) feature extractor are checked before the large checkpoint is read.
-    use_test_captions = args.use_captions and (dataset_name == "coco" or args.test_captions)
-    captions = load_split_captions(args, "test") if use_test_captions else None
+    captions = load_split_captions(args, "test")  # None without --use_captions: every caption is ""
     extractor = build_feature_extractor(extractor_name, args.feature_weights, input_size=args.feature_input_size)
     model, _ = load_vlmdiff(args.resume_path, args.config, args.overrides, args.unsafe_legacy_pickle)
     settings.check(model.num_timesteps)
@@ -247,10 +254,11 @@ def _score(args: argparse.Namespace, dataset_name: str, output_dir: Path, ranks:
     autocast = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}[args.precision]
     store = MapStore(output_dir / "maps", dtype=args.map_dtype)
     visuals = output_dir / "visuals" if args.save_visuals else None
+    upstream_visuals = output_dir / f"log_image_{exp_name}" if args.save_visuals else None
     n = score_images(model, extractor, dataset, indices, store, settings, batch_size=args.batch_size,
                      num_workers=args.num_workers, device=device, sigma=args.sigma, visuals=visuals,
                      autocast_dtype=autocast, pooling=args.image_pooling,
-                     progress=not args.no_progress_bar and ranks.is_main)
+                     progress=not args.no_progress_bar and ranks.is_main, upstream_visuals=upstream_visuals)
     log.info("rank %d scored %d images with %s features", ranks.rank, n, extractor_name)
 
 

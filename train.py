@@ -3,10 +3,13 @@
 Starts from an assembled checkpoint (build_model.py) or continues an interrupted run. Trainable: the
 SG network, the UNet output blocks and its final layer; AdamW (lr 1e-5, weight decay 0.01), batch 12,
 gradient accumulation 4, seed 1 -- the paper's settings. Checkpoints, TensorBoard and CSV logs go to
-{output_root}/ckpt_{exp_name}/.
+{output_root}/ckpt_{exp_name}/: model_epoch=NNN.ckpt every 25 epochs (20 for Real-IAD and COCO-AD; NNN is
+the 0-based epoch, so the 100th epoch is model_epoch=099.ckpt) and last.ckpt. A relative --caption_folder
+that does not exist in the working folder is looked up beside the dataset root ({data_path}/..).
 
   python train.py --data_set mvtec --data_path data/mvtec --resume_path models/vlmdiff.ckpt
-  python train.py ... --use_captions --caption_folder data/mvtec_captions_internvl_pd
+  python train.py ... --use_captions --caption_folder mvtec_captions_internvl_pd   # found in data/
+  python train.py ... --keep_last_n 2              # only the two newest model_epoch=NNN.ckpt stay on disk
   python train.py ... --resume                      # continue after a crash or preemption
 
 SIGTERM (SLURM preemption or time limit) saves ckpt_{exp_name}/last.ckpt and exits with code 143; a
@@ -34,8 +37,9 @@ from utils.errors import UserError
 from utils.lock import claim_folder
 from utils.provenance import provenance
 from vlmdiff.checkpoint import load_vlmdiff
-from vlmdiff.cli import (PAPER_EPOCHS, add_caption_args, add_config_args, add_data_args, canonical_dataset, check_numbers,
-                         coco_part, lightning_precision, load_split_captions, model_config_to_print)
+from vlmdiff.cli import (PAPER_EPOCHS, SAVE_EVERY_N_EPOCHS, add_caption_args, add_config_args, add_data_args,
+                         canonical_dataset, check_numbers, coco_part, lightning_precision, load_split_captions,
+                         model_config_to_print)
 from vlmdiff.training import (PRECISIONS, FiniteTraining, Preempted, PerRankSeed, SaveOnSigterm, SaveProvenance,
                               check_devices, checkpoint_callback, last_checkpoint, make_trainer, train_loader)
 
@@ -79,9 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "for bf16-mixed and 16-mixed)")
     h.add_argument("--num_workers", type=int, default=4, help="data loader processes per device")
     s = p.add_argument_group("saving and logging")
-    s.add_argument("--save_every_n_epochs", type=int, default=10, help="keep a checkpoint every N epochs")
+    s.add_argument("--save_every_n_epochs", type=int, default=None,
+                   help="write model_epoch=NNN.ckpt every this many epochs (default: upstream's 25; 20 for Real-IAD "
+                        "and COCO-AD)")
     s.add_argument("--save_every_n_steps", type=int, default=None,
-                   help="save by optimiser steps instead of epochs (default: by epochs)")
+                   help="save by optimiser steps instead of epochs, as step=NNNNNNN.ckpt (default: by epochs)")
+    s.add_argument("--keep_last_n", type=int, default=None,
+                   help="keep only the N newest periodic checkpoints; last.ckpt stays (default: all, as upstream)")
     s.add_argument("--log_every_n_steps", type=int, default=10, help="optimiser steps between logged rows")
     s.add_argument("--no_progress_bar", action="store_true", help="no progress bar (log files, batch jobs)")
     add_config_args(p, default=None)
@@ -125,7 +133,7 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UserError("--data_set coco needs --coco_part 0..3")
     check_numbers(args, {"batch_size": ">= 1", "accumulate_grad_batches": ">= 1", "lr": "> 0", "weight_decay": ">= 0",
                          "num_nodes": ">= 1", "num_workers": ">= 0", "max_epochs": ">= 0 or -1",
-                         "max_steps": ">= 1 or -1", "save_every_n_epochs": ">= 1", "save_every_n_steps": ">= 1",
+                         "max_steps": ">= 1 or -1", "save_every_n_epochs": ">= 1", "save_every_n_steps": ">= 1", "keep_last_n": ">= 1",
                          "log_every_n_steps": ">= 1"})
     if args.max_epochs == 0:
         raise UserError(f"--max_epochs 0 trains nothing (--max_steps {args.max_steps} is never reached); give "
@@ -166,8 +174,9 @@ def run(args: argparse.Namespace) -> Path:
     loader = train_loader(data, args.batch_size, args.num_workers, args.seed)
     info = provenance(seed=args.seed, config=to_dict(model.cfg), start_weights=str(start), data_set=dataset,
                       data_path=str(args.data_path), use_captions=args.use_captions)
+    every_n_epochs = args.save_every_n_epochs or SAVE_EVERY_N_EPOCHS[dataset]
     callbacks = [FiniteTraining(args.log_every_n_steps if args.no_progress_bar else 0),
-                 checkpoint_callback(ckpt_dir, args.save_every_n_epochs, args.save_every_n_steps),
+                 checkpoint_callback(ckpt_dir, every_n_epochs, args.save_every_n_steps, args.keep_last_n),
                  PerRankSeed(args.seed), SaveProvenance(info), SaveOnSigterm(ckpt_dir / "last.ckpt")]
     trainer = make_trainer(args, ckpt_dir, callbacks)
     log.info("training %d images of %d classes; %s", len(data), len(data.class_names),

@@ -115,7 +115,10 @@ def _load_safetensors(path: Path) -> dict[str, Any]:
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            sd = {k: f.get_tensor(k) for k in f.keys()}
+            # Each tensor is copied into its own allocation: inside the file tensors are only 8-byte aligned,
+            # and CPU kernels round differently on unaligned memory (maps would differ in the last bits
+            # from those of the same weights loaded from a .ckpt).
+            sd = {k: f.get_tensor(k).clone() for k in f.keys()}
             meta = f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path} is not a readable safetensors file ({_short(e)})") from e
@@ -226,16 +229,24 @@ def cast_to_model_dtypes(sd: Mapping[str, torch.Tensor], dtypes: Mapping[str, to
 
 def save_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None = None,
                     extra: Mapping[str, Any] | None = None) -> None:
-    """Write weights (+ the resolved config) atomically as ``.safetensors`` or a torch ``.ckpt`` dict."""
+    """Write weights (+ the resolved config) atomically as ``.safetensors`` or a torch ``.ckpt`` dict.
+
+    safetensors files are written straight to a temporary file beside ``path`` (no second copy of the
+    weights in memory), then renamed; the config and ``extra`` go into the metadata as JSON strings.
+    """
     path = Path(path)
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import save_file
 
         meta = {"config": json.dumps(config)} if config is not None else {}
         meta.update({k: json.dumps(v) for k, v in (extra or {}).items()})
         tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
         with atomic_path(path) as tmp:
-            save_file(_unshare(tensors), tmp, metadata=meta)  # streams each tensor to the file, no copy in memory
+            try:
+                save_file(_unshare(tensors), str(tmp), metadata=meta)  # streams each tensor to the file
+            except SafetensorError as e:  # its I/O errors (a full disk) are not OSErrors
+                raise OSError(str(e)) from e
         return
     obj: dict[str, Any] = {"state_dict": dict(state_dict)}
     if config is not None:

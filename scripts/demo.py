@@ -256,8 +256,8 @@ def run(settings: DemoSettings, output: Path, keep: bool = False) -> dict[str, A
     runner.stage("train", "4/5 train VLMDiff (SG network + UNet decoder) with the captions",
                  [py, "train.py", *train_args], lambda: _script("train").main(train_args))
 
+    # tested with the empty caption, the paper's recipe for MVTec-AD (--use_captions would guide by test captions)
     test_args = ["--data_set", "mvtec", "--data_path", str(data), "--resume_path", str(ckpt_dir / "last.ckpt"),
-                 "--use_captions", "--caption_folder", str(captions), "--vlm_model", "template",
                  "--feature_extractor", "efficientnet_lite0", "--ddim_steps", str(s.ddim_steps), "--noise_t",
                  str(s.noise_t), "--sigma", str(s.sigma), "--feature_input_size", str(s.feature_input_size),
                  "--image_pooling", s.image_pooling, "--batch_size", str(s.test_batch_size), "--device", "cpu",

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from bench import bench_eval, bench_inference, bench_training
+from bench import bench_checkpoint_size, bench_eval, bench_inference, bench_training
 
 
 def test_inference_benchmark_tiny(tmp_path):
@@ -46,3 +46,12 @@ def test_memory_meter_sees_an_allocation():
     x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
     assert meter.peak_mib() > 48
     del x
+
+
+def test_checkpoint_size_benchmark_tiny(tmp_path):
+    out = bench_checkpoint_size.main(["--configs", "tiny", "--output", str(tmp_path / "size.json")])
+    tiny, measured = out["computed"]["tiny"], out["measured_tiny"]
+    assert tiny["export_bytes"] < tiny["lightning_bytes"] and tiny["trainable"] < tiny["parameters"]
+    # the files hold the computed bytes plus headers and Lightning's loop/callback state (a few %)
+    assert 1.0 < measured["export_bytes"] / tiny["export_bytes"] < 1.05
+    assert 1.0 < measured["lightning_bytes"] / tiny["lightning_bytes"] < 1.1

@@ -151,3 +151,24 @@ def test_failed_lookup_names_the_files_it_looked_for(tmp_path: Path) -> None:
         assert str(tried) in str(err.value)
     with pytest.raises(UserError, match=f"caption file or folder {tmp_path / 'absent'} not found"):
         load_captions(tmp_path / "absent", "train", "mvtec")
+
+
+def test_relative_caption_folder_is_found_beside_the_dataset_root(tmp_path: Path, monkeypatch) -> None:
+    import argparse
+
+    from vlmdiff.cli import caption_source
+
+    root = datagen.make_mvtec(tmp_path / "D" / "mvtec", classes=("bottle",))
+    beside = tmp_path / "D" / "mvtec_captions_internvl_pd"
+    beside.mkdir()
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    args = argparse.Namespace(data_set="mvtec", data_path=str(root), caption_folder="mvtec_captions_internvl_pd",
+                              vlm_model="internvl", prompt_type="pd")
+    assert caption_source(args) == beside.resolve()
+    (work / "mvtec_captions_internvl_pd").mkdir()  # one in the working folder comes first
+    assert caption_source(args) == Path("mvtec_captions_internvl_pd")
+    args.caption_folder = "visa_captions_internvl_pd"
+    with pytest.raises(UserError, match=r"visa_captions_internvl_pd.*working folder.*beside the dataset root"):
+        caption_source(args)

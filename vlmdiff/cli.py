@@ -12,6 +12,7 @@ from vlmdiff.data.captions import caption_folder_name
 
 DATASETS = ("mvtec", "visa", "realiad", "real_iad", "coco")
 PAPER_EPOCHS = {"mvtec": 300, "visa": 300, "realiad": 100, "coco": 100}
+SAVE_EVERY_N_EPOCHS = {"mvtec": 25, "visa": 25, "realiad": 20, "coco": 20}  # upstream's checkpoint period
 
 
 def canonical_dataset(name: str) -> str:
@@ -31,7 +32,8 @@ def add_data_args(p: argparse.ArgumentParser, folder: bool = False) -> None:
 def add_caption_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--use_captions", action="store_true", help="condition on VLM captions (cross-attention)")
     p.add_argument("--caption_folder", default=None,
-                   help="folder of caption files (default: {dataset}_captions_{vlm}_{prompt_type} beside the dataset root)")
+                   help="folder of caption files (default: {dataset}_captions_{vlm}_{prompt_type} beside the dataset "
+                        "root); a relative path not found from the working folder is looked up beside the dataset root")
     p.add_argument("--caption_model", default="_internvl",
                    help="suffix of COCO caption files: annotations/captions_{train,val}2017{suffix}.json")
     p.add_argument("--vlm_model", default="internvl",
@@ -52,10 +54,21 @@ def vlm_token(vlm_model: str) -> str:
 
 
 def caption_source(args: argparse.Namespace) -> Path:
-    """The caption file/folder ``--use_captions`` reads (upstream's default locations)."""
+    """The caption file/folder ``--use_captions`` reads (upstream's default locations).
+
+    A relative ``--caption_folder`` that does not exist from the working folder is taken from beside the
+    dataset root (``{data_path}/..``), where upstream's ``get_captions`` and its README put caption folders.
+    """
     dataset = canonical_dataset(args.data_set)
     if args.caption_folder:
-        return Path(args.caption_folder)
+        given = Path(args.caption_folder)
+        beside_root = Path(args.data_path).resolve().parent / given
+        if given.exists() or given.is_absolute():
+            return given
+        if beside_root.exists():
+            return beside_root
+        raise UserError(f"--caption_folder {given}: found neither in the working folder nor beside the dataset root "
+                        f"({beside_root}); give the caption folder's path")
     if dataset == "coco":
         return Path(args.data_path)
     return Path(args.data_path).resolve().parent / caption_folder_name(dataset, vlm_token(args.vlm_model), args.prompt_type)

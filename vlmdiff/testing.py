@@ -5,6 +5,7 @@ Output folder::
     manifest.json            what the maps depend on (checkpoint, config, settings, data, extractor)
     maps/{class}/{chunk}.npz per-image anomaly maps, masks, labels, image scores (vlmdiff.map_store)
     visuals/{class}/*.png    with --save_visuals
+    log_image_{exp_name}/    with --save_visuals: upstream's per-image files (vlmdiff.visuals.write_upstream_visuals)
     metrics.json / .csv / .md, scores.csv
 
 A run refuses an output folder whose manifest differs from its own (stale maps from another run or
@@ -38,7 +39,7 @@ from vlmdiff import metrics as M
 from vlmdiff.map_store import MapStore
 from vlmdiff.reconstruction import ReconstructionSettings, reconstruct
 from vlmdiff.scoring import anomaly_map, image_score
-from vlmdiff.visuals import finish_class, write_strips
+from vlmdiff.visuals import finish_class, write_strips, write_upstream_visuals
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +148,10 @@ def shard_indices(n: int, start: int, end: int | None, rank: int = 0, world: int
 def score_images(model, extractor, dataset, indices: Sequence[int], store: MapStore, settings: ReconstructionSettings,
                  *, batch_size: int, num_workers: int, device: torch.device, sigma: float = 5.0,
                  visuals: Path | None = None, autocast_dtype: torch.dtype | None = None,
-                 pooling: str = "paper", progress: bool = True) -> int:
+                 pooling: str = "paper", progress: bool = True, upstream_visuals: Path | None = None) -> int:
     """Reconstruct, extract features, map and store the images ``indices`` of ``dataset`` not yet stored.
+
+    ``visuals`` gets our strips, ``upstream_visuals`` upstream's per-image files (both need the autoencoder pass).
 
     Returns the number of images scored now. Chunks are named by the global index of their first image.
     """
@@ -165,13 +168,16 @@ def score_images(model, extractor, dataset, indices: Sequence[int], store: MapSt
     for first, batch in zip(firsts, loader):
         image = batch["image"].to(device)
         maps, rec = _maps(model, extractor, image, list(batch["caption"]), list(batch["filename"]), settings, sigma,
-                          autocast_dtype, decode_autoencoder=visuals is not None)
+                          autocast_dtype, decode_autoencoder=visuals is not None or upstream_visuals is not None)
         scores = image_score(maps, pooling)
         store.write(f"{first:08d}", batch["filename"], batch["class_name"], maps.cpu(), batch["mask"][:, 0],
                     batch["label"], scores.cpu())
         if visuals is not None:
             write_strips(visuals, list(batch["filename"]), list(batch["class_name"]), image, rec["autoencoder"],
                          rec["sample"])
+        if upstream_visuals is not None:
+            write_upstream_visuals(upstream_visuals, list(batch["filename"]), image, rec["autoencoder"], rec["sample"],
+                                   maps)
         bar.update(len(batch["filename"]))
     bar.close()
     return len(todo)

@@ -121,17 +121,25 @@ def train_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int)
                       pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0, generator=generator)
 
 
-def checkpoint_callback(ckpt_dir: Path, every_n_epochs: int | None, every_n_steps: int | None) -> ModelCheckpoint:
-    """Keep every periodic checkpoint (epoch/step in the name) plus ``last.ckpt`` for --resume.
+def checkpoint_callback(ckpt_dir: Path, every_n_epochs: int | None, every_n_steps: int | None,
+                        keep_last: int | None = None) -> ModelCheckpoint:
+    """Periodic checkpoints named as upstream's (``model_epoch=NNN.ckpt``) plus ``last.ckpt`` for --resume.
 
-    No version counter: a resumed run (even with other saving flags) overwrites ``last.ckpt`` instead of
-    starting a ``last-v1.ckpt`` that --resume would not find.
+    NNN is Lightning's 0-based epoch index, zero-padded to 3 digits (the 100th epoch is
+    ``model_epoch=099.ckpt``); with ``every_n_steps`` the names are ``step=NNNNNNN.ckpt``. Every periodic
+    checkpoint is kept (upstream's behaviour) unless ``keep_last`` is given: then only the ``keep_last``
+    most recent ones stay (ranked by global step), ``last.ckpt`` always stays. No version counter: a
+    resumed run (even with other saving flags) overwrites ``last.ckpt`` instead of starting a
+    ``last-v1.ckpt`` that --resume would not find.
     """
-    keep_all = {"dirpath": ckpt_dir, "save_top_k": -1, "save_last": True, "auto_insert_metric_name": False,
-                "enable_version_counter": False}
+    retention = ({"save_top_k": -1} if keep_last is None
+                 else {"save_top_k": keep_last, "monitor": "step", "mode": "max"})
+    common = {"dirpath": ckpt_dir, "save_last": True, "auto_insert_metric_name": False,
+              "enable_version_counter": False, **retention}
     if every_n_steps:
-        return ModelCheckpoint(filename="step={step:07d}", every_n_train_steps=every_n_steps, **keep_all)
-    return ModelCheckpoint(filename="epoch={epoch:03d}", every_n_epochs=every_n_epochs or 1, **keep_all)
+        return ModelCheckpoint(filename="step={step:07d}", every_n_train_steps=every_n_steps, **common)
+    return ModelCheckpoint(filename="model_epoch={epoch:03d}", every_n_epochs=every_n_epochs or 1,
+                           save_on_train_epoch_end=True, **common)
 
 
 def last_checkpoint(ckpt_dir: Path) -> Path | None:

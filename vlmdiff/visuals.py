@@ -84,3 +84,34 @@ def finish_class(folder: Path, class_name: str, ids: np.ndarray, maps: np.ndarra
         save_png(path, np.concatenate([strip, overlay, gt], axis=1))
         done += 1
     return done
+
+
+def write_upstream_visuals(folder: Path, ids: list[str], image: torch.Tensor, autoencoder: torch.Tensor,
+                           sample: torch.Tensor, maps: torch.Tensor) -> None:
+    """Upstream's per-image files, for users who compare with its ``log_image_{exp_name}/`` folder.
+
+    For each image ``{name}`` (its id with path separators as ``__``): ``{name}-input.jpg``,
+    ``{name}-reconstruction.jpg`` (autoencoder only), ``{name}-samples.jpg`` (diffusion sample),
+    ``{name}-features.jpg`` (the anomaly map, min-max normalised per image, grey levels) and
+    ``{name}-heatmap.png``: the map min-max normalised per image, OpenCV's JET colours, blended
+    0.5/0.5 with the input (upstream's overlay). ``image``/``autoencoder``/``sample``: (B, 3, H, W)
+    ImageNet-normalised; ``maps``: (B, H, W).
+    """
+    import cv2
+
+    panels = {k: to_uint8_images(t) for k, t in (("input", image), ("reconstruction", autoencoder), ("samples", sample))}
+    for i, image_id in enumerate(ids):
+        stem = Path(visual_name(image_id)).stem
+        for kind, arrays in panels.items():
+            _save_jpeg(folder / f"{stem}-{kind}.jpg", arrays[i])
+        amap = maps[i].detach().float().cpu().numpy()  # (H, W)
+        grey = (255 * (amap - amap.min()) / max(float(amap.max() - amap.min()), 1e-12)).astype(np.uint8)
+        _save_jpeg(folder / f"{stem}-features.jpg", np.repeat(grey[..., None], 3, axis=-1))
+        jet = cv2.cvtColor(cv2.applyColorMap(grey, cv2.COLORMAP_JET), cv2.COLOR_BGR2RGB)  # (H, W, 3)
+        overlay = (0.5 * panels["input"][i].astype(np.float32) + 0.5 * jet.astype(np.float32)).astype(np.uint8)
+        save_png(folder / f"{stem}-heatmap.png", overlay)
+
+
+def _save_jpeg(path: Path, array: np.ndarray) -> None:
+    with atomic_open(path, "wb") as f:
+        Image.fromarray(array).save(f, format="JPEG", quality=95)

@@ -64,6 +64,8 @@ def test_full_run_writes_everything(reference):
     assert len(pngs) == 10
     from PIL import Image
     assert Image.open(pngs[0]).size == (5 * 128, 128)  # input | autoencoder | sample | heatmap | mask
+    upstream = sorted(p.name for p in (out / "log_image_vlmdiff_mvtec").iterdir())  # upstream's files, too
+    assert len(upstream) == 10 * 5 and sum(n.endswith("-heatmap.png") for n in upstream) == 10
 
 
 def test_shards_merge_and_batch_size(setup, reference):
@@ -107,6 +109,20 @@ def test_other_run_folder_and_bad_input(setup, reference, tmp_path):
         _run(no_masks, ckpt, tmp_path / "o3")
     with pytest.raises(UserError, match="--start_ind"):
         _run(data, ckpt, tmp_path / "o4", "--start_ind", "7", "--end_ind", "3")
+
+
+def test_use_captions_guides_mvtec_test_images_by_their_captions(setup, reference):
+    import captioner
+
+    tmp, data, ckpt = setup
+    captioner.main(["--data_set", "mvtec", "--data_path", str(data), "--vlm_model", "template", "--split", "test"])
+    out = tmp / "captioned"
+    guided = _run(data, ckpt, out, "--batch_size", "4", "--use_captions", "--vlm_model", "template")
+    assert json.loads((out / "manifest.json").read_text())["data"]["test_captions"] is True
+    maps = dict(MapStore(out / "maps").iter_classes())
+    plain = dict(MapStore(reference[0] / "maps").iter_classes())
+    assert not np.array_equal(maps["brick"]["maps"], plain["brick"]["maps"])  # the captions changed the samples
+    assert set(guided) == set(reference[1])
 
 
 def test_folder_of_images_without_ground_truth(setup, tmp_path):

@@ -75,3 +75,59 @@ def test_bad_inputs(setup, tmp_path):
                     "--resume_path", str(start), *FAST])
     with pytest.raises(UserError, match="--resume"):
         train.main(base + ["--resume", "--exp_name", "never_ran"])
+
+
+def _periodic(ckpt_dir: Path) -> list[str]:
+    return sorted(p.name for p in ckpt_dir.glob("model_epoch=*.ckpt"))
+
+
+def test_checkpoints_use_upstream_names_and_period(setup):
+    tmp, data, start = setup
+    ckpt_dir = train.main(["--data_set", "mvtec", "--data_path", str(data), "--resume_path", str(start),
+                           "--output_root", str(tmp), "--exp_name", "names", "--max_epochs", "4",
+                           "--save_every_n_epochs", "2", *FAST])
+    assert ckpt_dir == tmp / "ckpt_names"
+    assert _periodic(ckpt_dir) == ["model_epoch=001.ckpt", "model_epoch=003.ckpt"]  # 0-based epoch index
+    assert (ckpt_dir / "last.ckpt").is_file()
+    assert load_checkpoint(ckpt_dir / "model_epoch=001.ckpt")["epoch"] == 1
+
+
+class _RecordingTrainer:
+    """Stands in for the Lightning Trainer: records the callbacks train.py hands it, trains nothing."""
+
+    def __init__(self, callbacks):
+        self.callbacks = callbacks
+
+    def fit(self, *args, **kwargs):
+        pass
+
+
+@pytest.mark.parametrize("dataset,every", [("mvtec", 25), ("real_iad", 20)])
+def test_default_checkpoint_period_is_upstreams(dataset, every, setup, tmp_path, monkeypatch):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests import datagen
+
+    tmp, data, start = setup
+    if dataset == "real_iad":
+        data = datagen.make_realiad(tmp_path, classes=("toy",))
+    made = []
+    monkeypatch.setattr(train, "make_trainer", lambda args, ckpt_dir, callbacks: made.append(_RecordingTrainer(callbacks))
+                        or made[-1])
+    train.main(["--data_set", dataset, "--data_path", str(data), "--resume_path", str(start),
+                "--output_root", str(tmp_path), *FAST])
+    (saver,) = [c for c in made[0].callbacks if isinstance(c, ModelCheckpoint)]
+    assert saver._every_n_epochs == every and saver.save_top_k == -1 and saver.save_last
+
+
+def test_keep_last_n_keeps_the_newest_periodic_checkpoints_and_last(setup):
+    tmp, data, start = setup
+    ckpt_dir = train.main(["--data_set", "mvtec", "--data_path", str(data), "--resume_path", str(start),
+                           "--output_root", str(tmp), "--exp_name", "keep", "--max_epochs", "5",
+                           "--save_every_n_epochs", "1", "--keep_last_n", "2", *FAST])
+    assert _periodic(ckpt_dir) == ["model_epoch=003.ckpt", "model_epoch=004.ckpt"]
+    last = load_checkpoint(ckpt_dir / "last.ckpt")
+    assert last["epoch"] == 4 and last["optimizer_states"]
+    assert not list(ckpt_dir.glob("*.tmp"))
+    with pytest.raises(UserError, match="--keep_last_n 0 must be 1 or more"):
+        train.main(["--data_set", "mvtec", "--data_path", str(data), "--keep_last_n", "0"])
