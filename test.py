@@ -53,6 +53,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     r.add_argument("--batch_size", type=int, default=8)
     r.add_argument("--num_workers", type=int, default=4)
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    r.add_argument("--dist_timeout", type=float, default=distributed.DEFAULT_TIMEOUT_S,
+                   help="under torchrun/srun: seconds a process waits for the others (joining, and at the end of "
+                        "scoring) before it stops with an error")
     r.add_argument("--precision", default="32", choices=("32", "bf16", "16"),
                    help="32 is faithful; bf16 autocast roughly doubles GPU throughput (maps within ~1e-2)")
     f = p.add_argument_group("anomaly maps")
@@ -155,7 +158,7 @@ def _score(args: argparse.Namespace, dataset_name: str, output_dir: Path, ranks:
     if not args.resume_path:
         raise UserError("--resume_path (the trained checkpoint) is required unless --run_eval_only")
     device = _device(args.device, ranks.local_rank)
-    distributed.init(ranks, device)
+    distributed.init(ranks, device, args.dist_timeout)
     settings = ReconstructionSettings(args.ddim_steps, args.noise_t, args.guidance_scale, 0.0, args.seed)
     extractor_name = resolve_extractor_name(args.feature_extractor, args.use_dino, args.dino_version)
     model, _ = load_vlmdiff(args.resume_path, args.config, args.overrides, args.unsafe_legacy_pickle)
