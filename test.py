@@ -24,9 +24,10 @@ from typing import Any, Sequence
 import torch
 
 from ldm.config import to_dict
-from utils.cli import run_main, setup_logging
+from utils.cli import data_workers, run_main, setup_logging
 from utils.errors import UserError
 from utils.io import read_json
+from utils.progress import add_progress_args
 from utils.provenance import provenance
 from vlmdiff import distributed
 from vlmdiff.cli import add_caption_args, add_config_args, add_data_args, canonical_dataset, coco_part, load_split_captions
@@ -51,7 +52,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     r.add_argument("--guidance_scale", type=float, default=9.0)
     r.add_argument("--seed", type=int, default=1, help="seeds each image's noise together with its id")
     r.add_argument("--batch_size", type=int, default=8)
-    r.add_argument("--num_workers", type=int, default=4)
+    r.add_argument("--num_workers", type=int, default=None, help="DataLoader workers (default: 4, at most the CPUs available)")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     r.add_argument("--dist_timeout", type=float, default=distributed.DEFAULT_TIMEOUT_S,
                    help="under torchrun/srun: seconds a process waits for the others (joining, and at the end of "
@@ -79,7 +80,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     e.add_argument("--start_ind", type=int, default=0, help="first test image (sorted by id) of this shard")
     e.add_argument("--end_ind", type=int, default=-1, help="end (exclusive) of this shard; -1: the end")
     e.add_argument("--run_eval_only", action="store_true", help="only merge stored maps and compute the metrics")
-    e.add_argument("--no_progress_bar", action="store_true")
+    e.add_argument("--no_progress_bar", action="store_true", help="plain progress lines instead of the bar")
+    add_progress_args(e)
     add_config_args(p, default=None)
     p.add_argument("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
@@ -123,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     visuals = (output_dir / "visuals").is_dir()
     if not has_truth:
         path = write_scores(output_dir, args.image_pooling)
-        print(f"image scores: {path}" + (f"\nvisuals: {output_dir / 'visuals'}" if visuals else ""))
+        print(f"image scores: {path}\nmaps: {output_dir / 'maps'}" + (f"\nvisuals: {output_dir / 'visuals'}" if visuals else ""))
         distributed.finish()
         return None
     made_by = read_json(output_dir / "manifest.json")  # the scoring run's settings (also for --run_eval_only)
@@ -133,7 +135,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     result = evaluate_run(output_dir, args.metrics_protocol, args.image_pooling, args.mask_threshold, visuals,
                           dataset_name, extra)
     print((output_dir / "metrics.md").read_text())
-    print(f"metrics: {output_dir / 'metrics.json'}" + (f"\nvisuals: {output_dir / 'visuals'}" if visuals else ""))
+    print(f"metrics: {output_dir / 'metrics.json'} (also metrics.csv, metrics.md)\nmaps: {output_dir / 'maps'}"
+          + (f"\nvisuals: {output_dir / 'visuals'}" if visuals else ""))
     distributed.finish()
     return result
 
@@ -188,9 +191,9 @@ def _score(args: argparse.Namespace, dataset_name: str, output_dir: Path, ranks:
     store = MapStore(output_dir / "maps", dtype=args.map_dtype)
     visuals = output_dir / "visuals" if args.save_visuals else None
     n = score_images(model, extractor, dataset, indices, store, settings, batch_size=args.batch_size,
-                     num_workers=args.num_workers, device=device, sigma=args.sigma, visuals=visuals,
+                     num_workers=data_workers(args.num_workers, 4), device=device, sigma=args.sigma, visuals=visuals,
                      autocast_dtype=autocast, pooling=args.image_pooling,
-                     progress=not args.no_progress_bar and ranks.is_main)
+                     progress=ranks.is_main, bar=not args.no_progress_bar, log_interval=args.log_interval)
     log.info("rank %d scored %d images with %s features", ranks.rank, n, extractor_name)
 
 

@@ -22,8 +22,9 @@ from typing import Sequence
 import lightning.pytorch as pl
 
 from ldm.config import to_dict
-from utils.cli import run_main, setup_logging
+from utils.cli import data_workers, run_main, setup_logging
 from utils.errors import UserError
+from utils.progress import add_progress_args
 from utils.provenance import provenance
 from vlmdiff.checkpoint import load_vlmdiff
 from vlmdiff.cli import PAPER_EPOCHS, add_caption_args, add_config_args, add_data_args, canonical_dataset, coco_part, load_split_captions
@@ -60,12 +61,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     h.add_argument("--num_nodes", type=int, default=1)
     h.add_argument("--strategy", default="auto", help="auto, ddp, ddp_find_unused_parameters_true, ...")
     h.add_argument("--precision", default="32", choices=PRECISIONS, help="32 is faithful; bf16-mixed is recommended on GPUs that have it")
-    h.add_argument("--num_workers", type=int, default=4)
+    h.add_argument("--num_workers", type=int, default=None, help="DataLoader workers (default: 4, at most the CPUs available)")
     s = p.add_argument_group("saving and logging")
     s.add_argument("--save_every_n_epochs", type=int, default=10)
     s.add_argument("--save_every_n_steps", type=int, default=None, help="save by optimiser steps instead of epochs")
     s.add_argument("--log_every_n_steps", type=int, default=10)
-    s.add_argument("--no_progress_bar", action="store_true")
+    s.add_argument("--no_progress_bar", action="store_true", help="plain progress lines instead of the bar")
+    add_progress_args(s)
     add_config_args(p, default=None)
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
@@ -110,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     data = build_dataset(dataset, args.data_path, "train", classes=args.classes, image_size=model.cfg.image_size,
                          captions=load_split_captions(args, "train"), require_captions=args.use_captions,
                          coco_part=coco_part(args))
-    loader = train_loader(data, args.batch_size, args.num_workers, args.seed)
+    loader = train_loader(data, args.batch_size, data_workers(args.num_workers, 4), args.seed)
     info = provenance(seed=args.seed, config=to_dict(model.cfg), start_weights=str(start), data_set=dataset,
                       data_path=str(args.data_path), use_captions=args.use_captions)
     callbacks = [checkpoint_callback(ckpt_dir, args.save_every_n_epochs, args.save_every_n_steps),
@@ -119,6 +121,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
     log.info("training %d images of %d classes; %s", len(data), len(data.class_names),
              f"resuming {resume_from}" if resume_from else f"from {start}")
     trainer.fit(model, train_dataloaders=loader, ckpt_path=str(resume_from) if resume_from else None)
+    if trainer.is_global_zero:
+        kept = sorted(p.name for p in ckpt_dir.glob("*.ckpt") if p.name != "last.ckpt")
+        log.info("done after %d steps (epoch %d): %s (--resume continues from it), %d periodic checkpoint(s)%s in %s; "
+                 "logs %s and TensorBoard events beside it", trainer.global_step, trainer.current_epoch,
+                 ckpt_dir / "last.ckpt", len(kept), f" up to {kept[-1]}" if kept else "", ckpt_dir,
+                 ckpt_dir / "logs" / "metrics.csv")
     return ckpt_dir
 
 

@@ -182,7 +182,7 @@ def test_generator_loss_formula_and_adaptive_weight() -> None:
 
 
 def metrics_rows(run: Path) -> list[dict]:
-    with open(next(run.glob("logs/version_*/metrics.csv"))) as f:
+    with open(run / "logs" / "metrics.csv") as f:
         return list(csv.DictReader(f))
 
 
@@ -300,7 +300,14 @@ def test_resume_continues_steps_and_optimiser_state(plain_run: Path, data_root: 
         run_cli(data_root, tmp_path / "empty", "--perceptual_weight", "0", "--resume")
     with pytest.raises(UserError, match="does not fit this run.*perceptual_weight"):
         run_cli(data_root, run, "--resume", "--vgg_weights", "unused.pth")
+    first_events = sorted(p.name for p in (run / "tensorboard").glob("events.out.tfevents.*"))
     run_cli(data_root, run, "--perceptual_weight", "0", "--resume", "--max_steps", "3")
+    before_rows, rows = metrics_rows(plain_run), metrics_rows(run)  # the logs keep the first run's rows
+    assert len(rows) > len(before_rows) > 0
+    assert [{k: r[k] for k in before_rows[0]} for r in rows[:len(before_rows)]] == before_rows
+    assert max(float(r["train/ae_step"]) for r in rows if r.get("train/ae_step")) == 3
+    events = sorted(p.name for p in (run / "tensorboard").glob("events.out.tfevents.*"))
+    assert first_events and set(first_events) < set(events)
     ckpt = load_checkpoint(run / "autoencoder.ckpt")
     assert ckpt["global_step"] == 3
     before = load_checkpoint(plain_run / "autoencoder.ckpt")["state_dict"]

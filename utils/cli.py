@@ -1,9 +1,11 @@
-"""Plumbing every script shares: logging set-up and turning bad input into one line and exit code 2."""
+"""Plumbing every script shares: logging set-up, worker counts, and turning bad input into one line and exit code 2."""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import warnings
 from typing import Callable, Sequence
 
 from utils.errors import UserError
@@ -19,6 +21,42 @@ def setup_logging(verbose: bool = False) -> None:
         datefmt="%H:%M:%S",
         force=True,
     )
+    quiet_dependencies()
+
+
+# Lightning notices that help nobody running these scripts: its advertisements, the note that our one-line
+# model summary replaces its table, the eval-mode count (the frozen parts are in eval mode on purpose), the
+# run folder that holds logs before the first checkpoint.
+_LIGHTNING_NOISE = ("💡 Tip", "litlogger", "litmodels", "Skipping setting a default `ModelSummary`")
+_NOISE_WARNINGS = (r"Found \d+ module\(s\) in eval mode", r"Checkpoint directory .* exists and is not empty")
+
+
+def _not_noise(record: logging.LogRecord) -> bool:
+    return not any(noise in record.getMessage() for noise in _LIGHTNING_NOISE)
+
+
+def quiet_dependencies() -> None:
+    """Hide dependencies' deprecation warnings and Lightning's tips; our own modules' warnings stay."""
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if _not_noise not in rank_zero.filters:
+        rank_zero.addFilter(_not_noise)
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(?!(ldm|vlmdiff|utils|__main__)(\.|$))")
+    for message in _NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (the job's allocation under SLURM or taskset), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def data_workers(requested: int | None, default: int) -> int:
+    """DataLoader worker processes: ``requested`` when given, else ``default`` capped at the available CPUs."""
+    return requested if requested is not None else min(default, available_cpus())
 
 
 def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:

@@ -75,3 +75,20 @@ def test_bad_inputs(setup, tmp_path):
                     "--resume_path", str(start), *FAST])
     with pytest.raises(UserError, match="--resume"):
         train.main(base + ["--resume", "--exp_name", "never_ran"])
+
+
+def test_resume_appends_to_the_logs(setup):
+    tmp, data, start = setup
+    base = ["--data_set", "mvtec", "--data_path", str(data), "--output_root", str(tmp), "--exp_name", "resumed",
+            "--save_every_n_steps", "3", *FAST]
+    ckpt_dir = train.main(base + ["--resume_path", str(start), "--max_steps", "3"])
+    first_rows = _losses(ckpt_dir)
+    first_events = sorted(p.name for p in (ckpt_dir / "logs").glob("events.out.tfevents.*"))
+    assert len(first_rows) == 3 and first_events
+    train.main(base + ["--resume", "--max_steps", "5"])
+    rows = _losses(ckpt_dir)
+    assert rows[:3] == first_rows and len(rows) == 5  # the first run's rows, then steps 4 and 5
+    with open(ckpt_dir / "logs" / "metrics.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss_step")] == [0, 1, 2, 3, 4]
+    events = sorted(p.name for p in (ckpt_dir / "logs").glob("events.out.tfevents.*"))
+    assert set(first_events) < set(events)
