@@ -28,6 +28,9 @@ def setup_logging(verbose: bool = False) -> None:
 # model summary replaces its table, the eval-mode count (the frozen parts are in eval mode on purpose), the
 # run folder that holds logs before the first checkpoint.
 _LIGHTNING_NOISE = ("💡 Tip", "litlogger", "litmodels", "Skipping setting a default `ModelSummary`")
+# rank_zero_info logs to whichever of these imported last (the standalone pytorch_lightning package too)
+_RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                      "pytorch_lightning.utilities.rank_zero")
 _NOISE_WARNINGS = (r"Found \d+ module\(s\) in eval mode", r"Checkpoint directory .* exists and is not empty")
 
 
@@ -37,9 +40,10 @@ def _not_noise(record: logging.LogRecord) -> bool:
 
 def quiet_dependencies() -> None:
     """Hide dependencies' deprecation warnings and Lightning's tips; our own modules' warnings stay."""
-    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if _not_noise not in rank_zero.filters:
-        rank_zero.addFilter(_not_noise)
+    for name in _RANK_ZERO_LOGGERS:
+        rank_zero = logging.getLogger(name)
+        if _not_noise not in rank_zero.filters:
+            rank_zero.addFilter(_not_noise)
     for category in (DeprecationWarning, FutureWarning):
         warnings.filterwarnings("ignore", category=category, module=r"(?!(ldm|vlmdiff|utils|__main__)(\.|$))")
     for message in _NOISE_WARNINGS:
