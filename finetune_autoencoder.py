@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from utils.cli import data_workers, run_main, setup_logging
-from utils.progress import add_progress_args
 from utils.errors import UserError
+from utils.progress import add_progress_args
 
 logger = logging.getLogger("finetune_autoencoder")
 
@@ -201,7 +201,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         accelerator=args.accelerator, devices=devices, precision=args.precision,
         strategy="ddp_find_unused_parameters_true" if multi else "auto",
         max_epochs=train_cfg.max_epochs if train_cfg.max_epochs > 0 else -1, max_steps=-1,
-        logger=run_loggers(folder, csv_dir="logs", tensorboard_dir="tensorboard"), enable_checkpointing=False, plugins=[AtomicCheckpointIO()],
+        logger=run_loggers(folder, csv_dir="logs", tensorboard_dir="tensorboard"), enable_checkpointing=False,
+        plugins=[AtomicCheckpointIO()],
         callbacks=[StepCheckpoint(folder / "checkpoints", args.save_every_n_steps, args.keep_checkpoints),
                    ReconstructionImages(folder / "images", args.log_images_every_n_steps, IMAGENET_MEAN, IMAGENET_STD),
                    SaveProvenance(info), *progress],
@@ -222,8 +223,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         extra={"global_step": module.ae_steps, "epoch": trainer.current_epoch,
                                "provenance": {**info, "global_step": module.ae_steps, "epoch": trainer.current_epoch}})
         logger.info("done after %d generator steps: %s (give it to build_model.py); resumable state %s; images in "
-                    "%s; logs %s and %s", module.ae_steps, out, last, folder / "images", folder / "logs" / "metrics.csv",
-                    folder / "tensorboard")
+                    "%s; logs %s and %s", module.ae_steps, out, last, folder / "images",
+                    folder / "logs" / "metrics.csv", folder / "tensorboard")
 
 
 def _load_starting_weights(module: Any, args: argparse.Namespace) -> None:

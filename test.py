@@ -52,7 +52,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     r.add_argument("--guidance_scale", type=float, default=9.0)
     r.add_argument("--seed", type=int, default=1, help="seeds each image's noise together with its id")
     r.add_argument("--batch_size", type=int, default=8)
-    r.add_argument("--num_workers", type=int, default=None, help="DataLoader workers (default: 4, at most the CPUs available)")
+    r.add_argument("--num_workers", type=int, default=None,
+                   help="DataLoader workers (default: 4, at most the CPUs available)")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     r.add_argument("--dist_timeout", type=float, default=distributed.DEFAULT_TIMEOUT_S,
                    help="under torchrun/srun: seconds a process waits for the others (joining, and at the end of "
@@ -125,7 +126,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     visuals = (output_dir / "visuals").is_dir()
     if not has_truth:
         path = write_scores(output_dir, args.image_pooling)
-        print(f"image scores: {path}\nmaps: {output_dir / 'maps'}" + (f"\nvisuals: {output_dir / 'visuals'}" if visuals else ""))
+        print(f"image scores: {path}\nmaps: {output_dir / 'maps'}"
+              + (f"\nvisuals: {output_dir / 'visuals'}" if visuals else ""))
         distributed.finish()
         return None
     made_by = read_json(output_dir / "manifest.json")  # the scoring run's settings (also for --run_eval_only)

@@ -61,7 +61,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     h.add_argument("--num_nodes", type=int, default=1)
     h.add_argument("--strategy", default="auto", help="auto, ddp, ddp_find_unused_parameters_true, ...")
     h.add_argument("--precision", default="32", choices=PRECISIONS, help="32 is faithful; bf16-mixed is recommended on GPUs that have it")
-    h.add_argument("--num_workers", type=int, default=None, help="DataLoader workers (default: 4, at most the CPUs available)")
+    h.add_argument("--num_workers", type=int, default=None,
+                   help="DataLoader workers (default: 4, at most the CPUs available)")
     s = p.add_argument_group("saving and logging")
     s.add_argument("--save_every_n_epochs", type=int, default=10)
     s.add_argument("--save_every_n_steps", type=int, default=None, help="save by optimiser steps instead of epochs")
