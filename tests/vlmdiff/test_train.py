@@ -14,6 +14,7 @@ from ldm.checkpoint import load_checkpoint
 from tests.tinyckpt import demo_data_and_model
 from utils.errors import UserError
 from vlmdiff.model import TRAINABLE
+from vlmdiff.training import AppendingCSVLogger
 
 FAST = ["--accelerator", "cpu", "--devices", "1", "--num_workers", "0", "--batch_size", "2",
         "--accumulate_grad_batches", "1", "--no_progress_bar", "--log_every_n_steps", "1", ]
@@ -105,3 +106,15 @@ def test_resume_appends_to_the_logs_and_progress_is_plain_lines(setup, capsys):
     events = sorted(p.name for p in (ckpt_dir / "logs").glob("events.out.tfevents.*"))
     assert set(first_events) < set(events)
     assert re.findall(r"step (\d)/5 \(", capsys.readouterr().err) == ["4", "5"]
+
+
+def test_appending_csv_logger_keeps_rows_when_columns_are_added(tmp_path):
+    first = AppendingCSVLogger(tmp_path, name="logs", version="")
+    first.log_metrics({"loss": 1.0}, step=0)
+    first.save()
+    second = AppendingCSVLogger(tmp_path, name="logs", version="")  # a resumed run that logs one more column
+    second.log_metrics({"loss": 0.5, "lr": 0.1}, step=1)
+    second.save()
+    with open(tmp_path / "logs" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows == [{"loss": "1.0", "lr": "", "step": "0"}, {"loss": "0.5", "lr": "0.1", "step": "1"}]
