@@ -42,6 +42,7 @@ from typing import Sequence
 
 from utils.cli import HelpFormatter, add_run_file_args, parse_with_run_file, print_config, run_main, setup_logging
 from utils.errors import UserError
+from utils.progress import add_progress_args
 from vlmdiff.distributed import detect_ranks
 
 logger = logging.getLogger("captioner")
@@ -78,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="both", choices=["train", "test", "both"], help="which images to caption")
     p.add_argument("--merge", action="store_true", help="only merge the progress files into the upstream files")
     p.add_argument("--delay_per_image", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: slow down
+    p.add_argument("--no_progress_bar", action="store_true", help="plain progress lines instead of the bar")
+    add_progress_args(p)
     add_run_file_args(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -125,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     todo = [j for j in mine if (j.split, j.record.id) not in done]
     logger.info("%d images in %s, %d in this shard, %d already captioned, %d to do; output %s",
                 len(jobs), root, len(mine), len(mine) - len(todo), len(todo), output)
+    n = 0
     if todo:
         prompt = cap.prompt_for(dataset, args.prompt_type)
         if backend_name == "template":
@@ -136,12 +140,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                                                       args.end_ind, ranks.rank, ranks.world))
         meta = {"dataset": dataset, "vlm": vlm, "prompt_type": args.prompt_type}
         try:
-            cap.caption_jobs(todo, backend, writer, meta, args.batch_size, args.delay_per_image)
+            n = cap.caption_jobs(todo, backend, writer, meta, args.batch_size, args.delay_per_image,
+                                 bar=not args.no_progress_bar, log_interval=args.log_interval)
         finally:
             writer.close()
         done = cap.read_progress(output, dataset, vlm, args.prompt_type)
-    for split in splits:
-        cap.merge_split(output, root, dataset, vlm, split, jobs, done, strict=False)
+    merged = [split for split in splits if cap.merge_split(output, root, dataset, vlm, split, jobs, done, strict=False)]
+    logger.info("done: %d images captioned by this process (progress files in %s); caption files of %s written",
+                n, cap.progress_dir(output), " and ".join(merged) if merged else "no split yet")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ build_model.py), ``images/step_*.png`` (inputs over reconstructions) and CSV/Ten
 SIGTERM (SLURM preemption or time limit) saves ``checkpoints/last.ckpt`` and exits with code 143 (continue
 with ``--resume``); a non-finite loss stops the run with an error naming the step, and no checkpoint is
 written with NaN/inf weights.
+``logs/metrics.csv`` and ``tensorboard/`` hold the logs (a resumed run appends to both).
 
 Example: python finetune_autoencoder.py --data_set mvtec --data_path data/mvtec --resume_path models/autoencoders.ckpt
 """
@@ -37,15 +38,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from utils.cli import HelpFormatter, add_run_file_args, parse_with_run_file, print_config, run_main, setup_logging
+from utils.cli import (HelpFormatter, add_run_file_args, data_workers, parse_with_run_file, print_config, run_main,
+                       setup_logging)
 from utils.errors import UserError
+from utils.progress import add_progress_args
 
 logger = logging.getLogger("finetune_autoencoder")
 
@@ -107,8 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", default="1", help="number of devices, a list like 0,1, or auto")
     p.add_argument("--precision", default="32", type=lightning_precision,
                    help="Lightning precision: 32, bf16-mixed, 16-mixed, ... (bf16 and 16 mean bf16-mixed and 16-mixed)")
-    p.add_argument("--num_workers", type=int, default=8, help="data loader processes (at most the CPU count)")
-    p.add_argument("--no_progress_bar", action="store_true", help="no progress bar (log files, batch jobs)")
+    p.add_argument("--num_workers", type=int, default=None,
+                   help="DataLoader workers (default: 8, at most the CPUs available)")
+    p.add_argument("--no_progress_bar", action="store_true", help="plain progress lines instead of the bar")
+    add_progress_args(p)
     add_run_file_args(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -120,7 +123,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for name in ("batch_size", "accumulate_grad_batches", "image_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
-    if args.num_workers < 0 or args.log_images_every_n_steps < 0 or args.save_every_n_steps < 0:
+    if (args.num_workers or 0) < 0 or args.log_images_every_n_steps < 0 or args.save_every_n_steps < 0:
         p.error("--num_workers, --log_images_every_n_steps and --save_every_n_steps must be >= 0")
     if args.log_every_n_steps < 1:
         p.error("--log_every_n_steps must be >= 1")
@@ -175,15 +178,6 @@ def _devices(value: str) -> int | str | list[int]:
     return value
 
 
-def _loggers(folder: Path) -> list[Any]:
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
-    loggers: list[Any] = [CSVLogger(save_dir=str(folder), name="logs")]
-    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
-        loggers.append(TensorBoardLogger(save_dir=str(folder), name="tensorboard", default_hp_metric=False))
-    return loggers
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     import lightning.pytorch as pl
     import torch
@@ -199,7 +193,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     from vlmdiff.data.dataset import IMAGENET_MEAN, IMAGENET_STD
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from vlmdiff.training import FiniteTraining, Preempted, SaveOnSigterm, SaveProvenance, check_devices
+    from vlmdiff.training import (FiniteTraining, Preempted, SaveOnSigterm, SaveProvenance, check_devices,
+                                  progress_callbacks, run_loggers)
 
     args = parse_args(argv)
     setup_logging(args.verbose)
@@ -238,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                          coco_part=args.coco_part if dataset == "coco" else None)
     if len(data) == 0:
         raise UserError(f"no training images found in {args.data_path}")
-    workers = min(args.num_workers, os.cpu_count() or 1)
+    workers = data_workers(args.num_workers, 8)
     loader = DataLoader(data, batch_size=train_cfg.batch_size, shuffle=True, num_workers=workers,
                         pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0, drop_last=False)
 
@@ -247,16 +242,22 @@ def main(argv: Sequence[str] | None = None) -> None:
                       data_set=dataset, data_path=str(args.data_path))
     devices = _devices(args.devices)
     multi = not (devices == 1 or (isinstance(devices, list) and len(devices) == 1))
+    accumulate = train_cfg.accumulate_grad_batches
+    bar, progress = progress_callbacks(  # progress lines count generator updates, the budget's unit
+        args.no_progress_bar, args.log_interval, step_of=lambda trainer, module: module.ae_steps,
+        total_steps=lambda trainer: train_cfg.max_steps if train_cfg.max_steps > 0
+        else trainer.max_epochs * (trainer.num_training_batches // accumulate))
     trainer = pl.Trainer(
         accelerator=args.accelerator, devices=devices, precision=args.precision,
         strategy="ddp_find_unused_parameters_true" if multi else "auto",
         max_epochs=train_cfg.max_epochs if train_cfg.max_epochs > 0 else -1, max_steps=-1,
-        logger=_loggers(folder), enable_checkpointing=False, plugins=[AtomicCheckpointIO()],
-        callbacks=[FiniteTraining(args.log_every_n_steps if args.no_progress_bar else 0),
+        logger=run_loggers(folder, csv_dir="logs", tensorboard_dir="tensorboard"), enable_checkpointing=False,
+        plugins=[AtomicCheckpointIO()],
+        callbacks=[FiniteTraining(),
                    StepCheckpoint(folder / "checkpoints", args.save_every_n_steps, args.keep_checkpoints),
                    ReconstructionImages(folder / "images", args.log_images_every_n_steps, IMAGENET_MEAN, IMAGENET_STD),
-                   SaveProvenance(info), SaveOnSigterm(folder / "checkpoints" / "last.ckpt")],
-        default_root_dir=str(folder), enable_progress_bar=not args.no_progress_bar, num_sanity_val_steps=0,
+                   SaveProvenance(info), SaveOnSigterm(folder / "checkpoints" / "last.ckpt"), *progress],
+        default_root_dir=str(folder), enable_progress_bar=bar, num_sanity_val_steps=0,
         log_every_n_steps=args.log_every_n_steps,
     )
     logger.info("training %s autoencoder on %d %s images at %dx%d: lr %.3g (base %.3g x batch %d), accumulation %d, "
@@ -277,8 +278,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         save_checkpoint(out, module.state_dict(), config=module.resolved_config(),
                         extra={"global_step": module.ae_steps, "epoch": trainer.current_epoch,
                                "provenance": {**info, "global_step": module.ae_steps, "epoch": trainer.current_epoch}})
-        logger.info("done after %d generator steps: %s (give it to build_model.py), images in %s, logs in %s",
-                    module.ae_steps, out, folder / "images", folder)
+        logger.info("done after %d generator steps: %s (give it to build_model.py); resumable state %s; images in "
+                    "%s; logs %s and %s", module.ae_steps, out, last, folder / "images",
+                    folder / "logs" / "metrics.csv", folder / "tensorboard")
 
 
 def _load_starting_weights(module: Any, args: argparse.Namespace) -> None:

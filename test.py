@@ -29,10 +29,12 @@ from typing import Any, Sequence
 import torch
 
 from ldm.config import to_dict
-from utils.cli import HelpFormatter, add_run_file_args, parse_with_run_file, print_config, run_main, setup_logging
+from utils.cli import (HelpFormatter, add_run_file_args, data_workers, parse_with_run_file, print_config, run_main,
+                       setup_logging)
 from utils.errors import UserError
 from utils.io import read_json
 from utils.lock import claim_folder
+from utils.progress import add_progress_args
 from utils.provenance import provenance
 from vlmdiff import distributed
 from vlmdiff.cli import (add_caption_args, add_config_args, add_data_args, canonical_dataset, check_numbers, coco_part,
@@ -59,8 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classifier-free guidance scale (one pass when the caption is empty)")
     r.add_argument("--seed", type=int, default=1, help="seeds each image's noise together with its id")
     r.add_argument("--batch_size", type=int, default=8, help="images per forward pass")
-    r.add_argument("--num_workers", type=int, default=4, help="data loader processes")
+    r.add_argument("--num_workers", type=int, default=None,
+                   help="DataLoader workers (default: 4, at most the CPUs available)")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    r.add_argument("--dist_timeout", type=float, default=distributed.DEFAULT_TIMEOUT_S,
+                   help="under torchrun/srun: seconds a process waits for the others (joining, and at the end of "
+                        "scoring) before it stops with an error")
     r.add_argument("--precision", default="32", type=short_precision, choices=("32", "bf16", "16"),
                    help="32 is faithful; bf16 autocast roughly doubles GPU throughput (maps within ~1e-2); "
                         "bf16-mixed, 16-mixed and 32-true are accepted for bf16, 16 and 32")
@@ -100,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--start_ind", type=int, default=0, help="first test image (sorted by id) of this shard")
     e.add_argument("--end_ind", type=int, default=-1, help="end (exclusive) of this shard; -1 or any end past the last image: the end")
     e.add_argument("--run_eval_only", action="store_true", help="only merge stored maps and compute the metrics")
-    e.add_argument("--no_progress_bar", action="store_true", help="no progress bar (log files, batch jobs)")
+    e.add_argument("--no_progress_bar", action="store_true", help="plain progress lines instead of the bar")
+    add_progress_args(e)
     add_config_args(p, default=None)
     add_run_file_args(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -187,7 +194,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     visuals = (output_dir / "visuals").is_dir()
     if not has_truth:
         path = write_scores(output_dir, args.image_pooling)
-        print(f"image scores: {path}" + (f"\nvisuals: {output_dir / 'visuals'}" if visuals else ""))
+        print(f"image scores: {path}\nmaps: {output_dir / 'maps'}"
+              + (f"\nvisuals: {output_dir / 'visuals'}" if visuals else ""))
         distributed.finish()
         return None
     made_by = read_json(output_dir / "manifest.json")  # the scoring run's settings (also for --run_eval_only)
@@ -200,7 +208,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     result = evaluate_run(output_dir, args.metrics_protocol, args.image_pooling, args.mask_threshold, visuals,
                           dataset_name, extra)
     print((output_dir / "metrics.md").read_text())
-    print(f"metrics: {output_dir / 'metrics.json'}" + (f"\nvisuals: {output_dir / 'visuals'}" if visuals else ""))
+    print(f"metrics: {output_dir / 'metrics.json'} (also metrics.csv, metrics.md)\nmaps: {output_dir / 'maps'}"
+          + (f"\nvisuals: {output_dir / 'visuals'}" if visuals else ""))
     distributed.finish()
     return result
 
@@ -225,7 +234,7 @@ def _score(args: argparse.Namespace, dataset_name: str, exp_name: str, output_di
     if not args.resume_path:
         raise UserError("--resume_path (the trained checkpoint) is required unless --run_eval_only")
     device = _device(args.device, ranks.local_rank)
-    distributed.init(ranks, device)
+    distributed.init(ranks, device, args.dist_timeout)
     settings = ReconstructionSettings(args.ddim_steps, args.noise_t, args.guidance_scale, 0.0, args.seed)
     extractor_name = resolve_extractor_name(args.feature_extractor, args.use_dino, args.dino_version)
     # Captions and the (small) feature extractor are checked before the large checkpoint is read.
@@ -256,9 +265,10 @@ def _score(args: argparse.Namespace, dataset_name: str, exp_name: str, output_di
     visuals = output_dir / "visuals" if args.save_visuals else None
     upstream_visuals = output_dir / f"log_image_{exp_name}" if args.save_visuals else None
     n = score_images(model, extractor, dataset, indices, store, settings, batch_size=args.batch_size,
-                     num_workers=args.num_workers, device=device, sigma=args.sigma, visuals=visuals,
+                     num_workers=data_workers(args.num_workers, 4), device=device, sigma=args.sigma, visuals=visuals,
                      autocast_dtype=autocast, pooling=args.image_pooling,
-                     progress=not args.no_progress_bar and ranks.is_main, upstream_visuals=upstream_visuals)
+                     progress=ranks.is_main, bar=not args.no_progress_bar, log_interval=args.log_interval,
+                     upstream_visuals=upstream_visuals)
     log.info("rank %d scored %d images with %s features", ranks.rank, n, extractor_name)
 
 

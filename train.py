@@ -32,9 +32,11 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities import rank_zero_only
 
 from ldm.config import to_dict
-from utils.cli import HelpFormatter, add_run_file_args, parse_with_run_file, print_config, run_main, setup_logging
+from utils.cli import (HelpFormatter, add_run_file_args, data_workers, parse_with_run_file, print_config, run_main,
+                       setup_logging)
 from utils.errors import UserError
 from utils.lock import claim_folder
+from utils.progress import add_progress_args
 from utils.provenance import provenance
 from vlmdiff.checkpoint import load_vlmdiff
 from vlmdiff.cli import (PAPER_EPOCHS, SAVE_EVERY_N_EPOCHS, add_caption_args, add_config_args, add_data_args,
@@ -81,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--precision", default="32", type=lightning_precision, choices=PRECISIONS,
                    help="32 is faithful; bf16-mixed is recommended on GPUs that have it (bf16 and 16 are accepted "
                         "for bf16-mixed and 16-mixed)")
-    h.add_argument("--num_workers", type=int, default=4, help="data loader processes per device")
+    h.add_argument("--num_workers", type=int, default=None,
+                   help="DataLoader workers per device (default: 4, at most the CPUs available)")
     s = p.add_argument_group("saving and logging")
     s.add_argument("--save_every_n_epochs", type=int, default=None,
                    help="write model_epoch=NNN.ckpt every this many epochs (default: upstream's 25; 20 for Real-IAD "
@@ -91,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keep_last_n", type=int, default=None,
                    help="keep only the N newest periodic checkpoints; last.ckpt stays (default: all, as upstream)")
     s.add_argument("--log_every_n_steps", type=int, default=10, help="optimiser steps between logged rows")
-    s.add_argument("--no_progress_bar", action="store_true", help="no progress bar (log files, batch jobs)")
+    s.add_argument("--no_progress_bar", action="store_true", help="plain progress lines instead of the bar")
+    add_progress_args(s)
     add_config_args(p, default=None)
     add_run_file_args(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -171,11 +175,11 @@ def run(args: argparse.Namespace) -> Path:
     data = build_dataset(dataset, args.data_path, "train", classes=args.classes, image_size=model.cfg.image_size,
                          captions=captions, require_captions=args.use_captions,
                          coco_part=coco_part(args))
-    loader = train_loader(data, args.batch_size, args.num_workers, args.seed)
+    loader = train_loader(data, args.batch_size, data_workers(args.num_workers, 4), args.seed)
     info = provenance(seed=args.seed, config=to_dict(model.cfg), start_weights=str(start), data_set=dataset,
                       data_path=str(args.data_path), use_captions=args.use_captions)
     every_n_epochs = args.save_every_n_epochs or SAVE_EVERY_N_EPOCHS[dataset]
-    callbacks = [FiniteTraining(args.log_every_n_steps if args.no_progress_bar else 0),
+    callbacks = [FiniteTraining(),
                  checkpoint_callback(ckpt_dir, every_n_epochs, args.save_every_n_steps, args.keep_last_n),
                  PerRankSeed(args.seed), SaveProvenance(info), SaveOnSigterm(ckpt_dir / "last.ckpt")]
     trainer = make_trainer(args, ckpt_dir, callbacks)
@@ -185,6 +189,12 @@ def run(args: argparse.Namespace) -> Path:
         trainer.fit(model, train_dataloaders=loader, ckpt_path=str(resume_from) if resume_from else None)
     except SIGTERMException:
         raise Preempted() from None
+    if trainer.is_global_zero:
+        kept = sorted(p.name for p in ckpt_dir.glob("*.ckpt") if p.name != "last.ckpt")
+        log.info("done after %d steps (epoch %d): %s (--resume continues from it), %d periodic checkpoint(s)%s in %s; "
+                 "logs %s and TensorBoard events beside it", trainer.global_step, trainer.current_epoch,
+                 ckpt_dir / "last.ckpt", len(kept), f" up to {kept[-1]}" if kept else "", ckpt_dir,
+                 ckpt_dir / "logs" / "metrics.csv")
     return ckpt_dir
 
 

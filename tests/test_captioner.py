@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -68,6 +69,20 @@ def test_template_backend_shards_merge_and_read_back(tmp_path: Path) -> None:
     assert "defect" in pa["grid/test/hole/000.png"]
     with pytest.raises(UserError, match="holds captions of another run"):
         main(base + ["--output", str(out), "--prompt_type", "pa"])
+
+
+def test_output_that_is_not_a_terminal_gets_progress_lines_and_a_summary(tmp_path: Path, capsys) -> None:
+    root = datagen.make_mvtec(tmp_path / "mvtec", classes=("bottle",))
+    out = tmp_path / "caps"
+    main(["--data_set", "mvtec", "--data_path", str(root), "--vlm_model", "template", "--output", str(out),
+          "--log_interval", "0"])
+    err = capsys.readouterr().err  # pytest captures stderr: not a terminal
+    n = len(_progress_lines(out))
+    counts = re.findall(rf"captioning: img (\d+)/{n} \(\d+%\) \| [\d.]+ (?:img/s|s/img) \| elapsed [\d:]+ \| ETA", err)
+    assert counts == [str(i) for i in range(1, n + 1)]
+    assert f"wrote {out / 'test_captions_mvtec_template.json'} and {out / 'test_labels_mvtec_template.json'}" in err
+    assert f"done: {n} images captioned by this process (progress files in {out / 'progress'})" in err
+    assert "caption files of train and test written" in err
 
 
 def test_realiad_absolute_ids_and_coco_caption_format(tmp_path: Path) -> None:

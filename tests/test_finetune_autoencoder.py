@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -184,7 +185,7 @@ def test_generator_loss_formula_and_adaptive_weight() -> None:
 
 
 def metrics_rows(run: Path) -> list[dict]:
-    with open(next(run.glob("logs/version_*/metrics.csv"))) as f:
+    with open(run / "logs" / "metrics.csv") as f:
         return list(csv.DictReader(f))
 
 
@@ -323,14 +324,26 @@ def _module() -> AutoencoderTraining:
     return AutoencoderTraining(tiny_ae(), AutoencoderTrainConfig())
 
 
-def test_resume_continues_steps_and_optimiser_state(plain_run: Path, data_root: Path, tmp_path: Path) -> None:
+def test_resume_continues_steps_and_optimiser_state(plain_run: Path, data_root: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
     run = tmp_path / "run"
     shutil.copytree(plain_run, run)
     with pytest.raises(UserError, match="no checkpoint to continue"):
         run_cli(data_root, tmp_path / "empty", "--perceptual_weight", "0", "--resume", config="tiny")
     with pytest.raises(UserError, match="does not fit this run.*perceptual_weight"):
         run_cli(data_root, run, "--resume", "--vgg_weights", "unused.pth", config="tiny")
-    run_cli(data_root, run, "--perceptual_weight", "0", "--resume", "--max_steps", "3", config="tiny")
+    first_events = sorted(p.name for p in (run / "tensorboard").glob("events.out.tfevents.*"))
+    capsys.readouterr()
+    run_cli(data_root, run, "--perceptual_weight", "0", "--resume", "--max_steps", "3", "--log_interval", "0", config="tiny")
+    err = capsys.readouterr().err  # --no_progress_bar: plain lines, counting generator updates from the resumed one
+    assert re.search(r"train epoch \d+: step 3/3 \(100%\) \| total_loss [\d.]+ \| rec_loss [\d.]+ \| .* \| ETA 0:00", err)
+    assert f"done after 3 generator steps: {run / 'autoencoder.ckpt'}" in err
+    before_rows, rows = metrics_rows(plain_run), metrics_rows(run)  # the logs keep the first run's rows
+    assert len(rows) > len(before_rows) > 0
+    assert [{k: r[k] for k in before_rows[0]} for r in rows[:len(before_rows)]] == before_rows
+    assert max(float(r["train/ae_step"]) for r in rows if r.get("train/ae_step")) == 3
+    events = sorted(p.name for p in (run / "tensorboard").glob("events.out.tfevents.*"))
+    assert first_events and set(first_events) < set(events)
     ckpt = load_checkpoint(run / "autoencoder.ckpt")
     assert ckpt["global_step"] == 3
     before = load_checkpoint(plain_run / "autoencoder.ckpt")["state_dict"]

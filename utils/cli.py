@@ -1,4 +1,4 @@
-"""Plumbing every script shares: logging set-up, bad input as one line and exit code 2, and the
+"""Plumbing every script shares: logging set-up, worker counts, bad input as one line and exit code 2, and the
 argument-parser pieces that read the same in every script (help with defaults, run files, --print_config).
 
 A run file (``--config_file run.yaml``) is a YAML mapping of a script's flag names (without ``--``) to
@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -31,6 +33,46 @@ def setup_logging(verbose: bool = False) -> None:
         datefmt="%H:%M:%S",
         force=True,
     )
+    quiet_dependencies()
+
+
+# Lightning notices that help nobody running these scripts: its advertisements, the note that our one-line
+# model summary replaces its table, the eval-mode count (the frozen parts are in eval mode on purpose), the
+# run folder that holds logs before the first checkpoint.
+_LIGHTNING_NOISE = ("💡 Tip", "litlogger", "litmodels", "Skipping setting a default `ModelSummary`")
+# rank_zero_info logs to whichever of these imported last (the standalone pytorch_lightning package too)
+_RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                      "pytorch_lightning.utilities.rank_zero")
+_NOISE_WARNINGS = (r"Found \d+ module\(s\) in eval mode", r"Checkpoint directory .* exists and is not empty")
+
+
+def _not_noise(record: logging.LogRecord) -> bool:
+    return not any(noise in record.getMessage() for noise in _LIGHTNING_NOISE)
+
+
+def quiet_dependencies() -> None:
+    """Hide dependencies' deprecation warnings and Lightning's tips; our own modules' warnings stay."""
+    for name in _RANK_ZERO_LOGGERS:
+        rank_zero = logging.getLogger(name)
+        if _not_noise not in rank_zero.filters:
+            rank_zero.addFilter(_not_noise)
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(?!(ldm|vlmdiff|utils|__main__)(\.|$))")
+    for message in _NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (the job's allocation under SLURM or taskset), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def data_workers(requested: int | None, default: int) -> int:
+    """DataLoader worker processes: ``requested`` when given, else ``default`` capped at the available CPUs."""
+    return requested if requested is not None else min(default, available_cpus())
 
 
 def run_main(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:

@@ -27,6 +27,7 @@ from PIL import Image
 
 from utils.errors import UserError
 from utils.io import write_json
+from utils.progress import DEFAULT_INTERVAL_S, progress
 from vlmdiff.data.captions import coco_caption_path, read_jsonl, upstream_file_names
 from vlmdiff.data.common import Record, load_rgb
 
@@ -255,12 +256,14 @@ class ProgressWriter:
 # ---------------------------------------------------------------- run and merge
 
 def caption_jobs(jobs: Sequence[Job], backend: Callable[[Sequence[Image.Image], Sequence[str]], list[str]],
-                 writer: ProgressWriter, meta: Mapping[str, str], batch_size: int = 1, delay: float = 0.0) -> int:
-    """Caption ``jobs`` in batches, appending one record per image; returns how many were written."""
-    from tqdm import tqdm
+                 writer: ProgressWriter, meta: Mapping[str, str], batch_size: int = 1, delay: float = 0.0,
+                 bar: bool = True, log_interval: float = DEFAULT_INTERVAL_S) -> int:
+    """Caption ``jobs`` in batches, appending one record per image; returns how many were written.
 
+    Progress: a bar on a terminal (when ``bar``), else a log line every ``log_interval`` seconds.
+    """
     n = 0
-    with tqdm(total=len(jobs), unit="img", desc="captioning", dynamic_ncols=True) as bar:
+    with progress(len(jobs), "captioning", "img", bar=bar, interval_s=log_interval, logger=logger) as meter:
         for i in range(0, len(jobs), max(1, batch_size)):
             batch = jobs[i: i + max(1, batch_size)]
             images = [load_rgb(j.record.image_path) for j in batch]
@@ -270,7 +273,7 @@ def caption_jobs(jobs: Sequence[Job], backend: Callable[[Sequence[Image.Image], 
                     time.sleep(delay)
                 writer.write({"id": job.record.id, "caption": cap, "split": job.split, **meta})
                 n += 1
-                bar.update(1)
+                meter.update(1)
     return n
 
 

@@ -31,10 +31,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from utils.errors import UserError
 from utils.io import atomic_open, read_json, write_json, write_text
+from utils.progress import DEFAULT_INTERVAL_S, progress as progress_meter
 from vlmdiff import metrics as M
 from vlmdiff.map_store import MapStore
 from vlmdiff.reconstruction import ReconstructionSettings, reconstruct
@@ -148,12 +148,14 @@ def shard_indices(n: int, start: int, end: int | None, rank: int = 0, world: int
 def score_images(model, extractor, dataset, indices: Sequence[int], store: MapStore, settings: ReconstructionSettings,
                  *, batch_size: int, num_workers: int, device: torch.device, sigma: float = 5.0,
                  visuals: Path | None = None, autocast_dtype: torch.dtype | None = None,
-                 pooling: str = "paper", progress: bool = True, upstream_visuals: Path | None = None) -> int:
+                 pooling: str = "paper", progress: bool = True, bar: bool = True,
+                 log_interval: float = DEFAULT_INTERVAL_S, upstream_visuals: Path | None = None) -> int:
     """Reconstruct, extract features, map and store the images ``indices`` of ``dataset`` not yet stored.
 
     ``visuals`` gets our strips, ``upstream_visuals`` upstream's per-image files (both need the autoencoder pass).
 
     Returns the number of images scored now. Chunks are named by the global index of their first image.
+    ``progress``: show it at all (a bar on a terminal when ``bar``, else a log line every ``log_interval`` s).
     """
     done = store.scored_ids()
     todo = [i for i in indices if dataset.records[i].id not in done]
@@ -164,7 +166,7 @@ def score_images(model, extractor, dataset, indices: Sequence[int], store: MapSt
     loader = DataLoader(Subset(dataset, todo), batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     firsts = todo[::batch_size]
-    bar = tqdm(total=len(todo), desc="test", unit="img", disable=not progress, dynamic_ncols=True)
+    meter = progress_meter(len(todo), "test", "img", enabled=progress, bar=bar, interval_s=log_interval, logger=log)
     for first, batch in zip(firsts, loader):
         image = batch["image"].to(device)
         maps, rec = _maps(model, extractor, image, list(batch["caption"]), list(batch["filename"]), settings, sigma,
@@ -178,8 +180,8 @@ def score_images(model, extractor, dataset, indices: Sequence[int], store: MapSt
         if upstream_visuals is not None:
             write_upstream_visuals(upstream_visuals, list(batch["filename"]), image, rec["autoencoder"], rec["sample"],
                                    maps)
-        bar.update(len(batch["filename"]))
-    bar.close()
+        meter.update(len(batch["filename"]))
+    meter.close()
     return len(todo)
 
 

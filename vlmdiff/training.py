@@ -1,23 +1,28 @@
-"""Training plumbing for train.py: callbacks, data loader, run folder and the Lightning Trainer."""
+"""Training plumbing for train.py (and finetune_autoencoder.py): callbacks, data loader, loggers, the Trainer."""
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ModelSummary
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.model_summary import get_human_readable_count
 from torch.utils.data import DataLoader, Dataset
 
 from ldm.models.autoencoder import AtomicCheckpointIO
 from utils.errors import UserError
+from utils.progress import DEFAULT_INTERVAL_S, ProgressLines, is_terminal
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +64,8 @@ class FiniteTraining(Callback):
     A NaN/inf loss (a too large ``--lr``, a broken input) raises :class:`UserError` at the end of its
     batch, before any checkpoint callback of that batch runs. Every checkpoint (periodic, last, SIGTERM)
     is checked too: a floating tensor with NaN/inf values stops the save, so no file on disk is
-    replaced by diverged weights. With ``log_every_n_steps`` > 0 it also logs the loss every that many
-    batches (what a cluster log shows without a progress bar).
+    replaced by diverged weights.
     """
-
-    def __init__(self, log_every_n_steps: int = 0):
-        self.log_every_n_steps = log_every_n_steps
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -76,9 +77,6 @@ class FiniteTraining(Callback):
             raise UserError(f"training diverged: the loss is {value} at step {trainer.global_step} (epoch "
                             f"{trainer.current_epoch}, batch {batch_idx}); the checkpoints on disk are unchanged: "
                             "lower --lr (or --base_lr) and restart, or --resume from the last good checkpoint")
-        if self.log_every_n_steps > 0 and (batch_idx + 1) % self.log_every_n_steps == 0:
-            log.info("step %d (epoch %d, batch %d): loss %.5g", trainer.global_step, trainer.current_epoch,
-                     batch_idx + 1, value)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         bad = [k for k, v in checkpoint.get("state_dict", {}).items()
@@ -111,6 +109,70 @@ class SaveProvenance(Callback):
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         checkpoint["provenance"] = {**self.info, "global_step": trainer.global_step, "epoch": trainer.current_epoch}
+
+
+class ParameterCount(ModelSummary):
+    """One log line with the parameter counts instead of Lightning's per-module table and mode counts."""
+
+    @staticmethod
+    def summarize(summary_data: list, total_parameters: int, trainable_parameters: int, model_size: float,
+                  total_training_modes: dict[str, int], total_flops: int, **kwargs: Any) -> None:
+        log.info("model: %s trainable of %s parameters (%.1f MB)", get_human_readable_count(trainable_parameters),
+                 get_human_readable_count(total_parameters), model_size)
+
+
+class ProgressLog(Callback):
+    """Plain progress lines (utils.progress) on global rank zero, for logs that are not terminals.
+
+    Each line shows the epoch, optimiser steps done of the total, the progress-bar metrics averaged over
+    the batches since the previous line, the rate and the ETA. ``step_of`` / ``total_steps`` count other
+    steps than ``trainer.global_step`` / ``trainer.estimated_stepping_batches`` (the autoencoder counts
+    generator updates).
+    """
+
+    def __init__(self, interval_s: float = DEFAULT_INTERVAL_S,
+                 step_of: Callable[[pl.Trainer, pl.LightningModule], int] | None = None,
+                 total_steps: Callable[[pl.Trainer], float] | None = None) -> None:
+        self.interval_s = interval_s
+        self.step_of = step_of or (lambda trainer, module: trainer.global_step)
+        self.total_steps = total_steps or (lambda trainer: trainer.estimated_stepping_batches)
+        self._lines: ProgressLines | None = None
+        self._sums: dict[str, tuple[float, int]] = {}
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            total = self.total_steps(trainer)
+            total = int(total) if total and math.isfinite(total) and total > 0 else None
+            self._lines = ProgressLines("train", total, "step", self.interval_s,
+                                        start=self.step_of(trainer, pl_module), logger=log)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._lines is None:
+            return
+        for key, value in trainer.progress_bar_metrics.items():
+            if not key.endswith("_epoch"):
+                total, n = self._sums.get(key, (0.0, 0))
+                self._sums[key] = (total + float(value), n + 1)
+        epochs = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
+        means = {k.removesuffix("_step").split("/")[-1]: total / n for k, (total, n) in self._sums.items()}
+        if self._lines.set(self.step_of(trainer, pl_module), f"train epoch {trainer.current_epoch + 1}{epochs}",
+                           **means):
+            self._sums = {}
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._lines is not None:
+            self._lines.close()
+            self._lines = None
+
+
+def progress_callbacks(no_progress_bar: bool, interval_s: float, **progress_log: Any) -> tuple[bool, list[Callback]]:
+    """``(enable_progress_bar, callbacks)``: Lightning's bar on a terminal, else :class:`ProgressLog` lines.
+
+    Either way the model summary is one line (:class:`ParameterCount`). ``progress_log``: see ProgressLog.
+    """
+    bar = not no_progress_bar and is_terminal()
+    return bar, [ParameterCount()] + ([] if bar else [ProgressLog(interval_s, **progress_log)])
 
 
 def train_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int) -> DataLoader:
@@ -171,10 +233,40 @@ def check_devices(accelerator: str, devices: int | str | list[int]) -> None:
             raise UserError(f"--devices {devices}: this machine has {count} GPU(s)")
 
 
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing metrics.csv is continued, not deleted."""
+
+    def _check_log_dir_exists(self) -> None:  # Lightning's version removes metrics.csv of a non-empty folder
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                self.metrics_keys = next(csv.reader(f), [])  # new columns rewrite the header, keeping the rows
+
+
+class AppendingCSVLogger(CSVLogger):
+    """A CSVLogger whose ``metrics.csv`` keeps the rows of earlier runs in the same folder (``--resume``)."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+def run_loggers(folder: Path, csv_dir: str = "logs", tensorboard_dir: str = "logs") -> list[Logger]:
+    """CSV and TensorBoard loggers writing straight into ``folder/csv_dir`` and ``folder/tensorboard_dir``.
+
+    No ``version_N`` sub-folders: a resumed run appends rows to the same ``metrics.csv`` and adds an event
+    file beside the earlier ones, so the history of every attempt stays in one place.
+    """
+    return [TensorBoardLogger(save_dir=str(folder), name=tensorboard_dir, version="", default_hp_metric=False),
+            AppendingCSVLogger(save_dir=str(folder), name=csv_dir, version="")]
+
+
 def make_trainer(args: Any, ckpt_dir: Path, callbacks: list[Callback]) -> pl.Trainer:
     precision = "32-true" if args.precision == "32" else args.precision
-    loggers = [TensorBoardLogger(save_dir=str(ckpt_dir), name="logs", version=""),
-               CSVLogger(save_dir=str(ckpt_dir), name="logs", version="")]
+    loggers = run_loggers(ckpt_dir)
     try:
         return _trainer(args, ckpt_dir, callbacks, precision, loggers)
     except MisconfigurationException as e:  # a combination of hardware flags Lightning rejects
@@ -182,11 +274,12 @@ def make_trainer(args: Any, ckpt_dir: Path, callbacks: list[Callback]) -> pl.Tra
 
 
 def _trainer(args: Any, ckpt_dir: Path, callbacks: list[Callback], precision: str, loggers: list) -> pl.Trainer:
+    bar, progress = progress_callbacks(args.no_progress_bar, args.log_interval)
     return pl.Trainer(
         accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy,
         precision=precision, max_epochs=args.max_epochs, max_steps=args.max_steps,
-        accumulate_grad_batches=args.accumulate_grad_batches, callbacks=callbacks, logger=loggers,
+        accumulate_grad_batches=args.accumulate_grad_batches, callbacks=callbacks + progress, logger=loggers,
         log_every_n_steps=args.log_every_n_steps, default_root_dir=str(ckpt_dir), num_sanity_val_steps=0,
-        limit_val_batches=0, enable_progress_bar=not args.no_progress_bar, benchmark=False,
+        limit_val_batches=0, enable_progress_bar=bar, benchmark=False,
         plugins=[AtomicCheckpointIO()],  # temporary file beside the target, fsync, rename (utils.io)
     )

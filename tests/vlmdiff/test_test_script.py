@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -45,6 +46,20 @@ def reference(setup):
     tmp, data, ckpt = setup
     out = tmp / "full"
     return out, _run(data, ckpt, out, "--batch_size", "4", "--save_visuals")
+
+
+def test_output_that_is_not_a_terminal_gets_progress_lines_and_a_summary(setup, capsys):
+    tmp, data, ckpt = setup
+    out = tmp / "lines"
+    args = [a for a in FAST if a != "--no_progress_bar"]  # pytest captures stderr: not a terminal
+    test_script.main(["--data_set", "mvtec", "--data_path", str(data), "--resume_path", str(ckpt), "--output_dir",
+                      str(out), "--classes", "brick", "--batch_size", "2", "--log_interval", "0", *args])
+    captured = capsys.readouterr()
+    counts = re.findall(r"test: img (\d)/5 \(\d+%\) \| [\d.]+ (?:img/s|s/img) \| elapsed [\d:]+ \| ETA [\d:]+",
+                        captured.err)
+    assert counts == ["2", "4", "5"]  # a line per batch at --log_interval 0
+    assert "\r" not in captured.err
+    assert f"metrics: {out / 'metrics.json'} (also metrics.csv, metrics.md)\nmaps: {out / 'maps'}" in captured.out
 
 
 def test_full_run_writes_everything(reference):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from ldm.checkpoint import load_checkpoint
 from tests.tinyckpt import demo_data_and_model
 from utils.errors import UserError
 from vlmdiff.model import TRAINABLE
+from vlmdiff.training import AppendingCSVLogger
 
 FAST = ["--accelerator", "cpu", "--devices", "1", "--num_workers", "0", "--batch_size", "2",
         "--accumulate_grad_batches", "1", "--no_progress_bar", "--log_every_n_steps", "1", ]
@@ -95,6 +97,8 @@ def test_checkpoints_use_upstream_names_and_period(setup):
 class _RecordingTrainer:
     """Stands in for the Lightning Trainer: records the callbacks train.py hands it, trains nothing."""
 
+    is_global_zero = False  # no end-of-run summary to write
+
     def __init__(self, callbacks):
         self.callbacks = callbacks
 
@@ -131,3 +135,42 @@ def test_keep_last_n_keeps_the_newest_periodic_checkpoints_and_last(setup):
     assert not list(ckpt_dir.glob("*.tmp"))
     with pytest.raises(UserError, match="--keep_last_n 0 must be 1 or more"):
         train.main(["--data_set", "mvtec", "--data_path", str(data), "--keep_last_n", "0"])
+def test_resume_appends_to_the_logs_and_progress_is_plain_lines(setup, capsys):
+    tmp, data, start = setup
+    not_a_terminal = [a for a in FAST if a != "--no_progress_bar"]  # pytest captures stderr: no terminal
+    base = ["--data_set", "mvtec", "--data_path", str(data), "--output_root", str(tmp), "--exp_name", "resumed",
+            "--save_every_n_steps", "3", "--log_interval", "0", *not_a_terminal]
+    ckpt_dir = train.main(base + ["--resume_path", str(start), "--max_steps", "3"])
+    first_rows = _losses(ckpt_dir)
+    first_events = sorted(p.name for p in (ckpt_dir / "logs").glob("events.out.tfevents.*"))
+    assert len(first_rows) == 3 and first_events
+    err = capsys.readouterr().err
+    steps = re.findall(r"train epoch 1/300: step (\d)/3 \(\d+%\) \| loss ([\d.]+) \| [\d.]+ (?:step/s|s/step) \| "
+                       r"elapsed [\d:]+ \| ETA [\d:]+", err)
+    assert [s for s, _ in steps] == ["1", "2", "3"]  # a line per step at --log_interval 0
+    assert float(steps[0][1]) == pytest.approx(first_rows[0], rel=1e-3)
+    assert "━" not in err and "\r" not in err  # no bar
+    assert f"done after 3 steps (epoch 1): {ckpt_dir / 'last.ckpt'}" in err
+    assert "1 periodic checkpoint(s) up to step=0000003.ckpt" in err and str(ckpt_dir / "logs" / "metrics.csv") in err
+    assert "Tip" not in err and "eval mode" not in err and "| Name" not in err
+
+    train.main(base + ["--resume", "--max_steps", "5"])
+    rows = _losses(ckpt_dir)
+    assert rows[:3] == first_rows and len(rows) == 5  # the first run's rows, then steps 4 and 5
+    with open(ckpt_dir / "logs" / "metrics.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss_step")] == [0, 1, 2, 3, 4]
+    events = sorted(p.name for p in (ckpt_dir / "logs").glob("events.out.tfevents.*"))
+    assert set(first_events) < set(events)
+    assert re.findall(r"step (\d)/5 \(", capsys.readouterr().err) == ["4", "5"]
+
+
+def test_appending_csv_logger_keeps_rows_when_columns_are_added(tmp_path):
+    first = AppendingCSVLogger(tmp_path, name="logs", version="")
+    first.log_metrics({"loss": 1.0}, step=0)
+    first.save()
+    second = AppendingCSVLogger(tmp_path, name="logs", version="")  # a resumed run that logs one more column
+    second.log_metrics({"loss": 0.5, "lr": 0.1}, step=1)
+    second.save()
+    with open(tmp_path / "logs" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows == [{"loss": "1.0", "lr": "", "step": "0"}, {"loss": "0.5", "lr": "0.1", "step": "1"}]
