@@ -11,6 +11,10 @@ and their mean, under the official protocol (default) or upstream's legacy one.
   python test.py ... --run_eval_only                   # merge the shards' maps and compute the metrics
   torchrun --nproc_per_node 4 test.py ...              # the same over 4 GPUs
   python test.py --data_set folder --data_path my_images --resume_path ...   # no ground truth: scores only
+  python test.py --data_set folder ... --threshold_from results/vlmdiff_mvtec  # ... labelled normal/anomalous
+
+Each evaluation ends with report.html in the output folder (curves, galleries, the paper's row);
+python -m vlmdiff.report RUN rebuilds it.
 """
 
 from __future__ import annotations
@@ -72,7 +76,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     e.add_argument("--mask_threshold", type=float, default=0.0, help="ground truth = mask > this fraction of full scale")
     e.add_argument("--exp_name", default=None, help="run name (default: vlmdiff_{data_set})")
     e.add_argument("--output_dir", default=None, help="default: results/{exp_name}")
-    e.add_argument("--save_visuals", action="store_true", help="input | autoencoder | sample | heatmap | mask PNGs")
+    e.add_argument("--save_visuals", action="store_true",
+                   help="a titled strip per image: input | autoencoder | reconstruction | anomaly map | overlay | "
+                        "ground truth, 256 px per panel, one colour scale per class")
+    e.add_argument("--threshold_from", default=None, metavar="RUN",
+                   help="with --data_set folder: label each image normal/anomalous with the F1-max thresholds "
+                        "recorded by the labelled test run RUN (its thresholds.json); also writes a mask PNG per image")
+    e.add_argument("--no_report", action="store_true", help="do not build report.html at the end")
+    e.add_argument("--gallery_size", type=int, default=8,
+                   help="images per gallery of the report (false alarms, misses, best detections)")
     e.add_argument("--start_ind", type=int, default=0, help="first test image (sorted by id) of this shard")
     e.add_argument("--end_ind", type=int, default=-1, help="end (exclusive) of this shard; -1: the end")
     e.add_argument("--run_eval_only", action="store_true", help="only merge stored maps and compute the metrics")
@@ -93,13 +105,18 @@ def _device(name: str, local_rank: int) -> torch.device:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     args = parse_args(argv)
     setup_logging(args.verbose)
-    from vlmdiff.testing import check_coverage, evaluate_run, write_scores
+    from vlmdiff.report import build_report
+    from vlmdiff.testing import check_coverage, evaluate_run, label_run
+    from vlmdiff.thresholds import load_thresholds
 
     dataset_name = canonical_dataset(args.data_set)
     if dataset_name == "coco" and args.coco_part < 0:
         raise UserError("--data_set coco needs --coco_part 0..3")
     output_dir = Path(args.output_dir or Path("results") / (args.exp_name or f"vlmdiff_{dataset_name}"))
     has_truth = dataset_name != "folder"
+    if args.threshold_from and has_truth:
+        raise UserError(f"--threshold_from is for unlabelled images (--data_set folder); {dataset_name} has ground "
+                        "truth, so its run records thresholds itself")
     sharded = args.start_ind != 0 or args.end_ind != -1
     ranks = distributed.detect_ranks()
     records = _index(args, dataset_name)
@@ -117,20 +134,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     elif not (output_dir / "manifest.json").is_file():
         raise UserError(f"--run_eval_only: {output_dir} holds no test run (no manifest.json); check --output_dir")
     check_coverage(MapStore(output_dir / "maps"), [r.id for r in records], output_dir)
-    visuals = (output_dir / "visuals").is_dir()
+    visuals = (output_dir / "panels").is_dir()
+    image_paths = {r.id: str(r.image_path) for r in records}
+    made_by = read_json(output_dir / "manifest.json")  # the scoring run's settings (also for --run_eval_only)
     if not has_truth:
-        path = write_scores(output_dir, args.image_pooling)
-        print(f"image scores: {path}" + (f"\nvisuals: {output_dir / 'visuals'}" if visuals else ""))
+        thresholds = load_thresholds(args.threshold_from, args.image_pooling, made_by) if args.threshold_from else None
+        path = label_run(output_dir, args.image_pooling, image_paths, visuals, thresholds)
+        report = None if args.no_report else build_report(output_dir, gallery_size=args.gallery_size)
+        print(f"image scores: {path}" + (f"\nvisuals: {output_dir / 'visuals'}" if visuals else "")
+              + (f"\nreport: {report}" if report else ""))
         distributed.finish()
         return None
-    made_by = read_json(output_dir / "manifest.json")  # the scoring run's settings (also for --run_eval_only)
     seed = made_by.get("reconstruction", {}).get("seed", args.seed)
     extra = {"provenance": provenance(seed=seed, config=made_by.get("config"), checkpoint=made_by.get("checkpoint"),
                                       data_set=dataset_name, data_path=str(args.data_path))}
     result = evaluate_run(output_dir, args.metrics_protocol, args.image_pooling, args.mask_threshold, visuals,
-                          dataset_name, extra)
+                          dataset_name, extra, image_paths)
+    report = None if args.no_report else build_report(
+        output_dir, "both" if args.metrics_protocol == "both" else None, gallery_size=args.gallery_size)
     print((output_dir / "metrics.md").read_text())
-    print(f"metrics: {output_dir / 'metrics.json'}" + (f"\nvisuals: {output_dir / 'visuals'}" if visuals else ""))
+    print(f"metrics: {output_dir / 'metrics.json'}" + (f"\nvisuals: {output_dir / 'visuals'}" if visuals else "")
+          + (f"\nreport: {report}" if report else ""))
     distributed.finish()
     return result
 
@@ -183,7 +207,7 @@ def _score(args: argparse.Namespace, dataset_name: str, output_dir: Path, ranks:
                             ranks.rank, ranks.world)
     autocast = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}[args.precision]
     store = MapStore(output_dir / "maps", dtype=args.map_dtype)
-    visuals = output_dir / "visuals" if args.save_visuals else None
+    visuals = output_dir / "panels" if args.save_visuals else None
     n = score_images(model, extractor, dataset, indices, store, settings, batch_size=args.batch_size,
                      num_workers=args.num_workers, device=device, sigma=args.sigma, visuals=visuals,
                      autocast_dtype=autocast, pooling=args.image_pooling,
