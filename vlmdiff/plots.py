@@ -2,8 +2,8 @@
 
 Evaluation hands every class's exact curves (from the sorts the metrics are computed with, see
 :func:`vlmdiff.metrics.evaluate_stream`) to :func:`class_curves`, which keeps them at a resolution
-of ``RESOLUTION`` along the curve (see :func:`thin`); on the monotone ROC and PRO curves this moves an area by
-less than ``RESOLUTION / 4``. The result is plain JSON (``curves.json`` of a run) that the report draws
+of ``RESOLUTION`` along the curve (see :func:`thin`); on the monotone ROC and PRO curves this
+moves an area by less than ``RESOLUTION / 4``. The result is plain JSON (``curves.json`` of a run) that the report draws
 without reading a pixel again.
 
 Figures are built with :class:`matplotlib.figure.Figure` and the Agg canvas (no pyplot state, no
@@ -45,8 +45,9 @@ def thin(x: np.ndarray, y: np.ndarray, resolution: float = RESOLUTION, keep: Seq
     return np.unique(np.concatenate(([0, n - 1], edge, edge + 1, np.asarray(keep, dtype=np.int64))))
 
 
-def _list(a: np.ndarray, digits: int = 7) -> list[float]:
-    return [round(float(v), digits) for v in a]
+def _list(a: np.ndarray, digits: int | None = 7) -> list[float]:
+    """Plain floats (rounded to ``digits``; None: exact, for thresholds)."""
+    return [float(v) if digits is None else round(float(v), digits) for v in a]
 
 
 def _ranking_curves(res: dict[str, Any], resolution: float, pro: bool) -> dict[str, Any] | None:
@@ -65,7 +66,7 @@ def _ranking_curves(res: dict[str, Any], resolution: float, pro: bool) -> dict[s
     recall, precision = tp_at / n_pos, tp_at / (tp_at + fp_at)
     best = int(np.argmax(2.0 * tp_at / (tp_at + fp_at + n_pos)))
     i = thin(recall, precision, resolution, keep=[best])
-    out["pr"] = {"recall": _list(recall[i]), "precision": _list(precision[i]), "threshold": _list(c["thresholds"][i], 9),
+    out["pr"] = {"recall": _list(recall[i]), "precision": _list(precision[i]), "threshold": _list(c["thresholds"][i], None),
                  "tp": [int(v) for v in tp_at[i]], "fp": [int(v) for v in fp_at[i]]}
     if pro and c["pro"] is not None:
         fpr = np.concatenate((c["fp"] / n_neg, [1.0]))

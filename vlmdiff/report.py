@@ -320,7 +320,7 @@ def build_report(run: str | Path, protocol: str | None = None, gallery_size: int
                 pic = pictures.get(r["id"])
                 decision = f", {r['decision']}" if r.get("decision") else ""
                 cap = f"{_e(r['id'])}: score {float(r['image_score']):.4g}{_e(decision)}"
-                img = f"<a href='{_e(pic)}'><img src='{_e(pic)}' alt='{_e(r['id'])}' loading='lazy'></a>" if pic else ""
+                img = f"<a href='{_e(pic)}'><img src='{_e(pic)}' alt='{_e(r['id'])}'></a>" if pic else ""
                 body.append(f"<figure>{img}<figcaption>{cap}</figcaption></figure>")
             body.append("</div>")
 

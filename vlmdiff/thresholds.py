@@ -22,6 +22,13 @@ THRESHOLDS = "thresholds.json"
 _SCORES_DEPEND_ON = ("checkpoint", "reconstruction", "feature_extractor", "sigma", "precision")
 
 
+def _comparable(value: Any) -> Any:
+    """``value`` without file locations (``path`` keys): a moved checkpoint still gives the same scores."""
+    if isinstance(value, dict):
+        return {k: _comparable(v) for k, v in value.items() if k != "path"}
+    return value
+
+
 def thresholds_record(curves: dict[str, dict[str, Any]], image_overall: float | None, pixel_overall: float | None,
                       pooling: str, manifest: dict[str, Any]) -> dict[str, Any]:
     """The ``thresholds.json`` record from the class curves of a run (see :mod:`vlmdiff.plots`)."""
@@ -32,7 +39,7 @@ def thresholds_record(curves: dict[str, dict[str, Any]], image_overall: float | 
         "rule": "F1-max (anomalous = score >= threshold)", "image_pooling": pooling,
         "image": {"overall": image_overall, "per_class": per_class("image")},
         "pixel": {"overall": pixel_overall, "per_class": per_class("pixel")},
-        "scores_depend_on": {k: manifest.get(k) for k in _SCORES_DEPEND_ON},
+        "scores_depend_on": {k: _comparable(manifest.get(k)) for k in _SCORES_DEPEND_ON},
     }
 
 
@@ -53,7 +60,7 @@ def load_thresholds(run: str | Path, pooling: str, manifest: dict[str, Any]) -> 
         raise UserError(f"--threshold_from {path}: thresholds are for --image_pooling {record.get('image_pooling')}, "
                         f"this run uses {pooling}; use the same pooling")
     for key in _SCORES_DEPEND_ON:
-        if record.get("scores_depend_on", {}).get(key) != manifest.get(key):
+        if record.get("scores_depend_on", {}).get(key) != _comparable(manifest.get(key)):
             raise UserError(f"--threshold_from {path}: that run's {key} differs from this run's, so its scores "
                             f"are not comparable; test both with the same checkpoint and settings")
     if record["image"]["overall"] is None:
