@@ -36,6 +36,7 @@ from utils.io import read_json, write_json, write_text
 from vlmdiff import plots
 from vlmdiff.map_store import MapStore
 from vlmdiff.metrics import METRICS, PAPER_RESULTS, format_table, paper_comparison, paper_means
+from vlmdiff.visuals import PANEL_SIZE, class_range, colormap, overlay, save_png, visual_path
 
 log = logging.getLogger(__name__)
 
@@ -129,49 +130,61 @@ def galleries(rows: list[dict[str, str]], size: int) -> dict[str, dict[str, list
 
 
 def _gallery_pictures(run: Path, cls: str, wanted: list[dict[str, str]],
-                      display_range: tuple[float, float] | None) -> dict[str, str]:
+                      display_range: tuple[float, float] | None) -> tuple[dict[str, str], tuple[float, float] | None]:
     """``{id: path relative to run}`` of the picture of each gallery image: its strip when the run has one,
-    else a strip drawn here (input | anomaly map | overlay | ground truth) from its stored map."""
-    from vlmdiff.visuals import StripFigure, overlay, visual_path
-
+    else panels ``input | anomaly map | overlay [| ground truth]`` put together here from its stored map
+    (plain image panels, no matplotlib: a large run draws hundreds). Also returns the colour range used."""
     pictures = {r["id"]: r["visual_path"] for r in wanted if r.get("visual_path") and (run / r["visual_path"]).is_file()}
     missing = [r for r in wanted if r["id"] not in pictures]
     if not missing:
-        return pictures
+        return pictures, display_range
     stored = MapStore(run / "maps").read_images(cls, [r["id"] for r in missing])
     if not stored:
-        return pictures
+        return pictures, display_range
     if display_range is None:
         display_range = _range([v["map"] for v in stored.values()])
-    labelled = any(r["label"] in ("0", "1") for r in missing)
-    strip = StripFigure(["input", "anomaly map", "overlay", *(["ground truth"] if labelled else [])], display_range)
+    lo, hi = display_range
+    no_input = 0
     for r in missing:
         if r["id"] not in stored:
             continue
         amap, mask = stored[r["id"]]["map"].astype(np.float32), stored[r["id"]]["mask"]
         image = _input_image(r.get("image_path", ""), amap.shape)
-        panels = [image, amap, overlay(image, amap, display_range), *([mask] if labelled else [])]
+        if image is None:
+            no_input += 1
+            image = np.full((*amap.shape, 3), 128, np.uint8)
+        panels = [image, colormap((amap - lo) / (hi - lo)), overlay(image, amap, display_range)]
+        if r["label"] in ("0", "1"):
+            panels.append(np.repeat(mask[..., None], 3, axis=-1))
         rel = Path(ASSETS) / "gallery" / visual_path(cls, r["id"])
-        label = {"0": "normal", "1": "anomalous"}.get(r["label"], "unlabelled")
-        strip.render(run / rel, panels, f"{r['id']}  ({cls}, {label})   image score {float(r['image_score']):.4g}")
+        save_png(run / rel, _side_by_side(panels))
         pictures[r["id"]] = rel.as_posix()
-    return pictures
+    if no_input:
+        log.warning("class %s: %d gallery images are not at their image_path any more; their input panel is grey",
+                    cls, no_input)
+    return pictures, display_range
+
+
+def _side_by_side(panels: list[np.ndarray], size: int = PANEL_SIZE, gap: int = 4) -> np.ndarray:
+    """(H,W,3) uint8 panels resized to ``size`` (nearest) and set in a row with white gaps."""
+    row = np.full((size, len(panels) * (size + gap) - gap, 3), 255, np.uint8)
+    for i, p in enumerate(panels):
+        row[:, i * (size + gap):i * (size + gap) + size] = np.asarray(
+            Image.fromarray(p).resize((size, size), Image.NEAREST))
+    return row
 
 
 def _range(maps: list[np.ndarray]) -> tuple[float, float]:
-    from vlmdiff.visuals import class_range
-
     return class_range(np.stack(maps))
 
 
-def _input_image(path: str, shape: tuple[int, ...]) -> np.ndarray:
-    """The input image at map size (H, W, 3) uint8; grey when the file is no longer there."""
+def _input_image(path: str, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The input image at map size (H, W, 3) uint8; None when the file is not there (any more)."""
     h, w = shape
-    if path and Path(path).is_file():
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB").resize((w, h), Image.BILINEAR))
-    log.warning("image %s not found: its gallery picture shows a grey input", path or "(no path)")
-    return np.full((h, w, 3), 128, np.uint8)
+    if not path or not Path(path).is_file():
+        return None
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB").resize((w, h), Image.BILINEAR))
 
 
 # --------------------------------------------------------------------------- the page
@@ -294,8 +307,6 @@ def build_report(run: str | Path, protocol: str | None = None, gallery_size: int
                                 assets / "curves" / "mean.png")
         body.append(f"<h3>mean</h3><img class='curves' src='{_e(fig.relative_to(run).as_posix())}' "
                     "alt='curves, mean over classes'>")
-        from vlmdiff.visuals import visual_path
-
         for cls, c in curves.items():
             sel = np.array([r["class"] == cls for r in rows])
             path = assets / "curves" / visual_path(cls, cls).name
@@ -308,8 +319,13 @@ def build_report(run: str | Path, protocol: str | None = None, gallery_size: int
     for cls, kinds in galleries(rows, gallery_size).items():
         wanted = list({r["id"]: r for g in kinds.values() for r in g}.values())
         display = (curves.get(cls) or {}).get("display_range")
-        pictures = _gallery_pictures(run, cls, wanted, tuple(display) if display else None)
+        pictures, display = _gallery_pictures(run, cls, wanted, tuple(display) if display else None)
         body.append(f"<h3>{_e(cls)}</h3>")
+        if any(p.startswith(ASSETS) for p in pictures.values()):
+            lo, hi = display
+            body.append(f"<p class='note'>Pictures drawn from the stored maps: input | anomaly map | overlay "
+                        f"| ground truth; map colours ('jet', blue to red) span {lo:.4g} to {hi:.4g} for every "
+                        "image of the class. <code>test.py --save_visuals</code> gives titled strips.</p>")
         for kind, chosen in kinds.items():
             body.append(f"<h4>{_e(kind)}</h4>")
             if not chosen:

@@ -50,7 +50,7 @@ def visual_path(class_name: str, image_id: str) -> Path:
 
 def save_png(path: Path, array: np.ndarray) -> None:
     with atomic_open(path, "wb") as f:
-        Image.fromarray(array).save(f, format="PNG")
+        Image.fromarray(array).save(f, format="PNG", compress_level=1)  # fast; the files are ~30% larger
 
 
 def write_strips(folder: Path, ids: list[str], class_names: list[str], image: torch.Tensor,
@@ -125,7 +125,7 @@ class StripFigure:
         self.title.set_text(title)
         self.title.set_color(color)
         with atomic_open(path, "wb") as f:
-            self.fig.savefig(f, format="png")
+            self.fig.savefig(f, format="png", pil_kwargs={"compress_level": 1})
 
 
 def overlay(image: np.ndarray, amap: np.ndarray, display_range: tuple[float, float]) -> np.ndarray:
