@@ -66,7 +66,8 @@ def _ranking_curves(res: dict[str, Any], resolution: float, pro: bool) -> dict[s
     recall, precision = tp_at / n_pos, tp_at / (tp_at + fp_at)
     best = int(np.argmax(2.0 * tp_at / (tp_at + fp_at + n_pos)))
     i = thin(recall, precision, resolution, keep=[best])
-    out["pr"] = {"recall": _list(recall[i]), "precision": _list(precision[i]), "threshold": _list(c["thresholds"][i], None),
+    out["pr"] = {"recall": _list(recall[i]), "precision": _list(precision[i]),
+                 "threshold": _list(c["thresholds"][i], None),
                  "tp": [int(v) for v in tp_at[i]], "fp": [int(v) for v in fp_at[i]]}
     if pro and c["pro"] is not None:
         fpr = np.concatenate((c["fp"] / n_neg, [1.0]))

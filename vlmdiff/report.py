@@ -134,7 +134,8 @@ def _gallery_pictures(run: Path, cls: str, wanted: list[dict[str, str]],
     """``{id: path relative to run}`` of the picture of each gallery image: its strip when the run has one,
     else panels ``input | anomaly map | overlay [| ground truth]`` put together here from its stored map
     (plain image panels, no matplotlib: a large run draws hundreds). Also returns the colour range used."""
-    pictures = {r["id"]: r["visual_path"] for r in wanted if r.get("visual_path") and (run / r["visual_path"]).is_file()}
+    pictures = {r["id"]: r["visual_path"] for r in wanted
+                if r.get("visual_path") and (run / r["visual_path"]).is_file()}
     missing = [r for r in wanted if r["id"] not in pictures]
     if not missing:
         return pictures, display_range

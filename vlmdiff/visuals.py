@@ -44,7 +44,7 @@ def visual_name(image_id: str) -> str:
 
 
 def visual_path(class_name: str, image_id: str) -> Path:
-    """Where an image's strip lies below a run's ``visuals/`` (and its mask below ``masks/``): ``{class}/{name}.png``."""
+    """Where an image's strip lies below a run's ``visuals/`` (and its mask below ``masks/``): ``{class}/{name}``."""
     return Path(_safe(class_name)) / visual_name(image_id)
 
 
