@@ -321,15 +321,16 @@ def evaluate_class(name: str, maps: Any, masks: Any, protocol: str = "official",
     Metrics that are undefined for this class (no anomalous image / pixel, no normal image /
     pixel) are NaN and logged as a warning.
     """
-    return _evaluate_class(name, maps, masks, protocol, image_pooling, mask_threshold, False)[0]
+    return _evaluate_class(name, maps, masks, protocol, image_pooling, mask_threshold)
 
 
 def _evaluate_class(name: str, maps: Any, masks: Any, protocol: str, image_pooling: str, mask_threshold: float,
-                    keep_curves: bool) -> tuple[dict[str, dict[str, float]], dict[str, Any] | None]:
-    """:func:`evaluate_class` plus, with ``keep_curves``, the class's curves from the same sorts:
-    ``{"image": ranking_metrics(..., keep_curves=True), "pixel": pixel_metrics(..., keep_curves=True),
-    "image_scores": (N,), "labels": (N,) bool}``.
+                    on_curves: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, dict[str, float]]:
+    """:func:`evaluate_class`; ``on_curves(name, curves)`` also receives the class's curves from the same
+    sorts, ``{"image": ranking_metrics(..., keep_curves=True), "pixel": pixel_metrics(..., keep_curves=True),
+    "image_scores": (N,), "labels": (N,) bool}``, before the legacy AU-PRO (so they are freed by then).
     """
+    keep_curves = on_curves is not None
     protocols = _protocols(protocol)
     m = _check_maps(maps, f"class {name!r}")
     if len(m) == 0:
@@ -348,14 +349,17 @@ def _evaluate_class(name: str, maps: Any, masks: Any, protocol: str, image_pooli
     if undefined:
         logger.warning("class %r: %s undefined (NaN): %d of %d images anomalous, %d of %d pixels anomalous",
                        name, ", ".join(undefined), int(labels.sum()), len(labels), int(gt.sum()), gt.size)
+    if on_curves is not None:
+        on_curves(name, {"image": img, "pixel": pix, "image_scores": scores, "labels": labels})
+        img.pop("curves", None)
+        pix.pop("curves", None)
     out: dict[str, dict[str, float]] = {}
     if "official" in protocols:
         out["official"] = official
     if "legacy" in protocols:
         flip = {k: (1.0 - v if v < 0.5 else v) for k, v in official.items() if k.startswith("auroc")}
         out["legacy"] = {**official, **flip, "aupro": legacy_aupro(m, gt)}
-    curves = {"image": img, "pixel": pix, "image_scores": scores, "labels": labels} if keep_curves else None
-    return out, curves
+    return out
 
 
 def _mean_rows(per_class: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -388,13 +392,8 @@ def evaluate_stream(items: Iterable[tuple[str, Any, Any]], protocol: str = "offi
         name = str(name)
         if name in rows[protocols[0]]:
             raise UserError(f"class {name!r} appears twice in the evaluation stream; pass each class once")
-        by_protocol, curves = _evaluate_class(name, maps, masks, protocol, image_pooling, mask_threshold,
-                                              on_curves is not None)
-        for p, row in by_protocol.items():
+        for p, row in _evaluate_class(name, maps, masks, protocol, image_pooling, mask_threshold, on_curves).items():
             rows[p][name] = {k: float(v) for k, v in row.items()}
-        if on_curves is not None:
-            on_curves(name, curves)
-            del curves
         logger.info("evaluated class %s (%d images)", name, len(maps))
     if not rows[protocols[0]]:
         raise UserError("nothing to evaluate: no classes given")

@@ -322,3 +322,20 @@ def test_nan_metric_values_read_back(tmp_path):
     mean = {k: None for k in METRICS}
     (run / "metrics.json").write_text(json.dumps({"metrics": {"official": {"per_class": {}, "mean": mean}}}))
     assert all(math.isnan(v) for v in report.read_mean(run, "official").values())
+
+
+def test_handing_over_curves_changes_no_metric_value():
+    from vlmdiff.metrics import evaluate_stream
+
+    rng = np.random.default_rng(3)
+    maps = rng.random((6, 64, 64)).astype(np.float32)
+    masks = np.zeros((6, 64, 64), np.uint8)
+    masks[3:, 8:14, 8:14] = 255
+    maps[3:, 8:14, 8:14] += 0.3
+    seen = {}
+    plain = evaluate_stream([("a", maps, masks)], protocol="both")
+    with_curves = evaluate_stream([("a", maps, masks)], protocol="both",
+                                  on_curves=lambda name, c: seen.setdefault(name, plots.class_curves(c)))
+    assert plain == with_curves and set(seen) == {"a"}
+    pro = seen["a"]["pixel"]["pro"]
+    assert plots.area_to_limit(pro["fpr"], pro["pro"]) == pytest.approx(plain["official"]["mean"]["aupro"], abs=1e-3)
