@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         rep, rep_rss = common.run_child(script, ["--_child", "report", "--_run", str(run),
                                                  "--gallery_size", str(args.gallery_size)])
         sizes = {name: (run / name).stat().st_size for name in ("curves.json", "scores.csv", "report.html")}
-        pictures = len(list((run / "report").rglob("*.png")))
+        pictures = len([p for p in (run / "report").rglob("*") if p.suffix in (".png", ".jpg")])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rows = [["evaluation (metrics, curves, thresholds, scores.csv)", ev["seconds"], ev_rss],

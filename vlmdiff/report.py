@@ -32,11 +32,11 @@ from PIL import Image
 
 from utils.cli import run_main, setup_logging
 from utils.errors import UserError
-from utils.io import read_json, write_json, write_text
+from utils.io import atomic_open, read_json, write_json, write_text
 from vlmdiff import plots
 from vlmdiff.map_store import MapStore
 from vlmdiff.metrics import METRICS, PAPER_RESULTS, format_table, paper_comparison, paper_means
-from vlmdiff.visuals import PANEL_SIZE, class_range, colormap, overlay, save_png, visual_path
+from vlmdiff.visuals import PANEL_SIZE, class_range, colormap, overlay, visual_path
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,8 @@ def _gallery_pictures(run: Path, cls: str, wanted: list[dict[str, str]],
                       display_range: tuple[float, float] | None) -> tuple[dict[str, str], tuple[float, float] | None]:
     """``{id: path relative to run}`` of the picture of each gallery image: its strip when the run has one,
     else panels ``input | anomaly map | overlay [| ground truth]`` put together here from its stored map
-    (plain image panels, no matplotlib: a large run draws hundreds). Also returns the colour range used."""
+    (plain image panels in a JPEG, no matplotlib: a large run draws hundreds). Also returns the colour range
+    used."""
     pictures = {r["id"]: r["visual_path"] for r in wanted
                 if r.get("visual_path") and (run / r["visual_path"]).is_file()}
     missing = [r for r in wanted if r["id"] not in pictures]
@@ -157,12 +158,13 @@ def _gallery_pictures(run: Path, cls: str, wanted: list[dict[str, str]],
         panels = [image, colormap((amap - lo) / (hi - lo)), overlay(image, amap, display_range)]
         if r["label"] in ("0", "1"):
             panels.append(np.repeat(mask[..., None], 3, axis=-1))
-        rel = Path(ASSETS) / "gallery" / visual_path(cls, r["id"])
-        save_png(run / rel, _side_by_side(panels))
+        rel = Path(ASSETS) / "gallery" / visual_path(cls, r["id"]).with_suffix(".jpg")
+        with atomic_open(run / rel, "wb") as f:  # JPEG: encoded several times faster than PNG, and smaller
+            Image.fromarray(_side_by_side(panels)).save(f, format="JPEG", quality=90)
         pictures[r["id"]] = rel.as_posix()
     if no_input:
-        log.warning("class %s: %d gallery images are not at their image_path any more; their input panel is grey",
-                    cls, no_input)
+        log.warning("class %s: %d gallery images have no readable image file (image_path in scores.csv); "
+                    "their input panel is grey", cls, no_input)
     return pictures, display_range
 
 
