@@ -26,6 +26,7 @@ import math
 import sys
 from pathlib import Path
 from typing import Any, Sequence
+from urllib.parse import quote
 
 import numpy as np
 from PIL import Image
@@ -206,6 +207,11 @@ def _e(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
 
+def _url(path: str | Path) -> str:
+    """A relative file path as an attribute value: percent-encoded (ids may hold '#', '%', '?'), then escaped."""
+    return _e(quote(Path(path).as_posix()))
+
+
 def _md_table_html(md: str) -> str:
     """A markdown table (as :mod:`vlmdiff.metrics` writes them) as an HTML table; '### ' lines become captions."""
     out, rows = [], []
@@ -308,13 +314,13 @@ def build_report(run: str | Path, protocol: str | None = None, gallery_size: int
             mean_row = {k: None for k in METRICS}  # the curves are official; legacy values would mislabel them
         fig = plots.save_figure(plots.mean_figure(curves, mean_row, scores, labels, overall),
                                 assets / "curves" / "mean.png")
-        body.append(f"<h3>mean</h3><img class='curves' src='{_e(fig.relative_to(run).as_posix())}' "
+        body.append(f"<h3>mean</h3><img class='curves' src='{_url(fig.relative_to(run))}' "
                     "alt='curves, mean over classes'>")
         for cls, c in curves.items():
             sel = np.array([r["class"] == cls for r in rows])
             path = assets / "curves" / visual_path(cls, cls).name
             plots.save_figure(plots.class_figure(cls, c, scores[sel], labels[sel]), path)
-            body.append(f"<h3>{_e(cls)}</h3><img class='curves' src='{_e(path.relative_to(run).as_posix())}' "
+            body.append(f"<h3>{_e(cls)}</h3><img class='curves' src='{_url(path.relative_to(run))}' "
                         f"alt='curves of {_e(cls)}'>")
 
     body.append(_thresholds_html(run))
@@ -339,7 +345,7 @@ def build_report(run: str | Path, protocol: str | None = None, gallery_size: int
                 pic = pictures.get(r["id"])
                 decision = f", {r['decision']}" if r.get("decision") else ""
                 cap = f"{_e(r['id'])}: score {float(r['image_score']):.4g}{_e(decision)}"
-                img = f"<a href='{_e(pic)}'><img src='{_e(pic)}' alt='{_e(r['id'])}'></a>" if pic else ""
+                img = f"<a href='{_url(pic)}'><img src='{_url(pic)}' alt='{_e(r['id'])}'></a>" if pic else ""
                 body.append(f"<figure>{img}<figcaption>{cap}</figcaption></figure>")
             body.append("</div>")
 
@@ -366,7 +372,7 @@ def comparison_table(runs: Sequence[Path], protocol: str | None) -> str:
 
 
 def _compare_page(path: Path, runs: Sequence[Path], table: str) -> None:
-    links = "".join(f"<li><a href='{_e(Path(_relpath(r / REPORT, path.parent)).as_posix())}'>{_e(r)}</a></li>"
+    links = "".join(f"<li><a href='{_url(_relpath(r / REPORT, path.parent))}'>{_e(r)}</a></li>"
                     for r in runs if (r / REPORT).is_file())
     write_text(path, "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>VLMDiff runs side by side"
                f"</title><style>{_CSS}</style></head><body><h1>Runs side by side (mean over classes, percent)</h1>"

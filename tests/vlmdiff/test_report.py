@@ -9,6 +9,7 @@ import os
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 import pytest
@@ -57,9 +58,9 @@ class _Page(HTMLParser):
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         if tag == "img":
-            self.srcs.append(a["src"])
+            self.srcs.append(unquote(a["src"]))
         elif tag == "a":
-            self.hrefs.append(a["href"])
+            self.hrefs.append(unquote(a["href"]))
         elif tag in ("h3", "h4", "figcaption"):
             self._in, self._text = tag, ""
 
@@ -197,7 +198,7 @@ def test_threshold_from_labels_unlabelled_images(tiny_run, tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
     for p in sorted((data / "brick" / "test").rglob("*.png"))[:4]:
-        (folder / f"{p.parent.name}_{p.name}").write_bytes(p.read_bytes())
+        (folder / f"{p.parent.name} #{p.name}").write_bytes(p.read_bytes())  # '#' and ' ' must survive the links
     out = tmp_path / "unlabelled"
     test_script.main(["--data_set", "folder", "--data_path", str(folder), "--resume_path", str(ckpt), "--output_dir",
                       str(out), *FAST, "--save_visuals", "--threshold_from", str(run)])
@@ -214,7 +215,7 @@ def test_threshold_from_labels_unlabelled_images(tiny_run, tmp_path):
             assert np.array_equal(mask > 0, amap >= t_pix)
             assert (out / r["visual_path"]).is_file()
     page = _page(out / "report.html")
-    assert all((out / s).is_file() for s in page.srcs) and page.srcs
+    assert all((out / s).is_file() for s in page.srcs + page.hrefs) and any("#" in s for s in page.srcs)
 
 
 def test_threshold_from_refuses_what_does_not_fit(tiny_run, tmp_path):
