@@ -117,6 +117,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
     if args.threshold_from and has_truth:
         raise UserError(f"--threshold_from is for unlabelled images (--data_set folder); {dataset_name} has ground "
                         "truth, so its run records thresholds itself")
+    if args.gallery_size < 1:
+        raise UserError(f"--gallery_size {args.gallery_size}: must be at least 1")
     sharded = args.start_ind != 0 or args.end_ind != -1
     ranks = distributed.detect_ranks()
     records = _index(args, dataset_name)
@@ -198,6 +200,10 @@ def _score(args: argparse.Namespace, dataset_name: str, output_dir: Path, ranks:
                             extractor=extractor_name, extractor_weights=args.feature_weights,
                             extractor_input_size=args.feature_input_size, data=data,
                             map_dtype=args.map_dtype, sigma=args.sigma, precision=args.precision)
+    if args.threshold_from:  # refuse thresholds of another model or settings before scoring, not after
+        from vlmdiff.thresholds import load_thresholds
+
+        load_thresholds(args.threshold_from, args.image_pooling, manifest)
     if ranks.is_main:
         check_manifest(output_dir, manifest)
     distributed.barrier()

@@ -228,6 +228,14 @@ def test_threshold_from_refuses_what_does_not_fit(tiny_run, tmp_path):
         load_thresholds(run, "paper", {**manifest, "reconstruction": {**manifest["reconstruction"], "ddim_steps": 9}})
     with pytest.raises(UserError, match="thresholds.json"):
         load_thresholds(tmp_path, "paper", manifest)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(next((data / "brick" / "test").rglob("*.png")).read_bytes())
+    out = tmp_path / "other_settings"
+    with pytest.raises(UserError, match="reconstruction"):  # refused before any image is scored
+        test_script.main(["--data_set", "folder", "--data_path", str(folder), "--resume_path", str(ckpt),
+                          "--output_dir", str(out), *FAST, "--ddim_steps", "3", "--threshold_from", str(run)])
+    assert not (out / "maps").exists()
     with pytest.raises(UserError, match="--threshold_from"):
         test_script.main(["--data_set", "mvtec", "--data_path", str(data), "--resume_path", str(ckpt),
                           "--output_dir", str(run), *FAST, "--threshold_from", str(run)])
