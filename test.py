@@ -16,6 +16,10 @@ one, or a weights-only export (python -m vlmdiff.export CKPT OUT.safetensors).
   python test.py ... --run_eval_only                   # merge the shards' maps and compute the metrics
   torchrun --nproc_per_node 4 test.py ...              # the same over 4 GPUs
   python test.py --data_set folder --data_path my_images --resume_path ...   # no ground truth: scores only
+  python test.py --data_set folder ... --threshold_from results/vlmdiff_mvtec  # ... labelled normal/anomalous
+
+Each evaluation ends with report.html in the output folder (curves, galleries, the paper's row);
+python -m vlmdiff.report RUN rebuilds it.
 """
 
 from __future__ import annotations
@@ -100,9 +104,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--exp_name", default=None, help="run name (default: vlmdiff_{data_set})")
     e.add_argument("--output_dir", default=None, help="default: results/{exp_name}")
     e.add_argument("--save_visuals", action="store_true",
-                   help="input | autoencoder | sample | heatmap | mask PNGs in {output_dir}/visuals/, and upstream's "
-                        "{name}-input/-reconstruction/-samples/-features.jpg and -heatmap.png in "
+                   help="a titled strip per image in {output_dir}/visuals/: input | autoencoder | reconstruction | "
+                        "anomaly map | overlay | ground truth, 256 px per panel, one colour scale per class; and "
+                        "upstream's {name}-input/-reconstruction/-samples/-features.jpg and -heatmap.png in "
                         "{output_dir}/log_image_{exp_name}/")
+    e.add_argument("--threshold_from", default=None, metavar="RUN",
+                   help="with --data_set folder: label each image normal/anomalous with the F1-max thresholds "
+                        "recorded by the labelled test run RUN (its thresholds.json); also writes a mask PNG per image "
+                        "(default: none, scores only)")
+    e.add_argument("--no_report", action="store_true", help="do not build report.html at the end")
+    e.add_argument("--gallery_size", type=int, default=8,
+                   help="images per gallery of the report (false alarms, misses, best detections)")
     e.add_argument("--start_ind", type=int, default=0, help="first test image (sorted by id) of this shard")
     e.add_argument("--end_ind", type=int, default=-1, help="end (exclusive) of this shard; -1 or any end past the last image: the end")
     e.add_argument("--run_eval_only", action="store_true", help="only merge stored maps and compute the metrics")
@@ -154,7 +166,18 @@ def _check_args(args: argparse.Namespace) -> None:
     if canonical_dataset(args.data_set) == "coco" and args.coco_part < 0:
         raise UserError("--data_set coco needs --coco_part 0..3")
     check_numbers(args, {"batch_size": ">= 1", "num_workers": ">= 0", "ddim_steps": ">= 1", "sigma": ">= 0",
-                         "mask_threshold": "[0, 1)", "feature_input_size": ">= 1"})
+                         "mask_threshold": "[0, 1)", "feature_input_size": ">= 1", "gallery_size": ">= 1"})
+    dataset_name = canonical_dataset(args.data_set)
+    if args.threshold_from and dataset_name != "folder":
+        raise UserError(f"--threshold_from is for unlabelled images (--data_set folder); {dataset_name} has ground "
+                        "truth, so its run records thresholds itself")
+    if args.threshold_from:
+        from vlmdiff.thresholds import THRESHOLDS
+
+        given = Path(args.threshold_from)
+        if not (given / THRESHOLDS if given.is_dir() else given).is_file():
+            raise UserError(f"--threshold_from {given}: no {THRESHOLDS} there; evaluate a labelled test run first "
+                            "(test.py on mvtec/visa/... writes it)")
     if not args.run_eval_only:
         _device(args.device, 0)
 
@@ -165,7 +188,9 @@ def _output_dir(args: argparse.Namespace) -> Path:
 
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
     """Score (unless --run_eval_only) and evaluate, in the output folder main() holds."""
-    from vlmdiff.testing import check_coverage, check_data, evaluate_run, write_scores
+    from vlmdiff.report import build_report
+    from vlmdiff.testing import check_coverage, check_data, evaluate_run, label_run
+    from vlmdiff.thresholds import load_thresholds
 
     dataset_name = canonical_dataset(args.data_set)
     exp_name = args.exp_name or f"vlmdiff_{dataset_name}"
@@ -191,14 +216,17 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     else:
         check_data(output_dir, records)
     check_coverage(MapStore(output_dir / "maps"), [r.id for r in records], output_dir)
-    visuals = (output_dir / "visuals").is_dir()
+    visuals = (output_dir / "panels").is_dir()
+    image_paths = {r.id: str(r.image_path) for r in records}
+    made_by = read_json(output_dir / "manifest.json")  # the scoring run's settings (also for --run_eval_only)
     if not has_truth:
-        path = write_scores(output_dir, args.image_pooling)
+        thresholds = load_thresholds(args.threshold_from, args.image_pooling, made_by) if args.threshold_from else None
+        path = label_run(output_dir, args.image_pooling, image_paths, visuals, thresholds)
+        report = None if args.no_report else build_report(output_dir, gallery_size=args.gallery_size)
         print(f"image scores: {path}\nmaps: {output_dir / 'maps'}"
-              + (f"\nvisuals: {output_dir / 'visuals'}" if visuals else ""))
+              + (f"\nvisuals: {output_dir / 'visuals'}" if visuals else "") + (f"\nreport: {report}" if report else ""))
         distributed.finish()
         return None
-    made_by = read_json(output_dir / "manifest.json")  # the scoring run's settings (also for --run_eval_only)
     seed = made_by.get("reconstruction", {}).get("seed", args.seed)
     if args.mask_threshold > 0 and made_by.get("data", {}).get("mask_order") == "resize_first":
         log.warning("--mask_threshold %g changes nothing: the stored masks are 0/255 (--mask_order resize_first)",
@@ -206,10 +234,12 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     extra = {"provenance": provenance(seed=seed, config=made_by.get("config"), checkpoint=made_by.get("checkpoint"),
                                       data_set=dataset_name, data_path=str(args.data_path))}
     result = evaluate_run(output_dir, args.metrics_protocol, args.image_pooling, args.mask_threshold, visuals,
-                          dataset_name, extra)
+                          dataset_name, extra, image_paths)
+    report = None if args.no_report else build_report(
+        output_dir, "both" if args.metrics_protocol == "both" else None, gallery_size=args.gallery_size)
     print((output_dir / "metrics.md").read_text())
     print(f"metrics: {output_dir / 'metrics.json'} (also metrics.csv, metrics.md)\nmaps: {output_dir / 'maps'}"
-          + (f"\nvisuals: {output_dir / 'visuals'}" if visuals else ""))
+          + (f"\nvisuals: {output_dir / 'visuals'}" if visuals else "") + (f"\nreport: {report}" if report else ""))
     distributed.finish()
     return result
 
@@ -253,6 +283,10 @@ def _score(args: argparse.Namespace, dataset_name: str, exp_name: str, output_di
                             extractor=extractor_name, extractor_weights=args.feature_weights,
                             extractor_input_size=args.feature_input_size, data=data,
                             map_dtype=args.map_dtype, sigma=args.sigma, precision=args.precision)
+    if args.threshold_from:  # refuse thresholds of another model or settings before scoring, not after
+        from vlmdiff.thresholds import load_thresholds
+
+        load_thresholds(args.threshold_from, args.image_pooling, manifest)
     if ranks.is_main:
         check_manifest(output_dir, manifest)
     distributed.barrier()
@@ -262,7 +296,7 @@ def _score(args: argparse.Namespace, dataset_name: str, exp_name: str, output_di
                             ranks.rank, ranks.world)
     autocast = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}[args.precision]
     store = MapStore(output_dir / "maps", dtype=args.map_dtype)
-    visuals = output_dir / "visuals" if args.save_visuals else None
+    visuals = output_dir / "panels" if args.save_visuals else None
     upstream_visuals = output_dir / f"log_image_{exp_name}" if args.save_visuals else None
     n = score_images(model, extractor, dataset, indices, store, settings, batch_size=args.batch_size,
                      num_workers=data_workers(args.num_workers, 4), device=device, sigma=args.sigma, visuals=visuals,

@@ -282,7 +282,9 @@ def _report(results: Path, times: dict[str, float]) -> dict[str, Any]:
     if times:
         print("\nstage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
               + f"; total {sum(times.values()):.0f} s")
-    print(f"\nheatmaps (input | autoencoder | reconstruction | anomaly map | ground truth): {results / 'visuals'}")
+    print("\nheatmaps (input | autoencoder | reconstruction | anomaly map | overlay | ground truth): "
+          f"{results / 'visuals'}")
+    print(f"report: {results / 'report.html'}")
     print(f"metrics: {results / 'metrics.json'} and {results / 'metrics.md'}")
     return metrics
 

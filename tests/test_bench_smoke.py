@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from bench import bench_checkpoint_size, bench_eval, bench_inference, bench_training
+from bench import bench_checkpoint_size, bench_eval, bench_inference, bench_report, bench_training
 
 
 def test_inference_benchmark_tiny(tmp_path):
@@ -36,6 +36,14 @@ def test_eval_benchmark_tiny(tmp_path):
     a = out["aupro_timing"]
     assert abs(a["aupro_legacy_upstream_loop"] - a["aupro_legacy"]) < 1e-9  # the two legacy loops agree
     assert [r["maps"] for r in out["memory_curve"]] == [20, 40]
+
+
+def test_report_benchmark_tiny(tmp_path):
+    out = bench_report.main(["--n_images", "4", "--class_size", "2", "--gallery_size", "1", "--output",
+                             str(tmp_path / "report.json"), "--tmp", str(tmp_path)])
+    assert out["report_s"] > 0 and out["evaluate_peak_rss_mib"] > 0 and out["report_peak_rss_mib"] > 0
+    assert out["pictures"] == 3 + 2 * 2  # mean + 2 class figures; per class 1 false alarm + 1 miss/detection
+    assert json.loads((tmp_path / "report.json").read_text())["n_images"] == 4
 
 
 def test_memory_meter_sees_an_allocation():

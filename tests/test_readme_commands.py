@@ -18,7 +18,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {"captioner.py", "finetune_autoencoder.py", "build_model.py", "train.py", "test.py",
            "utils/prepare_coco_ad.py", "bench/bench_inference.py", "bench/bench_training.py", "bench/bench_eval.py",
-           "bench/bench_memory.py", "bench/bench_checkpoint_size.py"}
+           "bench/bench_memory.py", "bench/bench_checkpoint_size.py", "bench/bench_report.py"}
 MODULES = {"-m vlmdiff.report": "vlmdiff.report", "-m vlmdiff.metrics": "vlmdiff.metrics",
            "-m vlmdiff.export": "vlmdiff.export"}
 

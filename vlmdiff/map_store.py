@@ -204,3 +204,16 @@ class MapStore:
                 del chunk
             logger.debug("loaded class %s: %d images from %d chunks", cls, len(all_ids), len(files))
             yield cls, out
+
+    def read_images(self, class_name: str, ids: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
+        """``{id: {"map", "mask"}}`` for the images ``ids`` of one class, reading only the chunks that hold them."""
+        wanted = set(ids)
+        d = self._class_dirs().get(class_name)
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for path in sorted(d.glob("*.npz")) if d is not None else []:
+            chunk_ids = _load(path, ["ids"])["ids"].tolist()
+            rows = [i for i, image_id in enumerate(chunk_ids) if image_id in wanted]
+            if rows:
+                chunk = _load(path, ["maps", "masks"])
+                out.update({chunk_ids[i]: {"map": chunk["maps"][i], "mask": chunk["masks"][i]} for i in rows})
+        return out

@@ -18,7 +18,7 @@ import math
 import sys
 import zipfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -137,7 +137,7 @@ def _split_scores(maps: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndar
 
 
 def _curve_metrics(neg_sorted: np.ndarray, pos: np.ndarray, weights: np.ndarray | None,
-                   fpr_limit: float | None) -> dict[str, float]:
+                   fpr_limit: float | None, keep_curves: bool = False) -> dict[str, Any]:
     """AUROC, AP, F1-max and (with ``weights``) AU-PRO from sorted negatives and the positives.
 
     Every distinct score is a threshold and a pixel is positive if score >= threshold (as in
@@ -151,11 +151,13 @@ def _curve_metrics(neg_sorted: np.ndarray, pos: np.ndarray, weights: np.ndarray 
     cumulative sum is the PRO. AP = sum (R_n - R_{n-1}) P_n (scikit-learn's definition),
     F1 = 2 TP / (TP + FP + P). Needs a positive; without negatives every metric is NaN (undefined:
     AP and F1-max would be a trivial 1.0 that says nothing about the scores).
+
+    With ``keep_curves`` the result also holds ``"curves"``: the exact curve points (``tp``, ``fp``
+    interleaved as above, ``pro`` with its (1, 1) end point, the counts ``tp_at``/``fp_at`` at each
+    distinct positive score ``thresholds``, descending, and ``n_pos``/``n_neg``) and
+    ``"f1max_threshold"``: the score at which F1 is largest (positive = score >= it).
     """
     n_pos, n_neg = len(pos), len(neg_sorted)
-    if n_neg == 0:
-        return {"auroc": math.nan, "ap": math.nan, "f1max": math.nan,
-                **({"aupro": math.nan} if weights is not None and fpr_limit is not None else {})}
     order = np.argsort(pos)[::-1]
     ps = pos[order]  # descending
     last = np.flatnonzero(np.append(ps[:-1] != ps[1:], True))  # last index of each tie group
@@ -166,17 +168,29 @@ def _curve_metrics(neg_sorted: np.ndarray, pos: np.ndarray, weights: np.ndarray 
     fp_above = n_neg - np.searchsorted(neg_sorted, v, side="right")  # negatives > v
     tp = np.concatenate(([0], np.stack([tp_above, tp_at], 1).ravel(), [n_pos]))
     fp = np.concatenate(([0], np.stack([fp_above, fp_at], 1).ravel(), [n_neg]))
-    out = {
-        "auroc": int(np.sum((tp[1:] + tp[:-1]) * np.diff(fp))) / (2.0 * n_pos * n_neg),
-        "ap": float(np.sum((tp_at - tp_above) * (tp_at / (tp_at + fp_at)))) / n_pos,
-        "f1max": float(np.max(2.0 * tp_at / (tp_at + fp_at + n_pos))),
-    }
-    if weights is not None and fpr_limit is not None:
+    if n_neg == 0:  # undefined: AP and F1-max would be a trivial 1.0
+        out = {"auroc": math.nan, "ap": math.nan, "f1max": math.nan}
+    else:
+        out = {
+            "auroc": int(np.sum((tp[1:] + tp[:-1]) * np.diff(fp))) / (2.0 * n_pos * n_neg),
+            "ap": float(np.sum((tp_at - tp_above) * (tp_at / (tp_at + fp_at)))) / n_pos,
+            "f1max": float(np.max(2.0 * tp_at / (tp_at + fp_at + n_pos))),
+        }
+    pro = None
+    if weights is not None and fpr_limit is not None and n_neg == 0:
+        out["aupro"] = math.nan
+    elif weights is not None and fpr_limit is not None:
         w_at = np.cumsum(weights[order])[last]
         w_above = np.concatenate(([0.0], w_at[:-1]))
         pro = np.concatenate(([0.0], np.stack([w_above, w_at], 1).ravel(), [w_at[-1], 1.0]))
         fpr = np.concatenate((fp / n_neg, [1.0]))  # MVTec's (1, 1) end point
         out["aupro"] = float(_trapezoid(fpr, pro, fpr_limit) / fpr_limit)
+    if keep_curves:
+        f1 = 2.0 * tp_at / (tp_at + fp_at + n_pos)
+        out["f1max_threshold"] = float(v[int(np.argmax(f1))])
+        out["curves"] = {"tp": tp, "fp": fp, "tp_at": tp_at, "fp_at": fp_at, "thresholds": v,
+                         "n_pos": n_pos, "n_neg": n_neg,
+                         "pro": pro}
     return out
 
 
@@ -199,19 +213,21 @@ def _trapezoid(x: np.ndarray, y: np.ndarray, limit: float) -> float:
 
 
 # --------------------------------------------------------------------------- metric functions
-def ranking_metrics(scores: Any, labels: Any) -> dict[str, float]:
+def ranking_metrics(scores: Any, labels: Any, keep_curves: bool = False) -> dict[str, Any]:
     """AUROC, AP and F1-max of 1-D ``scores`` against binary ``labels`` (equal to scikit-learn).
 
     All three are NaN (undefined) unless both labels occur.
+    ``keep_curves``: also the curve points and the F1-max threshold (see :func:`_curve_metrics`).
     """
     s = np.asarray(_to_numpy(scores), dtype=np.float64).ravel()
     y = np.asarray(_to_numpy(labels)).ravel().astype(bool)
     if not y.any():
         return {"auroc": math.nan, "ap": math.nan, "f1max": math.nan}
-    return _curve_metrics(np.sort(s[~y]), s[y], None, None)
+    return _curve_metrics(np.sort(s[~y]), s[y], None, None, keep_curves)
 
 
-def pixel_metrics(maps: Any, gt: np.ndarray, fpr_limit: float = FPR_LIMIT) -> dict[str, float]:
+def pixel_metrics(maps: Any, gt: np.ndarray, fpr_limit: float = FPR_LIMIT, keep_curves: bool = False
+                  ) -> dict[str, Any]:
     """Pixel AUROC, AP, F1-max and the exact AU-PRO of one class, with one sort of its pixels.
 
     Args:
@@ -224,7 +240,8 @@ def pixel_metrics(maps: Any, gt: np.ndarray, fpr_limit: float = FPR_LIMIT) -> di
     GT-negative pixel of the class, (0, 0) and (1, 1) end points, trapezoid up to ``fpr_limit``
     (PRO interpolated there), divided by ``fpr_limit``. Only the GT-negative scores are sorted
     (a float32 copy, 4 bytes per pixel; float64 maps: 8); the GT pixels are argsorted. NaN
-    (all four) where undefined: no GT-positive or no GT-negative pixel.
+    (all four) where undefined: no GT-positive or no GT-negative pixel. ``keep_curves``: also the curve
+    points and the F1-max threshold (see :func:`_curve_metrics`).
     """
     m = _check_maps(maps, "pixel_metrics")
     if gt.shape != m.shape:
@@ -237,7 +254,7 @@ def pixel_metrics(maps: Any, gt: np.ndarray, fpr_limit: float = FPR_LIMIT) -> di
     ids, areas = _gt_regions(gt)
     weights = 1.0 / (len(areas) * areas.astype(np.float64))[ids]
     neg.sort()
-    return _curve_metrics(neg, pos, weights, fpr_limit)
+    return _curve_metrics(neg, pos, weights, fpr_limit, keep_curves)
 
 
 def aupro(maps: Any, gt: np.ndarray, fpr_limit: float = FPR_LIMIT) -> float:
@@ -309,6 +326,16 @@ def evaluate_class(name: str, maps: Any, masks: Any, protocol: str = "official",
     Metrics that are undefined for this class (no anomalous image / pixel, no normal image /
     pixel) are NaN and logged as a warning.
     """
+    return _evaluate_class(name, maps, masks, protocol, image_pooling, mask_threshold)
+
+
+def _evaluate_class(name: str, maps: Any, masks: Any, protocol: str, image_pooling: str, mask_threshold: float,
+                    on_curves: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, dict[str, float]]:
+    """:func:`evaluate_class`; ``on_curves(name, curves)`` also receives the class's curves from the same
+    sorts, ``{"image": ranking_metrics(..., keep_curves=True), "pixel": pixel_metrics(..., keep_curves=True),
+    "image_scores": (N,), "labels": (N,) bool}``, before the legacy AU-PRO (so they are freed by then).
+    """
+    keep_curves = on_curves is not None
     protocols = _protocols(protocol)
     m = _check_maps(maps, f"class {name!r}")
     if len(m) == 0:
@@ -317,8 +344,9 @@ def evaluate_class(name: str, maps: Any, masks: Any, protocol: str = "official",
     if gt.shape != m.shape:
         raise UserError(f"class {name!r}: maps {m.shape} and masks {gt.shape} differ in shape")
     labels = gt.reshape(len(gt), -1).any(axis=1)
-    img = ranking_metrics(_image_scores(m, image_pooling), labels)
-    pix = pixel_metrics(m, gt)
+    scores = _image_scores(m, image_pooling)
+    img = ranking_metrics(scores, labels, keep_curves)
+    pix = pixel_metrics(m, gt, keep_curves=keep_curves)
     official = {"auroc_image": img["auroc"], "ap_image": img["ap"], "f1max_image": img["f1max"],
                 "auroc_pixel": pix["auroc"], "ap_pixel": pix["ap"], "f1max_pixel": pix["f1max"],
                 "aupro": pix["aupro"]}
@@ -326,6 +354,10 @@ def evaluate_class(name: str, maps: Any, masks: Any, protocol: str = "official",
     if undefined:
         logger.warning("class %r: %s undefined (NaN): %d of %d images anomalous, %d of %d pixels anomalous",
                        name, ", ".join(undefined), int(labels.sum()), len(labels), int(gt.sum()), gt.size)
+    if on_curves is not None:
+        on_curves(name, {"image": img, "pixel": pix, "image_scores": scores, "labels": labels})
+        img.pop("curves", None)
+        pix.pop("curves", None)
     out: dict[str, dict[str, float]] = {}
     if "official" in protocols:
         out["official"] = official
@@ -349,7 +381,8 @@ def _mean_rows(per_class: dict[str, dict[str, float]]) -> tuple[dict[str, float]
 
 
 def evaluate_stream(items: Iterable[tuple[str, Any, Any]], protocol: str = "official", image_pooling: str = "paper",
-                    mask_threshold: float = 0.0) -> dict[str, Any]:
+                    mask_threshold: float = 0.0,
+                    on_curves: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Evaluate class by class from ``(class_name, maps (N,H,W), masks (N,H,W))`` items.
 
     Only one class is held at a time, so peak memory is set by the largest class (about 13 bytes
@@ -358,6 +391,8 @@ def evaluate_stream(items: Iterable[tuple[str, Any, Any]], protocol: str = "offi
     with fractions as Python floats: NaN where a metric is undefined for a class (no normal or no
     anomalous image / pixel); mean = arithmetic mean over the ``n`` classes where a metric is defined; for
     ``protocol="both"`` ``{"official": <that>, "legacy": <that>}``. Each class may appear once.
+    ``on_curves(class_name, curves)`` is called per class with the curve points the metrics were
+    computed from (see :func:`_evaluate_class`), so plots need no second pass over the pixels.
     """
     protocols = _protocols(protocol)
     rows: dict[str, dict[str, dict[str, float]]] = {p: {} for p in protocols}
@@ -365,7 +400,7 @@ def evaluate_stream(items: Iterable[tuple[str, Any, Any]], protocol: str = "offi
         name = str(name)
         if name in rows[protocols[0]]:
             raise UserError(f"class {name!r} appears twice in the evaluation stream; pass each class once")
-        for p, row in evaluate_class(name, maps, masks, protocol, image_pooling, mask_threshold).items():
+        for p, row in _evaluate_class(name, maps, masks, protocol, image_pooling, mask_threshold, on_curves).items():
             rows[p][name] = {k: float(v) for k, v in row.items()}
         logger.info("evaluated class %s (%d images)", name, len(maps))
     if not rows[protocols[0]]:
@@ -448,16 +483,51 @@ def format_table(result: dict[str, Any], title: str | None = None) -> str:
 
 def compare_to_paper(mean_row: dict[str, float], dataset: str) -> str:
     """Markdown table of our mean row, the paper's and the difference, in points."""
+    return paper_comparison({None: mean_row}, dataset)
+
+
+def paper_means(by_protocol: dict[str, Any], which: str | None = None) -> dict[str, dict[str, float]]:
+    """The mean rows to set beside the paper's: ``{protocol: mean row}``.
+
+    ``which`` None: the paper's protocol (legacy) where the result has it, else the official row (then
+    labelled as such); "legacy"/"official": that one; "both": every protocol the result has, legacy first.
+    """
+    have = [p for p in ("legacy", "official") if p in by_protocol]
+    if not have:
+        raise UserError(f"no metrics of a known protocol (found: {', '.join(by_protocol) or 'none'})")
+    if which == "both":
+        chosen = have
+    elif which is None:
+        chosen = have[:1]
+    elif which in have:
+        chosen = [which]
+    else:
+        raise UserError(f"no '{which}' metrics in this run; evaluate it with --metrics_protocol {which} or both")
+    return {p: by_protocol[p]["mean"] for p in chosen}
+
+
+def paper_comparison(means: dict[str | None, dict[str, float]], dataset: str) -> str:
+    """Markdown table: our mean row per protocol, the paper's row (legacy protocol) and the differences.
+
+    ``means``: ``{protocol: mean row}`` (a ``None`` key is an unlabelled row "ours"). Every row says
+    its protocol; the paper's numbers come from the DiAD/VLMDiff metric code (the legacy protocol), so
+    only a legacy row is a like-for-like comparison.
+    """
     key = _DATASET_ALIASES.get(dataset, dataset)
     if key not in PAPER_RESULTS:
         raise UserError(f"no published results for dataset {dataset!r}; known: {', '.join(PAPER_RESULTS)}")
     paper = PAPER_RESULTS[key]
-    diff = {k: mean_row[k] - paper[k] for k in METRICS}
+    labelled = [p is not None for p in means]
     lines = ["| | " + " | ".join(_HEADERS) + " |", "|---|" + "---:|" * len(_HEADERS)]
-    for label, row in (("ours", mean_row), (f"paper ({key})", paper)):
-        lines.append(f"| {label} | " + " | ".join(_pct(row[k]) for k in METRICS) + " |")
-    lines.append("| difference | " + " | ".join(
-        "n/a" if math.isnan(diff[k]) else f"{100.0 * diff[k]:+.1f}" for k in METRICS) + " |")
+    for protocol, row in means.items():
+        lines.append(f"| ours{f' ({protocol} protocol)' if protocol else ''} | "
+                     + " | ".join(_pct(row[k]) for k in METRICS) + " |")
+    lines.append(f"| paper ({key}{', legacy protocol' if any(labelled) else ''}) | "
+                 + " | ".join(_pct(paper[k]) for k in METRICS) + " |")
+    for protocol, row in means.items():
+        diff = {k: row[k] - paper[k] for k in METRICS}
+        lines.append(f"| difference{f' ({protocol})' if protocol else ''} | " + " | ".join(
+            "n/a" if math.isnan(diff[k]) else f"{100.0 * diff[k]:+.1f}" for k in METRICS) + " |")
     return "\n".join(lines)
 
 

@@ -4,9 +4,13 @@ Output folder::
 
     manifest.json            what the maps depend on (checkpoint, config, settings, data, extractor)
     maps/{class}/{chunk}.npz per-image anomaly maps, masks, labels, image scores (vlmdiff.map_store)
-    visuals/{class}/*.png    with --save_visuals
+    panels/{class}/*.png     with --save_visuals: input | autoencoder | sample, written while scoring
+    visuals/{class}/*.png    with --save_visuals: the finished, titled strips (vlmdiff.visuals)
     log_image_{exp_name}/    with --save_visuals: upstream's per-image files (vlmdiff.visuals.write_upstream_visuals)
-    metrics.json / .csv / .md, scores.csv
+    metrics.json / .csv / .md, curves.json, thresholds.json   (labelled data)
+    scores.csv               one row per image: label, score, paths (and decision with --threshold_from)
+    masks/{class}/*.png      with --threshold_from: map >= the pixel threshold
+    report.html, report/     the report page (vlmdiff.report)
 
 A run refuses an output folder whose manifest differs from its own (stale maps from another run or
 config), resumes by skipping images that already have a map, and names each chunk by the global
@@ -39,12 +43,15 @@ from vlmdiff import metrics as M
 from vlmdiff.map_store import MapStore
 from vlmdiff.reconstruction import ReconstructionSettings, reconstruct
 from vlmdiff.scoring import anomaly_map, image_score
-from vlmdiff.visuals import finish_class, write_strips, write_upstream_visuals
+from vlmdiff import plots as P
+from vlmdiff.thresholds import class_thresholds, decide, thresholds_record, write_thresholds
+from vlmdiff.visuals import class_range, finish_class, save_png, visual_path, write_strips, write_upstream_visuals
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 LOCATION_KEYS = frozenset({"path", "data_path"})  # where the files were: recorded, never compared
+CURVES = "curves.json"
 
 
 def file_fingerprint(path: str | os.PathLike | None) -> dict[str, Any] | None:
@@ -221,19 +228,70 @@ def check_coverage(store: MapStore, expected_ids: Iterable[str], output_dir: Pat
                         "the folder holds another run's maps")
 
 
+SCORES_COLUMNS = ("id", "class", "label", "image_score", "map_max", "image_path", "visual_path", "decision",
+                  "threshold", "mask_path")
+
+
+def _score_rows(output_dir: Path, cls: str, ids: np.ndarray, labels: np.ndarray | None, scores: np.ndarray,
+                maps: np.ndarray, image_paths: dict[str, str] | None, decided: np.ndarray | None = None,
+                threshold: float | None = None, masks_written: bool = False) -> list[list[str]]:
+    """Rows of scores.csv for one class (``labels`` None: unknown; ``decided``: True = anomalous)."""
+    rows = []
+    for i, image_id in enumerate(ids.tolist()):
+        visual = "visuals" / visual_path(cls, image_id)
+        mask = "masks" / visual_path(cls, image_id)
+        rows.append([image_id, cls, "" if labels is None else str(int(labels[i])), f"{scores[i]:.6f}",
+                     f"{float(maps[i].max()):.6f}", (image_paths or {}).get(image_id, ""),
+                     visual.as_posix() if (output_dir / visual).is_file() else "",
+                     "" if decided is None else ("anomalous" if decided[i] else "normal"),
+                     "" if threshold is None else f"{threshold:.6f}",
+                     mask.as_posix() if masks_written else ""])
+    return rows
+
+
+def write_scores(output_dir: Path, rows: list[list[str]]) -> Path:
+    """scores.csv: one row per image (:data:`SCORES_COLUMNS`; empty where unknown), sorted by class and id."""
+    path = output_dir / "scores.csv"
+    with atomic_open(path, "w") as f:
+        w = csv.writer(f)
+        w.writerow(SCORES_COLUMNS)
+        w.writerows(rows)
+    return path
+
+
 def evaluate_run(output_dir: Path, protocol: str, pooling: str, mask_threshold: float = 0.0,
-                 visuals: bool = False, dataset_name: str | None = None, extra: dict[str, Any] | None = None
-                 ) -> dict[str, Any]:
-    """Metrics from the stored maps, class by class; writes metrics.json, metrics.csv, metrics.md."""
+                 visuals: bool = False, dataset_name: str | None = None, extra: dict[str, Any] | None = None,
+                 image_paths: dict[str, str] | None = None) -> dict[str, Any]:
+    """Metrics from the stored maps, class by class, and everything the report shows, in the same pass.
+
+    Writes metrics.json / .csv / .md, curves.json (the curve points, :mod:`vlmdiff.plots`),
+    thresholds.json (F1-max thresholds, :mod:`vlmdiff.thresholds`), scores.csv and, with ``visuals``,
+    the finished strips. ``image_paths``: {image id: image file} for scores.csv.
+    """
     store = MapStore(output_dir / "maps")
+    manifest = read_json(output_dir / MANIFEST)
+    current: dict[str, Any] = {}
+    curves: dict[str, dict[str, Any]] = {}
+    rows: list[list[str]] = []
+    pooled: list[tuple[np.ndarray, np.ndarray]] = []
 
     def classes():
         for cls, arrays in store.iter_classes():
-            if visuals:
-                finish_class(output_dir / "visuals", cls, arrays["ids"], arrays["maps"], arrays["masks"])
+            current["arrays"] = arrays
             yield cls, arrays["maps"], arrays["masks"]
 
-    result = M.evaluate_stream(classes(), protocol=protocol, image_pooling=pooling, mask_threshold=mask_threshold)
+    def on_curves(cls: str, c: dict[str, Any]) -> None:
+        arrays = current.pop("arrays")
+        display = class_range(arrays["maps"])
+        curves[cls] = P.class_curves(c, display)
+        scores, labels = c["image_scores"], c["labels"]
+        if visuals:
+            finish_class(output_dir / "panels", output_dir / "visuals", cls, arrays, display, scores)
+        rows.extend(_score_rows(output_dir, cls, arrays["ids"], labels, scores, arrays["maps"], image_paths))
+        pooled.append((scores, labels))
+
+    result = M.evaluate_stream(classes(), protocol=protocol, image_pooling=pooling, mask_threshold=mask_threshold,
+                               on_curves=on_curves)
     by_protocol = result if protocol == "both" else {protocol: result}
     write_json(output_dir / "metrics.json", {
         "metrics": M._nan_to_none(by_protocol),
@@ -243,10 +301,47 @@ def evaluate_run(output_dir: Path, protocol: str, pooling: str, mask_threshold: 
     write_text(output_dir / "metrics.csv", metrics_csv(by_protocol))
     md = [M.format_table(sub, f"{protocol_name} protocol") for protocol_name, sub in by_protocol.items()]
     if dataset_name and dataset_name in M.PAPER_RESULTS:
-        first = next(iter(by_protocol.values()))
-        md.append(f"### mean vs the paper ({dataset_name})\n\n" + M.compare_to_paper(first["mean"], dataset_name))
+        md.append(f"### mean vs the paper ({dataset_name})\n\n"
+                  + M.paper_comparison(M.paper_means(by_protocol, "both" if protocol == "both" else None),
+                                                      dataset_name))
     write_text(output_dir / "metrics.md", "\n\n".join(md) + "\n")
+    write_json(output_dir / CURVES, M._nan_to_none({"fpr_limit": M.FPR_LIMIT, "resolution": P.RESOLUTION,
+                                                    "image_pooling": pooling, "classes": curves}), indent=None)
+    image_overall = P.f1max_threshold(np.concatenate([s for s, _ in pooled]), np.concatenate([y for _, y in pooled]))
+    write_thresholds(output_dir, thresholds_record(curves, image_overall, P.pooled_pixel_threshold(curves), pooling,
+                                                   manifest))
+    write_scores(output_dir, rows)
     return by_protocol
+
+
+def label_run(output_dir: Path, pooling: str, image_paths: dict[str, str] | None = None, visuals: bool = False,
+              threshold_record: dict[str, Any] | None = None) -> Path:
+    """Scores of a run without ground truth: scores.csv, finished strips and, with ``threshold_record``
+    (:func:`vlmdiff.thresholds.load_thresholds`), a normal/anomalous decision per image and a binary mask
+    PNG (map >= pixel threshold) per image under ``masks/{class}/``. Returns the scores.csv path.
+    """
+    store = MapStore(output_dir / "maps")
+    rows: list[list[str]] = []
+    for cls, arrays in store.iter_classes():
+        maps = arrays["maps"]
+        scores = np.concatenate([image_score(torch.from_numpy(maps[a:a + 64].astype(np.float32)), pooling).numpy()
+                                 for a in range(0, len(maps), 64)])
+        display = class_range(maps)
+        decided, image_t, decisions = None, None, None
+        if threshold_record is not None:
+            image_t, pixel_t = class_thresholds(threshold_record, cls)
+            decided = decide(scores, image_t)
+            decisions = {"image": dict(zip(arrays["ids"].tolist(), decided.tolist())), "image_threshold": image_t,
+                         "pixel_threshold": pixel_t}
+            if pixel_t is not None:
+                for image_id, amap in zip(arrays["ids"].tolist(), maps):
+                    save_png(output_dir / "masks" / visual_path(cls, image_id),
+                             ((amap >= pixel_t) * 255).astype(np.uint8))
+        if visuals:
+            finish_class(output_dir / "panels", output_dir / "visuals", cls, arrays, display, scores, decisions)
+        rows.extend(_score_rows(output_dir, cls, arrays["ids"], None, scores, maps, image_paths, decided, image_t,
+                                masks_written=decisions is not None and decisions["pixel_threshold"] is not None))
+    return write_scores(output_dir, rows)
 
 
 def metrics_csv(by_protocol: dict[str, Any]) -> str:
@@ -258,21 +353,6 @@ def metrics_csv(by_protocol: dict[str, Any]) -> str:
             w.writerow([protocol, cls, *("" if math.isnan(row[k]) else f"{row[k]:.6f}" for k in M.METRICS)])
         w.writerow([protocol, "classes in mean", *(res["mean_over"][k] for k in M.METRICS)])
     return buf.getvalue()
-
-
-def write_scores(output_dir: Path, pooling: str) -> Path:
-    """scores.csv: id, class, image score (recomputed from the maps with ``pooling``), max of the map."""
-    store = MapStore(output_dir / "maps")
-    path = output_dir / "scores.csv"
-    with atomic_open(path, "w") as f:
-        w = csv.writer(f)
-        w.writerow(["id", "class", "image_score", "map_max"])
-        for cls, arrays in store.iter_classes():
-            maps = torch.from_numpy(arrays["maps"].astype(np.float32))
-            scores = image_score(maps, pooling).numpy()
-            for image_id, s, mx in zip(arrays["ids"], scores, maps.amax(dim=(1, 2)).numpy()):
-                w.writerow([str(image_id), cls, f"{s:.6f}", f"{mx:.6f}"])
-    return path
 
 
 def manifest_for(*, checkpoint: str, config: dict, settings: ReconstructionSettings, extractor: str,

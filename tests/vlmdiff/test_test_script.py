@@ -70,7 +70,7 @@ def test_full_run_writes_everything(reference):
     assert saved["metrics"]["official"]["mean"] == pytest.approx(result["official"]["mean"], nan_ok=True)
     assert saved["provenance"]["git_commit"] is None or len(saved["provenance"]["git_commit"]) >= 40
     assert (out / "metrics.csv").read_text().count("\n") == 2 * 4 + 1  # 2 protocols x (2 classes, mean, count)
-    assert "paper (mvtec)" in (out / "metrics.md").read_text()
+    assert "paper (mvtec, legacy protocol)" in (out / "metrics.md").read_text()
     store = MapStore(out / "maps")
     assert len(store.scored_ids()) == 10
     classes = dict(store.iter_classes())
@@ -78,7 +78,8 @@ def test_full_run_writes_everything(reference):
     pngs = sorted((out / "visuals").rglob("*.png"))
     assert len(pngs) == 10
     from PIL import Image
-    assert Image.open(pngs[0]).size == (5 * 128, 128)  # input | autoencoder | sample | heatmap | mask
+    w, h = Image.open(pngs[0]).size
+    assert w > 6 * 256 and h > 256  # titled 256-px panels: input | autoencoder | reconstruction | map | overlay | mask
     upstream = sorted(p.name for p in (out / "log_image_vlmdiff_mvtec").iterdir())  # upstream's files, too
     assert len(upstream) == 10 * 5 and sum(n.endswith("-heatmap.png") for n in upstream) == 10
 
@@ -150,7 +151,7 @@ def test_folder_of_images_without_ground_truth(setup, tmp_path):
     assert test_script.main(["--data_set", "folder", "--data_path", str(folder), "--resume_path", str(ckpt),
                              "--output_dir", str(out), *FAST]) is None
     rows = (out / "scores.csv").read_text().strip().splitlines()
-    assert rows[0].startswith("id,class,image_score") and len(rows) == 4
+    assert rows[0].startswith("id,class,label,image_score") and len(rows) == 4
     assert not (out / "metrics.json").exists()
 
 
