@@ -27,6 +27,7 @@ the model; the training and test settings are the ``FULL`` constants in this fil
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import shlex
 import shutil
@@ -62,8 +63,8 @@ class DemoSettings:
     # data (vlmdiff.data.demo): object classes, whose crops are aligned like MVTec-AD's objects
     classes: tuple[str, ...] = ("coffee", "chelsea")
     n_train: int = 32
-    n_test_good: int = 12
-    n_test_defect: int = 24  # 6 of each defect type
+    n_test_good: int = 24
+    n_test_defect: int = 48  # 12 of each defect type
     data_image_size: int = 64  # the model's size: masks stay exact
     data_seed: int = 0
     # stage 2: autoencoder from a random start, L1 + KL (no LPIPS, no GAN: disc_start is never reached)
@@ -75,7 +76,7 @@ class DemoSettings:
     base_batch_size: int = 8
     base_lr: float = 1e-3
     # stage 4: VLMDiff training (SG network + UNet decoder), with captions
-    train_steps: int = 250
+    train_steps: int = 400
     train_batch_size: int = 8
     train_lr: float = 1e-3
     # stage 5: test: noise to t = 201 (not 999), i.e. DDIM steps 201, 101, 1 of the 10-step grid
@@ -104,6 +105,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: the demo's models are so small that a second thread gains "
                         "nothing, and threads stall when other processes share the cores; 0 = torch's default)")
+    p.add_argument("--seed", type=int, default=FULL.seed,
+                   help="seed of every stage's training and of the test noise (the dataset itself stays the same)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.threads < 0:
@@ -302,7 +305,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     print(BANNER, flush=True)
     start = time.perf_counter()
-    result = run(QUICK if args.quick else FULL, Path(args.output), keep=args.keep)
+    settings = dataclasses.replace(QUICK if args.quick else FULL, seed=args.seed)
+    result = run(settings, Path(args.output), keep=args.keep)
     print(f"demo finished in {time.perf_counter() - start:.0f} s")
     return result
 
