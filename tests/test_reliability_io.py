@@ -304,6 +304,7 @@ def test_undefined_class_metrics_are_null_and_the_mean_row_says_over_how_many_cl
     labels = (masks.reshape(5, -1).max(1) > 0).astype(int)
     MapStore(tmp_path / "maps").write("00000000", [f"i{i}" for i in range(5)], ["both"] * 3 + ["only_anomalous"] * 2,
                                       maps, masks, labels, maps.max(axis=(1, 2)))
+    (tmp_path / "manifest.json").write_text("{}")  # what the maps depend on: nothing to record here
     evaluate_run(tmp_path, "official", "max")
     saved = json.loads((tmp_path / "metrics.json").read_text())["metrics"]["official"]
     only = saved["per_class"]["only_anomalous"]

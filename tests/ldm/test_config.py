@@ -107,7 +107,7 @@ def test_file_errors_name_the_file_and_key(tmp_path):
 
 def test_finetuning_config_goes_through_the_same_loader(tmp_path):
     cfg = load_train_config("autoencoder", ["loss.disc_start=10", "betas=[0.5,0.99]"])
-    assert (cfg.loss.disc_start, cfg.betas, cfg.max_steps) == (10, (0.5, 0.99), 5000)
+    assert (cfg.loss.disc_start, cfg.betas, cfg.max_steps) == (10, (0.5, 0.99), 60001)
     with pytest.raises(UserError, match="unknown key 'loss.disc_begin'"):
         load_train_config("autoencoder", ["loss.disc_begin=3"])
 

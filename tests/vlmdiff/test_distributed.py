@@ -88,10 +88,22 @@ def test_two_rank_captioning_captions_every_image_once(setup):
 
 @pytest.fixture
 def no_launcher(monkeypatch):
-    """An environment without torchrun's or SLURM's variables; the test adds the ones it needs."""
+    """An environment without torchrun's or SLURM's variables; the test adds the ones it needs.
+
+    Lightning's cluster environments write MASTER_ADDR/MASTER_PORT themselves (SLURMEnvironment does
+    when asked for the main address): whatever the test left is removed afterwards, so no later
+    process inherits a rendezvous address (a DDP run would wait for a host that does not exist).
+    """
+    before = {name: os.environ.get(name) for name in LAUNCHER_VARS}
     for name in [*LAUNCHER_VARS, *[k for k in os.environ if k.startswith("SLURM_")]]:
         monkeypatch.delenv(name, raising=False)
-    return monkeypatch
+    yield monkeypatch
+    monkeypatch.undo()
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def test_rank_detection_follows_the_launcher(no_launcher, caplog):
