@@ -79,7 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="both", choices=["train", "test", "both"], help="which images to caption")
     p.add_argument("--merge", action="store_true", help="only merge the progress files into the upstream files")
     p.add_argument("--delay_per_image", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: slow down
-    p.add_argument("--no_progress_bar", action="store_true", help="plain progress lines instead of the bar")
     add_progress_args(p)
     add_run_file_args(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")

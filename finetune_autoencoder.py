@@ -110,7 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Lightning precision: 32, bf16-mixed, 16-mixed, ... (bf16 and 16 mean bf16-mixed and 16-mixed)")
     p.add_argument("--num_workers", type=int, default=None,
                    help="DataLoader workers (default: 8, at most the CPUs available)")
-    p.add_argument("--no_progress_bar", action="store_true", help="plain progress lines instead of the bar")
     add_progress_args(p)
     add_run_file_args(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")

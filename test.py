@@ -118,7 +118,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--start_ind", type=int, default=0, help="first test image (sorted by id) of this shard")
     e.add_argument("--end_ind", type=int, default=-1, help="end (exclusive) of this shard; -1 or any end past the last image: the end")
     e.add_argument("--run_eval_only", action="store_true", help="only merge stored maps and compute the metrics")
-    e.add_argument("--no_progress_bar", action="store_true", help="plain progress lines instead of the bar")
     add_progress_args(e)
     add_config_args(p, default=None)
     add_run_file_args(p)

@@ -94,7 +94,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--keep_last_n", type=int, default=None,
                    help="keep only the N newest periodic checkpoints; last.ckpt stays (default: all, as upstream)")
     s.add_argument("--log_every_n_steps", type=int, default=10, help="optimiser steps between logged rows")
-    s.add_argument("--no_progress_bar", action="store_true", help="plain progress lines instead of the bar")
     add_progress_args(s)
     add_config_args(p, default=None)
     add_run_file_args(p)

@@ -123,7 +123,8 @@ def progress(total: int, what: str, unit: str, *, enabled: bool = True, bar: boo
 
 
 def add_progress_args(p: Any) -> None:
-    """``--log_interval`` for an argparse parser (the scripts already have ``--no_progress_bar``)."""
+    """``--no_progress_bar`` and ``--log_interval`` for an argparse parser (or argument group)."""
+    p.add_argument("--no_progress_bar", action="store_true", help="plain progress lines instead of the bar")
     p.add_argument("--log_interval", type=float, default=DEFAULT_INTERVAL_S,
                    help="seconds between plain progress lines, written instead of a bar when the output is not a "
                         "terminal or with --no_progress_bar (0: a line per step)")
