@@ -1,7 +1,14 @@
 """`pip install -e .` makes ldm, vlmdiff and utils importable from any folder, configs/ included.
 
-One editable install into a throw-away virtual environment that sees the installed dependencies
-(``--system-site-packages``), so nothing is downloaded; the modules are then run from another folder.
+One editable install into a throw-away virtual environment that sees the dependencies of the environment
+running the tests, so nothing is downloaded; the modules are then run from another folder.
+
+``venv --system-site-packages`` would not do: it shows the base interpreter's packages, not those of a
+virtual environment the tests run in (on a fresh machine, an old setuptools that cannot read
+pyproject.toml, and no torch). A ``.pth`` file naming this environment's site-packages folders shows
+exactly the packages the tests see. Its lines only extend ``sys.path``: the ``.pth`` files inside those
+folders are not run, so an editable install of this checkout in the outer environment stays invisible
+and only the install made here can resolve the packages.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -19,9 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def installed_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     venv = tmp_path_factory.mktemp("venv")
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
-    # The outer environment's pip and setuptools (seen through --system-site-packages) do the install.
+    inner = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                           check=True, capture_output=True, text=True).stdout.strip()
+    outer = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
+    (Path(inner) / "outer_environment.pth").write_text("".join(f"{p}\n" for p in outer))
+    # The outer environment's pip and setuptools (seen through that .pth file) do the install.
     subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
                     "--no-build-isolation", "-e", str(ROOT)], check=True, cwd=venv)
     return python
