@@ -13,8 +13,9 @@ atomically (temporary file + rename), so a crash leaves whole chunks only. A chu
 Class folder names: every character outside ``[A-Za-z0-9_-]`` (including ``.`` and ``%``) is
 replaced by ``%XX`` per UTF-8 byte, so the mapping is reversible and no name can escape ``root``
 or become hidden; the original name is also kept inside each file. A resumed run asks
-:meth:`MapStore.scored_ids` which images are done; :meth:`MapStore.iter_classes` feeds
-:func:`vlmdiff.metrics.evaluate_stream` so that memory is bounded by the largest class.
+:meth:`MapStore.scored_ids` which images are done; :meth:`MapStore.class_sources` feeds
+:func:`vlmdiff.metrics.evaluate_stream` a class at a time, chunk file by chunk file, so that memory does
+not grow with the size of a class (:mod:`vlmdiff.class_metrics`).
 """
 
 from __future__ import annotations
@@ -169,28 +170,29 @@ class MapStore:
         """Original names of the classes that have at least one chunk, sorted."""
         return list(self._class_dirs())
 
-    def iter_classes(self) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
-        """Yield ``(class_name, {"ids", "maps", "masks", "labels", "image_scores"})`` one class at a time.
-
-        Classes in name order, images sorted by id; only one class is in memory at a time (each
-        array is filled in place, no concatenated copies).
-        """
+    def class_sources(self) -> Iterator[tuple[str, "StoredClass"]]:
+        """Yield ``(class_name, StoredClass)`` in name order: each class as a
+        :class:`vlmdiff.class_metrics.ClassSource` that reads its chunk files one at a time, as often as asked."""
         index = self._index()
         for cls, d in self._class_dirs().items():
             files = [p for p in index if p.parent == d]
-            all_ids = np.concatenate([index[p] for p in files])
+            yield cls, StoredClass(cls, files, [index[p] for p in files])
+
+    def iter_classes(self) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+        """Yield ``(class_name, {"ids", "maps", "masks", "labels", "image_scores"})`` one class at a time.
+
+        Classes in name order, images sorted by id. The whole class is in memory (each array filled in
+        place, no concatenated copies): for small stores and tests; the evaluation reads
+        :meth:`class_sources` chunk by chunk instead.
+        """
+        for cls, source in self.class_sources():
+            all_ids = np.concatenate(source.ids)
             order = np.argsort(all_ids, kind="stable")
             dest = np.empty_like(order)
             dest[order] = np.arange(len(order))  # row of the sorted output for each stored row
             out: dict[str, np.ndarray] = {"ids": all_ids[order]}
             start = 0
-            for path in files:
-                chunk = _load(path, ["class_name", *_ARRAYS])
-                if str(chunk["class_name"]) != cls:
-                    raise UserError(f"{path}: holds class {str(chunk['class_name'])!r} "
-                                    f"but lies in the folder of {cls!r}")
-                if not np.array_equal(chunk["ids"], index[path]):
-                    raise UserError(f"{path}: changed while being read; re-run the evaluation")
+            for chunk in source.chunks(_ARRAYS):
                 rows = dest[start:start + len(chunk["ids"])]
                 start += len(rows)
                 for key in ("maps", "masks", "labels", "image_scores"):
@@ -198,11 +200,10 @@ class MapStore:
                     if key not in out:
                         out[key] = np.empty((len(all_ids), *arr.shape[1:]), dtype=arr.dtype)
                     elif out[key].shape[1:] != arr.shape[1:]:
-                        raise UserError(f"{path}: {key} of shape {arr.shape[1:]} differ from {out[key].shape[1:]} "
-                                        f"in the other chunks of class {cls!r}")
+                        raise UserError(f"{chunk['path']}: {key} of shape {arr.shape[1:]} differ from "
+                                        f"{out[key].shape[1:]} in the other chunks of class {cls!r}")
                     out[key][rows] = arr
-                del chunk
-            logger.debug("loaded class %s: %d images from %d chunks", cls, len(all_ids), len(files))
+            logger.debug("loaded class %s: %d images from %d chunks", cls, len(all_ids), len(source.files))
             yield cls, out
 
     def read_images(self, class_name: str, ids: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
@@ -217,3 +218,25 @@ class MapStore:
                 chunk = _load(path, ["maps", "masks"])
                 out.update({chunk_ids[i]: {"map": chunk["maps"][i], "mask": chunk["masks"][i]} for i in rows})
         return out
+
+
+class StoredClass:
+    """One class of a :class:`MapStore` as a :class:`vlmdiff.class_metrics.ClassSource`: its chunk files,
+    read one at a time in file order each time :meth:`chunks` is called (images in id order within a file)."""
+
+    def __init__(self, name: str, files: Sequence[Path], ids: Sequence[np.ndarray]) -> None:
+        self.name, self.files, self.ids = name, list(files), list(ids)
+
+    def __len__(self) -> int:
+        return sum(len(i) for i in self.ids)
+
+    def chunks(self, keys: Sequence[str] = ("ids", "maps", "masks")) -> Iterator[dict[str, Any]]:
+        """``{key: array}`` of each chunk file (and ``"path"``), checked against the class and the indexed ids."""
+        for path, ids in zip(self.files, self.ids):
+            chunk = _load(path, ["class_name", *dict.fromkeys(("ids", *keys))])
+            if str(chunk["class_name"]) != self.name:
+                raise UserError(f"{path}: holds class {str(chunk['class_name'])!r} but lies in the folder of "
+                                f"{self.name!r}")
+            if not np.array_equal(chunk["ids"], ids):
+                raise UserError(f"{path}: changed while being read; re-run the evaluation")
+            yield {**{k: chunk[k] for k in keys}, "path": path}

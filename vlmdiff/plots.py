@@ -1,10 +1,10 @@
 """Curves of a test run: the points behind the metrics, kept small, and their figures (PNG).
 
-Evaluation hands every class's exact curves (from the sorts the metrics are computed with, see
-:func:`vlmdiff.metrics.evaluate_stream`) to :func:`class_curves`, which keeps them at a resolution
-of ``RESOLUTION`` along the curve (see :func:`thin`); on the monotone ROC and PRO curves this
-moves an area by less than ``RESOLUTION / 4``. The result is plain JSON (``curves.json`` of a run) that the report draws
-without reading a pixel again.
+Evaluation hands every class's curve points to :func:`class_curves`: the points of the exact curves
+the metrics are computed from, kept at a resolution of ``RESOLUTION`` along the curve while they are
+computed (:func:`vlmdiff.curves.thin`, piece by piece; see :func:`vlmdiff.metrics.evaluate_stream`); on
+the monotone ROC and PRO curves this moves an area by less than ``RESOLUTION / 4``. The result is plain
+JSON (``curves.json`` of a run) that the report draws without reading a pixel again.
 
 Figures are built with :class:`matplotlib.figure.Figure` and the Agg canvas (no pyplot state, no
 display), one per class (image ROC and PR, pixel ROC and PR, PRO with the FPR limit, image-score
@@ -22,27 +22,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from utils.io import atomic_open
+from vlmdiff.curves import RESOLUTION, thin  # noqa: F401  (the resolution and thinning of the kept points)
 from vlmdiff.metrics import FPR_LIMIT
 
-RESOLUTION = 1e-3
 _GRID = np.linspace(0.0, 1.0, 501)  # common x axis of the mean curves
-
-
-def thin(x: np.ndarray, y: np.ndarray, resolution: float = RESOLUTION, keep: Sequence[int] = ()) -> np.ndarray:
-    """Indices of the points of the polyline ``(x, y)`` kept at ``resolution``.
-
-    The path length ``sum |dx| + |dy|`` is cut into bins of ``resolution``; the first and the last
-    point of every bin are kept (and the ends and ``keep``), so every dropped stretch is shorter than
-    ``resolution``. On a monotone curve that moves an area by less than ``resolution**2 / 8`` per bin,
-    ``resolution / 4`` in all.
-    """
-    n = len(x)
-    if n <= 2:
-        return np.arange(n)
-    s = np.concatenate(([0.0], np.cumsum(np.abs(np.diff(x)) + np.abs(np.diff(y)))))
-    b = np.floor(s / resolution).astype(np.int64)
-    edge = np.flatnonzero(b[1:] != b[:-1])  # last point of a bin; edge + 1 is the first of the next
-    return np.unique(np.concatenate(([0, n - 1], edge, edge + 1, np.asarray(keep, dtype=np.int64))))
 
 
 def _list(a: np.ndarray, digits: int | None = 7) -> list[float]:
@@ -50,48 +33,35 @@ def _list(a: np.ndarray, digits: int | None = 7) -> list[float]:
     return [float(v) if digits is None else round(float(v), digits) for v in a]
 
 
-def _ranking_curves(res: dict[str, Any], resolution: float, pro: bool) -> dict[str, Any] | None:
+def _ranking_curves(res: dict[str, Any]) -> dict[str, Any] | None:
     """JSON-able ROC, PR (and PRO) points of one result of ``ranking_metrics``/``pixel_metrics``."""
     c = res.get("curves")
     if c is None:
         return None
-    n_pos, n_neg = c["n_pos"], c["n_neg"]
-    out: dict[str, Any] = {"n_pos": int(n_pos), "n_neg": int(n_neg), "f1max_threshold": res["f1max_threshold"],
-                           "auroc": res["auroc"], "ap": res["ap"], "f1max": res["f1max"]}
-    if n_neg:
-        fpr, tpr = c["fp"] / n_neg, c["tp"] / n_pos
-        i = thin(fpr, tpr, resolution)
-        out["roc"] = {"fpr": _list(fpr[i]), "tpr": _list(tpr[i])}
-    tp_at, fp_at = c["tp_at"], c["fp_at"]
-    recall, precision = tp_at / n_pos, tp_at / (tp_at + fp_at)
-    best = int(np.argmax(2.0 * tp_at / (tp_at + fp_at + n_pos)))
-    i = thin(recall, precision, resolution, keep=[best])
-    out["pr"] = {"recall": _list(recall[i]), "precision": _list(precision[i]),
-                 "threshold": _list(c["thresholds"][i], None),
-                 "tp": [int(v) for v in tp_at[i]], "fp": [int(v) for v in fp_at[i]]}
-    if pro and c["pro"] is not None:
-        fpr = np.concatenate((c["fp"] / n_neg, [1.0]))
-        # the point at the FPR limit itself, so that the area to the limit is the same on the kept points
-        y_lim = float(np.interp(FPR_LIMIT, fpr, c["pro"]))
-        at = int(np.searchsorted(fpr, FPR_LIMIT, side="right"))
-        fpr = np.insert(fpr, at, FPR_LIMIT)
-        pro_y = np.insert(c["pro"], at, y_lim)
-        i = thin(fpr, pro_y, resolution)
-        i = np.union1d(i, [at])
-        out["pro"] = {"fpr": _list(fpr[i]), "pro": _list(pro_y[i]), "aupro": res["aupro"], "fpr_limit": FPR_LIMIT}
+    out: dict[str, Any] = {"n_pos": int(c["n_pos"]), "n_neg": int(c["n_neg"]),
+                           "f1max_threshold": res["f1max_threshold"], "auroc": res["auroc"], "ap": res["ap"],
+                           "f1max": res["f1max"]}
+    if "roc" in c:
+        out["roc"] = {"fpr": _list(c["roc"]["fpr"]), "tpr": _list(c["roc"]["tpr"])}
+    pr = c["pr"]
+    out["pr"] = {"recall": _list(pr["recall"]), "precision": _list(pr["precision"]),
+                 "threshold": _list(pr["threshold"], None), "tp": [int(v) for v in pr["tp"]],
+                 "fp": [int(v) for v in pr["fp"]]}
+    if "pro" in c:
+        out["pro"] = {"fpr": _list(c["pro"]["fpr"]), "pro": _list(c["pro"]["pro"]), "aupro": res["aupro"],
+                      "fpr_limit": c["pro"]["fpr_limit"]}
     return out
 
 
-def class_curves(curves: dict[str, Any], display_range: tuple[float, float] | None = None,
-                 resolution: float = RESOLUTION) -> dict[str, Any]:
+def class_curves(curves: dict[str, Any], display_range: tuple[float, float] | None = None) -> dict[str, Any]:
     """The JSON record of one class from the ``curves`` of :func:`vlmdiff.metrics.evaluate_stream`.
 
     ``{"image": {roc, pr, f1max_threshold, ...} | None, "pixel": {roc, pr, pro, ...} | None,
     "display_range": [lo, hi]}``; ``None`` where the class has no anomalous image / pixel.
     Metric values in it are the official protocol's (the curves are the official ones).
     """
-    return {"image": _ranking_curves(curves["image"], resolution, pro=False),
-            "pixel": _ranking_curves(curves["pixel"], resolution, pro=True),
+    return {"image": _ranking_curves(curves["image"]),
+            "pixel": _ranking_curves(curves["pixel"]),
             "display_range": list(display_range) if display_range else None}
 
 
