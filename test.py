@@ -258,7 +258,7 @@ def _score(args: argparse.Namespace, dataset_name: str, exp_name: str, output_di
     from vlmdiff.checkpoint import load_vlmdiff
     from vlmdiff.data import AnomalyDataset, match_captions
     from vlmdiff.features import build_feature_extractor, resolve_extractor_name
-    from vlmdiff.testing import check_manifest, data_fingerprint, manifest_for, score_images, shard_indices
+    from vlmdiff.testing import check_manifest, data_fingerprint, manifest_for, score_images, shard_indices, source_files
 
     if not args.resume_path:
         raise UserError("--resume_path (the trained checkpoint) is required unless --run_eval_only")
@@ -266,8 +266,9 @@ def _score(args: argparse.Namespace, dataset_name: str, exp_name: str, output_di
     distributed.init(ranks, device, args.dist_timeout)
     settings = ReconstructionSettings(args.ddim_steps, args.noise_t, args.guidance_scale, 0.0, args.seed)
     extractor_name = resolve_extractor_name(args.feature_extractor, args.use_dino, args.dino_version)
-    # Captions and the (small) feature extractor are checked before the large checkpoint is read.
+    # Captions, the test files and the (small) feature extractor are checked before the large checkpoint is read.
     captions = load_split_captions(args, "test")  # None without --use_captions: every caption is ""
+    sources = source_files(records)  # each map's chunk records them; a resumed run checks them
     extractor = build_feature_extractor(extractor_name, args.feature_weights, input_size=args.feature_input_size)
     model, _ = load_vlmdiff(args.resume_path, args.config, args.overrides, args.unsafe_legacy_pickle)
     settings.check(model.num_timesteps)
@@ -301,7 +302,7 @@ def _score(args: argparse.Namespace, dataset_name: str, exp_name: str, output_di
                      num_workers=data_workers(args.num_workers, 4), device=device, sigma=args.sigma, visuals=visuals,
                      autocast_dtype=autocast, pooling=args.image_pooling,
                      progress=ranks.is_main, bar=not args.no_progress_bar, log_interval=args.log_interval,
-                     upstream_visuals=upstream_visuals)
+                     upstream_visuals=upstream_visuals, sources=sources)
     log.info("rank %d scored %d images with %s features", ranks.rank, n, extractor_name)
 
 
