@@ -5,8 +5,9 @@ caption is empty), decode; anomaly map = smoothed sum over feature levels of 1 -
 reconstruction); image score = max after 8 x avgpool(8). Metrics: the seven paper columns per class
 and their mean, under the official protocol (default) or upstream's legacy one.
 
---use_captions guides every test image by its own test caption, as upstream does (two guidance passes).
-The paper's recipe for MVTec-AD, VisA and Real-IAD is to leave it out: the empty caption, one pass.
+--use_captions (or --test_captions) guides every test image by its own test caption, as upstream does (two
+guidance passes); a test image without a caption is an error. The paper's recipe for MVTec-AD, VisA and
+Real-IAD is to leave it out: the empty caption, one pass.
 --resume_path takes a Lightning checkpoint (ckpt_{exp_name}/model_epoch=NNN.ckpt, last.ckpt), an upstream
 one, or a weights-only export (python -m vlmdiff.export CKPT OUT.safetensors).
 
@@ -53,7 +54,7 @@ log = logging.getLogger("test")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_data_args(p, folder=True)
-    add_caption_args(p)
+    add_caption_args(p, split="test")
     r = p.add_argument_group("model and reconstruction")
     r.add_argument("--resume_path", default=None,
                    help="the trained VLMDiff checkpoint to test: a .ckpt, or a weights-only .safetensors from "
@@ -258,7 +259,7 @@ def _score(args: argparse.Namespace, dataset_name: str, exp_name: str, output_di
     from vlmdiff.checkpoint import load_vlmdiff
     from vlmdiff.data import AnomalyDataset, match_captions
     from vlmdiff.features import build_feature_extractor, resolve_extractor_name
-    from vlmdiff.testing import check_manifest, data_fingerprint, manifest_for, score_images, shard_indices
+    from vlmdiff.testing import check_manifest, data_fingerprint, manifest_for, score_images, shard_indices, source_files
 
     if not args.resume_path:
         raise UserError("--resume_path (the trained checkpoint) is required unless --run_eval_only")
@@ -266,17 +267,18 @@ def _score(args: argparse.Namespace, dataset_name: str, exp_name: str, output_di
     distributed.init(ranks, device, args.dist_timeout)
     settings = ReconstructionSettings(args.ddim_steps, args.noise_t, args.guidance_scale, 0.0, args.seed)
     extractor_name = resolve_extractor_name(args.feature_extractor, args.use_dino, args.dino_version)
-    # Captions and the (small) feature extractor are checked before the large checkpoint is read.
+    # Captions, the test files and the (small) feature extractor are checked before the large checkpoint is read.
     captions = load_split_captions(args, "test")  # None without --use_captions: every caption is ""
+    matched = {} if captions is None else match_captions(records, captions, root=Path(args.data_path), require=True)
+    sources = source_files(records)  # each map's chunk records them; a resumed run checks them
     extractor = build_feature_extractor(extractor_name, args.feature_weights, input_size=args.feature_input_size)
     model, _ = load_vlmdiff(args.resume_path, args.config, args.overrides, args.unsafe_legacy_pickle)
     settings.check(model.num_timesteps)
     model.eval().to(device)
     extractor.eval().to(device)
-    matched = match_captions(records, captions, root=Path(args.data_path), require=True) if captions else {}
     dataset = AnomalyDataset(records, image_size=model.cfg.image_size, captions=matched, mask_order=args.mask_order)
     data = {"data_set": dataset_name, "data_path": str(Path(args.data_path).resolve()), "coco_part": args.coco_part,
-            "classes": args.classes, "test_captions": bool(captions), "image_size": model.cfg.image_size,
+            "classes": args.classes, "test_captions": captions is not None, "image_size": model.cfg.image_size,
             "n_images": len(records), "mask_order": args.mask_order, "fingerprint": data_fingerprint(records)}
     manifest = manifest_for(checkpoint=args.resume_path, config=to_dict(model.cfg), settings=settings,
                             extractor=extractor_name, extractor_weights=args.feature_weights,
@@ -301,7 +303,7 @@ def _score(args: argparse.Namespace, dataset_name: str, exp_name: str, output_di
                      num_workers=data_workers(args.num_workers, 4), device=device, sigma=args.sigma, visuals=visuals,
                      autocast_dtype=autocast, pooling=args.image_pooling,
                      progress=ranks.is_main, bar=not args.no_progress_bar, log_interval=args.log_interval,
-                     upstream_visuals=upstream_visuals)
+                     upstream_visuals=upstream_visuals, sources=sources)
     log.info("rank %d scored %d images with %s features", ranks.rank, n, extractor_name)
 
 

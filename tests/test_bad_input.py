@@ -760,7 +760,7 @@ def _(ws: Workspace, tmp: Path) -> Run:
 def _(ws: Workspace, tmp: Path) -> Run:
     from vlmdiff.data import index_dataset
     from vlmdiff.map_store import MapStore
-    from vlmdiff.testing import data_fingerprint
+    from vlmdiff.testing import data_fingerprint, source_files
 
     root = ws.mvtec_copy(tmp / "mvtec")
     out = tmp / "out"
@@ -768,12 +768,14 @@ def _(ws: Workspace, tmp: Path) -> Run:
     masks = np.stack([np.full((32, 32), 255 * r.label, dtype=np.uint8) for r in records])
     out.mkdir()
     (out / "manifest.json").write_text(json.dumps({"data": {"fingerprint": data_fingerprint(records)}}))
+    sources = source_files(records)
     MapStore(out / "maps").write("00000000", [r.id for r in records], [r.class_name for r in records],
-                                 masks / 255.0, masks, [r.label for r in records], np.zeros(len(records)))
+                                 masks / 255.0, masks, [r.label for r in records], np.zeros(len(records)),
+                                 [sources[r.id] for r in records])
     mask = root / "bottle" / "ground_truth" / "crack" / "000_mask.png"
     mask.write_bytes(png_bytes(np.zeros((32, 32), dtype=np.uint8)))  # relabelled
     return Run("test", ["--data_set", "mvtec", "--data_path", str(root), "--output_dir", str(out), "--run_eval_only"],
-               names=(str(out), "ground-truth masks changed"), protect=(out,))
+               names=(str(out / "maps"), "bottle/test/crack/000.png", str(mask), "another content"), protect=(out,))
 
 
 @case("test: --data_set folder with a file name that is not UTF-8")

@@ -37,6 +37,25 @@ def test_sharded_shuffled_upstream_pairs_match_by_id(tmp_path: Path) -> None:
         load_captions(folder, "train", "visa")
 
 
+def test_blank_captions_count_as_missing_and_empty_caption_files_as_none(tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    root = datagen.make_mvtec(tmp_path / "mvtec", classes=("grid",))
+    ids = [r.id for r in index_dataset("mvtec", root, "train")]
+    folder = tmp_path / "caps"
+    datagen.write_upstream_captions(folder, "train", "mvtec", "internvl", ids, [" \n "] + [_cap(i) for i in ids[1:]])
+    with caplog.at_level(logging.WARNING):
+        ds = build_dataset("mvtec", root, "train", captions=folder, image_size=16)
+    assert f"1 of {len(ids)} train images have an empty caption in {folder}, e.g. {ids[0]}" in caplog.text
+    assert ds[0]["caption"] == ""  # white space alone is the empty caption
+    with pytest.raises(UserError, match=f"1 of {len(ids)} train images have an empty caption .*{ids[0]}"):
+        build_dataset("mvtec", root, "train", captions=folder, require_captions=True)
+    datagen.write_upstream_captions(folder, "train", "mvtec", "internvl", [], [])  # files that hold no caption
+    assert load_captions(folder, "train", "mvtec") == {}
+    with pytest.raises(UserError, match=f"{folder}: no train captions in it, but --use_captions needs one for each "
+                                        f"of the {len(ids)} train images"):
+        build_dataset("mvtec", root, "train", captions=folder, require_captions=True)
+
+
 def test_length_mismatch_names_both_files(tmp_path: Path) -> None:
     folder = tmp_path / "caps"
     datagen.write_upstream_captions(folder, "train", "mvtec", "blip", ["a.png", "b.png"], ["x", "y"])
@@ -86,10 +105,11 @@ def test_class_filter_and_missing_captions(tmp_path: Path, caplog: pytest.LogCap
     datagen.write_upstream_captions(folder, "test", "mvtec", "internvl", keep, [_cap(i) for i in keep])
     with caplog.at_level(logging.WARNING):
         ds = build_dataset("mvtec", root, "test", classes=["grid"], captions=folder, image_size=16)
-    assert "1 of 4 images have no caption, e.g. grid/test/crack/000.png" in caplog.text
+    assert f"1 of 4 test images have no caption in {folder}, e.g. grid/test/crack/000.png" in caplog.text
     assert ds[0]["filename"] == "grid/test/crack/000.png" and ds[0]["caption"] == ""
     assert ds[1]["caption"] == _cap(ds[1]["filename"])
-    with pytest.raises(UserError, match="1 of 4 images have no caption"):
+    with pytest.raises(UserError, match=r"1 of 4 test images have no caption .*\(caption them with captioner.py "
+                                        r"--split test, or run without --use_captions\)"):
         build_dataset("mvtec", root, "test", classes=["grid"], captions=folder, require_captions=True)
     # captions of the test split given for the train split: nothing matches
     (folder / "test_captions_mvtec_internvl.json").rename(folder / "train_captions_mvtec_internvl.json")

@@ -10,7 +10,7 @@ import torch
 
 from utils.errors import UserError
 from vlmdiff import metrics
-from vlmdiff.map_store import MapStore, masks_to_uint8, original_name, safe_name
+from vlmdiff.map_store import MapStore, SourceFiles, masks_to_uint8, original_name, safe_name
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +87,23 @@ def test_corrupt_chunk_is_named(tmp_path: Path, data: dict[str, np.ndarray]) -> 
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     with pytest.raises(UserError, match=f"{victim.name}.*corrupt or truncated"):
         store.scored_ids()
+
+
+def test_sources_are_stored_per_image_and_chunks_without_them_are_listed(tmp_path: Path) -> None:
+    store = MapStore(tmp_path)
+    sources = [SourceFiles(1234, "0123456789abcdef"), SourceFiles(99, "")]
+    store.write("c0", ["a/1.png", "b/2.png"], ["a", "b"], np.zeros((2, 2, 2), np.float32), np.zeros((2, 2, 2), bool),
+                [1, 0], [0.5, 0.1], sources)
+    store.write("c2", ["a/3.png"], ["a"], np.zeros((1, 2, 2), np.float32), np.zeros((1, 2, 2), bool), [0], [0.0])
+    known, unknown = store.sources()
+    assert known == {"a/1.png": sources[0], "b/2.png": sources[1]}  # ints and strings, not numpy scalars
+    assert type(known["a/1.png"].image_size) is int and unknown == [tmp_path / "a" / "c2.npz"]
+    arrays = dict(store.iter_classes())  # the evaluation reader still sees only its arrays
+    assert set(arrays["a"]) == {"ids", "maps", "masks", "labels", "image_scores"}
+    assert store.read_images("a", ["a/1.png"])["a/1.png"]["map"].shape == (2, 2)
+    with pytest.raises(UserError, match=r"sources \(1\) do not match"):
+        store.write("c3", ["a/4.png", "a/5.png"], ["a", "a"], np.zeros((2, 2, 2)), np.zeros((2, 2, 2)), [0, 0],
+                    [0.0, 0.0], sources[:1])
 
 
 def test_float16_option(tmp_path: Path, data: dict[str, np.ndarray]) -> None:

@@ -29,8 +29,17 @@ def add_data_args(p: argparse.ArgumentParser, folder: bool = False) -> None:
     p.add_argument("--classes", nargs="+", default=None, help="only these classes (default: all)")
 
 
-def add_caption_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--use_captions", action="store_true", help="condition on VLM captions (cross-attention)")
+def add_caption_args(p: argparse.ArgumentParser, split: str = "train") -> None:
+    """Caption flags of a stage that reads the captions of ``split`` (train.py: train; test.py: test)."""
+    if split == "test":  # --test_captions: the spelling a user looks for; one flag, two names
+        p.add_argument("--use_captions", "--test_captions", action="store_true",
+                       help="guide every test image by its own caption, read from the test split's caption files "
+                            "(test_captions_{dataset}_{vlm}.json in the caption folder; COCO: "
+                            "captions_val2017{caption_model}.json; captioner.py --split test writes them); every test "
+                            "image needs one. Off: the empty caption, the paper's recipe for MVTec-AD, VisA, Real-IAD")
+    else:
+        p.add_argument("--use_captions", action="store_true",
+                       help=f"condition on VLM captions of the {split} split (cross-attention)")
     p.add_argument("--caption_folder", default=None,
                    help="folder of caption files (default: {dataset}_captions_{vlm}_{prompt_type} beside the dataset "
                         "root); a relative path not found from the working folder is looked up beside the dataset root")

@@ -8,12 +8,16 @@ atomically (temporary file + rename), so a crash leaves whole chunks only. A chu
 * ``maps`` [n, H, W] float32 (default) or float16,
 * ``masks`` [n, H, W] uint8 0..255 (ground truth at map resolution),
 * ``labels`` [n] int8 (0 normal, 1 anomalous, as the dataset says),
-* ``image_scores`` [n] float64.
+* ``image_scores`` [n] float64,
+* ``image_sizes`` [n] int64 and ``mask_sha256`` [n] str: the identity of each image's source files when
+  its map was made (:class:`SourceFiles`: image file size in bytes, 16 hex digits of the mask file's
+  sha256, "" without a mask). Chunks of older versions lack these two arrays.
 
 Class folder names: every character outside ``[A-Za-z0-9_-]`` (including ``.`` and ``%``) is
 replaced by ``%XX`` per UTF-8 byte, so the mapping is reversible and no name can escape ``root``
 or become hidden; the original name is also kept inside each file. A resumed run asks
-:meth:`MapStore.scored_ids` which images are done; :meth:`MapStore.class_sources` feeds
+:meth:`MapStore.scored_ids` which images are done and :meth:`MapStore.sources` which files their maps
+were made from (so a changed image or mask is caught per image); :meth:`MapStore.class_sources` feeds
 :func:`vlmdiff.metrics.evaluate_stream` a class at a time, chunk file by chunk file, so that memory does
 not grow with the size of a class (:mod:`vlmdiff.class_metrics`).
 """
@@ -25,7 +29,7 @@ import os
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 from urllib.parse import unquote
 
 import numpy as np
@@ -40,6 +44,14 @@ _SAFE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012
 _CHUNK_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 _DTYPES = {"float32": np.float32, "float16": np.float16}
 _ARRAYS = ("ids", "maps", "masks", "labels", "image_scores")
+_SOURCE_ARRAYS = ("image_sizes", "mask_sha256")  # absent from the chunks of older versions
+
+
+class SourceFiles(NamedTuple):
+    """Identity of one test image's files: image file size in bytes, mask sha256 (16 hex digits; "" = no mask)."""
+
+    image_size: int
+    mask_sha256: str
 
 
 def safe_name(class_name: str) -> str:
@@ -71,11 +83,12 @@ def masks_to_uint8(masks: Any) -> np.ndarray:
     raise UserError(f"masks of dtype {m.dtype} are not uint8 0..255, bool or float 0..1")
 
 
-def _load(path: Path, keys: Sequence[str]) -> dict[str, np.ndarray]:
-    """Arrays ``keys`` of one chunk file; a corrupt or truncated file becomes a :class:`UserError`."""
+def _load(path: Path, keys: Sequence[str], optional: Sequence[str] = ()) -> dict[str, np.ndarray]:
+    """Arrays ``keys`` of one chunk file, and those of ``optional`` it holds; a corrupt or truncated file
+    becomes a :class:`UserError`."""
     try:
         with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in keys}
+            return {k: z[k] for k in [*keys, *(k for k in optional if k in z.files)]}
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
         raise UserError(f"{path}: corrupt or truncated map chunk ({type(e).__name__}: {e}); "
                         "delete it and re-run scoring to redo its images") from e
@@ -98,12 +111,14 @@ class MapStore:
 
     # ---------------------------------------------------------------- writing
     def write(self, chunk_name: str, ids: Sequence[str], class_names: Sequence[str], maps: Any, masks: Any,
-              labels: Any, image_scores: Any) -> list[Path]:
+              labels: Any, image_scores: Any, sources: Sequence[SourceFiles] | None = None) -> list[Path]:
         """Write one batch, split by class, as ``{root}/{class}/{chunk_name}.npz`` files (atomically).
 
         ``maps`` [n, H, W], ``masks`` [n, H, W] (uint8 0..255, bool or float 0..1), ``labels`` [n],
-        ``image_scores`` [n]; numpy or torch. Writing the same ``chunk_name`` again replaces its
-        files (a re-run batch). Returns the paths written.
+        ``image_scores`` [n]; numpy or torch. ``sources`` [n]: the files each map was made from
+        (stored as ``image_sizes`` and ``mask_sha256``; None: not known, the chunk is not checked
+        by :meth:`sources`). Writing the same ``chunk_name`` again replaces its files (a re-run
+        batch). Returns the paths written.
         """
         if not _CHUNK_NAME.fullmatch(chunk_name):
             raise UserError(f"chunk name {chunk_name!r} must be letters, digits, '_', '-', '.' and not start with '.'")
@@ -113,9 +128,14 @@ class MapStore:
         lab = _numpy(labels).astype(np.int8).ravel()
         sc = _numpy(image_scores).astype(np.float64).ravel()
         n = len(ids_a)
-        if m.ndim != 3 or len(m) != n or k.shape != m.shape or len(names) != n or len(lab) != n or len(sc) != n:
+        src = {} if sources is None else {
+            "image_sizes": np.asarray([int(s.image_size) for s in sources], dtype=np.int64).reshape(-1),
+            "mask_sha256": np.asarray([str(s.mask_sha256) for s in sources], dtype=str).reshape(-1)}
+        if (m.ndim != 3 or len(m) != n or k.shape != m.shape or len(names) != n or len(lab) != n or len(sc) != n
+                or any(len(a) != n for a in src.values())):
             raise UserError(f"chunk {chunk_name}: ids ({n}), class_names ({len(names)}), maps {m.shape}, "
-                            f"masks {k.shape}, labels ({len(lab)}), image_scores ({len(sc)}) do not match")
+                            f"masks {k.shape}, labels ({len(lab)}), image_scores ({len(sc)})"
+                            + ("" if sources is None else f", sources ({len(sources)})") + " do not match")
         if len(np.unique(ids_a)) != n:
             raise UserError(f"chunk {chunk_name}: duplicate image ids in one batch")
         with np.errstate(over="ignore", invalid="ignore"):
@@ -129,7 +149,7 @@ class MapStore:
             path = self.root / safe_name(cls) / f"{chunk_name}.npz"
             with atomic_open(path, "wb") as f:
                 np.savez(f, ids=ids_a[sel], class_name=np.asarray(cls), maps=stored[sel], masks=k[sel],
-                         labels=lab[sel], image_scores=sc[sel])
+                         labels=lab[sel], image_scores=sc[sel], **{key: a[sel] for key, a in src.items()})
             paths.append(path)
         return paths
 
@@ -165,6 +185,22 @@ class MapStore:
     def scored_ids(self) -> set[str]:
         """Ids of every image already in the store (reads only the ``ids`` arrays)."""
         return {i for ids in self._index().values() for i in ids.tolist()}
+
+    def sources(self) -> tuple[dict[str, SourceFiles], list[Path]]:
+        """``({id: SourceFiles}, chunks without them)``: the files each stored map was made from, as
+        recorded when it was written; the second item lists the chunk files that record none (written
+        by an older version). Reads only the small arrays, never the maps."""
+        known: dict[str, SourceFiles] = {}
+        unknown: list[Path] = []
+        for d in self._class_dirs().values():
+            for path in sorted(d.glob("*.npz")):
+                chunk = _load(path, ["ids"], optional=_SOURCE_ARRAYS)
+                if not all(k in chunk for k in _SOURCE_ARRAYS):
+                    unknown.append(path)
+                    continue
+                known.update((i, SourceFiles(int(size), str(sha))) for i, size, sha in
+                             zip(chunk["ids"].tolist(), chunk["image_sizes"].tolist(), chunk["mask_sha256"].tolist()))
+        return known, unknown
 
     def classes(self) -> list[str]:
         """Original names of the classes that have at least one chunk, sorted."""

@@ -15,10 +15,15 @@ Output folder::
 A run refuses an output folder whose manifest differs from its own (stale maps from another run or
 config), resumes by skipping images that already have a map, and names each chunk by the global
 index of its first image, so shards, ranks and restarts never collide. The manifest identifies the
-checkpoint, weights and data by content, not by path: a node-local copy of the same files is the same
-run, while changed ground-truth masks (hashed in full) or a changed set of test images (ids, labels,
-file sizes) are caught, also by ``--run_eval_only``. A folder whose manifest was written but which
-holds no map yet (a crash before the first batch) takes the new run's manifest.
+checkpoint, weights and test set by content, not by path: a node-local copy of the same files is the
+same run. The test set is identified in two places. The manifest holds a hash of the image ids and
+labels (:func:`data_fingerprint`): another set of images, or a changed label, is refused. Each map
+chunk holds, per image, the files its map was made from (:class:`vlmdiff.map_store.SourceFiles`:
+image file size, sha256 of the mask file): before resuming and before ``--run_eval_only``
+evaluates, the images that have maps are compared with their files now (:func:`check_sources`), so
+an image or mask changed after its map was stored is refused by name, while a file repaired before it
+got a map (a truncated image that stopped the first attempt) resumes cleanly. A folder whose manifest
+was written but which holds no map yet (a crash before the first batch) takes the new run's manifest.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import math
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -40,7 +45,7 @@ from utils.errors import UserError
 from utils.io import atomic_open, read_json, write_json, write_text
 from utils.progress import DEFAULT_INTERVAL_S, progress as progress_meter
 from vlmdiff import metrics as M
-from vlmdiff.map_store import MapStore
+from vlmdiff.map_store import MapStore, SourceFiles
 from vlmdiff.reconstruction import ReconstructionSettings, reconstruct
 from vlmdiff.scoring import anomaly_map, image_score
 from vlmdiff import plots as P
@@ -72,23 +77,36 @@ def file_fingerprint(path: str | os.PathLike | None) -> dict[str, Any] | None:
 
 
 def data_fingerprint(records: Sequence[Any]) -> dict[str, Any]:
-    """Content identity of a test set: its images (id, label, file size) and every mask file's bytes.
+    """Identity of a test set as a set: a hash of its image ids and labels (the manifest's ``data.fingerprint``).
 
-    Paths do not enter, so a copy of the dataset elsewhere has the same fingerprint. Masks are hashed
-    in full (they are small); images by size only, since reading every image would cost a scoring pass.
+    Paths do not enter, so a copy of the dataset elsewhere has the same fingerprint. The files
+    themselves are identified per image, beside each map (:func:`source_files`).
     """
     import hashlib
 
-    images, masks = hashlib.sha256(), hashlib.sha256()
+    h = hashlib.sha256()
     for r in sorted(records, key=lambda r: r.id):
+        h.update(f"{r.id}\0{r.label}\n".encode("utf-8", "surrogateescape"))
+    return {"ids_labels": h.hexdigest()[:16]}
+
+
+def source_files(records: Sequence[Any]) -> dict[str, SourceFiles]:
+    """``{image id: SourceFiles}`` of the test set now: each image's file size and its mask's sha256.
+
+    Masks are hashed in full (they are small); images by size only, since reading every image would
+    cost a scoring pass. A file that cannot be read is a :class:`UserError` naming it.
+    """
+    import hashlib
+
+    out = {}
+    for r in records:
         try:
-            images.update(f"{r.id}\0{r.label}\0{Path(r.image_path).stat().st_size}\n".encode("utf-8", "surrogateescape"))
-            if r.mask_path is not None:
-                masks.update(f"{r.id}\0".encode("utf-8", "surrogateescape"))
-                masks.update(hashlib.sha256(Path(r.mask_path).read_bytes()).digest())
+            size = Path(r.image_path).stat().st_size
+            mask = "" if r.mask_path is None else hashlib.sha256(Path(r.mask_path).read_bytes()).hexdigest()[:16]
         except OSError as e:
             raise UserError(f"cannot read {e.filename}: {e.strerror or e}") from e
-    return {"images": images.hexdigest()[:16], "masks": masks.hexdigest()[:16]}
+        out[r.id] = SourceFiles(size, mask)
+    return out
 
 
 def check_manifest(output_dir: Path, manifest: dict[str, Any]) -> None:
@@ -101,7 +119,7 @@ def check_manifest(output_dir: Path, manifest: dict[str, Any]) -> None:
             log.info("%s holds no map yet: replacing its manifest (%s)", output_dir, diff)
             write_json(path, manifest)
         elif diff:
-            raise UserError(_stale_message(output_dir, diff))
+            raise UserError(_stale_message(output_dir, diff, old))
         return
     if (output_dir / "maps").exists() and any((output_dir / "maps").iterdir()):
         raise UserError(f"{output_dir}/maps holds maps without a {MANIFEST}: use another --output_dir")
@@ -109,23 +127,67 @@ def check_manifest(output_dir: Path, manifest: dict[str, Any]) -> None:
 
 
 def check_data(output_dir: Path, records: Sequence[Any]) -> None:
-    """Before evaluating stored maps: the test set's images and masks are those the maps were stored with."""
-    stored = read_json(output_dir / MANIFEST).get("data", {}).get("fingerprint")
+    """Before evaluating stored maps: the test set is the one the maps were stored for, and the images
+    and masks of the stored maps are unchanged (:func:`check_sources`)."""
+    old = read_json(output_dir / MANIFEST)
+    stored = old.get("data", {}).get("fingerprint")
     if stored is None:
-        log.warning("%s: the manifest has no data fingerprint (an older run); ground truth not checked", output_dir)
+        log.warning("%s: the manifest has no data fingerprint (an older run); the test set is not checked against "
+                    "it", output_dir)
+    elif _old_fingerprint(stored):
+        log.warning("%s: the manifest's data fingerprint is an older version's (sizes and masks of all images in "
+                    "one hash); the test set is not checked against it", output_dir)
+    else:
+        diff = _first_difference({"data": {"fingerprint": stored}}, {"data": {"fingerprint": data_fingerprint(records)}})
+        if diff:
+            raise UserError(_stale_message(output_dir, diff, old))
+    check_sources(MapStore(output_dir / "maps"), records, source_files(records))
+
+
+def check_sources(store: MapStore, records: Sequence[Any], now: Mapping[str, SourceFiles]) -> None:
+    """The images that have maps in ``store`` still have the files their maps were made from.
+
+    ``now``: :func:`source_files` of ``records``. Images without a map are not compared (a file
+    repaired before its map was made is fine). Chunks of older versions record no files: their
+    images are skipped with a warning. A difference is a :class:`UserError` naming the first image.
+    """
+    stored, unknown = store.sources()
+    if unknown:
+        log.warning("%d map chunk(s) in %s (e.g. %s) were written by an older version and do not record the files "
+                    "their maps were made from: their images are not checked for changes", len(unknown), store.root,
+                    unknown[0])
+    by_id = {r.id: r for r in records}
+    changed = sorted(i for i, was in stored.items() if i in now and now[i] != was)
+    if not changed:
         return
-    diff = _first_difference({"data": {"fingerprint": stored}}, {"data": {"fingerprint": data_fingerprint(records)}})
-    if diff:
-        raise UserError(_stale_message(output_dir, diff))
+    first, was, is_now = by_id[changed[0]], stored[changed[0]], now[changed[0]]
+    what = []
+    if was.image_size != is_now.image_size:
+        what.append(f"its image file {first.image_path} is {is_now.image_size} bytes now, {was.image_size} then")
+    if was.mask_sha256 and is_now.mask_sha256 and was.mask_sha256 != is_now.mask_sha256:
+        what.append(f"its mask file {first.mask_path} has another content")
+    elif was.mask_sha256 != is_now.mask_sha256:
+        what.append(f"it has a mask file {first.mask_path} now, none then" if is_now.mask_sha256
+                    else "it had a mask file then, none now")
+    more = f" ({len(changed)} images with maps changed)" if len(changed) > 1 else ""
+    out = store.root.parent
+    raise UserError(f"test image {first.id} changed since its map in {out} was stored: {' and '.join(what)}{more}; "
+                    f"remove {store.root} and score again, or use another --output_dir")
 
 
-def _stale_message(output_dir: Path, diff: str) -> str:
-    if diff.startswith("data.fingerprint.masks"):
-        return (f"the ground-truth masks changed since the maps in {output_dir} were stored (their masks are stale); "
+def _old_fingerprint(fingerprint: Any) -> bool:
+    """Whether a manifest's data fingerprint is the older one (``images``: ids, labels, sizes; ``masks``)."""
+    return isinstance(fingerprint, dict) and "images" in fingerprint and "ids_labels" not in fingerprint
+
+
+def _stale_message(output_dir: Path, diff: str, old: dict[str, Any]) -> str:
+    if diff.startswith("data.fingerprint") and _old_fingerprint(old.get("data", {}).get("fingerprint")):
+        return (f"{output_dir / MANIFEST} was written by an older version of test.py, whose data fingerprint "
+                f"cannot be checked by this one; finish that run with the older version, or remove "
+                f"{output_dir / 'maps'} and score again, or use another --output_dir")
+    if diff.startswith("data.fingerprint.ids_labels"):
+        return (f"the test set changed since the maps in {output_dir} were stored (image ids or labels differ); "
                 f"remove {output_dir / 'maps'} and score again, or use another --output_dir")
-    if diff.startswith("data.fingerprint.images"):
-        return (f"the test images changed since the maps in {output_dir} were stored (ids, labels or file sizes "
-                f"differ); remove {output_dir / 'maps'} and score again, or use another --output_dir")
     return f"{output_dir} holds maps of another run ({diff}); use another --output_dir or remove that folder"
 
 
@@ -156,15 +218,20 @@ def score_images(model, extractor, dataset, indices: Sequence[int], store: MapSt
                  *, batch_size: int, num_workers: int, device: torch.device, sigma: float = 5.0,
                  visuals: Path | None = None, autocast_dtype: torch.dtype | None = None,
                  pooling: str = "paper", progress: bool = True, bar: bool = True,
-                 log_interval: float = DEFAULT_INTERVAL_S, upstream_visuals: Path | None = None) -> int:
+                 log_interval: float = DEFAULT_INTERVAL_S, upstream_visuals: Path | None = None,
+                 sources: Mapping[str, SourceFiles] | None = None) -> int:
     """Reconstruct, extract features, map and store the images ``indices`` of ``dataset`` not yet stored.
 
     ``visuals`` gets our strips, ``upstream_visuals`` upstream's per-image files (both need the autoencoder pass).
+    ``sources``: :func:`source_files` of ``dataset.records``; the images already stored are checked
+    against it before anything is scored (:func:`check_sources`), and each chunk records it.
 
     Returns the number of images scored now. Chunks are named by the global index of their first image.
     ``progress``: show it at all (a bar on a terminal when ``bar``, else a log line every ``log_interval`` s).
     """
     done = store.scored_ids()
+    if done and sources is not None:
+        check_sources(store, dataset.records, sources)
     todo = [i for i in indices if dataset.records[i].id not in done]
     if len(todo) < len(indices):
         log.info("%d of %d images already have maps: resuming", len(indices) - len(todo), len(indices))
@@ -180,7 +247,7 @@ def score_images(model, extractor, dataset, indices: Sequence[int], store: MapSt
                           autocast_dtype, decode_autoencoder=visuals is not None or upstream_visuals is not None)
         scores = image_score(maps, pooling)
         store.write(f"{first:08d}", batch["filename"], batch["class_name"], maps.cpu(), batch["mask"][:, 0],
-                    batch["label"], scores.cpu())
+                    batch["label"], scores.cpu(), None if sources is None else [sources[i] for i in batch["filename"]])
         if visuals is not None:
             write_strips(visuals, list(batch["filename"]), list(batch["class_name"]), image, rec["autoencoder"],
                          rec["sample"])

@@ -37,12 +37,16 @@ COCO_SPLIT_FOLDERS: tuple[tuple[str, str], ...] = (("train", "train2017"), ("tes
 
 
 class CaptionMap(dict):
-    """``dict[id, caption]`` that also remembers which file each caption came from (for messages)."""
+    """``dict[id, caption]`` that also remembers, for messages, which file each caption came from
+    (``sources``), the file or folder it was read from (``origin``) and the split (``split``)."""
 
     def __init__(self, items: Mapping[str, str] | Iterable[tuple[str, str]] = (),
-                 sources: Mapping[str, str] | None = None) -> None:
+                 sources: Mapping[str, str] | None = None, origin: str | None = None,
+                 split: str | None = None) -> None:
         super().__init__(items)
         self.sources: dict[str, str] = dict(sources or {})
+        self.origin = origin
+        self.split = split
 
 
 def upstream_file_names(split: str, dataset: str, vlm: str) -> tuple[str, str]:
@@ -212,7 +216,7 @@ def load_captions(path: str | os.PathLike, split: str, dataset: str, *, vlm: str
     else:
         raise UserError(f"caption file or folder {path} not found")
     logger.info("read %d %s captions for %s from %s", len(out), split, dataset, path)
-    return CaptionMap(out, sources)
+    return CaptionMap(out, sources, origin=str(path), split=split)
 
 
 def _suffix_match(key: str, ids: set[str]) -> str | None:
@@ -241,12 +245,22 @@ def match_captions(records_or_ids: Sequence[Record] | Sequence[str], captions: M
 
     A caption id that matches none of the images is an error unless it names an existing file below
     ``root`` (an image of another class or split); if no caption matches at all, the file is for
-    another dataset or split (an error). Images without a caption are reported (count + examples)
-    and are an error with ``require``.
+    another dataset or split (an error). Images without a caption, or whose caption is empty or only
+    white space, are reported (count + examples) and get the empty caption; with ``require`` they are
+    an error, and so is a caption source that holds no caption at all. Messages name the split and the
+    caption file or folder when ``captions`` is a :class:`CaptionMap` from :func:`load_captions`.
     """
     ids = [r.id if isinstance(r, Record) else str(r) for r in records_or_ids]
     id_set = set(ids)
     sources = getattr(captions, "sources", {})
+    split = getattr(captions, "split", None)
+    origin = getattr(captions, "origin", None)
+    images = f"{split} images" if split else "images"
+    where = f" in {origin}" if origin else ""
+    fix = (f" (caption them with captioner.py{f' --split {split}' if split else ''}, or run without --use_captions)")
+    if require and ids and not captions:
+        raise UserError(f"{origin or 'the given captions'}: no {split + ' ' if split else ''}captions in it, but "
+                        f"--use_captions needs one for each of the {len(ids)} {images}" + fix)
     matched: dict[str, str] = {}
     matched_from: dict[str, str] = {}
     root_path = Path(root) if root is not None else None
@@ -257,9 +271,9 @@ def match_captions(records_or_ids: Sequence[Record] | Sequence[str], captions: M
         src = sources.get(key, "the given captions")
         if hit is None:
             if root_path is None or not _exists_under(root_path, norm, top):
-                where = f" below {root_path}" if root_path is not None else ""
+                below = f" below {root_path}" if root_path is not None else ""
                 example = f"; image ids look like {ids[0]!r}" if ids else ""
-                raise UserError(f"{src}: caption id {key!r} matches no image{where}{example}; "
+                raise UserError(f"{src}: caption id {key!r} matches no image{below}{example}; "
                                 "is this caption file for another dataset or root?")
             continue
         if hit in matched and matched[hit] != cap:
@@ -271,10 +285,12 @@ def match_captions(records_or_ids: Sequence[Record] | Sequence[str], captions: M
                         f"matches an image of this split (caption id {example!r}, image id {ids[0]!r}); "
                         "a caption file of another split or dataset?")
     missing = [i for i in ids if i not in matched]
-    if missing:
-        examples = ", ".join(missing[:3])
-        msg = f"{len(missing)} of {len(ids)} images have no caption, e.g. {examples}"
+    blank = [i for i in ids if i in matched and not matched[i].strip()]
+    for bad, what in ((missing, "have no caption"), (blank, "have an empty caption")):
+        if not bad:
+            continue
+        msg = f"{len(bad)} of {len(ids)} {images} {what}{where}, e.g. {', '.join(bad[:3])}"
         if require:
-            raise UserError(msg + " (caption them with captioner.py, or train without --use_captions)")
+            raise UserError(msg + fix)
         logger.warning("%s; they get the empty caption", msg)
-    return matched
+    return {i: cap for i, cap in matched.items() if cap.strip()}
