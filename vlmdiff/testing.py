@@ -50,7 +50,8 @@ from vlmdiff.reconstruction import ReconstructionSettings, reconstruct
 from vlmdiff.scoring import anomaly_map, image_score
 from vlmdiff import plots as P
 from vlmdiff.thresholds import class_thresholds, decide, thresholds_record, write_thresholds
-from vlmdiff.visuals import class_range, finish_class, save_png, visual_path, write_strips, write_upstream_visuals
+from vlmdiff.visuals import (DisplaySample, finish_class, save_png, visual_path, write_strips,
+                             write_upstream_visuals)
 
 log = logging.getLogger(__name__)
 
@@ -300,15 +301,16 @@ SCORES_COLUMNS = ("id", "class", "label", "image_score", "map_max", "image_path"
 
 
 def _score_rows(output_dir: Path, cls: str, ids: np.ndarray, labels: np.ndarray | None, scores: np.ndarray,
-                maps: np.ndarray, image_paths: dict[str, str] | None, decided: np.ndarray | None = None,
+                map_max: np.ndarray, image_paths: dict[str, str] | None, decided: np.ndarray | None = None,
                 threshold: float | None = None, masks_written: bool = False) -> list[list[str]]:
-    """Rows of scores.csv for one class (``labels`` None: unknown; ``decided``: True = anomalous)."""
+    """Rows of scores.csv for one class, sorted by id (``labels`` None: unknown; ``decided``: True = anomalous)."""
     rows = []
-    for i, image_id in enumerate(ids.tolist()):
+    for i in np.argsort(ids, kind="stable").tolist():
+        image_id = str(ids[i])
         visual = "visuals" / visual_path(cls, image_id)
         mask = "masks" / visual_path(cls, image_id)
         rows.append([image_id, cls, "" if labels is None else str(int(labels[i])), f"{scores[i]:.6f}",
-                     f"{float(maps[i].max()):.6f}", (image_paths or {}).get(image_id, ""),
+                     f"{float(map_max[i]):.6f}", (image_paths or {}).get(image_id, ""),
                      visual.as_posix() if (output_dir / visual).is_file() else "",
                      "" if decided is None else ("anomalous" if decided[i] else "normal"),
                      "" if threshold is None else f"{threshold:.6f}",
@@ -329,36 +331,35 @@ def write_scores(output_dir: Path, rows: list[list[str]]) -> Path:
 def evaluate_run(output_dir: Path, protocol: str, pooling: str, mask_threshold: float = 0.0,
                  visuals: bool = False, dataset_name: str | None = None, extra: dict[str, Any] | None = None,
                  image_paths: dict[str, str] | None = None) -> dict[str, Any]:
-    """Metrics from the stored maps, class by class, and everything the report shows, in the same pass.
+    """Metrics from the stored maps, class by class, and everything the report shows, from the same reads.
 
     Writes metrics.json / .csv / .md, curves.json (the curve points, :mod:`vlmdiff.plots`),
     thresholds.json (F1-max thresholds, :mod:`vlmdiff.thresholds`), scores.csv and, with ``visuals``,
-    the finished strips. ``image_paths``: {image id: image file} for scores.csv.
+    the finished strips (one more read of each class). Each class is read chunk file by chunk file
+    (:meth:`MapStore.class_sources`), so memory does not grow with the size of a class.
+    ``image_paths``: {image id: image file} for scores.csv.
     """
     store = MapStore(output_dir / "maps")
     manifest = read_json(output_dir / MANIFEST)
-    current: dict[str, Any] = {}
+    sources = dict(store.class_sources())
+    samples = {cls: DisplaySample(len(source)) for cls, source in sources.items()}
     curves: dict[str, dict[str, Any]] = {}
     rows: list[list[str]] = []
     pooled: list[tuple[np.ndarray, np.ndarray]] = []
 
-    def classes():
-        for cls, arrays in store.iter_classes():
-            current["arrays"] = arrays
-            yield cls, arrays["maps"], arrays["masks"]
-
     def on_curves(cls: str, c: dict[str, Any]) -> None:
-        arrays = current.pop("arrays")
-        display = class_range(arrays["maps"])
+        display = samples.pop(cls).range()
         curves[cls] = P.class_curves(c, display)
-        scores, labels = c["image_scores"], c["labels"]
+        scores, labels, ids = c["image_scores"], c["labels"], c["ids"]
         if visuals:
-            finish_class(output_dir / "panels", output_dir / "visuals", cls, arrays, display, scores)
-        rows.extend(_score_rows(output_dir, cls, arrays["ids"], labels, scores, arrays["maps"], image_paths))
+            finish_class(output_dir / "panels", output_dir / "visuals", cls, sources[cls].chunks(), display,
+                         dict(zip(ids.tolist(), scores.tolist())))
+        rows.extend(_score_rows(output_dir, cls, ids, labels, scores, c["map_max"], image_paths))
         pooled.append((scores, labels))
 
-    result = M.evaluate_stream(classes(), protocol=protocol, image_pooling=pooling, mask_threshold=mask_threshold,
-                               on_curves=on_curves)
+    result = M.evaluate_stream(sources.items(), protocol=protocol, image_pooling=pooling,
+                               mask_threshold=mask_threshold, on_curves=on_curves,
+                               on_chunk=lambda cls, chunk: samples[cls].add(chunk["maps"]))
     by_protocol = result if protocol == "both" else {protocol: result}
     write_json(output_dir / "metrics.json", {
         "metrics": M._nan_to_none(by_protocol),
@@ -386,27 +387,36 @@ def label_run(output_dir: Path, pooling: str, image_paths: dict[str, str] | None
     """Scores of a run without ground truth: scores.csv, finished strips and, with ``threshold_record``
     (:func:`vlmdiff.thresholds.load_thresholds`), a normal/anomalous decision per image and a binary mask
     PNG (map >= pixel threshold) per image under ``masks/{class}/``. Returns the scores.csv path.
+    Each class is read chunk by chunk: once for the scores, again for the masks and strips.
     """
     store = MapStore(output_dir / "maps")
     rows: list[list[str]] = []
-    for cls, arrays in store.iter_classes():
-        maps = arrays["maps"]
-        scores = np.concatenate([image_score(torch.from_numpy(maps[a:a + 64].astype(np.float32)), pooling).numpy()
-                                 for a in range(0, len(maps), 64)])
-        display = class_range(maps)
+    for cls, source in store.class_sources():
+        sample = DisplaySample(len(source))
+        ids, scores, map_max = [], [], []
+        for chunk in source.chunks(("ids", "maps")):
+            maps = chunk["maps"].astype(np.float32)
+            ids.append(chunk["ids"])
+            scores.append(image_score(torch.from_numpy(maps), pooling).numpy())
+            map_max.append(maps.reshape(len(maps), -1).max(axis=1))
+            sample.add(maps)
+        ids_a, scores_a, display = np.concatenate(ids), np.concatenate(scores), sample.range()
         decided, image_t, decisions = None, None, None
         if threshold_record is not None:
             image_t, pixel_t = class_thresholds(threshold_record, cls)
-            decided = decide(scores, image_t)
-            decisions = {"image": dict(zip(arrays["ids"].tolist(), decided.tolist())), "image_threshold": image_t,
+            decided = decide(scores_a, image_t)
+            decisions = {"image": dict(zip(ids_a.tolist(), decided.tolist())), "image_threshold": image_t,
                          "pixel_threshold": pixel_t}
             if pixel_t is not None:
-                for image_id, amap in zip(arrays["ids"].tolist(), maps):
-                    save_png(output_dir / "masks" / visual_path(cls, image_id),
-                             ((amap >= pixel_t) * 255).astype(np.uint8))
+                for chunk in source.chunks(("ids", "maps")):
+                    for image_id, amap in zip(chunk["ids"].tolist(), chunk["maps"]):
+                        save_png(output_dir / "masks" / visual_path(cls, image_id),
+                                 ((amap >= pixel_t) * 255).astype(np.uint8))
         if visuals:
-            finish_class(output_dir / "panels", output_dir / "visuals", cls, arrays, display, scores, decisions)
-        rows.extend(_score_rows(output_dir, cls, arrays["ids"], None, scores, maps, image_paths, decided, image_t,
+            finish_class(output_dir / "panels", output_dir / "visuals", cls, source.chunks(), display,
+                         dict(zip(ids_a.tolist(), scores_a.tolist())), decisions, labelled=False)
+        rows.extend(_score_rows(output_dir, cls, ids_a, None, scores_a, np.concatenate(map_max), image_paths,
+                                decided, image_t,
                                 masks_written=decisions is not None and decisions["pixel_threshold"] is not None))
     return write_scores(output_dir, rows)
 

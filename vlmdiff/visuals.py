@@ -11,7 +11,7 @@ nothing overflows.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import matplotlib
 import numpy as np
@@ -73,14 +73,41 @@ def colormap(values: np.ndarray) -> np.ndarray:
     return rgba[..., :3]
 
 
+SAMPLE_IMAGES = 2048  # images of a class whose maps set its display range (every k-th beyond that)
+
+
 def class_range(maps: np.ndarray) -> tuple[float, float]:
     """The display range of a class's maps: 0.1st and 99.9th percentile (robust to single hot pixels).
 
     Taken over every 4th pixel of each row and column (a 1/16 sample: the same range to the eye, and
-    16 times less work on a class of thousands of maps).
+    16 times less work on a class of thousands of maps); :class:`DisplaySample` gathers the same sample
+    chunk by chunk.
     """
-    lo, hi = np.percentile(maps[:, ::4, ::4].astype(np.float32), [0.1, 99.9])
-    return float(lo), float(max(hi, lo + 1e-12))
+    sample = DisplaySample(len(maps))
+    sample.add(maps)
+    return sample.range()
+
+
+class DisplaySample:
+    """The sample of a class's maps that :func:`class_range` reads, gathered chunk by chunk in bounded memory.
+
+    Every 4th pixel of each row and column of every image, or of every k-th image when the class has more
+    than ``max_images`` (so at most ``max_images`` x (H/4) x (W/4) values are held).
+    """
+
+    def __init__(self, n_images: int, max_images: int = SAMPLE_IMAGES) -> None:
+        self.step = max(1, -(-n_images // max_images))
+        self.seen = 0
+        self.parts: list[np.ndarray] = []
+
+    def add(self, maps: np.ndarray) -> None:
+        first = (-self.seen) % self.step  # the first image of this chunk whose index is a multiple of step
+        self.parts.append(np.asarray(maps[first::self.step, ::4, ::4], np.float32).ravel())
+        self.seen += len(maps)
+
+    def range(self) -> tuple[float, float]:
+        lo, hi = np.percentile(np.concatenate(self.parts), [0.1, 99.9])
+        return float(lo), float(max(hi, lo + 1e-12))
 
 
 class StripFigure:
@@ -142,44 +169,46 @@ def strip_columns(truth: str | None) -> list[str]:
     return ["input", "autoencoder", "reconstruction", MAP_COLUMN, "overlay", *([truth] if truth else [])]
 
 
-def finish_class(panels_dir: Path, folder: Path, class_name: str, arrays: dict[str, np.ndarray],
-                 display_range: tuple[float, float], scores: np.ndarray,
-                 decisions: dict[str, Any] | None = None) -> int:
+def finish_class(panels_dir: Path, folder: Path, class_name: str, chunks: Iterable[dict[str, np.ndarray]],
+                 display_range: tuple[float, float], scores: Mapping[str, float],
+                 decisions: dict[str, Any] | None = None, labelled: bool = True) -> int:
     """Render the finished strip of every image of one class that has raw panels; returns how many.
 
-    ``panels_dir/{class}/{name}.png`` holds the ``input | autoencoder | sample`` panels written while
-    scoring (:func:`write_strips`); the finished strip in ``folder/{class}/{name}.png`` adds the map, the
-    overlay and the ground truth (labelled data) or, with ``decisions`` (``{"image": {id: anomalous},
-    "image_threshold": t, "pixel_threshold": t or None}``), the decision mask ``map >= t`` and the
-    decision in the title.
+    ``chunks``: the class's images, ``{"ids", "maps", "masks"}`` a chunk (read one at a time);
+    ``scores``: image id -> image score. ``panels_dir/{class}/{name}.png`` holds the
+    ``input | autoencoder | sample`` panels written while scoring (:func:`write_strips`); the finished
+    strip in ``folder/{class}/{name}.png`` adds the map, the overlay and the ground truth (``labelled``
+    data) or, with ``decisions`` (``{"image": {id: anomalous}, "image_threshold": t, "pixel_threshold": t
+    or None}``), the decision mask ``map >= t`` and the decision in the title.
     """
-    truth = "ground truth" if decisions is None else None
+    truth = "ground truth" if decisions is None and labelled else None
     if decisions is not None and decisions.get("pixel_threshold") is not None:
         truth = f"map >= {decisions['pixel_threshold']:.4g}"
-    elif decisions is None and not (arrays["labels"] >= 0).all():
-        truth = None  # unlabelled images: nothing to show as ground truth
     strip = StripFigure(strip_columns(truth), display_range)
     done = 0
-    for image_id, amap, mask, score in zip(arrays["ids"], arrays["maps"], arrays["masks"], scores):
-        rel = visual_path(class_name, str(image_id))
-        raw_path = panels_dir / rel
-        if not raw_path.is_file():
-            continue
-        raw = np.asarray(Image.open(raw_path).convert("RGB"))
-        h = raw.shape[0]
-        inp, ae, rec = raw[:, :h], raw[:, h:2 * h], raw[:, 2 * h:3 * h]
-        panels = [inp, ae, rec, amap.astype(np.float32), overlay(inp, amap, display_range)]
-        title, color = f"{image_id}  ({class_name})   image score {score:.4g}", "black"
-        if decisions is not None:
-            anomalous = bool(decisions["image"][str(image_id)])
-            title += f"   -> {'ANOMALOUS' if anomalous else 'normal'} (threshold {decisions['image_threshold']:.4g})"
-            color = "tab:red" if anomalous else "tab:green"
-            if truth:
-                panels.append(((amap >= decisions["pixel_threshold"]) * 255).astype(np.uint8))
-        elif truth:
-            panels.append(mask)
-        strip.render(folder / rel, panels, title, color)
-        done += 1
+    for chunk in chunks:
+        for image_id, amap, mask in zip(chunk["ids"].tolist(), chunk["maps"], chunk["masks"]):
+            rel = visual_path(class_name, str(image_id))
+            raw_path = panels_dir / rel
+            if not raw_path.is_file():
+                continue
+            raw = np.asarray(Image.open(raw_path).convert("RGB"))
+            h = raw.shape[0]
+            inp, ae, rec = raw[:, :h], raw[:, h:2 * h], raw[:, 2 * h:3 * h]
+            panels = [inp, ae, rec, amap.astype(np.float32), overlay(inp, amap, display_range)]
+            score = scores[str(image_id)]
+            title, color = f"{image_id}  ({class_name})   image score {score:.4g}", "black"
+            if decisions is not None:
+                anomalous = bool(decisions["image"][str(image_id)])
+                title += (f"   -> {'ANOMALOUS' if anomalous else 'normal'} "
+                          f"(threshold {decisions['image_threshold']:.4g})")
+                color = "tab:red" if anomalous else "tab:green"
+                if truth:
+                    panels.append(((amap >= decisions["pixel_threshold"]) * 255).astype(np.uint8))
+            elif truth:
+                panels.append(mask)
+            strip.render(folder / rel, panels, title, color)
+            done += 1
     return done
 
 
