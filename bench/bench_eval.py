@@ -10,16 +10,27 @@ load hits all of them; the best time of each is reported, with the 1-minute load
 (b) Write synthetic float16 maps to a temporary MapStore and run a full seven-metric evaluation
 streamed from it in a fresh child process per size; report the child's peak RSS (ru_maxrss from
 wait4) and time. The class size is fixed while the number of classes grows, so a flat RSS curve
-shows that memory follows the largest class, not the total; one extra single-class store of twice
-the class size shows the dependence on class size.
+shows that memory does not follow the total; one extra single-class store of twice the class size
+shows that it does not follow the class size either.
+(c) One class of ``--big_class`` maps (default 20,000, float32 as test.py stores them) evaluated the
+way test.py evaluates a run (vlmdiff.testing.evaluate_run: metrics, curves, thresholds, scores.csv),
+in a child process, against the previous in-memory code (the whole class loaded, its negative pixels
+sorted: tests/reference_metrics.py) in another child of the same run: peak RSS, seconds and the largest
+difference between the two sets of metric values. The in-memory child is skipped when the machine's
+available memory is short of its estimate (``--no_in_memory`` skips it always).
 
-Prints a table and writes JSON to bench/results/eval.json.
+    python bench/bench_eval.py                          # all three, about 25 minutes on 2 cores
+    python bench/bench_eval.py --only big_class         # (c) only
+    python bench/bench_eval.py --quick                  # a smoke run
+
+Prints tables and writes JSON to bench/results/eval.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -151,17 +162,85 @@ def child_eval(store_dir: str) -> None:
     """Child mode: stream a full official evaluation from the store, print JSON on stdout."""
     store = MapStore(store_dir)
     t0 = time.perf_counter()
-    n = 0
+    sources = list(store.class_sources())
+    res = metrics.evaluate_stream(sources)
+    print(json.dumps({"seconds": time.perf_counter() - t0, "n_maps": sum(len(s) for _, s in sources),
+                      "classes": len(res["per_class"]), "mean": res["mean"]}))
 
-    def items():
-        nonlocal n
-        for cls, arrays in store.iter_classes():
-            n += len(arrays["ids"])
-            yield cls, arrays["maps"], arrays["masks"]
 
-    res = metrics.evaluate_stream(items())
-    print(json.dumps({"seconds": time.perf_counter() - t0, "n_maps": n, "classes": len(res["per_class"]),
-                      "mean": res["mean"]}))
+def child_run(run_dir: str, protocol: str) -> None:
+    """Child mode: evaluate the run folder as test.py does (streamed), print JSON on stdout."""
+    from vlmdiff.testing import evaluate_run
+
+    t0 = time.perf_counter()
+    res = evaluate_run(Path(run_dir), protocol, "paper")
+    print(json.dumps({"seconds": time.perf_counter() - t0, "metrics": res}))
+
+
+def child_in_memory(run_dir: str, protocol: str) -> None:
+    """Child mode: the previous evaluation of a class: loaded whole, then tests/reference_metrics.py."""
+    from tests import reference_metrics
+
+    t0 = time.perf_counter()
+    out: dict = {}
+    for cls, arrays in MapStore(Path(run_dir) / "maps").iter_classes():
+        rows = reference_metrics.evaluate_class(cls, arrays["maps"], arrays["masks"], protocol, "paper", 0.0)
+        for p, row in rows.items():
+            out.setdefault(p, {"per_class": {}})["per_class"][cls] = row
+        del arrays
+    print(json.dumps({"seconds": time.perf_counter() - t0, "metrics": out}))
+
+
+def write_run(root: Path, n_maps: int, dtype: str, seed: int, batch: int = 100) -> Path:
+    """A run folder holding one class of ``n_maps`` synthetic maps, as test.py leaves it after scoring."""
+    store = MapStore(root / "maps", dtype=dtype)
+    rng = np.random.default_rng(seed)
+    for b in range(0, n_maps, batch):
+        n = min(batch, n_maps - b)
+        maps, masks = synthetic_batch(rng, n)
+        ids = [f"big/img{b + i:06d}" for i in range(n)]
+        store.write(f"{b:08d}", ids, ["big"] * n, maps, masks, masks.reshape(n, -1).max(axis=1) > 0, np.zeros(n))
+    (root / "manifest.json").write_text(json.dumps({"data": {}, "map_dtype": dtype}))
+    return root
+
+
+def available_mib() -> float:
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 1024.0
+
+
+def bench_big_class(args: argparse.Namespace) -> dict:
+    """(c): the streamed evaluation of one large class against the in-memory one, in one run."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench_eval_big_", dir=args.tmp))
+    try:
+        t0 = time.perf_counter()
+        run = write_run(tmp / "run", args.big_class, args.big_dtype, seed=3)
+        size_gib = sum(f.stat().st_size for f in (run / "maps").rglob("*.npz")) / 2**30
+        print(f"\n(c) one class of {args.big_class} {args.big_dtype} maps of {SIZE}x{SIZE} ({size_gib:.1f} GiB on disk, "
+              f"written in {time.perf_counter() - t0:.0f} s), protocol {args.protocol}", flush=True)
+        out = {"maps": args.big_class, "store_dtype": args.big_dtype, "store_gib": size_gib, "protocol": args.protocol}
+        res, rss = run_child(["--_child_run", str(run), "--protocol", args.protocol])
+        out["streamed"] = {"seconds": res["seconds"], "peak_rss_mib": rss, "load_average_1min": load_average()}
+        rows = [["streamed (vlmdiff.testing.evaluate_run)", f"{rss:.0f}", f"{res['seconds']:.0f}"]]
+        # the in-memory code holds maps, masks, ground truth and the sorted negatives: ~0.75 MiB a 256x256 map
+        need = 0.75 * args.big_class * (1.0 if args.big_dtype == "float32" else 0.75) + 1024
+        if args.no_in_memory or available_mib() < need:
+            print(f"in-memory evaluation skipped: needs ~{need:.0f} MiB, {available_mib():.0f} MiB available", flush=True)
+        else:
+            ref, ref_rss = run_child(["--_child_in_memory", str(run), "--protocol", args.protocol])
+            diffs = [abs(a - b) for p, sub in ref["metrics"].items() for cls, row in sub["per_class"].items()
+                     for k, a in row.items() if a is not None
+                     for b in [res["metrics"][p]["per_class"][cls][k]]]
+            out["in_memory"] = {"seconds": ref["seconds"], "peak_rss_mib": ref_rss,
+                                "max_metric_difference": max(diffs), "load_average_1min": load_average()}
+            rows.append(["previous in-memory code (tests/reference_metrics.py)", f"{ref_rss:.0f}",
+                         f"{ref['seconds']:.0f}"])
+        print(table(["evaluation of the class", "peak RSS MiB", "seconds"], rows))
+        if "in_memory" in out:
+            print(f"largest difference between the two sets of metric values: {out['in_memory']['max_metric_difference']:.2e}")
+        return out
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -173,7 +252,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--class_size", type=int, default=1000, help="maps per class in (b)")
     p.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     p.add_argument("--output", default=str(ROOT / "bench" / "results" / "eval.json"))
+    p.add_argument("--big_class", type=int, default=20000, help="maps in the single class of (c)")
+    p.add_argument("--big_dtype", default="float32", choices=("float32", "float16"), help="map storage in (c)")
+    p.add_argument("--protocol", default="official", choices=("official", "legacy", "both"), help="metrics of (c)")
+    p.add_argument("--no_in_memory", action="store_true", help="skip the previous in-memory evaluation in (c)")
+    p.add_argument("--only", default=None, choices=("aupro", "memory_curve", "big_class"), help="run one part only")
     p.add_argument("--tmp", default=None, help="folder for the temporary stores (default: system temp)")
+    p.add_argument("--_child_run", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_child_in_memory", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_child_eval", default=None, help=argparse.SUPPRESS)
     p.add_argument("--_child_idle", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -184,20 +270,45 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args._child_eval:
         child_eval(args._child_eval)
         return {}
+    if args._child_run:
+        child_run(args._child_run, args.protocol)
+        return {}
+    if args._child_in_memory:
+        child_in_memory(args._child_in_memory, args.protocol)
+        return {}
     if args._child_idle:  # imports only: the RSS floor of a child
         print(json.dumps({"seconds": 0.0}))
         return {}
     if args.quick:
-        args.n_images, args.sizes, args.class_size = 20, "100,300", 100
+        args.n_images, args.sizes, args.class_size, args.big_class = 20, "100,300", 100, 300
     sizes = [int(s) for s in args.sizes.split(",")]
     if any(s % args.class_size for s in sizes):
         raise SystemExit(f"--sizes must be multiples of --class_size {args.class_size}")
+    parts = [args.only] if args.only else ["aupro", "memory_curve", "big_class"]
+    _, idle_rss = run_child(["--_child_idle"])
+    print(f"child RSS after imports alone: {idle_rss:.0f} MiB", flush=True)
+    result: dict = {"child_idle_rss_mib": idle_rss,
+                    "settings": {"n_images": args.n_images, "sizes": sizes, "class_size": args.class_size,
+                                 "map_size": SIZE, "big_class": args.big_class, "big_dtype": args.big_dtype,
+                                 "protocol": args.protocol}}
+    if "aupro" in parts:
+        result["aupro_timing"] = part_aupro(args)
+    if "memory_curve" in parts:
+        result["memory_curve"] = part_memory_curve(args, sizes)
+    if "big_class" in parts:
+        result["big_class"] = bench_big_class(args)
+    write_results("eval", result, args.output)
+    print(f"\nwrote {args.output}")
+    return result
 
+
+def part_aupro(args: argparse.Namespace) -> dict:
+    """(a)."""
     print(f"(a) exact AU-PRO vs 200-threshold legacy loops, {args.n_images} maps of {SIZE}x{SIZE}, "
           f"best of {args.repeats}, load {load_average():.2f}", flush=True)
     a = bench_aupro(args.n_images, repeats=args.repeats, upstream_loop=not args.no_upstream_loop)
-    rows = [["exact, sort-based (all 4 pixel metrics)", a["exact_s"], "1x", f"{a['aupro_exact']:.4f} (official)"],
-            ["legacy, vectorised (vlmdiff.metrics.legacy_aupro)", a["legacy_s"], f"{a['speedup']:.1f}x",
+    rows = [["exact (all 4 pixel metrics)", a["exact_s"], "1x", f"{a['aupro_exact']:.4f} (official)"],
+            ["legacy, one pass (vlmdiff.metrics.legacy_aupro)", a["legacy_s"], f"{a['speedup']:.1f}x",
              f"{a['aupro_legacy']:.4f}"]]
     if "legacy_upstream_loop_s" in a:
         rows.append(["legacy, upstream-style loop (skimage labels per threshold)", a["legacy_upstream_loop_s"],
@@ -205,16 +316,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(table(["AU-PRO computation", "seconds", "time / exact", "AU-PRO"], rows))
     print(f"load average during (a): {min(a['load_average_1min']):.2f}..{max(a['load_average_1min']):.2f}",
           flush=True)
+    return a
 
-    _, idle_rss = run_child(["--_child_idle"])
+
+def part_memory_curve(args: argparse.Namespace, sizes: list[int]) -> list[dict]:
+    """(b)."""
     tmp = Path(tempfile.mkdtemp(prefix="bench_eval_", dir=args.tmp))
     rows = []
     try:
         t0 = time.perf_counter()
         write_store(tmp / "master", max(sizes) // args.class_size, args.class_size, seed=1)
         write_store(tmp / "big_class", 1, 2 * args.class_size, seed=2)
-        print(f"\n(b) wrote {max(sizes) + 2 * args.class_size} float16 maps in {time.perf_counter() - t0:.0f} s; "
-              f"child RSS after imports alone: {idle_rss:.0f} MiB", flush=True)
+        print(f"\n(b) wrote {max(sizes) + 2 * args.class_size} float16 maps in {time.perf_counter() - t0:.0f} s",
+              flush=True)
         configs = [(s // args.class_size, args.class_size,
                     linked_store(tmp / "master", tmp / f"n{s}", s // args.class_size)) for s in sizes]
         configs.append((1, 2 * args.class_size, tmp / "big_class"))
@@ -229,12 +343,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                   f"| {row['maps'] / row['eval_s']:.0f} |", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    result = {"aupro_timing": a, "memory_curve": rows, "child_idle_rss_mib": idle_rss,
-              "settings": {"n_images": args.n_images, "sizes": sizes, "class_size": args.class_size,
-                           "map_size": SIZE, "store_dtype": "float16", "protocol": "official"}}
-    write_results("eval", result, args.output)
-    print(f"\nwrote {args.output}")
-    return result
+    return rows
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from utils.io import atomic_open
-from vlmdiff.data.dataset import IMAGENET_MEAN as _MEAN, IMAGENET_STD as _STD
+from vlmdiff.data.common import IMAGENET_MEAN as _MEAN, IMAGENET_STD as _STD  # no torchvision: evaluation needs none
 
 IMAGENET_MEAN = torch.tensor(_MEAN).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor(_STD).view(1, 3, 1, 1)

@@ -20,6 +20,8 @@ from utils.errors import UserError
 IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 NORMAL_DEFECT = "good"
 MASK_ORDERS = ("resize_first", "binarize_first")  # the first is upstream's and the default
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the normalisation of every model input (not [-1, 1])
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)

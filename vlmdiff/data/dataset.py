@@ -29,13 +29,11 @@ from torchvision.transforms import InterpolationMode
 
 from utils.errors import UserError
 from vlmdiff.data.captions import load_captions, match_captions
-from vlmdiff.data.common import MASK_ORDERS, Record, load_mask, load_rgb, resize_mask
+from vlmdiff.data.common import IMAGENET_MEAN, IMAGENET_STD, MASK_ORDERS, Record, load_mask, load_rgb, resize_mask
 from vlmdiff.data.registry import canonical_name, check_split, index_dataset
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 ITEM_KEYS = ("image", "hint", "caption", "mask", "filename", "class_name", "label")
 
 
