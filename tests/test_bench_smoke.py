@@ -31,11 +31,14 @@ def test_training_benchmark_tiny(tmp_path):
 
 
 def test_eval_benchmark_tiny(tmp_path):
-    out = bench_eval.main(["--n_images", "4", "--sizes", "20", "--class_size", "20", "--output",
-                           str(tmp_path / "eval.json"), "--tmp", str(tmp_path)])
+    out = bench_eval.main(["--n_images", "4", "--sizes", "20", "--class_size", "20", "--big_class", "30",
+                           "--protocol", "both", "--output", str(tmp_path / "eval.json"), "--tmp", str(tmp_path)])
     a = out["aupro_timing"]
     assert abs(a["aupro_legacy_upstream_loop"] - a["aupro_legacy"]) < 1e-9  # the two legacy loops agree
     assert [r["maps"] for r in out["memory_curve"]] == [20, 40]
+    big = out["big_class"]  # streamed and the previous in-memory evaluation of one class, in one run
+    assert big["maps"] == 30 and big["streamed"]["peak_rss_mib"] > 0
+    assert big["in_memory"]["max_metric_difference"] < 1e-9
 
 
 def test_report_benchmark_tiny(tmp_path):

@@ -181,3 +181,34 @@ def test_order_keys_sort_like_the_floats() -> None:
         assert np.array_equal(np.argsort(keys, kind="stable"), np.argsort(v + 0.0, kind="stable"))
         assert CM.order_keys(np.array([-0.0], dtype))[0] == CM.order_keys(np.array([0.0], dtype))[0]
         np.testing.assert_array_equal(CM.key_values(keys, np.dtype(dtype)), v + 0.0)
+
+
+def test_display_range_from_chunks() -> None:
+    """The display range gathered chunk by chunk equals the one of the whole class, and holds a bounded sample."""
+    from vlmdiff.visuals import DisplaySample, class_range
+
+    rng = np.random.default_rng(2)
+    maps = rng.random((50, 32, 32)).astype(np.float32)
+    whole = np.percentile(maps[:, ::4, ::4], [0.1, 99.9])
+    sample = DisplaySample(len(maps))
+    for a in range(0, 50, 7):
+        sample.add(maps[a:a + 7])
+    assert sample.range() == pytest.approx(tuple(whole), abs=1e-6) == class_range(maps)
+    bounded = DisplaySample(len(maps), max_images=8)  # every 7th image: 0, 7, ..., 49
+    for a in range(0, 50, 3):
+        bounded.add(maps[a:a + 3])
+    assert sum(len(p) for p in bounded.parts) == 8 * 8 * 8
+    assert bounded.range() == pytest.approx(tuple(np.percentile(maps[::7, ::4, ::4], [0.1, 99.9])), abs=1e-6)
+
+
+def test_tables_and_negatives_cut_in_slices_give_the_same_results(monkeypatch) -> None:
+    """Tables are fed to the accumulator, and negatives counted, :data:`vlmdiff.curves.SLICE` values at a time."""
+    rng = np.random.default_rng(4)
+    maps = rng.integers(0, 60, (3, 24, 24)).astype(np.float32) / 7
+    gt = rng.random((3, 24, 24)) < 0.3
+    whole = M.pixel_metrics(maps, gt, keep_curves=True)
+    monkeypatch.setattr(C, "SLICE", 5)
+    sliced = M.pixel_metrics(maps, gt, keep_curves=True)
+    assert all(_same(whole[k], sliced[k], 1e-12) for k in ("auroc", "ap", "f1max", "aupro"))
+    a, b = plots._ranking_curves(whole), plots._ranking_curves(sliced)
+    assert all(a[curve] == b[curve] for curve in ("roc", "pr", "pro"))  # the same points (AP is summed in pieces)

@@ -33,6 +33,7 @@ import torch
 from scipy import ndimage
 
 from utils.errors import UserError
+from utils.memory import release_free_memory
 from vlmdiff import scoring
 from vlmdiff.curves import CurveAccumulator, bin_negatives, descending_table, table_from_sorted
 
@@ -164,6 +165,8 @@ def _read(source: ClassSource, name: str, mask_threshold: float, dtype: np.dtype
         first += len(maps)
         ids = raw.get("ids")
         yield _Chunk(np.asarray(maps, work), gt, None if ids is None else np.asarray(ids))
+        del raw, maps, gt
+        release_free_memory()  # the chunk's work is freed: keep the heap from growing with the class
 
 
 # --------------------------------------------------------------------------- the scan
@@ -291,7 +294,7 @@ class _Table:
     binned: np.ndarray  # (2 m + 2,) see vlmdiff.curves.bin_negatives
 
     def bin(self, chunk_neg: np.ndarray, keys: np.ndarray | None) -> None:
-        self.binned += bin_negatives(self.values, chunk_neg if keys is None else chunk_neg[_inside(keys, self.lo, self.hi)])
+        bin_negatives(self.values, chunk_neg if keys is None else chunk_neg[_inside(keys, self.lo, self.hi)], self.binned)
 
 
 def _table(values: np.ndarray, areas: np.ndarray, lo: int, hi: int, singles: dict[int, list] | None = None,
@@ -414,8 +417,12 @@ def pixel_passes(s: Scan, source: ClassSource, name: str, mask_threshold: float,
         if legacy_counts is not None:  # counted in the first pass
             legacy_aupro, legacy_counts = legacy_counts.aupro(s.n_neg, s.n_regions, fpr_limit), None
         if table is not None:
-            acc.add(**descending_table(table.values, table.counts, table.sums, table.binned))
+            for piece in descending_table(table.values, table.counts, table.sums, table.binned):
+                acc.add(**piece)
+                release_free_memory()
+        table = None  # freed before the next table is built
         table = collector.table() if collector is not None else None
+        release_free_memory()
     return acc.finish(), legacy_aupro
 
 
@@ -456,5 +463,8 @@ def ranking(scores: np.ndarray, labels: np.ndarray, resolution: float | None = N
     pos = np.sort(scores[labels])
     values, counts, _ = table_from_sorted(pos)
     acc = CurveAccumulator(len(pos), len(scores) - len(pos), resolution=resolution)
-    acc.add(**descending_table(values, counts, None, bin_negatives(values, scores[~labels])))
+    binned = np.zeros(2 * len(values) + 2, np.int64)
+    bin_negatives(values, scores[~labels], binned)
+    for piece in descending_table(values, counts, None, binned):
+        acc.add(**piece)
     return acc.finish()

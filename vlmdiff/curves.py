@@ -27,7 +27,7 @@ This is written by hand because no library computes exact curves from pieces in 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -259,26 +259,35 @@ def table_from_sorted(values: np.ndarray, weights: np.ndarray | None = None
     return values[starts], counts, sums
 
 
-def bin_negatives(table: np.ndarray, negatives: np.ndarray) -> np.ndarray:
-    """Counts of ``negatives`` around the ascending ``table`` of distinct scores: ``(2 m + 2,)``.
+SLICE = 1 << 20  # values handled at once where a table or a chunk is cut in pieces (bounds the temporaries)
+
+
+def bin_negatives(table: np.ndarray, negatives: np.ndarray, out: np.ndarray) -> None:
+    """Add the counts of ``negatives`` around the ascending ``table`` of distinct scores to ``out`` ``(2 m + 2,)``.
 
     Entry ``2 j`` counts the negatives strictly between ``table[j - 1]`` and ``table[j]`` (``j = m``: above
-    the last), entry ``2 j + 1`` those equal to ``table[j]``. The negatives are sorted first: a binary
-    search with ascending keys stays in the cache.
+    the last), entry ``2 j + 1`` those equal to ``table[j]``. :data:`SLICE` negatives at a time, each slice
+    sorted first: a binary search with ascending keys stays in the cache, and the sorted keys are counted
+    by their runs.
     """
     m = len(table)
-    s = np.sort(negatives)
-    j = np.searchsorted(table, s, side="left")
-    equal = np.zeros(len(s), np.int64)
-    inside = j < m
-    equal[inside] = table[j[inside]] == s[inside]
-    return np.bincount(2 * j + equal, minlength=2 * m + 2)
+    for a in range(0, len(negatives), SLICE):
+        s = np.sort(negatives[a:a + SLICE])
+        j = np.searchsorted(table, s, side="left")
+        key = 2 * j
+        inside = j < m
+        key[inside] += table[j[inside]] == s[inside]
+        starts = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))  # keys ascend: count their runs
+        out[key[starts]] += np.diff(np.append(starts, len(key)))
 
 
 def descending_table(table: np.ndarray, counts: np.ndarray, sums: np.ndarray | None, binned: np.ndarray
-                     ) -> dict[str, Any]:
-    """The arguments of :meth:`CurveAccumulator.add` from an ascending table and :func:`bin_negatives` counts."""
+                     ) -> Iterator[dict[str, Any]]:
+    """The arguments of :meth:`CurveAccumulator.add` from an ascending table and its :func:`bin_negatives`
+    counts, in pieces of :data:`SLICE` values from the top (the accumulator's temporaries stay small)."""
     m = len(table)
-    return {"above": int(binned[2 * m]), "values": table[::-1], "count": counts[::-1],
-            "equal": binned[1:2 * m:2][::-1], "below": binned[0:2 * m:2][::-1],
-            "weight": None if sums is None else sums[::-1]}
+    for hi in range(m, 0, -SLICE) if m else [0]:
+        lo = max(hi - SLICE, 0)
+        yield {"above": int(binned[2 * m]) if hi == m else 0, "values": table[lo:hi][::-1],
+               "count": counts[lo:hi][::-1], "equal": binned[2 * lo + 1:2 * hi:2][::-1],
+               "below": binned[2 * lo:2 * hi:2][::-1], "weight": None if sums is None else sums[lo:hi][::-1]}

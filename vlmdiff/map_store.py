@@ -37,6 +37,7 @@ import torch
 
 from utils.errors import UserError
 from utils.io import atomic_open
+from utils.memory import release_free_memory
 
 logger = logging.getLogger(__name__)
 
@@ -276,3 +277,5 @@ class StoredClass:
             if not np.array_equal(chunk["ids"], ids):
                 raise UserError(f"{path}: changed while being read; re-run the evaluation")
             yield {**{k: chunk[k] for k in keys}, "path": path}
+            del chunk
+            release_free_memory()  # what the caller did with the chunk is freed: keep the heap from growing
