@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 from scipy import ndimage
@@ -18,11 +18,11 @@ from utils.errors import UserError
 import torch
 
 from vlmdiff import scoring
+from vlmdiff.curves import thin
 from vlmdiff.metrics import FPR_LIMIT, LEGACY_NUM_THRESHOLDS, _protocols, _to_numpy, binarize_masks
 
 logger = logging.getLogger(__name__)
 _BATCH = 64
-RESOLUTION = 1e-3
 
 
 def _check_maps(maps: Any, where: str) -> np.ndarray:
@@ -294,24 +294,8 @@ def evaluate_class(name: str, maps: Any, masks: Any, protocol: str, image_poolin
     return out
 
 
-# The report's curve points as they were made from the curves above (vlmdiff/plots.py before streaming).
-def thin(x: np.ndarray, y: np.ndarray, resolution: float = RESOLUTION, keep: Sequence[int] = ()) -> np.ndarray:
-    """Indices of the points of the polyline ``(x, y)`` kept at ``resolution``.
-
-    The path length ``sum |dx| + |dy|`` is cut into bins of ``resolution``; the first and the last
-    point of every bin are kept (and the ends and ``keep``), so every dropped stretch is shorter than
-    ``resolution``. On a monotone curve that moves an area by less than ``resolution**2 / 8`` per bin,
-    ``resolution / 4`` in all.
-    """
-    n = len(x)
-    if n <= 2:
-        return np.arange(n)
-    s = np.concatenate(([0.0], np.cumsum(np.abs(np.diff(x)) + np.abs(np.diff(y)))))
-    b = np.floor(s / resolution).astype(np.int64)
-    edge = np.flatnonzero(b[1:] != b[:-1])  # last point of a bin; edge + 1 is the first of the next
-    return np.unique(np.concatenate(([0, n - 1], edge, edge + 1, np.asarray(keep, dtype=np.int64))))
-
-
+# The report's curve points as they were made from the curves above (vlmdiff/plots.py before streaming;
+# thin() itself is unchanged and lives in vlmdiff.curves).
 def _list(a: np.ndarray, digits: int | None = 7) -> list[float]:
     """Plain floats (rounded to ``digits``; None: exact, for thresholds)."""
     return [float(v) if digits is None else round(float(v), digits) for v in a]

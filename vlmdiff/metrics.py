@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
-import torch
 
 from utils.cli import HelpFormatter, run_main, setup_logging
 from utils.errors import UserError
 from utils.io import write_json
 from vlmdiff import scoring
-from vlmdiff.class_metrics import (LEGACY_NUM_THRESHOLDS, POSITIVE_BUDGET, ArrayClass, ClassSource, _to_numpy,
-                                    binarize_masks, evaluate_source, pixel_passes, ranking, scan)
+from vlmdiff.class_metrics import LEGACY_NUM_THRESHOLDS, binarize_masks  # noqa: F401  (public here too)
+from vlmdiff.class_metrics import (POSITIVE_BUDGET, ArrayClass, ClassSource, _to_numpy, evaluate_source, pixel_passes,
+                                    ranking, scan)
 from vlmdiff.curves import RESOLUTION
 
 logger = logging.getLogger(__name__)
