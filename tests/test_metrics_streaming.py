@@ -202,13 +202,35 @@ def test_display_range_from_chunks() -> None:
 
 
 def test_tables_and_negatives_cut_in_slices_give_the_same_results(monkeypatch) -> None:
-    """Tables are fed to the accumulator, and negatives counted, :data:`vlmdiff.curves.SLICE` values at a time."""
+    """Tables are fed to the accumulator, and negatives counted, :data:`vlmdiff.curves.SLICE` values at a time,
+    negatives sorted :data:`vlmdiff.curves.SORT_SLICE` at a time (both ways of counting them)."""
     rng = np.random.default_rng(4)
     maps = rng.integers(0, 60, (3, 24, 24)).astype(np.float32) / 7
     gt = rng.random((3, 24, 24)) < 0.3
     whole = M.pixel_metrics(maps, gt, keep_curves=True)
     monkeypatch.setattr(C, "SLICE", 5)
+    monkeypatch.setattr(C, "SORT_SLICE", 13)
     sliced = M.pixel_metrics(maps, gt, keep_curves=True)
     assert all(_same(whole[k], sliced[k], 1e-12) for k in ("auroc", "ap", "f1max", "aupro"))
     a, b = plots._ranking_curves(whole), plots._ranking_curves(sliced)
     assert all(a[curve] == b[curve] for curve in ("roc", "pr", "pro"))  # the same points (AP is summed in pieces)
+
+
+def test_both_ways_of_counting_negatives_agree() -> None:
+    """Table values looked up among sorted negatives, or negatives among the table: the same counts."""
+    rng = np.random.default_rng(8)
+    for _ in range(50):
+        table = np.unique(rng.integers(0, 30, int(rng.integers(0, 12)))).astype(np.float32)
+        negatives = rng.integers(-2, 33, int(rng.integers(0, 80))).astype(np.float32)
+        expected = np.zeros(2 * len(table) + 2, np.int64)
+        for v in negatives:  # by definition
+            j = int(np.searchsorted(table, v, side="left"))
+            expected[2 * j + int(j < len(table) and table[j] == v)] += 1
+        for sort_slice in (1, 4, 1000):  # 1000: few table values, looked up among the negatives
+            got = np.zeros_like(expected)
+            C.SORT_SLICE, saved = sort_slice, C.SORT_SLICE
+            try:
+                C.bin_negatives(table, negatives, got)
+            finally:
+                C.SORT_SLICE = saved
+            np.testing.assert_array_equal(got, expected)

@@ -260,25 +260,38 @@ def table_from_sorted(values: np.ndarray, weights: np.ndarray | None = None
 
 
 SLICE = 1 << 20  # values handled at once where a table or a chunk is cut in pieces (bounds the temporaries)
+SORT_SLICE = 1 << 22  # negatives sorted at once by bin_negatives
 
 
 def bin_negatives(table: np.ndarray, negatives: np.ndarray, out: np.ndarray) -> None:
     """Add the counts of ``negatives`` around the ascending ``table`` of distinct scores to ``out`` ``(2 m + 2,)``.
 
     Entry ``2 j`` counts the negatives strictly between ``table[j - 1]`` and ``table[j]`` (``j = m``: above
-    the last), entry ``2 j + 1`` those equal to ``table[j]``. :data:`SLICE` negatives at a time, each slice
-    sorted first: a binary search with ascending keys stays in the cache, and the sorted keys are counted
-    by their runs.
+    the last), entry ``2 j + 1`` those equal to ``table[j]``. The negatives are sorted :data:`SORT_SLICE` at
+    a time. Where fewer table values than negatives fall in a slice's range, the table values are looked
+    up among the sorted negatives; otherwise the negatives among the table, :data:`SLICE` at a time (a
+    binary search with ascending keys stays in the cache), and counted by the runs of their sorted slots.
     """
     m = len(table)
-    for a in range(0, len(negatives), SLICE):
-        s = np.sort(negatives[a:a + SLICE])
-        j = np.searchsorted(table, s, side="left")
-        key = 2 * j
-        inside = j < m
-        key[inside] += table[j[inside]] == s[inside]
-        starts = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))  # keys ascend: count their runs
-        out[key[starts]] += np.diff(np.append(starts, len(key)))
+    for a in range(0, len(negatives), SORT_SLICE):
+        s = np.sort(negatives[a:a + SORT_SLICE])
+        lo = int(np.searchsorted(table, s[0], side="left")) if len(s) else 0
+        hi = int(np.searchsorted(table, s[-1], side="right")) if len(s) else 0
+        if 2 * (hi - lo) < len(s):  # few table values here: where each falls among the negatives
+            left = np.searchsorted(s, table[lo:hi], side="left")
+            right = np.searchsorted(s, table[lo:hi], side="right")
+            out[2 * lo + 1:2 * hi:2] += right - left
+            out[2 * lo:2 * hi:2] += left - np.concatenate(([0], right[:-1]))
+            out[2 * hi] += len(s) - (int(right[-1]) if hi > lo else 0)
+            continue
+        for b in range(0, len(s), SLICE):
+            piece = s[b:b + SLICE]
+            j = np.searchsorted(table, piece, side="left")
+            key = 2 * j
+            inside = j < m
+            key[inside] += table[j[inside]] == piece[inside]
+            starts = np.flatnonzero(np.concatenate(([True], key[1:] != key[:-1])))  # keys ascend: count their runs
+            out[key[starts]] += np.diff(np.append(starts, len(key)))
 
 
 def descending_table(table: np.ndarray, counts: np.ndarray, sums: np.ndarray | None, binned: np.ndarray
