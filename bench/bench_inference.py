@@ -11,8 +11,10 @@ model and the same synthetic images, and produce anomaly maps and image scores:
   channels_last and bf16 autocast; opt-in rows: ``--channels_last`` on a CPU, ``--compile``.
 
 Always on in both (bit-identical or rounding-level changes in the library): the SG hint block runs
-once per sampling run instead of once per step, and the keys/values of a context shared by the
-whole batch are computed for one row. ``--ablation`` adds the intermediate steps, each measured.
+once per sampling run instead of once per step, the zero convolutions of the controls the UNet never
+reads are skipped, and a context shared by the whole batch has its keys/values computed for one row,
+which all the batch's queries attend to in one call (only ours has such a context: upstream's two
+passes concatenate theirs). ``--ablation`` adds the intermediate steps, each measured.
 Variants run in turn, ``--repeats`` times (interleaved, so load changes hit all of them); the
 best time counts. The maps of every variant are compared with upstream's way.
 
@@ -168,11 +170,12 @@ def component_profile(model: VLMDiff, extractor: FeatureExtractor, batch: int, d
         unet = model.model.diffusion_model
         emb = unet.embed_time(t)
         h, hs = unet.encode(z, emb, ctx)
-        control = model.control_model(z, x, t, ctx, hint)
+        skip = model.unused_controls()  # as apply_model runs it
+        control = model.control_model(z, x, t, ctx, hint, skip=skip)
     parts: list[tuple[str, int, Callable[[], Any]]] = [
         ("autoencoder encode", 1, lambda: model.encode_first_stage(x)),
         ("SG hint block (once per run)", 1, lambda: model.control_model.embed_hint(x)),
-        ("SG network without hint block", steps, lambda: model.control_model(z, x, t, ctx, hint)),
+        ("SG network without hint block", steps, lambda: model.control_model(z, x, t, ctx, hint, skip=skip)),
         ("UNet encoder half (frozen)", steps, lambda: unet.encode(z, emb, ctx)),
         ("UNet decoder half", steps, lambda: unet.decode(h + control[-1], hs, emb, ctx)),
         ("autoencoder decode", 1, lambda: model.decode_first_stage(z)),

@@ -96,5 +96,6 @@ class VLMDiff(LatentDiffusion):
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """eps (B,4,h,w) from the SG network's controls and the controlled UNet; ``cond``: context, hint
         and optionally guided_hint (:meth:`sampling_condition`)."""
-        control = self.control_model(x_noisy, cond["hint"], t, cond["context"], cond.get("guided_hint"))
+        control = self.control_model(x_noisy, cond["hint"], t, cond["context"], cond.get("guided_hint"),
+                                     skip=self.unused_controls())  # unread controls are None
         return self.model.diffusion_model(x_noisy, t, cond["context"], control, self.only_mid_control)

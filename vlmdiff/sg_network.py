@@ -16,6 +16,8 @@ All non-default initialisation (the zero convolutions) happens in :func:`zero_in
 
 from __future__ import annotations
 
+from typing import Collection
+
 import torch
 from torch import nn
 
@@ -78,12 +80,18 @@ class SGNetwork(nn.Module):
         return self.input_hint_block(hint)
 
     def forward(self, x: torch.Tensor, hint: torch.Tensor | None, timesteps: torch.Tensor,
-                context: torch.Tensor, guided_hint: torch.Tensor | None = None) -> list[torch.Tensor]:
+                context: torch.Tensor, guided_hint: torch.Tensor | None = None,
+                skip: Collection[int] = ()) -> list[torch.Tensor | None]:
         """13 controls; ``guided_hint`` = :meth:`embed_hint` of ``hint`` when already computed (``hint`` unused then).
 
         A sampler calls the network at every step with the same hint: computing its embedding once
-        per sampling run gives the same result for less work.
+        per sampling run gives the same result for less work. ``skip``: indices of controls the
+        caller does not read (:meth:`vlmdiff.model.VLMDiff.unused_controls`); their zero
+        convolutions are not run and their places hold None. The SFF's controls cannot be skipped.
         """
+        in_sff = set(skip) & {*self.sources, *self.targets}
+        if in_sff:
+            raise ValueError(f"controls {sorted(in_sff)} take part in the SFF and cannot be skipped")
         emb = embed_timesteps(self.time_embed, timesteps, self.unet_cfg.model_channels)  # (B or 1, 4*mc)
         if guided_hint is None:
             guided_hint = self.embed_hint(hint)  # (B, mc, h, w)
@@ -93,7 +101,7 @@ class SGNetwork(nn.Module):
             h = block(h, emb, context)
             if k == 0:
                 h = h + guided_hint
-            outs.append(zero_conv(h))
+            outs.append(None if k in skip else zero_conv(h))  # (B, C_k, h_k, w_k)
         h = self.middle_block(h, emb, context)
         outs.append(self.middle_block_out(h))
         if self.targets:

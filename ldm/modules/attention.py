@@ -47,18 +47,17 @@ class CrossAttention(nn.Module):
 
         A context that is one row broadcast over the batch (``expand``, batch stride 0: the empty
         caption of every image at test time) gets its keys and values computed once, for that row,
-        and broadcast; the result is the same and does not depend on the batch size.
+        and the batch's B*N queries attend to them as one sequence (one attention call of B*N rows
+        instead of B calls' worth of N rows against copies of the same keys). Every query row's
+        result is the same as with per-image keys, whatever the batch size.
         """
         b, n, _ = x.shape
-        if context is None:
-            k, v = self.to_k(x), self.to_v(x)  # (B, N, h*d)
-        elif b > 1 and context.stride(0) == 0:
-            k, v = (f(context[:1]).expand(b, -1, -1) for f in (self.to_k, self.to_v))  # (B, M, h*d), one row
-        else:
-            k, v = self.to_k(context), self.to_v(context)  # (B, M, h*d)
-        q = self.to_q(x)  # (B, N, h*d)
-        q, k, v = (t.reshape(b, t.shape[1], self.heads, -1).transpose(1, 2) for t in (q, k, v))  # (B, h, N|M, d)
-        out = attention(q, k, v, self.impl)  # (B, h, N, d)
+        if context is not None and b > 1 and context.stride(0) == 0:
+            x, context = x.reshape(1, b * n, -1), context[:1]  # (1, B*N, query_dim), (1, M, context_dim)
+        src = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(src), self.to_v(src)  # (B|1, N|B*N, h*d), (B|1, N|M, h*d) twice
+        q, k, v = (t.reshape(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2) for t in (q, k, v))  # (B|1, h, ., d)
+        out = attention(q, k, v, self.impl)  # (B|1, h, N|B*N, d)
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
 

@@ -11,6 +11,7 @@ import torch
 from ldm.config import DiffusionConfig
 from ldm.diffusion.ddim import ddim_parameters, ddim_timesteps
 from ldm.diffusion.schedule import q_sample, register_schedule, schedule_arrays
+from ldm.modules.attention import CrossAttention
 from ldm.modules.autoencoder import DiagonalGaussian
 from ldm.modules.unet import timestep_embedding
 from tests.fixture_models import assert_close, build_autoencoder, build_unet
@@ -67,6 +68,24 @@ def test_unet_math_attention_matches_sdpa(fixtures_dir):
     assert_close(outs[1], ref["eps_no_control"], atol=1e-4, rtol=1e-4, what="math attention")
     assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5, what="sdpa vs math")
 
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "math"])
+def test_cross_attention_shared_context(impl):
+    """A context that is one row broadcast over the batch (the empty caption at test time: keys and
+    values computed once, all queries in one call) gives every image the same result whatever the
+    batch size, and what per-image copies of the context give."""
+    torch.manual_seed(0)
+    attn = CrossAttention(16, 12, heads=2, dim_head=8, impl=impl).eval()
+    x = torch.randn(3, 10, 16)  # (B, N, query_dim)
+    row = torch.randn(1, 7, 12)  # (1, M, context_dim)
+    with torch.no_grad():
+        shared = attn(x, row.expand(3, -1, -1))
+        pair, single = attn(x[1:], row.expand(2, -1, -1)), attn(x[:1], row)
+        copies = attn(x, row.repeat(3, 1, 1))
+    assert shared.shape == (3, 10, 16)
+    assert torch.equal(shared[1:], pair) and torch.equal(shared[:1], single)
+    assert_close(shared, copies, atol=1e-6, rtol=1e-6, what=f"{impl}: shared context vs copies")
 
 def test_schedule_buffers_exact(misc):
     ref, meta = misc

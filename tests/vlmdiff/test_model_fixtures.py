@@ -41,6 +41,20 @@ def test_control_tensors_and_controlled_unet(fixtures_dir, tiny_nets):
                      what="eps_no_control")
 
 
+
+def test_skipped_controls(fixtures_dir, tiny_nets):
+    """Controls the UNet does not read can be left out (None); the others are unchanged, bit for bit."""
+    ref = torch.load(fixtures_dir / "unet_forward.pt")
+    sgn, _ = tiny_nets
+    args = (ref["x"], ref["hint"], ref["timesteps"], ref["context"])
+    with torch.no_grad():
+        full = sgn(*args)
+        part = sgn(*args, skip=range(6))
+    assert [c is None for c in part] == [i < 6 for i in range(len(full))]
+    assert all(torch.equal(a, b) for a, b in zip(full[6:], part[6:]))
+    with pytest.raises(ValueError, match="SFF"):
+        sgn(*args, skip=[6])
+
 def test_sd15_vlmdiff_names_and_shapes(fixtures_dir):
     ref = {k: tuple(v) for k, v in json.loads((fixtures_dir / "sd15_vlmdiff_keys.json").read_text()).items()}
     with torch.device("meta"):
@@ -69,9 +83,11 @@ def test_zero_init_and_trainable_split():
 
 
 def test_vlmdiff_apply_model_matches_fixture(fixtures_dir):
-    """The LightningModule's apply_model with the fixture weights reproduces eps_only_mid_control."""
+    """The LightningModule's apply_model with the fixture weights reproduces eps_only_mid_control
+    (leaving out the six controls only_mid_control does not read)."""
     ref = torch.load(fixtures_dir / "unet_forward.pt")
     model = build_vlmdiff(fixtures_dir)
+    assert model.unused_controls() == list(range(6))
     with torch.no_grad():
         eps = model.apply_model(ref["x"], ref["timesteps"], {"context": ref["context"], "hint": ref["hint"]})
     assert_close(eps, ref["eps_only_mid_control"], atol=1e-4, rtol=1e-4, what="apply_model")
