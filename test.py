@@ -46,7 +46,7 @@ from vlmdiff.cli import (add_caption_args, add_config_args, add_data_args, canon
                          load_split_captions, model_config_to_print, short_precision)
 from vlmdiff.data.common import MASK_ORDERS
 from vlmdiff.map_store import MapStore
-from vlmdiff.reconstruction import ReconstructionSettings
+from vlmdiff.reconstruction import BATCH_SIZE, ReconstructionSettings
 
 log = logging.getLogger("test")
 
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--guidance_scale", type=float, default=9.0,
                    help="classifier-free guidance scale (one pass when the caption is empty)")
     r.add_argument("--seed", type=int, default=1, help="seeds each image's noise together with its id")
-    r.add_argument("--batch_size", type=int, default=8, help="images per forward pass")
+    r.add_argument("--batch_size", type=int, default=BATCH_SIZE, help="images per forward pass")
     r.add_argument("--num_workers", type=int, default=None,
                    help="DataLoader workers (default: 4, at most the CPUs available)")
     r.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")

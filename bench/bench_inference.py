@@ -7,7 +7,8 @@ model and the same synthetic images, and produce anomaly maps and image scores:
   [uncond; cond], even though the empty caption makes them equal), attention as an explicit
   softmax(QK^T)V, float32, and the plain autoencoder reconstruction decoded too (upstream always
   decodes it for its visuals);
-* ours: batches, one pass when cond == uncond, SDPA attention, no visual-only decode; on CUDA also
+* ours: batches (by default of test.py's --batch_size, 8), one pass when cond == uncond, SDPA attention, no
+  visual-only decode; on CUDA also
   channels_last and bf16 autocast; opt-in rows: ``--channels_last`` on a CPU, ``--compile``.
 
 Always on in both (bit-identical or rounding-level changes in the library): the SG hint block runs
@@ -23,7 +24,8 @@ small random initialisation so that its controls matter. Feature extractor: ResN
 (the default), random weights.
 
     python bench/bench_inference.py --config mid --images 8 --batch 4
-    python bench/bench_inference.py --config tiny --images 8 --batch 4 --ablation
+    python bench/bench_inference.py --config tiny --ablation                  # ours at test.py's batch size, 8
+    python bench/bench_inference.py --config tiny --batch 4                   # ours at batch 4
     python bench/bench_inference.py --config sd15 --device cuda --images 16 --batch 8 --compile
 """
 
@@ -49,7 +51,7 @@ from vlmdiff.config import VLMDiffConfig, load_model_config  # noqa: E402
 from vlmdiff.data.dataset import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from vlmdiff.features import FeatureExtractor, build_feature_extractor  # noqa: E402
 from vlmdiff.model import VLMDiff  # noqa: E402
-from vlmdiff.reconstruction import ReconstructionSettings, reconstruct  # noqa: E402
+from vlmdiff.reconstruction import BATCH_SIZE, ReconstructionSettings, reconstruct  # noqa: E402
 from vlmdiff.scoring import anomaly_map, image_score  # noqa: E402
 from vlmdiff.sg_network import zero_initialised_modules  # noqa: E402
 
@@ -203,7 +205,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default="mid", help="model preset: tiny, mid, sd15")
     p.add_argument("--device", default="cpu")
     p.add_argument("--images", type=int, default=8, help="images per timed run (a multiple of --batch)")
-    p.add_argument("--batch", type=int, default=4, help="our batch size")
+    p.add_argument("--batch", type=int, default=BATCH_SIZE,
+                   help="our batch size (default: test.py's --batch_size default, which ours stands for)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the best time counts")
     p.add_argument("--ddim_steps", type=int, default=10)
     p.add_argument("--channels_last", action="store_true",
