@@ -7,9 +7,9 @@ model and the same synthetic images, and produce anomaly maps and image scores:
   [uncond; cond], even though the empty caption makes them equal), attention as an explicit
   softmax(QK^T)V, float32, and the plain autoencoder reconstruction decoded too (upstream always
   decodes it for its visuals);
-* ours: batches (by default of test.py's --batch_size, 8), one pass when cond == uncond, SDPA attention, no
-  visual-only decode; on CUDA also
-  channels_last and bf16 autocast; opt-in rows: ``--channels_last`` on a CPU, ``--compile``.
+* ours: batches (by default of test.py's --batch_size, 8), one pass when cond == uncond, SDPA
+  attention, no visual-only decode; on CUDA also channels_last and bf16 autocast; opt-in rows:
+  ``--channels_last`` on a CPU, ``--compile``.
 
 Always on in both (bit-identical or rounding-level changes in the library): the SG hint block runs
 once per sampling run instead of once per step, the zero convolutions of the controls the UNet never

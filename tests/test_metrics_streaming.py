@@ -216,7 +216,7 @@ def test_tables_and_negatives_cut_in_slices_give_the_same_results(monkeypatch) -
     assert all(a[curve] == b[curve] for curve in ("roc", "pr", "pro"))  # the same points (AP is summed in pieces)
 
 
-def test_both_ways_of_counting_negatives_agree() -> None:
+def test_both_ways_of_counting_negatives_agree(monkeypatch) -> None:
     """Table values looked up among sorted negatives, or negatives among the table: the same counts."""
     rng = np.random.default_rng(8)
     for _ in range(50):
@@ -228,9 +228,6 @@ def test_both_ways_of_counting_negatives_agree() -> None:
             expected[2 * j + int(j < len(table) and table[j] == v)] += 1
         for sort_slice in (1, 4, 1000):  # 1000: few table values, looked up among the negatives
             got = np.zeros_like(expected)
-            C.SORT_SLICE, saved = sort_slice, C.SORT_SLICE
-            try:
-                C.bin_negatives(table, negatives, got)
-            finally:
-                C.SORT_SLICE = saved
+            monkeypatch.setattr(C, "SORT_SLICE", sort_slice)
+            C.bin_negatives(table, negatives, got)
             np.testing.assert_array_equal(got, expected)

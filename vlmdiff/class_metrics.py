@@ -19,8 +19,8 @@ once; nothing of the class is held but per-image numbers (scores, labels) and on
 Every count is exact, so the results equal those of sorting the whole class at once (AU-PRO and AP up
 to float summation order, ~1e-12). Peak memory is one chunk's work plus one table of at most ``budget``
 distinct scores (36 bytes each) while the next is gathered, whatever the class size: bench/bench_eval.py
-measures a class of 20,000 float32 maps of 256x256 at 1.26 GiB peak RSS, 0.65 GiB of it the imported
-libraries, where holding the class took 14.6 GiB; the price is more reads of the class (four there).
+measures a class of 20,000 float32 maps of 256x256 at about 1.2 GiB peak RSS, 0.65 GiB of it the imported
+libraries, where holding the class took about 14.6 GiB; the price is more reads of the class (four there).
 """
 
 from __future__ import annotations
@@ -52,7 +52,10 @@ class ClassSource(Protocol):
     """The maps and masks of one class, readable more than once, in chunks of whole images."""
 
     def chunks(self) -> Iterator[dict[str, np.ndarray]]:
-        """``{"maps": (b, H, W) float, "masks": (b, H, W)}`` (and ``"ids"`` (b,) where known), every image once."""
+        """``{"maps": (b, H, W) float, "masks": (b, H, W)}`` (and ``"ids"`` (b,) where known), every image once.
+
+        Before it reads the next chunk it calls :func:`utils.memory.release_free_memory`: the caller's work on
+        the last one is freed by then, and returning those pages keeps a long class from growing the heap."""
         ...
 
 
@@ -67,6 +70,7 @@ class ArrayClass:
     def chunks(self) -> Iterator[dict[str, np.ndarray]]:
         for a in range(0, len(self.maps), self.batch):
             yield {"maps": self.maps[a:a + self.batch], "masks": self.masks[a:a + self.batch]}
+            release_free_memory()  # what the caller did with the chunk is freed: keep the heap from growing
 
 
 # --------------------------------------------------------------------------- inputs
@@ -171,8 +175,7 @@ def _read(source: ClassSource, name: str, mask_threshold: float, dtype: np.dtype
         first += len(maps)
         ids = raw.get("ids")
         yield _Chunk(np.asarray(maps, work), gt, None if ids is None else np.asarray(ids))
-        del raw, maps, gt
-        release_free_memory()  # the chunk's work is freed: keep the heap from growing with the class
+        del raw, maps, gt  # dropped before the source's next chunk, which first returns the freed pages
 
 
 # --------------------------------------------------------------------------- the scan

@@ -69,7 +69,6 @@ def test_unet_math_attention_matches_sdpa(fixtures_dir):
     assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5, what="sdpa vs math")
 
 
-
 @pytest.mark.parametrize("impl", ["sdpa", "math"])
 def test_cross_attention_shared_context(impl):
     """A context that is one row broadcast over the batch (the empty caption at test time: keys and
@@ -86,6 +85,7 @@ def test_cross_attention_shared_context(impl):
     assert shared.shape == (3, 10, 16)
     assert torch.equal(shared[1:], pair) and torch.equal(shared[:1], single)
     assert_close(shared, copies, atol=1e-6, rtol=1e-6, what=f"{impl}: shared context vs copies")
+
 
 def test_schedule_buffers_exact(misc):
     ref, meta = misc

@@ -41,7 +41,6 @@ def test_control_tensors_and_controlled_unet(fixtures_dir, tiny_nets):
                      what="eps_no_control")
 
 
-
 def test_skipped_controls(fixtures_dir, tiny_nets):
     """Controls the UNet does not read can be left out (None); the others are unchanged, bit for bit."""
     ref = torch.load(fixtures_dir / "unet_forward.pt")
@@ -54,6 +53,7 @@ def test_skipped_controls(fixtures_dir, tiny_nets):
     assert all(torch.equal(a, b) for a, b in zip(full[6:], part[6:]))
     with pytest.raises(ValueError, match="SFF"):
         sgn(*args, skip=[6])
+
 
 def test_sd15_vlmdiff_names_and_shapes(fixtures_dir):
     ref = {k: tuple(v) for k, v in json.loads((fixtures_dir / "sd15_vlmdiff_keys.json").read_text()).items()}
