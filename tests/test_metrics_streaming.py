@@ -21,7 +21,6 @@ from vlmdiff import plots
 from vlmdiff.map_store import MapStore
 
 
-
 def _budgets(gt: np.ndarray, few_values: bool) -> list[int]:
     """A third and a half of the positives (several stretches), all of them (the scan holds them) and, with
     few distinct scores, one (every value a single summed stretch: one pass per value)."""
@@ -213,7 +212,9 @@ def test_tables_and_negatives_cut_in_slices_give_the_same_results(monkeypatch) -
     sliced = M.pixel_metrics(maps, gt, keep_curves=True)
     assert all(_same(whole[k], sliced[k], 1e-12) for k in ("auroc", "ap", "f1max", "aupro"))
     a, b = plots._ranking_curves(whole), plots._ranking_curves(sliced)
-    assert all(a[curve] == b[curve] for curve in ("roc", "pr", "pro"))  # the same points (AP is summed in pieces)
+    for curve, points in (("roc", ("fpr", "tpr")), ("pr", ("recall", "precision", "threshold", "tp", "fp")),
+                          ("pro", ("fpr", "pro"))):
+        assert all(a[curve][p] == b[curve][p] for p in points), curve  # the same points; areas are summed in pieces
 
 
 def test_both_ways_of_counting_negatives_agree(monkeypatch) -> None:

@@ -27,7 +27,8 @@ This is written by hand because no library computes exact curves from pieces in 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
