@@ -17,19 +17,25 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
-from ldm.checkpoint import (cast_to_model_dtypes, drop_ema, load_checkpoint, load_state_dict, save_checkpoint,
-                            use_ema_weights)
+from ldm.checkpoint import (
+    cast_to_model_dtypes,
+    drop_ema,
+    load_checkpoint,
+    load_state_dict,
+    save_checkpoint,
+    use_ema_weights,
+)
 from ldm.config import to_dict
 from ldm.diffusion.schedule import SCHEDULE_BUFFERS, register_schedule
+from ldm.models.autoencoder import autoencoder_state_dict
 from utils.cli import HelpFormatter, add_run_file_args, parse_with_run_file, print_config, run_main, setup_logging
 from utils.errors import UserError
 from utils.provenance import provenance
-from ldm.models.autoencoder import autoencoder_state_dict
 from vlmdiff.checkpoint import CONTROL, UNET, assemble_state_dict, checkpoint_kind
 from vlmdiff.cli import DATASETS, add_config_args, canonical_dataset
 from vlmdiff.config import VLMDiffConfig, load_model_config
@@ -41,13 +47,24 @@ log = logging.getLogger("build_model")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--sd_path", default="models/v1-5-pruned.ckpt", help="Stable Diffusion 1.x weights (file or diffusers folder)")
-    p.add_argument("--ae_path", default=None, help="finetuned autoencoder checkpoint (default: models/{data_set}_ae.ckpt)")
+    p.add_argument(
+        "--sd_path", default="models/v1-5-pruned.ckpt", help="Stable Diffusion 1.x weights (file or diffusers folder)"
+    )
+    p.add_argument(
+        "--ae_path", default=None, help="finetuned autoencoder checkpoint (default: models/{data_set}_ae.ckpt)"
+    )
     p.add_argument("--data_set", default="mvtec", choices=DATASETS, help="names the default --ae_path")
-    p.add_argument("--output", default="models/vlmdiff.ckpt", help="where to write the assembled model (.ckpt or .safetensors)")
-    p.add_argument("--use_ema", action="store_true", help="take SD's EMA UNet weights (model_ema.*) instead of the raw ones")
-    p.add_argument("--unsafe_legacy_pickle", action="store_true",
-                   help="allow arbitrary pickles in the input checkpoints (only for files you trust)")
+    p.add_argument(
+        "--output", default="models/vlmdiff.ckpt", help="where to write the assembled model (.ckpt or .safetensors)"
+    )
+    p.add_argument(
+        "--use_ema", action="store_true", help="take SD's EMA UNet weights (model_ema.*) instead of the raw ones"
+    )
+    p.add_argument(
+        "--unsafe_legacy_pickle",
+        action="store_true",
+        help="allow arbitrary pickles in the input checkpoints (only for files you trust)",
+    )
     p.add_argument("--seed", type=int, default=1, help="seed of the fresh initialisation of the new layers")
     add_config_args(p)
     add_run_file_args(p)
@@ -64,18 +81,24 @@ def read_sd(path: Path, cfg: VLMDiffConfig, use_ema: bool, unsafe: bool) -> dict
         from ldm.convert_diffusers import is_diffusers_folder, load_diffusers_folder
 
         if not is_diffusers_folder(path):
-            raise UserError(f"--sd_path {path} is a folder but not a diffusers Stable Diffusion folder (no model_index.json, unet/, vae/)")
+            raise UserError(
+                f"--sd_path {path} is a folder but not a diffusers Stable Diffusion folder "
+                "(no model_index.json, unet/, vae/)"
+            )
         return load_diffusers_folder(path, unet_cfg=cfg.unet, ae_cfg=cfg.autoencoder)
     sd = load_state_dict(path, unsafe)
     if not any(k.startswith(UNET) for k in sd) or any(k.startswith(CONTROL) for k in sd):
-        raise UserError(f"--sd_path {path} is {checkpoint_kind(sd)}, not Stable Diffusion 1.x: give the SD "
-                        "checkpoint (e.g. v1-5-pruned.ckpt) as --sd_path; a VLMDiff checkpoint goes to train.py or "
-                        "test.py --resume_path, an autoencoder to --ae_path")
+        raise UserError(
+            f"--sd_path {path} is {checkpoint_kind(sd)}, not Stable Diffusion 1.x: give the SD "
+            "checkpoint (e.g. v1-5-pruned.ckpt) as --sd_path; a VLMDiff checkpoint goes to train.py or "
+            "test.py --resume_path, an autoencoder to --ae_path"
+        )
     sd = use_ema_weights(sd, path=path) if use_ema else drop_ema(sd)
     half = [k for k in SCHEDULE_BUFFERS if k in sd and sd[k].dtype in (torch.float16, torch.bfloat16)]
     if half:
-        log.info("%s: the schedule buffers are stored in %s: using freshly computed float32 ones", path,
-                 sd[half[0]].dtype)
+        log.info(
+            "%s: the schedule buffers are stored in %s: using freshly computed float32 ones", path, sd[half[0]].dtype
+        )
     return {k: v for k, v in sd.items() if k not in half}
 
 
@@ -113,13 +136,26 @@ def build(args: argparse.Namespace) -> Path:
     with torch.device("meta"):
         meta = VLMDiff(cfg, load_pretrained_text=False).state_dict()
     target = {k: v.shape for k, v in meta.items()}
-    state, sources = assemble_state_dict(target, fresh_weights(cfg, text_from_sd), sd, ae, text_from_sd=text_from_sd,
-                                         sd_path=str(sd_path), ae_path=str(ae_path))
+    state, sources = assemble_state_dict(
+        target,
+        fresh_weights(cfg, text_from_sd),
+        sd,
+        ae,
+        text_from_sd=text_from_sd,
+        sd_path=str(sd_path),
+        ae_path=str(ae_path),
+    )
     del sd, ae
     state = cast_to_model_dtypes(state, {k: v.dtype for k, v in meta.items()}, "the assembled weights")
     log.info("assembled %d tensors: %s", len(state), sources)
-    info = provenance(seed=args.seed, config=to_dict(cfg), sd_path=str(sd_path), ae_path=str(ae_path),
-                      use_ema=args.use_ema, sources=sources.counts)
+    info = provenance(
+        seed=args.seed,
+        config=to_dict(cfg),
+        sd_path=str(sd_path),
+        ae_path=str(ae_path),
+        use_ema=args.use_ema,
+        sources=sources.counts,
+    )
     save_checkpoint(output, state, config=to_dict(cfg), extra={"provenance": info})
     log.info("wrote %s", output)
     return output

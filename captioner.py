@@ -37,8 +37,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from utils.cli import HelpFormatter, add_run_file_args, parse_with_run_file, print_config, run_main, setup_logging
 from utils.errors import UserError
@@ -50,32 +50,66 @@ logger = logging.getLogger("captioner")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--data_set", required=True, choices=["mvtec", "visa", "realiad", "real_iad", "coco"],
-                   help="dataset layout (real_iad is accepted for realiad)")
+    p.add_argument(
+        "--data_set",
+        required=True,
+        choices=["mvtec", "visa", "realiad", "real_iad", "coco"],
+        help="dataset layout (real_iad is accepted for realiad)",
+    )
     p.add_argument("--data_path", required=True, help="dataset root")
-    p.add_argument("--coco_part", type=int, default=-1, choices=[-1, 0, 1, 2, 3],
-                   help="COCO-AD part whose images to caption (-1: every meta_20_*.json present)")
-    p.add_argument("--vlm_model", default="internvl",
-                   help="internvl, blip, deepseekvl, llava, template, or a local model folder / hub id")
+    p.add_argument(
+        "--coco_part",
+        type=int,
+        default=-1,
+        choices=[-1, 0, 1, 2, 3],
+        help="COCO-AD part whose images to caption (-1: every meta_20_*.json present)",
+    )
+    p.add_argument(
+        "--vlm_model",
+        default="internvl",
+        help="internvl, blip, deepseekvl, llava, template, or a local model folder / hub id",
+    )
     p.add_argument("--prompt_type", default="pd", choices=["pd", "pa"], help="pd: describe; pa: defect inspector")
     p.add_argument("--start_ind", type=int, default=0, help="first image of this shard (sorted list)")
-    p.add_argument("--end_ind", type=int, default=None,
-                   help="end of this shard, exclusive; -1 also means the end (default: the end)")
-    p.add_argument("--caption_folder", default=None,
-                   help="output folder (upstream's name for it; same as --output; default: as --output)")
-    p.add_argument("--output", default=None, help="output folder (default: {dataset}_captions_{vlm}_{prompt_type} "
-                                                  "beside the dataset root)")
-    p.add_argument("--backend", default=None, choices=["hf", "internvl", "blip", "deepseekvl", "template"],
-                   help="caption backend (default: the paper's backend for internvl/blip/deepseekvl, template for "
-                        "--vlm_model template, else hf)")
+    p.add_argument(
+        "--end_ind",
+        type=int,
+        default=None,
+        help="end of this shard, exclusive; -1 also means the end (default: the end)",
+    )
+    p.add_argument(
+        "--caption_folder",
+        default=None,
+        help="output folder (upstream's name for it; same as --output; default: as --output)",
+    )
+    p.add_argument(
+        "--output",
+        default=None,
+        help="output folder (default: {dataset}_captions_{vlm}_{prompt_type} beside the dataset root)",
+    )
+    p.add_argument(
+        "--backend",
+        default=None,
+        choices=["hf", "internvl", "blip", "deepseekvl", "template"],
+        help="caption backend (default: the paper's backend for internvl/blip/deepseekvl, template for "
+        "--vlm_model template, else hf)",
+    )
     p.add_argument("--vlm_name", default=None, help="short model token in file names (default: from --vlm_model)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
-                   help="dtype of the VLM (auto: float32 on CPU, bfloat16 on GPUs that have it, else float16)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="dtype of the VLM (auto: float32 on CPU, bfloat16 on GPUs that have it, else float16)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--batch_size", type=int, default=1, help="images per VLM call")
-    p.add_argument("--max_new_tokens", type=int, default=None,
-                   help="longest caption in tokens (default: internvl 1024, blip 30, deepseekvl 512, llava 256, "
-                        "other models 1024)")
+    p.add_argument(
+        "--max_new_tokens",
+        type=int,
+        default=None,
+        help="longest caption in tokens (default: internvl 1024, blip 30, deepseekvl 512, llava 256, "
+        "other models 1024)",
+    )
     p.add_argument("--split", default="both", choices=["train", "test", "both"], help="which images to caption")
     p.add_argument("--merge", action="store_true", help="only merge the progress files into the upstream files")
     p.add_argument("--delay_per_image", type=float, default=0.0, help=argparse.SUPPRESS)  # tests: slow down
@@ -112,21 +146,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     vlm = cap.check_vlm_name(args.vlm_name or cap.derive_vlm_name(args.vlm_model, backend_name))
     if args.output and args.caption_folder and Path(args.output) != Path(args.caption_folder):
         raise UserError(f"--output {args.output} and --caption_folder {args.caption_folder} differ; give one")
-    output = Path(args.output or args.caption_folder or
-                  Path(root).absolute().parent / caption_folder_name(dataset, vlm, args.prompt_type))
+    output = Path(
+        args.output
+        or args.caption_folder
+        or Path(root).absolute().parent / caption_folder_name(dataset, vlm, args.prompt_type)
+    )
     splits = ["train", "test"] if args.split == "both" else [args.split]
     jobs = cap.plan_jobs(dataset, root, splits, args.coco_part)
     mine = cap.shard(jobs, args.start_ind, args.end_ind)
     ranks = detect_ranks()  # under torchrun/SLURM each process takes every world-th image of the shard
-    mine = mine[ranks.rank::ranks.world]
+    mine = mine[ranks.rank :: ranks.world]
     done = cap.read_progress(output, dataset, vlm, args.prompt_type)
     if args.merge:
         for split in splits:
             cap.merge_split(output, root, dataset, vlm, split, jobs, done, strict=True)
         return
     todo = [j for j in mine if (j.split, j.record.id) not in done]
-    logger.info("%d images in %s, %d in this shard, %d already captioned, %d to do; output %s",
-                len(jobs), root, len(mine), len(mine) - len(todo), len(todo), output)
+    logger.info(
+        "%d images in %s, %d in this shard, %d already captioned, %d to do; output %s",
+        len(jobs),
+        root,
+        len(mine),
+        len(mine) - len(todo),
+        len(todo),
+        output,
+    )
     n = 0
     if todo:
         prompt = cap.prompt_for(dataset, args.prompt_type)
@@ -135,18 +179,33 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             device = f"cuda:{ranks.local_rank}" if args.device == "auto" and ranks.world > 1 else args.device
             backend = build_backend(backend_name, args.vlm_model, prompt, args.dtype, device, args.max_new_tokens)
-        writer = cap.ProgressWriter(cap.progress_file(output, dataset, vlm, args.prompt_type, args.start_ind,
-                                                      args.end_ind, ranks.rank, ranks.world))
+        writer = cap.ProgressWriter(
+            cap.progress_file(
+                output, dataset, vlm, args.prompt_type, args.start_ind, args.end_ind, ranks.rank, ranks.world
+            )
+        )
         meta = {"dataset": dataset, "vlm": vlm, "prompt_type": args.prompt_type}
         try:
-            n = cap.caption_jobs(todo, backend, writer, meta, args.batch_size, args.delay_per_image,
-                                 bar=not args.no_progress_bar, log_interval=args.log_interval)
+            n = cap.caption_jobs(
+                todo,
+                backend,
+                writer,
+                meta,
+                args.batch_size,
+                args.delay_per_image,
+                bar=not args.no_progress_bar,
+                log_interval=args.log_interval,
+            )
         finally:
             writer.close()
         done = cap.read_progress(output, dataset, vlm, args.prompt_type)
     merged = [split for split in splits if cap.merge_split(output, root, dataset, vlm, split, jobs, done, strict=False)]
-    logger.info("done: %d images captioned by this process (progress files in %s); caption files of %s written",
-                n, cap.progress_dir(output), " and ".join(merged) if merged else "no split yet")
+    logger.info(
+        "done: %d images captioned by this process (progress files in %s); caption files of %s written",
+        n,
+        cap.progress_dir(output),
+        " and ".join(merged) if merged else "no split yet",
+    )
 
 
 if __name__ == "__main__":

@@ -40,11 +40,19 @@ import argparse
 import dataclasses
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-from utils.cli import (HelpFormatter, add_run_file_args, data_workers, parse_with_run_file, print_config, run_main,
-                       setup_logging)
+from utils.cli import (
+    HelpFormatter,
+    add_run_file_args,
+    data_workers,
+    parse_with_run_file,
+    print_config,
+    run_main,
+    setup_logging,
+)
 from utils.errors import UserError
 from utils.progress import add_progress_args
 
@@ -58,58 +66,111 @@ def build_parser() -> argparse.ArgumentParser:
     from vlmdiff.cli import lightning_precision
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument("--data_set", required=True, choices=["mvtec", "visa", "realiad", "real_iad", "coco", "folder"],
-                   help="dataset layout (real_iad is accepted for realiad; folder = any folder of images)")
+    p.add_argument(
+        "--data_set",
+        required=True,
+        choices=["mvtec", "visa", "realiad", "real_iad", "coco", "folder"],
+        help="dataset layout (real_iad is accepted for realiad; folder = any folder of images)",
+    )
     p.add_argument("--data_path", required=True, help="dataset root")
-    p.add_argument("--coco_part", type=int, default=-1, choices=[-1, 0, 1, 2, 3],
-                   help="COCO-AD part (0..3) to train on; -1: none")
+    p.add_argument(
+        "--coco_part", type=int, default=-1, choices=[-1, 0, 1, 2, 3], help="COCO-AD part (0..3) to train on; -1: none"
+    )
     p.add_argument("--classes", nargs="+", default=None, help="only these classes (default: all)")
-    p.add_argument("--config", default="sd15", help="model preset (sd15, mid, tiny, demo) or YAML whose autoencoder: "
-                                                    "section is trained")
-    p.add_argument("--train_config", default="autoencoder", help="finetuning hyper-parameters: a preset in configs/ "
-                                                                 "(autoencoder = configs/autoencoder.yaml) or a YAML file")
-    p.add_argument("--resume_path", default=DEFAULT_RESUME_PATH,
-                   help=f"starting weights (kl-f8 model.ckpt from {KL_F8_URL}); 'none' = random initialisation")
+    p.add_argument(
+        "--config",
+        default="sd15",
+        help="model preset (sd15, mid, tiny, demo) or YAML whose autoencoder: section is trained",
+    )
+    p.add_argument(
+        "--train_config",
+        default="autoencoder",
+        help="finetuning hyper-parameters: a preset in configs/ "
+        "(autoencoder = configs/autoencoder.yaml) or a YAML file",
+    )
+    p.add_argument(
+        "--resume_path",
+        default=DEFAULT_RESUME_PATH,
+        help=f"starting weights (kl-f8 model.ckpt from {KL_F8_URL}); 'none' = random initialisation",
+    )
     p.add_argument("--unsafe_legacy_pickle", action="store_true", help="allow arbitrary pickles (trusted files only)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in the run folder")
     p.add_argument("--batch_size", type=int, default=None, help="per device (default: the finetuning config's, 1)")
-    p.add_argument("--accumulate_grad_batches", type=int, default=None,
-                   help="batches per generator update (default: the finetuning config's, 8)")
-    p.add_argument("--base_lr", type=float, default=None,
-                   help="lr = base_lr x batch size (default: the finetuning config's, 4.5e-5)")
-    p.add_argument("--max_steps", type=int, default=None,
-                   help="generator updates; the PatchGAN loss runs from update disc_start on, never if max_steps <= "
-                        "disc_start; -1: no limit (default: the finetuning config's, 60001)")
-    p.add_argument("--max_epochs", type=int, default=None, help="epochs (-1: no limit); given alone, it replaces "
-                                                                "the step budget (default: the finetuning config's, -1)")
-    p.add_argument("--disc_start", type=int, default=None,
-                   help="generator update the PatchGAN loss starts at (default: the finetuning config's, 50001)")
-    p.add_argument("--kl_weight", type=float, default=None,
-                   help="KL loss weight (default: the finetuning config's, 1e-6)")
-    p.add_argument("--disc_weight", type=float, default=None,
-                   help="GAN loss weight (default: the finetuning config's, 0.5)")
-    p.add_argument("--perceptual_weight", type=float, default=None,
-                   help="LPIPS weight; 0 = no LPIPS (default: the finetuning config's, 1.0)")
-    p.add_argument("--vgg_weights", default=None, help="torchvision vgg16-397923af.pth (default: "
-                                                       "models/vgg16-397923af.pth)")
-    p.add_argument("--lpips_weights", default=None, help="LPIPS v0.1 VGG linear layers (default: from the lpips "
-                                                         "package)")
+    p.add_argument(
+        "--accumulate_grad_batches",
+        type=int,
+        default=None,
+        help="batches per generator update (default: the finetuning config's, 8)",
+    )
+    p.add_argument(
+        "--base_lr",
+        type=float,
+        default=None,
+        help="lr = base_lr x batch size (default: the finetuning config's, 4.5e-5)",
+    )
+    p.add_argument(
+        "--max_steps",
+        type=int,
+        default=None,
+        help="generator updates; the PatchGAN loss runs from update disc_start on, never if max_steps <= "
+        "disc_start; -1: no limit (default: the finetuning config's, 60001)",
+    )
+    p.add_argument(
+        "--max_epochs",
+        type=int,
+        default=None,
+        help="epochs (-1: no limit); given alone, it replaces the step budget (default: the finetuning config's, -1)",
+    )
+    p.add_argument(
+        "--disc_start",
+        type=int,
+        default=None,
+        help="generator update the PatchGAN loss starts at (default: the finetuning config's, 50001)",
+    )
+    p.add_argument(
+        "--kl_weight", type=float, default=None, help="KL loss weight (default: the finetuning config's, 1e-6)"
+    )
+    p.add_argument(
+        "--disc_weight", type=float, default=None, help="GAN loss weight (default: the finetuning config's, 0.5)"
+    )
+    p.add_argument(
+        "--perceptual_weight",
+        type=float,
+        default=None,
+        help="LPIPS weight; 0 = no LPIPS (default: the finetuning config's, 1.0)",
+    )
+    p.add_argument(
+        "--vgg_weights", default=None, help="torchvision vgg16-397923af.pth (default: models/vgg16-397923af.pth)"
+    )
+    p.add_argument(
+        "--lpips_weights", default=None, help="LPIPS v0.1 VGG linear layers (default: from the lpips package)"
+    )
     p.add_argument("--image_size", type=int, default=None, help="default: the model config's image_size")
     p.add_argument("--log_images_every_n_steps", type=int, default=500, help="0 = no image logging")
-    p.add_argument("--save_every_n_steps", type=int, default=500, help="update checkpoints/last.ckpt every N "
-                                                                       "generator steps (0: epoch ends only)")
+    p.add_argument(
+        "--save_every_n_steps",
+        type=int,
+        default=500,
+        help="update checkpoints/last.ckpt every N generator steps (0: epoch ends only)",
+    )
     p.add_argument("--log_every_n_steps", type=int, default=50, help="batches between metric log rows")
     p.add_argument("--keep_checkpoints", action="store_true", help="also keep checkpoints/step=N.ckpt at each save")
-    p.add_argument("--output_dir", default=None,
-                   help="run folder (default: runs/autoencoder_{dataset}[_part{p}][_{exp_name}])")
+    p.add_argument(
+        "--output_dir", default=None, help="run folder (default: runs/autoencoder_{dataset}[_part{p}][_{exp_name}])"
+    )
     p.add_argument("--exp_name", default=None, help="appended to the default run folder name (default: nothing)")
     p.add_argument("--seed", type=int, default=1, help="seed of the run (data order, initialisation)")
     p.add_argument("--accelerator", default="auto", help="auto, cpu, gpu, ...")
     p.add_argument("--devices", default="1", help="number of devices, a list like 0,1, or auto")
-    p.add_argument("--precision", default="32", type=lightning_precision,
-                   help="Lightning precision: 32, bf16-mixed, 16-mixed, ... (bf16 and 16 mean bf16-mixed and 16-mixed)")
-    p.add_argument("--num_workers", type=int, default=None,
-                   help="DataLoader workers (default: 8, at most the CPUs available)")
+    p.add_argument(
+        "--precision",
+        default="32",
+        type=lightning_precision,
+        help="Lightning precision: 32, bf16-mixed, 16-mixed, ... (bf16 and 16 mean bf16-mixed and 16-mixed)",
+    )
+    p.add_argument(
+        "--num_workers", type=int, default=None, help="DataLoader workers (default: 8, at most the CPUs available)"
+    )
     add_progress_args(p)
     add_run_file_args(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -134,12 +195,18 @@ def train_config_from_args(args: argparse.Namespace) -> Any:
     from ldm.models.autoencoder import load_train_config, validate_train_config
 
     cfg = load_train_config(args.train_config)
-    top = {k: getattr(args, k) for k in ("batch_size", "accumulate_grad_batches", "base_lr", "max_steps",
-                                           "max_epochs") if getattr(args, k) is not None}
+    top = {
+        k: getattr(args, k)
+        for k in ("batch_size", "accumulate_grad_batches", "base_lr", "max_steps", "max_epochs")
+        if getattr(args, k) is not None
+    }
     if args.max_epochs is not None and args.max_steps is None:
         top["max_steps"] = -1  # an epoch budget alone is what the user asked for
-    loss = {k: getattr(args, k) for k in ("disc_start", "kl_weight", "disc_weight", "perceptual_weight")
-            if getattr(args, k) is not None}
+    loss = {
+        k: getattr(args, k)
+        for k in ("disc_start", "kl_weight", "disc_weight", "perceptual_weight")
+        if getattr(args, k) is not None
+    }
     cfg = dataclasses.replace(cfg, **top, loss=dataclasses.replace(cfg.loss, **loss))
     validate_train_config(cfg, "flags")
     return cfg
@@ -156,10 +223,14 @@ def loss_phases(cfg: Any) -> tuple[str, bool]:
     if steps <= 0:
         return f"{base}, plus the PatchGAN loss from generator update {start} on if the epoch budget gets there", False
     if steps <= start:
-        return (f"{base} only: the PatchGAN loss starts at generator update {start}, after this budget of {steps} "
-                "updates (raise --max_steps or lower --disc_start to include it)"), False
-    return (f"{base} for generator updates 0..{start - 1}, plus the PatchGAN loss for updates {start}..{steps - 1}",
-            True)
+        return (
+            f"{base} only: the PatchGAN loss starts at generator update {start}, after this budget of {steps} "
+            "updates (raise --max_steps or lower --disc_start to include it)"
+        ), False
+    return (
+        f"{base} for generator updates 0..{start - 1}, plus the PatchGAN loss for updates {start}..{steps - 1}",
+        True,
+    )
 
 
 def run_folder(args: argparse.Namespace, dataset: str) -> Path:
@@ -181,6 +252,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import lightning.pytorch as pl
     import torch
     import yaml
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
     from torch.utils.data import DataLoader
 
     from ldm.checkpoint import save_checkpoint
@@ -190,10 +262,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     from utils.provenance import provenance
     from vlmdiff.data import build_dataset, canonical_name
     from vlmdiff.data.dataset import IMAGENET_MEAN, IMAGENET_STD
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    from vlmdiff.training import (FiniteTraining, Preempted, SaveOnSigterm, SaveProvenance, check_devices,
-                                  progress_callbacks, run_loggers)
+    from vlmdiff.training import (
+        FiniteTraining,
+        Preempted,
+        SaveOnSigterm,
+        SaveProvenance,
+        check_devices,
+        progress_callbacks,
+        run_loggers,
+    )
 
     args = parse_args(argv)
     setup_logging(args.verbose)
@@ -204,7 +281,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     image_size = args.image_size or model_cfg.image_size
     factor = 2 ** (len(ae_cfg.ch_mult) - 1)
     if image_size % factor:
-        raise UserError(f"--image_size {image_size} is not a multiple of the autoencoder's down-sampling factor {factor}")
+        raise UserError(
+            f"--image_size {image_size} is not a multiple of the autoencoder's down-sampling factor {factor}"
+        )
     train_cfg = train_config_from_args(args)
     if args.print_config:
         print_config(args, autoencoder=to_dict(ae_cfg), finetune=to_dict(train_cfg), image_size=image_size)
@@ -214,57 +293,112 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.resume and not last.is_file():
         raise UserError(f"--resume: no checkpoint to continue from at {last}")
     if not args.resume and last.is_file():
-        raise UserError(f"{folder} already holds a run ({last}); pass --resume to continue it, or choose another "
-                        "--output_dir / --exp_name")
+        raise UserError(
+            f"{folder} already holds a run ({last}); pass --resume to continue it, or choose another "
+            "--output_dir / --exp_name"
+        )
 
     pl.seed_everything(args.seed, workers=True, verbose=False)
-    run_config = {"image_size": image_size, "seed": args.seed, "normalisation": {"mean": list(IMAGENET_MEAN),
-                                                                                 "std": list(IMAGENET_STD)},
-                  "data": {"data_set": dataset, "data_path": str(args.data_path), "coco_part": args.coco_part,
-                           "classes": args.classes}, "model_config": args.config}
+    run_config = {
+        "image_size": image_size,
+        "seed": args.seed,
+        "normalisation": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+        "data": {
+            "data_set": dataset,
+            "data_path": str(args.data_path),
+            "coco_part": args.coco_part,
+            "classes": args.classes,
+        },
+        "model_config": args.config,
+    }
     module = AutoencoderTraining(ae_cfg, train_cfg, run_config)
     if not args.resume:
         _load_starting_weights(module, args)
     elif args.resume_path != DEFAULT_RESUME_PATH:
         logger.info("--resume: weights come from %s, --resume_path is ignored", last)
 
-    data = build_dataset(dataset, args.data_path, "train", classes=args.classes, image_size=image_size,
-                         coco_part=args.coco_part if dataset == "coco" else None)
+    data = build_dataset(
+        dataset,
+        args.data_path,
+        "train",
+        classes=args.classes,
+        image_size=image_size,
+        coco_part=args.coco_part if dataset == "coco" else None,
+    )
     if len(data) == 0:
         raise UserError(f"no training images found in {args.data_path}")
     workers = data_workers(args.num_workers, 8)
-    loader = DataLoader(data, batch_size=train_cfg.batch_size, shuffle=True, num_workers=workers,
-                        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0, drop_last=False)
+    loader = DataLoader(
+        data,
+        batch_size=train_cfg.batch_size,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=workers > 0,
+        drop_last=False,
+    )
 
     write_text(folder / "config.yaml", yaml.safe_dump(module.resolved_config() | {"args": vars(args)}, sort_keys=False))
-    info = provenance(seed=args.seed, config=module.resolved_config(), start_weights=str(args.resume_path),
-                      data_set=dataset, data_path=str(args.data_path))
+    info = provenance(
+        seed=args.seed,
+        config=module.resolved_config(),
+        start_weights=str(args.resume_path),
+        data_set=dataset,
+        data_path=str(args.data_path),
+    )
     devices = _devices(args.devices)
     multi = not (devices == 1 or (isinstance(devices, list) and len(devices) == 1))
     accumulate = train_cfg.accumulate_grad_batches
     bar, progress = progress_callbacks(  # progress lines count generator updates, the budget's unit
-        args.no_progress_bar, args.log_interval, step_of=lambda trainer, module: module.ae_steps,
-        total_steps=lambda trainer: train_cfg.max_steps if train_cfg.max_steps > 0
-        else trainer.max_epochs * (trainer.num_training_batches // accumulate))
+        args.no_progress_bar,
+        args.log_interval,
+        step_of=lambda trainer, module: module.ae_steps,
+        total_steps=lambda trainer: (
+            train_cfg.max_steps
+            if train_cfg.max_steps > 0
+            else trainer.max_epochs * (trainer.num_training_batches // accumulate)
+        ),
+    )
     trainer = pl.Trainer(
-        accelerator=args.accelerator, devices=devices, precision=args.precision,
+        accelerator=args.accelerator,
+        devices=devices,
+        precision=args.precision,
         strategy="ddp_find_unused_parameters_true" if multi else "auto",
-        max_epochs=train_cfg.max_epochs if train_cfg.max_epochs > 0 else -1, max_steps=-1,
-        logger=run_loggers(folder, csv_dir="logs", tensorboard_dir="tensorboard"), enable_checkpointing=False,
+        max_epochs=train_cfg.max_epochs if train_cfg.max_epochs > 0 else -1,
+        max_steps=-1,
+        logger=run_loggers(folder, csv_dir="logs", tensorboard_dir="tensorboard"),
+        enable_checkpointing=False,
         plugins=[AtomicCheckpointIO()],
-        callbacks=[FiniteTraining(),
-                   StepCheckpoint(folder / "checkpoints", args.save_every_n_steps, args.keep_checkpoints),
-                   ReconstructionImages(folder / "images", args.log_images_every_n_steps, IMAGENET_MEAN, IMAGENET_STD),
-                   SaveProvenance(info), SaveOnSigterm(folder / "checkpoints" / "last.ckpt"), *progress],
-        default_root_dir=str(folder), enable_progress_bar=bar, num_sanity_val_steps=0,
+        callbacks=[
+            FiniteTraining(),
+            StepCheckpoint(folder / "checkpoints", args.save_every_n_steps, args.keep_checkpoints),
+            ReconstructionImages(folder / "images", args.log_images_every_n_steps, IMAGENET_MEAN, IMAGENET_STD),
+            SaveProvenance(info),
+            SaveOnSigterm(folder / "checkpoints" / "last.ckpt"),
+            *progress,
+        ],
+        default_root_dir=str(folder),
+        enable_progress_bar=bar,
+        num_sanity_val_steps=0,
         log_every_n_steps=args.log_every_n_steps,
     )
-    logger.info("training %s autoencoder on %d %s images at %dx%d: lr %.3g (base %.3g x batch %d), accumulation %d, "
-                "budget %s generator steps / %s epochs, disc_start %d; run folder %s",
-                args.config, len(data), dataset, image_size, image_size, train_cfg.learning_rate, train_cfg.base_lr,
-                train_cfg.batch_size, train_cfg.accumulate_grad_batches,
-                train_cfg.max_steps if train_cfg.max_steps > 0 else "unlimited",
-                train_cfg.max_epochs if train_cfg.max_epochs > 0 else "unlimited", train_cfg.loss.disc_start, folder)
+    logger.info(
+        "training %s autoencoder on %d %s images at %dx%d: lr %.3g (base %.3g x batch %d), accumulation %d, "
+        "budget %s generator steps / %s epochs, disc_start %d; run folder %s",
+        args.config,
+        len(data),
+        dataset,
+        image_size,
+        image_size,
+        train_cfg.learning_rate,
+        train_cfg.base_lr,
+        train_cfg.batch_size,
+        train_cfg.accumulate_grad_batches,
+        train_cfg.max_steps if train_cfg.max_steps > 0 else "unlimited",
+        train_cfg.max_epochs if train_cfg.max_epochs > 0 else "unlimited",
+        train_cfg.loss.disc_start,
+        folder,
+    )
     phases, with_gan = loss_phases(train_cfg)
     logger.log(logging.INFO if with_gan else logging.WARNING, "losses: %s", phases)
     try:
@@ -274,18 +408,33 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if trainer.is_global_zero:
         out = folder / "autoencoder.ckpt"
-        save_checkpoint(out, module.state_dict(), config=module.resolved_config(),
-                        extra={"global_step": module.ae_steps, "epoch": trainer.current_epoch,
-                               "provenance": {**info, "global_step": module.ae_steps, "epoch": trainer.current_epoch}})
-        logger.info("done after %d generator steps: %s (give it to build_model.py); resumable state %s; images in "
-                    "%s; logs %s and %s", module.ae_steps, out, last, folder / "images",
-                    folder / "logs" / "metrics.csv", folder / "tensorboard")
+        save_checkpoint(
+            out,
+            module.state_dict(),
+            config=module.resolved_config(),
+            extra={
+                "global_step": module.ae_steps,
+                "epoch": trainer.current_epoch,
+                "provenance": {**info, "global_step": module.ae_steps, "epoch": trainer.current_epoch},
+            },
+        )
+        logger.info(
+            "done after %d generator steps: %s (give it to build_model.py); resumable state %s; images in "
+            "%s; logs %s and %s",
+            module.ae_steps,
+            out,
+            last,
+            folder / "images",
+            folder / "logs" / "metrics.csv",
+            folder / "tensorboard",
+        )
 
 
 def _load_starting_weights(module: Any, args: argparse.Namespace) -> None:
     """Starting weights from --resume_path, then the LPIPS weights (from files unless the checkpoint had them)."""
     from ldm.checkpoint import load_checkpoint
-    from ldm.modules.losses import load_perceptual_weights, resolve_perceptual_weight_files as resolve_files
+    from ldm.modules.losses import load_perceptual_weights
+    from ldm.modules.losses import resolve_perceptual_weight_files as resolve_files
 
     lpips = module.loss.perceptual_loss
     explicit_files = args.vgg_weights is not None or args.lpips_weights is not None
@@ -297,10 +446,15 @@ def _load_starting_weights(module: Any, args: argparse.Namespace) -> None:
     else:
         path = Path(args.resume_path)
         if not path.is_file():
-            hint = (f"download {KL_F8_URL} and put its model.ckpt there, " if args.resume_path == DEFAULT_RESUME_PATH
-                    else "")
-            raise UserError(f"starting weights {path} not found: {hint}give --resume_path (kl-f8 model.ckpt, an SD-1.5 "
-                            "checkpoint or a finetuned autoencoder), or --resume_path none for a random start")
+            hint = (
+                f"download {KL_F8_URL} and put its model.ckpt there, "
+                if args.resume_path == DEFAULT_RESUME_PATH
+                else ""
+            )
+            raise UserError(
+                f"starting weights {path} not found: {hint}give --resume_path (kl-f8 model.ckpt, an SD-1.5 "
+                "checkpoint or a finetuned autoencoder), or --resume_path none for a random start"
+            )
         ckpt = load_checkpoint(path, allow_unsafe_pickle=args.unsafe_legacy_pickle)
         loaded = module.load_starting_weights(ckpt, path, use_file_perceptual=not explicit_files)
         logger.info("starting weights from %s: %s", path, ", ".join(loaded))

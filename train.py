@@ -24,26 +24,54 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ldm.config import to_dict
-from utils.cli import (HelpFormatter, add_run_file_args, data_workers, parse_with_run_file, print_config, run_main,
-                       setup_logging)
+from utils.cli import (
+    HelpFormatter,
+    add_run_file_args,
+    data_workers,
+    parse_with_run_file,
+    print_config,
+    run_main,
+    setup_logging,
+)
 from utils.errors import UserError
 from utils.lock import claim_folder
 from utils.progress import add_progress_args
 from utils.provenance import provenance
 from vlmdiff.checkpoint import load_vlmdiff
-from vlmdiff.cli import (PAPER_EPOCHS, SAVE_EVERY_N_EPOCHS, add_caption_args, add_config_args, add_data_args,
-                         canonical_dataset, check_numbers, coco_part, lightning_precision, load_split_captions,
-                         model_config_to_print)
-from vlmdiff.training import (PRECISIONS, FiniteTraining, Preempted, PerRankSeed, SaveOnSigterm, SaveProvenance,
-                              check_devices, checkpoint_callback, last_checkpoint, make_trainer, train_loader)
+from vlmdiff.cli import (
+    PAPER_EPOCHS,
+    SAVE_EVERY_N_EPOCHS,
+    add_caption_args,
+    add_config_args,
+    add_data_args,
+    canonical_dataset,
+    check_numbers,
+    coco_part,
+    lightning_precision,
+    load_split_captions,
+    model_config_to_print,
+)
+from vlmdiff.training import (
+    PRECISIONS,
+    FiniteTraining,
+    PerRankSeed,
+    Preempted,
+    SaveOnSigterm,
+    SaveProvenance,
+    check_devices,
+    checkpoint_callback,
+    last_checkpoint,
+    make_trainer,
+    train_loader,
+)
 
 log = logging.getLogger("train")
 
@@ -53,46 +81,82 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_args(p)
     add_caption_args(p)
     g = p.add_argument_group("run")
-    g.add_argument("--resume_path", default=None,
-                   help="starting weights: an assembled or trained VLMDiff checkpoint "
-                        "(default: none; needed unless --resume)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the run in ckpt_{exp_name}/ from last.ckpt (weights, optimiser, epoch, step)")
-    g.add_argument("--exp_name", default=None,
-                   help="run name (default: vlmdiff_{data_set}); checkpoints in ckpt_{exp_name}/")
+    g.add_argument(
+        "--resume_path",
+        default=None,
+        help="starting weights: an assembled or trained VLMDiff checkpoint (default: none; needed unless --resume)",
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in ckpt_{exp_name}/ from last.ckpt (weights, optimiser, epoch, step)",
+    )
+    g.add_argument(
+        "--exp_name", default=None, help="run name (default: vlmdiff_{data_set}); checkpoints in ckpt_{exp_name}/"
+    )
     g.add_argument("--output_root", default=".", help="folder that holds ckpt_{exp_name}/")
     g.add_argument("--seed", type=int, default=1, help="global seed; each rank derives its own from it")
-    g.add_argument("--unsafe_legacy_pickle", action="store_true",
-                   help="allow arbitrary pickles in --resume_path (trusted files only)")
+    g.add_argument(
+        "--unsafe_legacy_pickle",
+        action="store_true",
+        help="allow arbitrary pickles in --resume_path (trusted files only)",
+    )
     o = p.add_argument_group("optimisation")
-    o.add_argument("--max_epochs", type=int, default=None,
-                   help="epochs (default: the paper's, 300 for MVTec-AD/VisA and 100 for Real-IAD/COCO-AD)")
+    o.add_argument(
+        "--max_epochs",
+        type=int,
+        default=None,
+        help="epochs (default: the paper's, 300 for MVTec-AD/VisA and 100 for Real-IAD/COCO-AD)",
+    )
     o.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimiser steps (-1: no limit)")
     o.add_argument("--batch_size", type=int, default=12, help="images per device and step")
     o.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate")
     o.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
     o.add_argument("--accumulate_grad_batches", type=int, default=4, help="batches per optimiser step")
     o.add_argument("--fused_adamw", action="store_true", help="fused AdamW kernel (GPU)")
-    o.add_argument("--gradient_checkpointing", action="store_true",
-                   help="recompute activations in the backward pass (less memory, ~30%% slower)")
+    o.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="recompute activations in the backward pass (less memory, ~30%% slower)",
+    )
     h = p.add_argument_group("hardware")
     h.add_argument("--accelerator", default="auto", help="cpu, gpu, auto")
     h.add_argument("--devices", default="auto", help="number of devices, a list, or auto")
     h.add_argument("--num_nodes", type=int, default=1, help="machines taking part")
     h.add_argument("--strategy", default="auto", help="auto, ddp, ddp_find_unused_parameters_true, ...")
-    h.add_argument("--precision", default="32", type=lightning_precision, choices=PRECISIONS,
-                   help="32 is faithful; bf16-mixed is recommended on GPUs that have it (bf16 and 16 are accepted "
-                        "for bf16-mixed and 16-mixed)")
-    h.add_argument("--num_workers", type=int, default=None,
-                   help="DataLoader workers per device (default: 4, at most the CPUs available)")
+    h.add_argument(
+        "--precision",
+        default="32",
+        type=lightning_precision,
+        choices=PRECISIONS,
+        help="32 is faithful; bf16-mixed is recommended on GPUs that have it (bf16 and 16 are accepted "
+        "for bf16-mixed and 16-mixed)",
+    )
+    h.add_argument(
+        "--num_workers",
+        type=int,
+        default=None,
+        help="DataLoader workers per device (default: 4, at most the CPUs available)",
+    )
     s = p.add_argument_group("saving and logging")
-    s.add_argument("--save_every_n_epochs", type=int, default=None,
-                   help="write model_epoch=NNN.ckpt every this many epochs (default: upstream's 25; 20 for Real-IAD "
-                        "and COCO-AD)")
-    s.add_argument("--save_every_n_steps", type=int, default=None,
-                   help="save by optimiser steps instead of epochs, as step=NNNNNNN.ckpt (default: by epochs)")
-    s.add_argument("--keep_last_n", type=int, default=None,
-                   help="keep only the N newest periodic checkpoints; last.ckpt stays (default: all, as upstream)")
+    s.add_argument(
+        "--save_every_n_epochs",
+        type=int,
+        default=None,
+        help="write model_epoch=NNN.ckpt every this many epochs (default: upstream's 25; 20 for Real-IAD and COCO-AD)",
+    )
+    s.add_argument(
+        "--save_every_n_steps",
+        type=int,
+        default=None,
+        help="save by optimiser steps instead of epochs, as step=NNNNNNN.ckpt (default: by epochs)",
+    )
+    s.add_argument(
+        "--keep_last_n",
+        type=int,
+        default=None,
+        help="keep only the N newest periodic checkpoints; last.ckpt stays (default: all, as upstream)",
+    )
     s.add_argument("--log_every_n_steps", type=int, default=10, help="optimiser steps between logged rows")
     add_progress_args(s)
     add_config_args(p, default=None)
@@ -134,14 +198,30 @@ def _check_args(args: argparse.Namespace) -> None:
     """Flags that can be checked before any work."""
     if canonical_dataset(args.data_set) == "coco" and args.coco_part < 0:
         raise UserError("--data_set coco needs --coco_part 0..3")
-    check_numbers(args, {"batch_size": ">= 1", "accumulate_grad_batches": ">= 1", "lr": "> 0", "weight_decay": ">= 0",
-                         "num_nodes": ">= 1", "num_workers": ">= 0", "max_epochs": ">= 0 or -1",
-                         "max_steps": ">= 1 or -1", "save_every_n_epochs": ">= 1", "save_every_n_steps": ">= 1", "keep_last_n": ">= 1",
-                         "log_every_n_steps": ">= 1"})
+    check_numbers(
+        args,
+        {
+            "batch_size": ">= 1",
+            "accumulate_grad_batches": ">= 1",
+            "lr": "> 0",
+            "weight_decay": ">= 0",
+            "num_nodes": ">= 1",
+            "num_workers": ">= 0",
+            "max_epochs": ">= 0 or -1",
+            "max_steps": ">= 1 or -1",
+            "save_every_n_epochs": ">= 1",
+            "save_every_n_steps": ">= 1",
+            "keep_last_n": ">= 1",
+            "log_every_n_steps": ">= 1",
+        },
+    )
     if args.max_epochs == 0:
-        raise UserError(f"--max_epochs 0 trains nothing (--max_steps {args.max_steps} is never reached); give "
-                        "--max_epochs -1 to stop by --max_steps alone" if args.max_steps > 0 else
-                        "--max_epochs 0 trains nothing; give a positive --max_epochs")
+        raise UserError(
+            f"--max_epochs 0 trains nothing (--max_steps {args.max_steps} is never reached); give "
+            "--max_epochs -1 to stop by --max_steps alone"
+            if args.max_steps > 0
+            else "--max_epochs 0 trains nothing; give a positive --max_epochs"
+        )
     check_devices(args.accelerator, args.devices)
 
 
@@ -167,33 +247,68 @@ def run(args: argparse.Namespace) -> Path:
     captions = load_split_captions(args, "train")  # checked before the (large) checkpoint is read
     overrides = list(args.overrides) + (["unet.use_checkpoint=true"] if args.gradient_checkpointing else [])
     pl.seed_everything(args.seed, workers=True, verbose=False)
-    model, _ = load_vlmdiff(start, args.config, overrides, args.unsafe_legacy_pickle, learning_rate=args.lr,
-                            weight_decay=args.weight_decay, fused_optimizer=args.fused_adamw)
+    model, _ = load_vlmdiff(
+        start,
+        args.config,
+        overrides,
+        args.unsafe_legacy_pickle,
+        learning_rate=args.lr,
+        weight_decay=args.weight_decay,
+        fused_optimizer=args.fused_adamw,
+    )
     from vlmdiff.data import build_dataset
 
-    data = build_dataset(dataset, args.data_path, "train", classes=args.classes, image_size=model.cfg.image_size,
-                         captions=captions, require_captions=args.use_captions,
-                         coco_part=coco_part(args))
+    data = build_dataset(
+        dataset,
+        args.data_path,
+        "train",
+        classes=args.classes,
+        image_size=model.cfg.image_size,
+        captions=captions,
+        require_captions=args.use_captions,
+        coco_part=coco_part(args),
+    )
     loader = train_loader(data, args.batch_size, data_workers(args.num_workers, 4), args.seed)
-    info = provenance(seed=args.seed, config=to_dict(model.cfg), start_weights=str(start), data_set=dataset,
-                      data_path=str(args.data_path), use_captions=args.use_captions)
+    info = provenance(
+        seed=args.seed,
+        config=to_dict(model.cfg),
+        start_weights=str(start),
+        data_set=dataset,
+        data_path=str(args.data_path),
+        use_captions=args.use_captions,
+    )
     every_n_epochs = args.save_every_n_epochs or SAVE_EVERY_N_EPOCHS[dataset]
-    callbacks = [FiniteTraining(),
-                 checkpoint_callback(ckpt_dir, every_n_epochs, args.save_every_n_steps, args.keep_last_n),
-                 PerRankSeed(args.seed), SaveProvenance(info), SaveOnSigterm(ckpt_dir / "last.ckpt")]
+    callbacks = [
+        FiniteTraining(),
+        checkpoint_callback(ckpt_dir, every_n_epochs, args.save_every_n_steps, args.keep_last_n),
+        PerRankSeed(args.seed),
+        SaveProvenance(info),
+        SaveOnSigterm(ckpt_dir / "last.ckpt"),
+    ]
     trainer = make_trainer(args, ckpt_dir, callbacks)
-    log.info("training %d images of %d classes; %s", len(data), len(data.class_names),
-             f"resuming {resume_from}" if resume_from else f"from {start}")
+    log.info(
+        "training %d images of %d classes; %s",
+        len(data),
+        len(data.class_names),
+        f"resuming {resume_from}" if resume_from else f"from {start}",
+    )
     try:
         trainer.fit(model, train_dataloaders=loader, ckpt_path=str(resume_from) if resume_from else None)
     except SIGTERMException:
         raise Preempted() from None
     if trainer.is_global_zero:
         kept = sorted(p.name for p in ckpt_dir.glob("*.ckpt") if p.name != "last.ckpt")
-        log.info("done after %d steps (epoch %d): %s (--resume continues from it), %d periodic checkpoint(s)%s in %s; "
-                 "logs %s and TensorBoard events beside it", trainer.global_step, trainer.current_epoch,
-                 ckpt_dir / "last.ckpt", len(kept), f" up to {kept[-1]}" if kept else "", ckpt_dir,
-                 ckpt_dir / "logs" / "metrics.csv")
+        log.info(
+            "done after %d steps (epoch %d): %s (--resume continues from it), %d periodic checkpoint(s)%s in %s; "
+            "logs %s and TensorBoard events beside it",
+            trainer.global_step,
+            trainer.current_epoch,
+            ckpt_dir / "last.ckpt",
+            len(kept),
+            f" up to {kept[-1]}" if kept else "",
+            ckpt_dir,
+            ckpt_dir / "logs" / "metrics.csv",
+        )
     return ckpt_dir
 
 

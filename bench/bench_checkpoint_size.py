@@ -16,8 +16,9 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -53,8 +54,13 @@ def computed_sizes(config: str) -> dict[str, Any]:
     for dataset in ("realiad", "mvtec"):
         periodic = PAPER_EPOCHS[dataset] // SAVE_EVERY_N_EPOCHS[dataset]
         runs[dataset] = {"periodic_checkpoints": periodic, "run_bytes": (periodic + 1) * (weights + adamw)}
-    return {"parameters": sum(p.numel() for p in model.parameters()), "trainable": trainable,
-            "export_bytes": weights, "lightning_bytes": weights + adamw, "runs": runs}
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable": trainable,
+        "export_bytes": weights,
+        "lightning_bytes": weights + adamw,
+        "runs": runs,
+    }
 
 
 def measure_tiny(folder: Path) -> dict[str, int]:
@@ -69,8 +75,15 @@ def measure_tiny(folder: Path) -> dict[str, int]:
     images = [torch.randn(3, size, size) for _ in range(2)]
     data = [{"image": x, "hint": x, "caption": ""} for x in images]
     loader = torch.utils.data.DataLoader(data, batch_size=2)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(model, loader)
     ckpt = folder / "last.ckpt"
     trainer.save_checkpoint(ckpt)  # with the resolved config, as train.py's checkpoints
@@ -82,20 +95,49 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     computed = {c: computed_sizes(c) for c in args.configs.split(",") if c}
     out: dict[str, Any] = {"computed": computed}
-    print(table(["preset", "params M", "trainable M", "export GB", "Lightning ckpt GB",
-                 "run GB (Real-IAD: 5 + last)", "run GB (MVTec: 12 + last)"],
-                [[c, r["parameters"] / 1e6, r["trainable"] / 1e6, r["export_bytes"] / GB, r["lightning_bytes"] / GB,
-                  r["runs"]["realiad"]["run_bytes"] / GB, r["runs"]["mvtec"]["run_bytes"] / GB]
-                 for c, r in computed.items()]))
+    print(
+        table(
+            [
+                "preset",
+                "params M",
+                "trainable M",
+                "export GB",
+                "Lightning ckpt GB",
+                "run GB (Real-IAD: 5 + last)",
+                "run GB (MVTec: 12 + last)",
+            ],
+            [
+                [
+                    c,
+                    r["parameters"] / 1e6,
+                    r["trainable"] / 1e6,
+                    r["export_bytes"] / GB,
+                    r["lightning_bytes"] / GB,
+                    r["runs"]["realiad"]["run_bytes"] / GB,
+                    r["runs"]["mvtec"]["run_bytes"] / GB,
+                ]
+                for c, r in computed.items()
+            ],
+        )
+    )
     if not args.no_measure:
         with tempfile.TemporaryDirectory() as tmp:
             measured = measure_tiny(Path(tmp))
         predicted = computed.get("tiny") or computed_sizes("tiny")
-        out["measured_tiny"] = {**measured, "predicted_export_bytes": predicted["export_bytes"],
-                                "predicted_lightning_bytes": predicted["lightning_bytes"]}
-        print(table(["tiny, measured", "file MB", "computed MB"],
-                    [["Lightning checkpoint", measured["lightning_bytes"] / MB, predicted["lightning_bytes"] / MB],
-                     ["weights-only export", measured["export_bytes"] / MB, predicted["export_bytes"] / MB]]))
+        out["measured_tiny"] = {
+            **measured,
+            "predicted_export_bytes": predicted["export_bytes"],
+            "predicted_lightning_bytes": predicted["lightning_bytes"],
+        }
+        print(
+            table(
+                ["tiny, measured", "file MB", "computed MB"],
+                [
+                    ["Lightning checkpoint", measured["lightning_bytes"] / MB, predicted["lightning_bytes"] / MB],
+                    ["weights-only export", measured["export_bytes"] / MB, predicted["export_bytes"] / MB],
+                ],
+            )
+        )
     path = write_results("checkpoint_size", out, args.output)
     print(f"results: {path}")
     return out

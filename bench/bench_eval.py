@@ -34,8 +34,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -66,8 +66,9 @@ def synthetic_batch(rng: np.random.Generator, n: int, size: int = SIZE) -> tuple
     return maps, masks
 
 
-def upstream_style_legacy_aupro(maps: np.ndarray, gt: np.ndarray, num_thresholds: int = 200,
-                                fpr_limit: float = metrics.FPR_LIMIT) -> float:
+def upstream_style_legacy_aupro(
+    maps: np.ndarray, gt: np.ndarray, num_thresholds: int = 200, fpr_limit: float = metrics.FPR_LIMIT
+) -> float:
     """Legacy AU-PRO computed the way the DiAD/VLMDiff metric code does it (for timing only).
 
     For each of ``num_thresholds`` thresholds ``np.arange(min, max, step)``: binarise all maps
@@ -86,7 +87,7 @@ def upstream_style_legacy_aupro(maps: np.ndarray, gt: np.ndarray, num_thresholds
     for th in np.arange(lo, hi, (hi - lo) / num_thresholds):
         binary = maps > th  # (N, H, W)
         region_pros = []
-        for pred, mask in zip(binary, gt):
+        for pred, mask in zip(binary, gt, strict=True):
             for region in measure.regionprops(measure.label(mask, connectivity=2)):
                 rows, cols = region.coords[:, 0], region.coords[:, 1]
                 region_pros.append(np.count_nonzero(pred[rows, cols]) / region.area)
@@ -106,8 +107,10 @@ def bench_aupro(n_images: int, seed: int = 0, repeats: int = 1, upstream_loop: b
     gt = masks > 0
     metrics.pixel_metrics(maps[:4], gt[:4])  # warm-up: first-call costs are not what is measured
     metrics.legacy_aupro(maps[:4], gt[:4])
-    methods = {"exact": lambda: metrics.pixel_metrics(maps, gt)["aupro"],
-               "legacy_vectorised": lambda: metrics.legacy_aupro(maps, gt)}
+    methods = {
+        "exact": lambda: metrics.pixel_metrics(maps, gt)["aupro"],
+        "legacy_vectorised": lambda: metrics.legacy_aupro(maps, gt),
+    }
     if upstream_loop:
         upstream_style_legacy_aupro(maps[:2], gt[:2], num_thresholds=4)
         methods["legacy_upstream_loop"] = lambda: upstream_style_legacy_aupro(maps, gt)
@@ -121,14 +124,26 @@ def bench_aupro(n_images: int, seed: int = 0, repeats: int = 1, upstream_loop: b
             times[name].append(time.perf_counter() - t0)
             loads.append(load_average())
     best = {k: min(v) for k, v in times.items()}
-    out = {"n_images": n_images, "pixels": int(maps.size), "repeats": repeats, "times_s": times,
-           "load_average_1min": loads, "exact_s": best["exact"], "legacy_s": best["legacy_vectorised"],
-           "speedup": best["legacy_vectorised"] / best["exact"], "aupro_exact": values["exact"],
-           "aupro_legacy": values["legacy_vectorised"]}
+    out = {
+        "n_images": n_images,
+        "pixels": int(maps.size),
+        "repeats": repeats,
+        "times_s": times,
+        "load_average_1min": loads,
+        "exact_s": best["exact"],
+        "legacy_s": best["legacy_vectorised"],
+        "speedup": best["legacy_vectorised"] / best["exact"],
+        "aupro_exact": values["exact"],
+        "aupro_legacy": values["legacy_vectorised"],
+    }
     if upstream_loop:
-        out.update({"legacy_upstream_loop_s": best["legacy_upstream_loop"],
-                    "speedup_vs_upstream_loop": best["legacy_upstream_loop"] / best["exact"],
-                    "aupro_legacy_upstream_loop": values["legacy_upstream_loop"]})
+        out.update(
+            {
+                "legacy_upstream_loop_s": best["legacy_upstream_loop"],
+                "speedup_vs_upstream_loop": best["legacy_upstream_loop"] / best["exact"],
+                "aupro_legacy_upstream_loop": values["legacy_upstream_loop"],
+            }
+        )
     return out
 
 
@@ -163,8 +178,16 @@ def child_eval(store_dir: str) -> None:
     t0 = time.perf_counter()
     sources = list(store.class_sources())
     res = metrics.evaluate_stream(sources)
-    print(json.dumps({"seconds": time.perf_counter() - t0, "n_maps": sum(len(s) for _, s in sources),
-                      "classes": len(res["per_class"]), "mean": res["mean"]}))
+    print(
+        json.dumps(
+            {
+                "seconds": time.perf_counter() - t0,
+                "n_maps": sum(len(s) for _, s in sources),
+                "classes": len(res["per_class"]),
+                "mean": res["mean"],
+            }
+        )
+    )
 
 
 def child_run(run_dir: str, protocol: str) -> None:
@@ -215,8 +238,11 @@ def bench_big_class(args: argparse.Namespace) -> dict:
         t0 = time.perf_counter()
         run = write_run(tmp / "run", args.big_class, args.big_dtype, seed=3)
         size_gib = sum(f.stat().st_size for f in (run / "maps").rglob("*.npz")) / 2**30
-        print(f"\n(c) one class of {args.big_class} {args.big_dtype} maps of {SIZE}x{SIZE} ({size_gib:.1f} GiB on disk, "
-              f"written in {time.perf_counter() - t0:.0f} s), protocol {args.protocol}", flush=True)
+        print(
+            f"\n(c) one class of {args.big_class} {args.big_dtype} maps of {SIZE}x{SIZE} ({size_gib:.1f} GiB on disk, "
+            f"written in {time.perf_counter() - t0:.0f} s), protocol {args.protocol}",
+            flush=True,
+        )
         out = {"maps": args.big_class, "store_dtype": args.big_dtype, "store_gib": size_gib, "protocol": args.protocol}
         res, rss = run_child(["--_child_run", str(run), "--protocol", args.protocol])
         out["streamed"] = {"seconds": res["seconds"], "peak_rss_mib": rss, "load_average_1min": load_average()}
@@ -224,19 +250,34 @@ def bench_big_class(args: argparse.Namespace) -> dict:
         # the in-memory code holds maps, masks, ground truth and the sorted negatives: ~0.75 MiB a 256x256 map
         need = 0.75 * args.big_class * (1.0 if args.big_dtype == "float32" else 0.75) + 1024
         if args.no_in_memory or available_mib() < need:
-            print(f"in-memory evaluation skipped: needs ~{need:.0f} MiB, {available_mib():.0f} MiB available", flush=True)
+            print(
+                f"in-memory evaluation skipped: needs ~{need:.0f} MiB, {available_mib():.0f} MiB available", flush=True
+            )
         else:
             ref, ref_rss = run_child(["--_child_in_memory", str(run), "--protocol", args.protocol])
-            diffs = [abs(a - b) for p, sub in ref["metrics"].items() for cls, row in sub["per_class"].items()
-                     for k, a in row.items() if a is not None
-                     for b in [res["metrics"][p]["per_class"][cls][k]]]
-            out["in_memory"] = {"seconds": ref["seconds"], "peak_rss_mib": ref_rss,
-                                "max_metric_difference": max(diffs), "load_average_1min": load_average()}
-            rows.append(["previous in-memory code (tests/reference_metrics.py)", f"{ref_rss:.0f}",
-                         f"{ref['seconds']:.0f}"])
+            diffs = [
+                abs(a - b)
+                for p, sub in ref["metrics"].items()
+                for cls, row in sub["per_class"].items()
+                for k, a in row.items()
+                if a is not None
+                for b in [res["metrics"][p]["per_class"][cls][k]]
+            ]
+            out["in_memory"] = {
+                "seconds": ref["seconds"],
+                "peak_rss_mib": ref_rss,
+                "max_metric_difference": max(diffs),
+                "load_average_1min": load_average(),
+            }
+            rows.append(
+                ["previous in-memory code (tests/reference_metrics.py)", f"{ref_rss:.0f}", f"{ref['seconds']:.0f}"]
+            )
         print(table(["evaluation of the class", "peak RSS MiB", "seconds"], rows))
         if "in_memory" in out:
-            print(f"largest difference between the two sets of metric values: {out['in_memory']['max_metric_difference']:.2e}")
+            print(
+                f"largest difference between the two sets of metric values: "
+                f"{out['in_memory']['max_metric_difference']:.2e}"
+            )
         return out
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -286,10 +327,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parts = [args.only] if args.only else ["aupro", "memory_curve", "big_class"]
     _, idle_rss = run_child(["--_child_idle"])
     print(f"child RSS after imports alone: {idle_rss:.0f} MiB", flush=True)
-    result: dict = {"child_idle_rss_mib": idle_rss,
-                    "settings": {"n_images": args.n_images, "sizes": sizes, "class_size": args.class_size,
-                                 "map_size": SIZE, "big_class": args.big_class, "big_dtype": args.big_dtype,
-                                 "protocol": args.protocol}}
+    result: dict = {
+        "child_idle_rss_mib": idle_rss,
+        "settings": {
+            "n_images": args.n_images,
+            "sizes": sizes,
+            "class_size": args.class_size,
+            "map_size": SIZE,
+            "big_class": args.big_class,
+            "big_dtype": args.big_dtype,
+            "protocol": args.protocol,
+        },
+    }
     if "aupro" in parts:
         result["aupro_timing"] = part_aupro(args)
     if "memory_curve" in parts:
@@ -303,18 +352,32 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 def part_aupro(args: argparse.Namespace) -> dict:
     """(a)."""
-    print(f"(a) exact AU-PRO vs 200-threshold legacy loops, {args.n_images} maps of {SIZE}x{SIZE}, "
-          f"best of {args.repeats}, load {load_average():.2f}", flush=True)
+    print(
+        f"(a) exact AU-PRO vs 200-threshold legacy loops, {args.n_images} maps of {SIZE}x{SIZE}, "
+        f"best of {args.repeats}, load {load_average():.2f}",
+        flush=True,
+    )
     a = bench_aupro(args.n_images, repeats=args.repeats, upstream_loop=not args.no_upstream_loop)
-    rows = [["exact (all 4 pixel metrics)", a["exact_s"], "1x", f"{a['aupro_exact']:.4f} (official)"],
-            ["legacy, one pass (vlmdiff.metrics.legacy_aupro)", a["legacy_s"], f"{a['speedup']:.1f}x",
-             f"{a['aupro_legacy']:.4f}"]]
+    rows = [
+        ["exact (all 4 pixel metrics)", a["exact_s"], "1x", f"{a['aupro_exact']:.4f} (official)"],
+        [
+            "legacy, one pass (vlmdiff.metrics.legacy_aupro)",
+            a["legacy_s"],
+            f"{a['speedup']:.1f}x",
+            f"{a['aupro_legacy']:.4f}",
+        ],
+    ]
     if "legacy_upstream_loop_s" in a:
-        rows.append(["legacy, upstream-style loop (skimage labels per threshold)", a["legacy_upstream_loop_s"],
-                     f"{a['speedup_vs_upstream_loop']:.1f}x", f"{a['aupro_legacy_upstream_loop']:.4f}"])
+        rows.append(
+            [
+                "legacy, upstream-style loop (skimage labels per threshold)",
+                a["legacy_upstream_loop_s"],
+                f"{a['speedup_vs_upstream_loop']:.1f}x",
+                f"{a['aupro_legacy_upstream_loop']:.4f}",
+            ]
+        )
     print(table(["AU-PRO computation", "seconds", "time / exact", "AU-PRO"], rows))
-    print(f"load average during (a): {min(a['load_average_1min']):.2f}..{max(a['load_average_1min']):.2f}",
-          flush=True)
+    print(f"load average during (a): {min(a['load_average_1min']):.2f}..{max(a['load_average_1min']):.2f}", flush=True)
     return a
 
 
@@ -326,20 +389,33 @@ def part_memory_curve(args: argparse.Namespace, sizes: list[int]) -> list[dict]:
         t0 = time.perf_counter()
         write_store(tmp / "master", max(sizes) // args.class_size, args.class_size, seed=1)
         write_store(tmp / "big_class", 1, 2 * args.class_size, seed=2)
-        print(f"\n(b) wrote {max(sizes) + 2 * args.class_size} float16 maps in {time.perf_counter() - t0:.0f} s",
-              flush=True)
-        configs = [(s // args.class_size, args.class_size,
-                    linked_store(tmp / "master", tmp / f"n{s}", s // args.class_size)) for s in sizes]
+        print(
+            f"\n(b) wrote {max(sizes) + 2 * args.class_size} float16 maps in {time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
+        configs = [
+            (s // args.class_size, args.class_size, linked_store(tmp / "master", tmp / f"n{s}", s // args.class_size))
+            for s in sizes
+        ]
         configs.append((1, 2 * args.class_size, tmp / "big_class"))
         print("| maps | classes | largest class | peak RSS MiB | eval s | maps/s |")
         print("|---:|---:|---:|---:|---:|---:|")
         for n_classes, class_size, store_dir in configs:
             res, rss = run_child(["--_child_eval", str(store_dir)])
-            row = {"maps": res["n_maps"], "classes": n_classes, "largest_class": class_size, "peak_rss_mib": rss,
-                   "eval_s": res["seconds"], "mean_aupro": res["mean"]["aupro"]}
+            row = {
+                "maps": res["n_maps"],
+                "classes": n_classes,
+                "largest_class": class_size,
+                "peak_rss_mib": rss,
+                "eval_s": res["seconds"],
+                "mean_aupro": res["mean"]["aupro"],
+            }
             rows.append(row)
-            print(f"| {row['maps']} | {n_classes} | {class_size} | {rss:.0f} | {row['eval_s']:.1f} "
-                  f"| {row['maps'] / row['eval_s']:.0f} |", flush=True)
+            print(
+                f"| {row['maps']} | {n_classes} | {class_size} | {rss:.0f} | {row['eval_s']:.1f} "
+                f"| {row['maps'] / row['eval_s']:.0f} |",
+                flush=True,
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return rows

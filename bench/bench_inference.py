@@ -36,9 +36,10 @@ import copy
 import dataclasses
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -120,8 +121,12 @@ def model_for(base: VLMDiff, variant: Variant) -> VLMDiff:
     if variant.channels_last:
         model.to(memory_format=torch.channels_last)  # new tensors for this model's conv weights only
     if variant.compile:
-        for module in (model.control_model, model.model.diffusion_model, model.first_stage_model.encoder,
-                       model.first_stage_model.decoder):
+        for module in (
+            model.control_model,
+            model.model.diffusion_model,
+            model.first_stage_model.encoder,
+            model.first_stage_model.decoder,
+        ):
             module.compile()
     return model
 
@@ -135,19 +140,31 @@ def synthetic_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
     return (rgb - mean) / std
 
 
-def run_variant(model: VLMDiff, extractor: FeatureExtractor, images: torch.Tensor, variant: Variant,
-                settings: ReconstructionSettings) -> tuple[torch.Tensor, torch.Tensor]:
+def run_variant(
+    model: VLMDiff,
+    extractor: FeatureExtractor,
+    images: torch.Tensor,
+    variant: Variant,
+    settings: ReconstructionSettings,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Maps (N, H, W) and image scores (N,) of all ``images``, ``variant.batch`` at a time."""
     device = next(model.parameters()).device
     maps, scores = [], []
     for a in range(0, len(images), variant.batch):
-        x = images[a:a + variant.batch].to(device)  # (b, 3, H, W)
+        x = images[a : a + variant.batch].to(device)  # (b, 3, H, W)
         if variant.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         ids = [f"img{a + i:05d}" for i in range(len(x))]
         with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=variant.bf16):
-            rec = reconstruct(model, x, [""] * len(x), ids, settings, decode_autoencoder=variant.decode_autoencoder,
-                              two_passes=variant.two_passes)
+            rec = reconstruct(
+                model,
+                x,
+                [""] * len(x),
+                ids,
+                settings,
+                decode_autoencoder=variant.decode_autoencoder,
+                two_passes=variant.two_passes,
+            )
             f_in, f_rec = extractor(x), extractor(rec["sample"].to(x.dtype))
         m = anomaly_map([f.float() for f in f_in], [f.float() for f in f_rec], out_size=tuple(x.shape[-2:]))
         maps.append(m.cpu())
@@ -157,8 +174,9 @@ def run_variant(model: VLMDiff, extractor: FeatureExtractor, images: torch.Tenso
     return torch.cat(maps), torch.cat(scores)
 
 
-def component_profile(model: VLMDiff, extractor: FeatureExtractor, batch: int, device: torch.device,
-                      steps: int, repeats: int) -> list[dict[str, Any]]:
+def component_profile(
+    model: VLMDiff, extractor: FeatureExtractor, batch: int, device: torch.device, steps: int, repeats: int
+) -> list[dict[str, Any]]:
     """Milliseconds per image and GFLOP per image of each part of one reconstruction (ours, fp32)."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -195,8 +213,14 @@ def component_profile(model: VLMDiff, extractor: FeatureExtractor, batch: int, d
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
-            rows.append({"part": name, "calls_per_image": calls, "ms_per_image_per_call": 1000 * min(times) / batch,
-                         "gflop_per_image_per_call": counter.get_total_flops() / 1e9 / batch})
+            rows.append(
+                {
+                    "part": name,
+                    "calls_per_image": calls,
+                    "ms_per_image_per_call": 1000 * min(times) / batch,
+                    "gflop_per_image_per_call": counter.get_total_flops() / 1e9 / batch,
+                }
+            )
     return rows
 
 
@@ -205,12 +229,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", default="mid", help="model preset: tiny, mid, sd15")
     p.add_argument("--device", default="cpu")
     p.add_argument("--images", type=int, default=8, help="images per timed run (a multiple of --batch)")
-    p.add_argument("--batch", type=int, default=BATCH_SIZE,
-                   help="our batch size (default: test.py's --batch_size default, which ours stands for)")
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=BATCH_SIZE,
+        help="our batch size (default: test.py's --batch_size default, which ours stands for)",
+    )
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the best time counts")
     p.add_argument("--ddim_steps", type=int, default=10)
-    p.add_argument("--channels_last", action="store_true",
-                   help="on a CPU, also time ours in channels_last memory format (on CUDA ours always is)")
+    p.add_argument(
+        "--channels_last",
+        action="store_true",
+        help="on a CPU, also time ours in channels_last memory format (on CUDA ours always is)",
+    )
     p.add_argument("--compile", action="store_true", help="also time ours with torch.compile")
     p.add_argument("--ablation", action="store_true", help="also time each step from upstream's way to ours")
     p.add_argument("--profile", action="store_true", help="also time each part of the pipeline (ms, GFLOP)")
@@ -231,22 +262,32 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     settings = ReconstructionSettings(ddim_steps=args.ddim_steps)
     base = build_model(cfg, device)
     extractor = build_feature_extractor("resnet50", random_init=True).to(device)
-    n_params = {name: sum(p.numel() for p in m.parameters()) for name, m in
-                (("unet", base.model), ("sg_network", base.control_model), ("autoencoder", base.first_stage_model),
-                 ("text_encoder", base.cond_stage_model), ("features", extractor))}
+    n_params = {
+        name: sum(p.numel() for p in m.parameters())
+        for name, m in (
+            ("unet", base.model),
+            ("sg_network", base.control_model),
+            ("autoencoder", base.first_stage_model),
+            ("text_encoder", base.cond_stage_model),
+            ("features", extractor),
+        )
+    }
     images = synthetic_images(args.images, cfg.image_size)
     todo = variants(args.batch, cuda, args.channels_last, args.compile, args.ablation)
     models = {v.name: model_for(base, v) for v in todo}
     extractors = {False: extractor, True: copy.deepcopy(extractor).to(memory_format=torch.channels_last)}
     meter = MemoryMeter(device)
 
-    print(f"'{args.config}' ({sum(n_params.values()) / 1e6:.0f} M parameters), {args.images} images of "
-          f"{cfg.image_size}x{cfg.image_size}, {settings.ddim_steps} DDIM steps, {device}, "
-          f"{torch.get_num_threads()} threads, load {load_average():.2f}", flush=True)
+    print(
+        f"'{args.config}' ({sum(n_params.values()) / 1e6:.0f} M parameters), {args.images} images of "
+        f"{cfg.image_size}x{cfg.image_size}, {settings.ddim_steps} DDIM steps, {device}, "
+        f"{torch.get_num_threads()} threads, load {load_average():.2f}",
+        flush=True,
+    )
     first: dict[str, float] = {}
     for v in todo:  # warm-up (and compilation) outside the timing; also the maps compared below
         t0 = time.perf_counter()
-        run_variant(models[v.name], extractors[v.channels_last], images[:v.batch], v, settings)
+        run_variant(models[v.name], extractors[v.channels_last], images[: v.batch], v, settings)
         first[v.name] = time.perf_counter() - t0
     times: dict[str, list[float]] = {v.name: [] for v in todo}
     peaks: dict[str, float] = {}
@@ -270,30 +311,90 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         rate = args.images / min(times[v.name])
         precision = "bf16" if v.bf16 else "fp32"
         diff = (maps - ref_maps).abs().max().item()
-        res = {**dataclasses.asdict(v), "precision": precision, "images_per_s": rate, "times_s": times[v.name],
-               "first_call_s": first[v.name], "peak_memory_mib": peaks[v.name], "max_abs_map_diff": diff,
-               "max_abs_score_diff": (scores - ref_scores).abs().max().item(), "tolerance": TOLERANCE[precision],
-               "within_tolerance": diff <= TOLERANCE[precision], "speedup": rate / up_rate}
+        res = {
+            **dataclasses.asdict(v),
+            "precision": precision,
+            "images_per_s": rate,
+            "times_s": times[v.name],
+            "first_call_s": first[v.name],
+            "peak_memory_mib": peaks[v.name],
+            "max_abs_map_diff": diff,
+            "max_abs_score_diff": (scores - ref_scores).abs().max().item(),
+            "tolerance": TOLERANCE[precision],
+            "within_tolerance": diff <= TOLERANCE[precision],
+            "speedup": rate / up_rate,
+        }
         results[v.name] = res
-        rows.append([v.name, v.batch, 2 if v.two_passes else 1, v.attention, "yes" if v.decode_autoencoder else "no",
-                     "yes" if v.channels_last else "no", precision, "yes" if v.compile else "no", rate,
-                     f"{res['speedup']:.2f}x", peaks[v.name], f"{diff:.1e} ({'ok' if res['within_tolerance'] else 'FAIL'})"])
-    print(table(["way", "batch", "passes", "attention", "AE visual decode", "channels_last", "precision", "compile",
-                 "images/s", "speed-up", f"peak {meter.kind} MiB", "max |map diff| vs upstream"], rows))
-    print(f"map range {ref_maps.min().item():.3f}..{ref_maps.max().item():.3f}; tolerance {TOLERANCE}; "
-          f"load {min(loads):.2f}..{max(loads):.2f}")
+        rows.append(
+            [
+                v.name,
+                v.batch,
+                2 if v.two_passes else 1,
+                v.attention,
+                "yes" if v.decode_autoencoder else "no",
+                "yes" if v.channels_last else "no",
+                precision,
+                "yes" if v.compile else "no",
+                rate,
+                f"{res['speedup']:.2f}x",
+                peaks[v.name],
+                f"{diff:.1e} ({'ok' if res['within_tolerance'] else 'FAIL'})",
+            ]
+        )
+    print(
+        table(
+            [
+                "way",
+                "batch",
+                "passes",
+                "attention",
+                "AE visual decode",
+                "channels_last",
+                "precision",
+                "compile",
+                "images/s",
+                "speed-up",
+                f"peak {meter.kind} MiB",
+                "max |map diff| vs upstream",
+            ],
+            rows,
+        )
+    )
+    print(
+        f"map range {ref_maps.min().item():.3f}..{ref_maps.max().item():.3f}; tolerance {TOLERANCE}; "
+        f"load {min(loads):.2f}..{max(loads):.2f}"
+    )
     profile = None
     if args.profile:
-        profile = component_profile(models["ours"], extractor, args.batch, device, settings.ddim_steps,
-                                    max(args.repeats, 1))
-        prow = [[r["part"], r["calls_per_image"], r["ms_per_image_per_call"], r["gflop_per_image_per_call"],
-                 r["calls_per_image"] * r["ms_per_image_per_call"] / 1000] for r in profile]
+        profile = component_profile(
+            models["ours"], extractor, args.batch, device, settings.ddim_steps, max(args.repeats, 1)
+        )
+        prow = [
+            [
+                r["part"],
+                r["calls_per_image"],
+                r["ms_per_image_per_call"],
+                r["gflop_per_image_per_call"],
+                r["calls_per_image"] * r["ms_per_image_per_call"] / 1000,
+            ]
+            for r in profile
+        ]
         print(f"\nparts of ours (batch {args.batch}, fp32):")
         print(table(["part", "calls/image", "ms/image/call", "GFLOP/image/call", "s/image"], prow))
-    out = {"config": args.config, "device": str(device), "images": args.images, "batch": args.batch,
-           "ddim_steps": settings.ddim_steps, "params": n_params, "variants": results,
-           "speedup_ours": results["ours"]["speedup"], "load_average_1min": loads, "tolerance": TOLERANCE,
-           "memory_kind": meter.kind, "profile": profile}
+    out = {
+        "config": args.config,
+        "device": str(device),
+        "images": args.images,
+        "batch": args.batch,
+        "ddim_steps": settings.ddim_steps,
+        "params": n_params,
+        "variants": results,
+        "speedup_ours": results["ours"]["speedup"],
+        "load_average_1min": loads,
+        "tolerance": TOLERANCE,
+        "memory_kind": meter.kind,
+        "profile": profile,
+    }
     path = write_results(f"inference_{args.config}", out, args.output)
     print(f"wrote {path}")
     return out

@@ -21,8 +21,9 @@ import argparse
 import json
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -33,8 +34,21 @@ from bench.common import run_child, table, write_results  # noqa: E402
 GIB = 2**30
 MIB = 2**20
 QUIET = ["--num_workers", "0", "--no_progress_bar"]
-TRAIN = ["--data_set", "mvtec", "--accelerator", "cpu", "--devices", "1", "--batch_size", "1",
-         "--accumulate_grad_batches", "1", "--save_every_n_epochs", "1000", *QUIET]
+TRAIN = [
+    "--data_set",
+    "mvtec",
+    "--accelerator",
+    "cpu",
+    "--devices",
+    "1",
+    "--batch_size",
+    "1",
+    "--accumulate_grad_batches",
+    "1",
+    "--save_every_n_epochs",
+    "1000",
+    *QUIET,
+]
 STAGES = {  # name -> what the README calls it
     "build_ckpt": "build_model.py -> .ckpt",
     "build_safetensors": "build_model.py -> .safetensors",
@@ -73,27 +87,81 @@ def child(stage: str, work: Path, config: str) -> dict[str, Any]:
 
         write_sd_checkpoint(work / "sd.ckpt", config)
         write_ae_checkpoint(work / "ae.ckpt", config)
-        generate_demo_dataset(data, classes=("brick",), n_train=2, n_test_good=1, n_test_defect=1, image_size=256,
-                              seed=0)
+        generate_demo_dataset(
+            data, classes=("brick",), n_train=2, n_test_good=1, n_test_defect=1, image_size=256, seed=0
+        )
         return {}
     if stage.startswith("build_"):
         out = work / f"vlmdiff.{stage.removeprefix('build_')}"
-        build_model.main(["--sd_path", str(work / "sd.ckpt"), "--ae_path", str(work / "ae.ckpt"), "--output", str(out),
-                          "--config", config])
+        build_model.main(
+            [
+                "--sd_path",
+                str(work / "sd.ckpt"),
+                "--ae_path",
+                str(work / "ae.ckpt"),
+                "--output",
+                str(out),
+                "--config",
+                config,
+            ]
+        )
         return {"file_bytes": out.stat().st_size}
     if stage == "train1":
-        train.main([*TRAIN, "--data_path", str(data), "--resume_path", str(work / "vlmdiff.ckpt"),
-                    "--output_root", str(work), "--exp_name", "bench", "--max_steps", "1"])
+        train.main(
+            [
+                *TRAIN,
+                "--data_path",
+                str(data),
+                "--resume_path",
+                str(work / "vlmdiff.ckpt"),
+                "--output_root",
+                str(work),
+                "--exp_name",
+                "bench",
+                "--max_steps",
+                "1",
+            ]
+        )
         return {}
     last = work / "ckpt_bench" / "last.ckpt"
     if stage == "resume":
-        train.main([*TRAIN, "--data_path", str(data), "--resume", "--output_root", str(work), "--exp_name", "bench",
-                    "--max_steps", "2"])
+        train.main(
+            [
+                *TRAIN,
+                "--data_path",
+                str(data),
+                "--resume",
+                "--output_root",
+                str(work),
+                "--exp_name",
+                "bench",
+                "--max_steps",
+                "2",
+            ]
+        )
         return {"file_bytes": last.stat().st_size}
     if stage == "test":
-        test_script.main(["--data_set", "mvtec", "--data_path", str(data), "--resume_path", str(last),
-                          "--feature_extractor", "efficientnet_lite0", "--ddim_steps", "1", "--batch_size", "1",
-                          "--device", "cpu", "--output_dir", str(work / "results"), *QUIET])
+        test_script.main(
+            [
+                "--data_set",
+                "mvtec",
+                "--data_path",
+                str(data),
+                "--resume_path",
+                str(last),
+                "--feature_extractor",
+                "efficientnet_lite0",
+                "--ddim_steps",
+                "1",
+                "--batch_size",
+                "1",
+                "--device",
+                "cpu",
+                "--output_dir",
+                str(work / "results"),
+                *QUIET,
+            ]
+        )
         return {"file_bytes": last.stat().st_size}
     raise ValueError(stage)
 
@@ -133,12 +201,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         sd15_gib = (baseline * MIB + multiple * weights_sd15) / GIB
         results[stage] = {**m, "above_baseline_x_weights": multiple, "sd15_projected_gib": sd15_gib}
         rows.append([label, m["peak_rss_mib"] / 1024, (m["peak_rss_mib"] - baseline) / 1024, multiple, sd15_gib])
-    print(f"{args.config}: float32 VLMDiff weights {weights / GIB:.2f} GiB (sd15: {weights_sd15 / GIB:.2f} GiB); "
-          f"baseline (imports only) {baseline / 1024:.2f} GiB; trained last.ckpt "
-          f"{measured['resume']['file_bytes'] / GIB:.2f} GiB")
+    print(
+        f"{args.config}: float32 VLMDiff weights {weights / GIB:.2f} GiB (sd15: {weights_sd15 / GIB:.2f} GiB); "
+        f"baseline (imports only) {baseline / 1024:.2f} GiB; trained last.ckpt "
+        f"{measured['resume']['file_bytes'] / GIB:.2f} GiB"
+    )
     print(table(["stage", "peak RSS GiB", "above baseline GiB", "x weights", "sd15 projected GiB"], rows))
-    summary = {"config": args.config, "weights_bytes": weights, "weights_bytes_sd15": weights_sd15,
-               "baseline_rss_mib": baseline, "stages": results}
+    summary = {
+        "config": args.config,
+        "weights_bytes": weights,
+        "weights_bytes_sd15": weights_sd15,
+        "baseline_rss_mib": baseline,
+        "stages": results,
+    }
     path = write_results("memory", summary, args.output)
     print(f"results: {path}")
     return summary

@@ -20,8 +20,8 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -85,24 +85,40 @@ def main(argv: Sequence[str] | None = None) -> dict:
         t0 = time.perf_counter()
         write_store(run / "maps", args.n_images // args.class_size, args.class_size, seed=1)
         (run / "manifest.json").write_text(json.dumps({"checkpoint": None, "note": "synthetic maps"}))
-        print(f"wrote {args.n_images} float16 maps in {time.perf_counter() - t0:.0f} s; child RSS after imports "
-              f"alone: {idle_rss:.0f} MiB; load {load_average():.2f}", flush=True)
+        print(
+            f"wrote {args.n_images} float16 maps in {time.perf_counter() - t0:.0f} s; child RSS after imports "
+            f"alone: {idle_rss:.0f} MiB; load {load_average():.2f}",
+            flush=True,
+        )
         ev, ev_rss = common.run_child(script, ["--_child", "evaluate", "--_run", str(run)])
-        rep, rep_rss = common.run_child(script, ["--_child", "report", "--_run", str(run),
-                                                 "--gallery_size", str(args.gallery_size)])
+        rep, rep_rss = common.run_child(
+            script, ["--_child", "report", "--_run", str(run), "--gallery_size", str(args.gallery_size)]
+        )
         sizes = {name: (run / name).stat().st_size for name in ("curves.json", "scores.csv", "report.html")}
         pictures = len([p for p in (run / "report").rglob("*") if p.suffix in (".png", ".jpg")])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    rows = [["evaluation (metrics, curves, thresholds, scores.csv)", ev["seconds"], ev_rss],
-            [f"report.html ({pictures} pictures drawn)", rep["seconds"], rep_rss]]
+    rows = [
+        ["evaluation (metrics, curves, thresholds, scores.csv)", ev["seconds"], ev_rss],
+        [f"report.html ({pictures} pictures drawn)", rep["seconds"], rep_rss],
+    ]
     print(table(["step", "seconds", "peak RSS MiB"], rows))
-    print(f"curves.json {sizes['curves.json'] / 2**20:.1f} MiB, scores.csv {sizes['scores.csv'] / 2**20:.1f} MiB, "
-          f"report.html {sizes['report.html'] / 2**10:.0f} KiB; load {load_average():.2f}")
-    result = {"n_images": args.n_images, "class_size": args.class_size, "gallery_size": args.gallery_size,
-              "evaluate_s": ev["seconds"], "evaluate_peak_rss_mib": ev_rss, "report_s": rep["seconds"],
-              "report_peak_rss_mib": rep_rss, "child_idle_rss_mib": idle_rss, "pictures": pictures,
-              "file_bytes": sizes}
+    print(
+        f"curves.json {sizes['curves.json'] / 2**20:.1f} MiB, scores.csv {sizes['scores.csv'] / 2**20:.1f} MiB, "
+        f"report.html {sizes['report.html'] / 2**10:.0f} KiB; load {load_average():.2f}"
+    )
+    result = {
+        "n_images": args.n_images,
+        "class_size": args.class_size,
+        "gallery_size": args.gallery_size,
+        "evaluate_s": ev["seconds"],
+        "evaluate_peak_rss_mib": ev_rss,
+        "report_s": rep["seconds"],
+        "report_peak_rss_mib": rep_rss,
+        "child_idle_rss_mib": idle_rss,
+        "pictures": pictures,
+        "file_bytes": sizes,
+    }
     write_results("report", result, args.output)
     print(f"wrote {args.output}")
     return result

@@ -32,9 +32,10 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -71,16 +72,25 @@ class Setting:
 
     @property
     def name(self) -> str:
-        parts = [self.precision] + (["checkpointing"] if self.checkpointing else []) + \
-            (["fused AdamW"] if self.fused_adamw else [])
+        parts = (
+            [self.precision]
+            + (["checkpointing"] if self.checkpointing else [])
+            + (["fused AdamW"] if self.fused_adamw else [])
+        )
         return " + ".join(parts)
 
     def overrides(self) -> list[str]:
         return ["unet.use_checkpoint=true"] if self.checkpointing else []
 
 
-SETTINGS = (Setting(), Setting(checkpointing=True), Setting(fused_adamw=True), Setting("bf16-mixed"),
-            Setting("bf16-mixed", checkpointing=True), Setting("bf16-mixed", True, True))
+SETTINGS = (
+    Setting(),
+    Setting(checkpointing=True),
+    Setting(fused_adamw=True),
+    Setting("bf16-mixed"),
+    Setting("bf16-mixed", checkpointing=True),
+    Setting("bf16-mixed", True, True),
+)
 
 
 def build(config: str, setting: Setting) -> VLMDiff:
@@ -128,7 +138,10 @@ def saved_activation_bytes(model: VLMDiff, batch: dict[str, Any], bf16: bool) ->
 
 
 def _saved_bytes(model: VLMDiff, forward: Callable[[], Any], bf16: bool) -> int:
-    """Bytes of the tensors autograd saves while ``forward()`` runs (each storage once, the model's weights excluded)."""
+    """Bytes of the tensors autograd saves while ``forward()`` runs.
+
+    Each storage counts once; the model's weights are excluded.
+    """
     weights = {p.untyped_storage()._cdata for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -138,8 +151,10 @@ def _saved_bytes(model: VLMDiff, forward: Callable[[], Any], bf16: bool) -> int:
             saved[s._cdata] = s.nbytes()
         return x
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x), \
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
+    ):
         forward()
     return sum(saved.values())
 
@@ -163,18 +178,33 @@ def analyse(config: str, batch: int, setting: Setting) -> dict[str, Any]:
     opt_tmp = 0 if setting.fused_adamw else 4 * trainable
     peak = weights + adam + grads + max(act, opt_tmp)
     gpu_gib = peak / GIB + CUDA_CONTEXT_GIB
-    return {"config": config, "batch": batch, "setting": setting.name, "params": params, "weights_bytes": weights,
-            "grads_bytes": grads, "adamw_state_bytes": adam, "activation_bytes": act,
-            "frozen_encoder_activation_bytes_if_recorded": frozen_act, "optimizer_temporary_bytes_gpu": opt_tmp,
-            "step_extra_bytes_cpu": adam + grads + act, "step_extra_bytes_gpu": adam + grads + max(act, opt_tmp),
-            "peak_bytes": peak, "peak_gpu_gib": gpu_gib, "fits_gpu_budget": gpu_gib <= GPU_BUDGET_GIB}
+    return {
+        "config": config,
+        "batch": batch,
+        "setting": setting.name,
+        "params": params,
+        "weights_bytes": weights,
+        "grads_bytes": grads,
+        "adamw_state_bytes": adam,
+        "activation_bytes": act,
+        "frozen_encoder_activation_bytes_if_recorded": frozen_act,
+        "optimizer_temporary_bytes_gpu": opt_tmp,
+        "step_extra_bytes_cpu": adam + grads + act,
+        "step_extra_bytes_gpu": adam + grads + max(act, opt_tmp),
+        "peak_bytes": peak,
+        "peak_gpu_gib": gpu_gib,
+        "fits_gpu_budget": gpu_gib <= GPU_BUDGET_GIB,
+    }
 
 
 def frozen_encoder_activation_bytes(model: VLMDiff, batch: dict[str, Any], bf16: bool) -> int:
     """What the UNet's frozen encoder half would save for backward if it ran with autograd (it does not)."""
     unet = model.model.diffusion_model
-    z = torch.randn(batch["image"].shape[0], unet.cfg.in_channels, *(s // model.first_stage_factor
-                                                                       for s in batch["image"].shape[2:]))
+    z = torch.randn(
+        batch["image"].shape[0],
+        unet.cfg.in_channels,
+        *(s // model.first_stage_factor for s in batch["image"].shape[2:]),
+    )
     t = torch.full((1,), model.num_timesteps // 2)  # one timestep: see saved_activation_bytes
     context = torch.randn(z.shape[0], 77, unet.cfg.context_dim)
     z.requires_grad_(True)  # stands for a trainable input; the weights stay frozen
@@ -205,8 +235,14 @@ def child_measure(config: str, batch: int, setting: Setting, steps: int, device:
             torch.cuda.synchronize()
         if i >= 2:
             times.append(time.perf_counter() - t0)
-    return {"step_s": min(times), "times_s": times, "extra_peak_mib": meter.peak_mib(), "built_mib": built,
-            "memory_kind": meter.kind, "loss": float(loss.detach())}
+    return {
+        "step_s": min(times),
+        "times_s": times,
+        "extra_peak_mib": meter.peak_mib(),
+        "built_mib": built,
+        "memory_kind": meter.kind,
+        "loss": float(loss.detach()),
+    }
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -216,10 +252,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", default="4", help="batch sizes (comma list), for both parts")
     p.add_argument("--steps", type=int, default=2, help="timed steps per measurement (after 2 warm-up steps)")
     p.add_argument("--repeats", type=int, default=1, help="interleaved rounds of measurements")
-    p.add_argument("--settings", default="all",
-                   help="'all', or indices into: " + ", ".join(f"{i} {s.name}" for i, s in enumerate(SETTINGS)))
-    p.add_argument("--measure_bf16_on_cpu", action="store_true",
-                   help="also measure bf16-mixed on a CPU (slow without native bf16)")
+    p.add_argument(
+        "--settings",
+        default="all",
+        help="'all', or indices into: " + ", ".join(f"{i} {s.name}" for i, s in enumerate(SETTINGS)),
+    )
+    p.add_argument(
+        "--measure_bf16_on_cpu", action="store_true", help="also measure bf16-mixed on a CPU (slow without native bf16)"
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", default=None, help="JSON path (default bench/results/training.json)")
     p.add_argument("--_child", default=None, help=argparse.SUPPRESS)
@@ -230,17 +270,50 @@ def print_analysis(config: str, by_key: dict[str, dict[str, Any]]) -> None:
     """Parameter table and predicted GiB per setting and batch size of one preset."""
     first = next(iter(by_key.values()))
     print(f"\n'{config}': parameters (M) per part")
-    print(table(["part", "total M", "trainable M"],
-                [[k, v["total"] / 1e6, v["trainable"] / 1e6] for k, v in first["params"].items()]))
-    rows = [[a["batch"], a["setting"], a["weights_bytes"] / GIB, a["grads_bytes"] / GIB, a["adamw_state_bytes"] / GIB,
-             a["activation_bytes"] / GIB, a["frozen_encoder_activation_bytes_if_recorded"] / GIB,
-             a["optimizer_temporary_bytes_gpu"] / GIB, a["peak_bytes"] / GIB,
-             a["peak_gpu_gib"], "yes" if a["fits_gpu_budget"] else "no"] for a in by_key.values()]
-    print(f"'{config}': predicted GiB of one training step on a GPU (fp32 master weights and AdamW state; "
-          "peak = weights + AdamW state + grads + max(activations, AdamW temporaries))")
-    print(table(["batch", "setting", "weights", "grads", "AdamW state", "activations",
-                 "(frozen encoder half, not kept)", "AdamW temporaries", "peak", f"peak + {CUDA_CONTEXT_GIB:.0f} GiB CUDA",
-                 f"fits {GPU_BUDGET_GIB:.0f} GiB GPU"], rows))
+    print(
+        table(
+            ["part", "total M", "trainable M"],
+            [[k, v["total"] / 1e6, v["trainable"] / 1e6] for k, v in first["params"].items()],
+        )
+    )
+    rows = [
+        [
+            a["batch"],
+            a["setting"],
+            a["weights_bytes"] / GIB,
+            a["grads_bytes"] / GIB,
+            a["adamw_state_bytes"] / GIB,
+            a["activation_bytes"] / GIB,
+            a["frozen_encoder_activation_bytes_if_recorded"] / GIB,
+            a["optimizer_temporary_bytes_gpu"] / GIB,
+            a["peak_bytes"] / GIB,
+            a["peak_gpu_gib"],
+            "yes" if a["fits_gpu_budget"] else "no",
+        ]
+        for a in by_key.values()
+    ]
+    print(
+        f"'{config}': predicted GiB of one training step on a GPU (fp32 master weights and AdamW state; "
+        "peak = weights + AdamW state + grads + max(activations, AdamW temporaries))"
+    )
+    print(
+        table(
+            [
+                "batch",
+                "setting",
+                "weights",
+                "grads",
+                "AdamW state",
+                "activations",
+                "(frozen encoder half, not kept)",
+                "AdamW temporaries",
+                "peak",
+                f"peak + {CUDA_CONTEXT_GIB:.0f} GiB CUDA",
+                f"fits {GPU_BUDGET_GIB:.0f} GiB GPU",
+            ],
+            rows,
+        )
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -263,14 +336,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     measured: dict[str, dict[str, Any]] = {}
     if measure:
-        todo = [(c, b, s) for c in measure for b in batches for s in settings
-                if s.precision == "fp32" or device.type == "cuda" or args.measure_bf16_on_cpu]
+        todo = [
+            (c, b, s)
+            for c in measure
+            for b in batches
+            for s in settings
+            if s.precision == "fp32" or device.type == "cuda" or args.measure_bf16_on_cpu
+        ]
         print(f"\n(b) measured training steps, {device}, load {load_average():.2f}", flush=True)
         for _ in range(args.repeats):
             for c, b, s in todo:
                 job = {"config": c, "batch": b, "setting": dataclasses.asdict(s), "steps": args.steps}
-                res, child_rss = common.run_child(Path(__file__).resolve(), ["--device", args.device,
-                                                                             "--_child", json.dumps(job)])
+                res, child_rss = common.run_child(
+                    Path(__file__).resolve(), ["--device", args.device, "--_child", json.dumps(job)]
+                )
                 key = f"{c} | batch {b} | {s.name}"
                 old = measured.get(key, {"times_s": [], "load_average_1min": []})
                 res["times_s"] = old["times_s"] + res["times_s"]
@@ -285,13 +364,42 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             setting = next(s for s in settings if s.name == name)
             pred = analysis[c][f"{b} | {name}"] if c in analysis else analyse(c, batch, setting)
             res["predicted_extra_mib"] = pred[f"step_extra_bytes_{'gpu' if device.type == 'cuda' else 'cpu'}"] / MIB
-            rows.append([c, batch, name, res["step_s"], res["built_mib"], res["extra_peak_mib"],
-                         res["predicted_extra_mib"], res["extra_peak_mib"] / res["predicted_extra_mib"]])
+            rows.append(
+                [
+                    c,
+                    batch,
+                    name,
+                    res["step_s"],
+                    res["built_mib"],
+                    res["extra_peak_mib"],
+                    res["predicted_extra_mib"],
+                    res["extra_peak_mib"] / res["predicted_extra_mib"],
+                ]
+            )
         kind = next(iter(measured.values()))["memory_kind"]
-        print(table(["preset", "batch", "setting", "s/step", "memory after build MiB", f"step peak, {kind} MiB",
-                     "predicted MiB", "measured / predicted"], rows))
-    out = {"device": str(device), "batches": batches, "analysis": analysis, "measured": measured,
-           "gpu_budget_gib": GPU_BUDGET_GIB, "cuda_context_allowance_gib": CUDA_CONTEXT_GIB}
+        print(
+            table(
+                [
+                    "preset",
+                    "batch",
+                    "setting",
+                    "s/step",
+                    "memory after build MiB",
+                    f"step peak, {kind} MiB",
+                    "predicted MiB",
+                    "measured / predicted",
+                ],
+                rows,
+            )
+        )
+    out = {
+        "device": str(device),
+        "batches": batches,
+        "analysis": analysis,
+        "measured": measured,
+        "gpu_budget_gib": GPU_BUDGET_GIB,
+        "cuda_context_allowance_gib": CUDA_CONTEXT_GIB,
+    }
     path = write_results("training", out, args.output)
     print(f"\nwrote {path}")
     return out

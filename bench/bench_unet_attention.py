@@ -21,8 +21,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.common import peak_rss_mb, table, time_call, write_results  # noqa: E402
-from ldm.config import LatentDiffusionConfig, load_config
-from ldm.modules.unet import UNetModel
+from ldm.config import LatentDiffusionConfig, load_config  # noqa: E402
+from ldm.modules.unet import UNetModel  # noqa: E402
 
 
 def main() -> None:
@@ -48,7 +48,7 @@ def main() -> None:
     with torch.inference_mode():
         ref = None
         for name, model in (("math (softmax(QK^T)V)", math), ("sdpa", sdpa)):
-            times = time_call(lambda: model(x, t, ctx), repeats=args.repeats)
+            times = time_call(lambda: model(x, t, ctx), repeats=args.repeats)  # noqa: B023 (called at once)
             y = model(x, t, ctx)
             ref = y if ref is None else ref
             diff = (y - ref).abs().max().item()
@@ -56,12 +56,23 @@ def main() -> None:
             rows.append([name, best, sum(times) / len(times), diff])
             out[name] = {"best_s": best, "times_s": times, "max_abs_diff_vs_math": diff}
     speedup = rows[0][1] / rows[1][1]
-    print(f"UNet '{args.config}' ({n_params / 1e6:.1f} M params), batch {args.batch}, latent {side}x{side}, "
-          f"fp32, {torch.get_num_threads()} threads")
+    print(
+        f"UNet '{args.config}' ({n_params / 1e6:.1f} M params), batch {args.batch}, latent {side}x{side}, "
+        f"fp32, {torch.get_num_threads()} threads"
+    )
     print(table(["attention", "best s/forward", "mean s/forward", "max |diff| vs math"], rows))
     print(f"sdpa speed-up: {speedup:.2f}x   peak RSS {peak_rss_mb():.0f} MiB")
-    path = write_results("unet_attention", {"config": args.config, "batch": args.batch, "latent": side,
-                                             "params": n_params, "results": out, "sdpa_speedup": speedup})
+    path = write_results(
+        "unet_attention",
+        {
+            "config": args.config,
+            "batch": args.batch,
+            "latent": side,
+            "params": n_params,
+            "results": out,
+            "sdpa_speedup": speedup,
+        },
+    )
     print(f"wrote {path}")
 
 

@@ -12,8 +12,9 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -106,10 +107,14 @@ def run_child(script: Path, args: Sequence[str]) -> tuple[dict[str, Any], float]
 def environment() -> dict[str, Any]:
     """Versions, thread count, CPU/GPU name and the load average at the time of writing."""
     return {
-        "python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "load_average_1min": load_average(), "platform": platform.platform(),
+        "load_average_1min": load_average(),
+        "platform": platform.platform(),
     }
 
 
@@ -123,6 +128,7 @@ def write_results(name: str, results: dict[str, Any], path: str | Path | None = 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A markdown table; floats with 3 significant digits."""
+
     def fmt(v: Any) -> str:
         return f"{v:.3g}" if isinstance(v, float) else str(v)
 

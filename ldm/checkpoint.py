@@ -20,8 +20,9 @@ import os
 import pickle
 import zipfile
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -34,8 +35,17 @@ log = logging.getLogger(__name__)
 # Globals of these packages may appear in Lightning 1.x / OmegaConf pickles beside the weights. They
 # are replaced by an inert placeholder: the data loads, no code of theirs runs.
 OPAQUE_GLOBAL_PREFIXES = (
-    "pytorch_lightning.", "lightning.", "lightning_fabric.", "omegaconf.", "typing.", "argparse.",
-    "pathlib.", "numpy.", "_codecs.", "collections.", "builtins.",
+    "pytorch_lightning.",
+    "lightning.",
+    "lightning_fabric.",
+    "omegaconf.",
+    "typing.",
+    "argparse.",
+    "pathlib.",
+    "numpy.",
+    "_codecs.",
+    "collections.",
+    "builtins.",
 )
 
 
@@ -48,7 +58,7 @@ class OpaqueObject:
     def __setstate__(self, state: Any) -> None:
         self.state = state
 
-    def __call__(self, *args: Any, **kwargs: Any) -> "OpaqueObject":
+    def __call__(self, *args: Any, **kwargs: Any) -> OpaqueObject:
         return OpaqueObject(*args)
 
     def __repr__(self) -> str:
@@ -106,7 +116,9 @@ def _load_with_opaque_globals(path: Path, first_error: Exception, mmap: bool) ->
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except Exception as e:  # noqa: BLE001
-            raise UserError(f"{path} could not be read safely ({_short(e)}); if you trust it, pass --unsafe_legacy_pickle") from e
+            raise UserError(
+                f"{path} could not be read safely ({_short(e)}); if you trust it, pass --unsafe_legacy_pickle"
+            ) from e
 
 
 def _load_safetensors(path: Path) -> dict[str, Any]:
@@ -148,8 +160,9 @@ def ema_key(key: str) -> str:
     return "model_ema." + "".join(key.split(".")[1:])
 
 
-def use_ema_weights(sd: Mapping[str, torch.Tensor], prefix: str = "model.diffusion_model.",
-                    path: str | os.PathLike = "checkpoint") -> dict[str, torch.Tensor]:
+def use_ema_weights(
+    sd: Mapping[str, torch.Tensor], prefix: str = "model.diffusion_model.", path: str | os.PathLike = "checkpoint"
+) -> dict[str, torch.Tensor]:
     """Replace every ``prefix*`` weight by its EMA copy and drop the ``model_ema.*`` entries."""
     out = {k: v for k, v in sd.items() if not k.startswith("model_ema.")}
     targets = [k for k in out if k.startswith(prefix)]
@@ -168,8 +181,9 @@ def drop_ema(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if not k.startswith("model_ema.")}
 
 
-def describe_mismatch(expected: Mapping[str, torch.Size], given: Mapping[str, torch.Tensor],
-                      ignore: Iterable[str] = ()) -> str | None:
+def describe_mismatch(
+    expected: Mapping[str, torch.Size], given: Mapping[str, torch.Tensor], ignore: Iterable[str] = ()
+) -> str | None:
     """One readable summary of missing, unexpected and mis-shaped keys; None when all match."""
     ignore = set(ignore)
     missing = sorted(k for k in expected if k not in given and k not in ignore)
@@ -182,12 +196,20 @@ def describe_mismatch(expected: Mapping[str, torch.Size], given: Mapping[str, to
         parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
     if shapes:
         k = shapes[0]
-        parts.append(f"{len(shapes)} with another shape (e.g. {k}: file {tuple(given[k].shape)}, model {tuple(expected[k])})")
+        parts.append(
+            f"{len(shapes)} with another shape (e.g. {k}: file {tuple(given[k].shape)}, model {tuple(expected[k])})"
+        )
     return "; ".join(parts) or None
 
 
-def load_into(module: nn.Module, sd: Mapping[str, torch.Tensor], path: str | os.PathLike = "checkpoint",
-              ignore: Iterable[str] = (), hint: str = "", assign: bool = False) -> None:
+def load_into(
+    module: nn.Module,
+    sd: Mapping[str, torch.Tensor],
+    path: str | os.PathLike = "checkpoint",
+    ignore: Iterable[str] = (),
+    hint: str = "",
+    assign: bool = False,
+) -> None:
     """Load ``sd`` strictly into ``module``: every key present, none extra, every shape equal.
 
     On any mismatch one :class:`UserError` summarises all of them (with an example of each kind).
@@ -199,18 +221,22 @@ def load_into(module: nn.Module, sd: Mapping[str, torch.Tensor], path: str | os.
     if problem:
         raise UserError(f"{path} does not fit this model: {problem}{'; ' + hint if hint else ''}")
     sd = cast_to_model_dtypes(sd, {k: v.dtype for k, v in own.items()}, path)
-    missing, unexpected = module.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=False,
-                                                 assign=assign)
+    missing, unexpected = module.load_state_dict(
+        {k: v for k, v in sd.items() if k in expected}, strict=False, assign=assign
+    )
     missing = [k for k in missing if k not in set(ignore)]
     if missing or unexpected:  # only reachable if a load hook renamed keys inconsistently
         raise UserError(f"{path} does not fit this model: missing {missing[:1]}, unexpected {unexpected[:1]}")
     bad = [k for k, v in sd.items() if k in expected and v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise UserError(f"{path}: tensor {bad[0]} holds NaN or infinite values ({len(bad)} such tensors); the file is damaged")
+        raise UserError(
+            f"{path}: tensor {bad[0]} holds NaN or infinite values ({len(bad)} such tensors); the file is damaged"
+        )
 
 
-def cast_to_model_dtypes(sd: Mapping[str, torch.Tensor], dtypes: Mapping[str, torch.dtype],
-                         path: str | os.PathLike = "checkpoint") -> dict[str, torch.Tensor]:
+def cast_to_model_dtypes(
+    sd: Mapping[str, torch.Tensor], dtypes: Mapping[str, torch.dtype], path: str | os.PathLike = "checkpoint"
+) -> dict[str, torch.Tensor]:
     """``sd`` with every floating tensor in the dtype the model has for it (float16/bf16 files -> float32).
 
     Logs what was cast; tensors already in the model's dtype (or not in ``dtypes``) are returned as they are.
@@ -227,8 +253,12 @@ def cast_to_model_dtypes(sd: Mapping[str, torch.Tensor], dtypes: Mapping[str, to
     return out
 
 
-def save_checkpoint(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any] | None = None,
-                    extra: Mapping[str, Any] | None = None) -> None:
+def save_checkpoint(
+    path: str | os.PathLike,
+    state_dict: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> None:
     """Write weights (+ the resolved config) atomically as ``.safetensors`` or a torch ``.ckpt`` dict.
 
     safetensors files are written straight to a temporary file beside ``path`` (no second copy of the

@@ -21,9 +21,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -61,10 +62,14 @@ VAE_RESNET = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "co
 # Inner names of the VAE's single-head attention (current and pre-0.14 diffusers) -> CompVis AttnBlock.
 VAE_ATTENTION = {
     "group_norm": "norm",
-    "to_q": "q", "query": "q",
-    "to_k": "k", "key": "k",
-    "to_v": "v", "value": "v",
-    "to_out.0": "proj_out", "proj_attn": "proj_out",
+    "to_q": "q",
+    "query": "q",
+    "to_k": "k",
+    "key": "k",
+    "to_v": "v",
+    "value": "v",
+    "to_out.0": "proj_out",
+    "proj_attn": "proj_out",
 }
 
 # unet/config.json fields that change the computation without changing any weight's name or shape:
@@ -136,7 +141,9 @@ def unet_rules(cfg: UNetConfig) -> dict[str, _Rule]:
             if attn:
                 rules[f"up_blocks.{i}.attentions.{j}"] = _Rule(f"output_blocks.{block}.1")
         if level > 0:
-            rules[f"up_blocks.{i}.upsamplers.0.conv"] = _Rule(f"output_blocks.{i * (n + 1) + n}.{2 if attn else 1}.conv")
+            rules[f"up_blocks.{i}.upsamplers.0.conv"] = _Rule(
+                f"output_blocks.{i * (n + 1) + n}.{2 if attn else 1}.conv"
+            )
     return rules
 
 
@@ -163,7 +170,8 @@ def vae_rules(cfg: AutoencoderConfig) -> dict[str, _Rule]:
             rules[f"encoder.down_blocks.{level}.resnets.{j}"] = _Rule(f"encoder.down.{level}.block.{j}", VAE_RESNET)
             if attn:
                 rules[f"encoder.down_blocks.{level}.attentions.{j}"] = _Rule(
-                    f"encoder.down.{level}.attn.{j}", VAE_ATTENTION, linear_to_conv=True)
+                    f"encoder.down.{level}.attn.{j}", VAE_ATTENTION, linear_to_conv=True
+                )
         if level < levels - 1:
             rules[f"encoder.down_blocks.{level}.downsamplers.0.conv"] = _Rule(f"encoder.down.{level}.downsample.conv")
     for i in range(levels):
@@ -173,7 +181,8 @@ def vae_rules(cfg: AutoencoderConfig) -> dict[str, _Rule]:
             rules[f"decoder.up_blocks.{i}.resnets.{j}"] = _Rule(f"decoder.up.{level}.block.{j}", VAE_RESNET)
             if attn:
                 rules[f"decoder.up_blocks.{i}.attentions.{j}"] = _Rule(
-                    f"decoder.up.{level}.attn.{j}", VAE_ATTENTION, linear_to_conv=True)
+                    f"decoder.up.{level}.attn.{j}", VAE_ATTENTION, linear_to_conv=True
+                )
         if level > 0:
             rules[f"decoder.up_blocks.{i}.upsamplers.0.conv"] = _Rule(f"decoder.up.{level}.upsample.conv")
     return rules
@@ -195,7 +204,7 @@ def _rename(key: str, rules: Mapping[str, _Rule]) -> tuple[str, _Rule] | None:
             return f"{rule.target}.{rest}", rule
         for src, dst in rule.inner.items():
             if rest.startswith(src + "."):
-                return f"{rule.target}.{dst}{rest[len(src):]}", rule
+                return f"{rule.target}.{dst}{rest[len(src) :]}", rule
         return None
     return None
 
@@ -205,17 +214,24 @@ def _source_name(target: str, rules: Mapping[str, _Rule]) -> str | None:
     for src, rule in rules.items():
         if not target.startswith(rule.target + "."):
             continue
-        rest = target[len(rule.target) + 1:]
+        rest = target[len(rule.target) + 1 :]
         if rule.inner is None:
             return f"{src}.{rest}"
         for inner_src, inner_dst in rule.inner.items():
             if rest.startswith(inner_dst + "."):
-                return f"{src}.{inner_src}{rest[len(inner_dst):]}"
+                return f"{src}.{inner_src}{rest[len(inner_dst) :]}"
     return None
 
 
-def _apply_rules(sd: Mapping[str, torch.Tensor], rules: Mapping[str, _Rule], prefix: str,
-                 expected: Mapping[str, torch.Size], where: str, what: str, hint: str) -> dict[str, torch.Tensor]:
+def _apply_rules(
+    sd: Mapping[str, torch.Tensor],
+    rules: Mapping[str, _Rule],
+    prefix: str,
+    expected: Mapping[str, torch.Size],
+    where: str,
+    what: str,
+    hint: str,
+) -> dict[str, torch.Tensor]:
     """Rename ``sd`` with ``rules`` under ``prefix`` and check it against ``expected`` (names -> shapes)."""
     out: dict[str, torch.Tensor] = {}
     origin: dict[str, str] = {}
@@ -242,13 +258,17 @@ def _apply_rules(sd: Mapping[str, torch.Tensor], rules: Mapping[str, _Rule], pre
         problems.append(f"{len(unexpected)} key(s) renamed to names it does not have, e.g. '{origin[k]}' -> {k}")
     missing = sorted(k for k in expected if k not in out)
     if missing:
-        src = _source_name(missing[0][len(prefix):], rules)
-        problems.append(f"{len(missing)} weight(s) missing, e.g. {missing[0]}" + (f" (diffusers name '{src}')" if src else ""))
+        src = _source_name(missing[0][len(prefix) :], rules)
+        problems.append(
+            f"{len(missing)} weight(s) missing, e.g. {missing[0]}" + (f" (diffusers name '{src}')" if src else "")
+        )
     shapes = sorted(k for k in out if k in expected and tuple(out[k].shape) != tuple(expected[k]))
     if shapes:
         k = shapes[0]
-        problems.append(f"{len(shapes)} with another shape, e.g. '{origin[k]}' {tuple(out[k].shape)} "
-                        f"but {k} is {tuple(expected[k])}")
+        problems.append(
+            f"{len(shapes)} with another shape, e.g. '{origin[k]}' {tuple(out[k].shape)} "
+            f"but {k} is {tuple(expected[k])}"
+        )
     if problems:
         raise UserError(f"{where}: cannot convert to {what}: {'; '.join(problems)}; {hint}")
     return out
@@ -256,19 +276,25 @@ def _apply_rules(sd: Mapping[str, torch.Tensor], rules: Mapping[str, _Rule], pre
 
 def _describe_unet(cfg: UNetConfig) -> str:
     levels = [lvl for lvl in range(len(cfg.channel_mult)) if _unet_has_attention(cfg, lvl)]
-    return (f"our UNet (model_channels {cfg.model_channels}, channel_mult {list(cfg.channel_mult)}, "
-            f"num_res_blocks {cfg.num_res_blocks}, attention at levels {levels}, context_dim {cfg.context_dim})")
+    return (
+        f"our UNet (model_channels {cfg.model_channels}, channel_mult {list(cfg.channel_mult)}, "
+        f"num_res_blocks {cfg.num_res_blocks}, attention at levels {levels}, context_dim {cfg.context_dim})"
+    )
 
 
 def _describe_vae(cfg: AutoencoderConfig) -> str:
-    return (f"our autoencoder (ch {cfg.ch}, ch_mult {list(cfg.ch_mult)}, num_res_blocks {cfg.num_res_blocks}, "
-            f"attn_resolutions {list(cfg.attn_resolutions)})")
+    return (
+        f"our autoencoder (ch {cfg.ch}, ch_mult {list(cfg.ch_mult)}, num_res_blocks {cfg.num_res_blocks}, "
+        f"attn_resolutions {list(cfg.attn_resolutions)})"
+    )
 
 
 _CONFIG_HINT = "the folder's weights must have the structure of the chosen config (e.g. --config sd15 for SD-1.x)"
 
 
-def convert_unet_state_dict(sd: Mapping[str, torch.Tensor], cfg: UNetConfig, where: str = "unet") -> dict[str, torch.Tensor]:
+def convert_unet_state_dict(
+    sd: Mapping[str, torch.Tensor], cfg: UNetConfig, where: str = "unet"
+) -> dict[str, torch.Tensor]:
     """diffusers ``UNet2DConditionModel`` weights -> ``model.diffusion_model.*`` for a UNet of ``cfg``.
 
     Pure renaming (tensors are not copied); works on meta tensors. Raises :class:`UserError` naming
@@ -279,7 +305,9 @@ def convert_unet_state_dict(sd: Mapping[str, torch.Tensor], cfg: UNetConfig, whe
     return _apply_rules(sd, unet_rules(cfg), UNET_PREFIX, expected, where, _describe_unet(cfg), _CONFIG_HINT)
 
 
-def convert_vae_state_dict(sd: Mapping[str, torch.Tensor], cfg: AutoencoderConfig, where: str = "vae") -> dict[str, torch.Tensor]:
+def convert_vae_state_dict(
+    sd: Mapping[str, torch.Tensor], cfg: AutoencoderConfig, where: str = "vae"
+) -> dict[str, torch.Tensor]:
     """diffusers ``AutoencoderKL`` weights -> ``first_stage_model.*`` for an autoencoder of ``cfg``.
 
     The attention projections (``to_q`` ... or the older ``query`` ...) become 1x1 convolutions.
@@ -290,12 +318,16 @@ def convert_vae_state_dict(sd: Mapping[str, torch.Tensor], cfg: AutoencoderConfi
 
 
 def _strip_text_model(key: str) -> str:
-    return key[len(SD_CLIP_PREFIX):] if key.startswith(SD_CLIP_PREFIX) else key
+    return key[len(SD_CLIP_PREFIX) :] if key.startswith(SD_CLIP_PREFIX) else key
 
 
-def convert_clip_state_dict(sd: Mapping[str, torch.Tensor], *, context_dim: int | None = None,
-                            reference: Mapping[str, torch.Size] | None = None,
-                            where: str = "text_encoder") -> dict[str, torch.Tensor]:
+def convert_clip_state_dict(
+    sd: Mapping[str, torch.Tensor],
+    *,
+    context_dim: int | None = None,
+    reference: Mapping[str, torch.Size] | None = None,
+    where: str = "text_encoder",
+) -> dict[str, torch.Tensor]:
     """transformers ``CLIPTextModel`` weights (with or without ``text_model.``) -> SD-1.5 names.
 
     Returns ``cond_stage_model.transformer.text_model.*`` with a ``position_ids`` buffer.
@@ -311,15 +343,24 @@ def convert_clip_state_dict(sd: Mapping[str, torch.Tensor], *, context_dim: int 
     out = canonical_clip_names(renamed, CLIP_PREFIX)
     token_key = CLIP_TARGET_PREFIX + "embeddings.token_embedding.weight"
     if token_key not in out:
-        raise UserError(f"{where}: not a CLIP text model (no embeddings.token_embedding.weight among "
-                        f"{len(sd)} keys, e.g. '{next(iter(sd), '')}')")
+        raise UserError(
+            f"{where}: not a CLIP text model (no embeddings.token_embedding.weight among "
+            f"{len(sd)} keys, e.g. '{next(iter(sd), '')}')"
+        )
     width = out[token_key].shape[1]
     if context_dim is not None and width != context_dim:
-        raise UserError(f"{where}: the text encoder's hidden size is {width} but unet.context_dim is {context_dim}; "
-                        "use the config that matches this Stable Diffusion folder")
+        raise UserError(
+            f"{where}: the text encoder's hidden size is {width} but unet.context_dim is {context_dim}; "
+            "use the config that matches this Stable Diffusion folder"
+        )
     if reference is not None:
-        ref = canonical_clip_names({CLIP_TARGET_PREFIX + _strip_text_model(k): torch.empty(shape, device="meta")
-                                    for k, shape in reference.items()}, CLIP_PREFIX)
+        ref = canonical_clip_names(
+            {
+                CLIP_TARGET_PREFIX + _strip_text_model(k): torch.empty(shape, device="meta")
+                for k, shape in reference.items()
+            },
+            CLIP_PREFIX,
+        )
         problem = describe_mismatch({k: v.shape for k, v in ref.items()}, out)
         if problem:
             raise UserError(f"{where}: the weights do not fit the CLIPTextModel of its config.json: {problem}")
@@ -348,9 +389,13 @@ def _find_weights(folder: Path, component: str, variant: str | None) -> Path:
     """The weight file of ``folder/component``: the plain file, else (no ``variant`` given) the fp16 one."""
     sub = folder / component
     if not sub.is_dir():
-        raise UserError(f"{folder}: no {component}/ folder; a Stable Diffusion folder in diffusers layout has "
-                        "unet/, vae/ and text_encoder/ with their weights (download the complete folder)")
-    names = [_with_variant(n, v) for v in ([variant] if variant else [None, "fp16"]) for n in COMPONENT_WEIGHTS[component]]
+        raise UserError(
+            f"{folder}: no {component}/ folder; a Stable Diffusion folder in diffusers layout has "
+            "unet/, vae/ and text_encoder/ with their weights (download the complete folder)"
+        )
+    names = [
+        _with_variant(n, v) for v in ([variant] if variant else [None, "fp16"]) for n in COMPONENT_WEIGHTS[component]
+    ]
     path = next((sub / n for n in names if (sub / n).is_file()), None)
     if path is None:
         raise UserError(f"{sub}: no weight file; expected one of {', '.join(names)}")
@@ -386,8 +431,10 @@ def check_unet_folder_config(data: Mapping[str, Any], cfg: UNetConfig, where: st
     for key, default, ours in UNET_FIXED_FIELDS:
         value = data.get(key, default)
         if value != ours:
-            raise UserError(f"{where}: {key} is {value!r}, but the SD-1 UNet computes with {ours!r}; "
-                            "this folder is not a Stable Diffusion 1.x model")
+            raise UserError(
+                f"{where}: {key} is {value!r}, but the SD-1 UNet computes with {ours!r}; "
+                "this folder is not a Stable Diffusion 1.x model"
+            )
     heads = data.get("num_attention_heads") or data.get("attention_head_dim", 8)
     levels = len(cfg.channel_mult)
     per_level = list(heads) if isinstance(heads, (list, tuple)) else [heads] * levels
@@ -398,8 +445,10 @@ def check_unet_folder_config(data: Mapping[str, Any], cfg: UNetConfig, where: st
     for level, theirs in checks:
         ours_heads = attention_heads(cfg, cfg.model_channels * cfg.channel_mult[level])[0]
         if theirs != ours_heads:
-            raise UserError(f"{where}: {theirs} attention heads at level {level}, but unet.num_heads / "
-                            f"num_head_channels give {ours_heads}; set unet.num_heads={theirs} (num_head_channels -1)")
+            raise UserError(
+                f"{where}: {theirs} attention heads at level {level}, but unet.num_heads / "
+                f"num_head_channels give {ours_heads}; set unet.num_heads={theirs} (num_head_channels -1)"
+            )
 
 
 def _clip_reference(folder: Path) -> dict[str, torch.Size] | None:
@@ -419,8 +468,9 @@ def _clip_reference(folder: Path) -> dict[str, torch.Size] | None:
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
-def load_diffusers_folder(path: str | os.PathLike, *, unet_cfg: UNetConfig, ae_cfg: AutoencoderConfig,
-                          variant: str | None = None) -> dict[str, torch.Tensor]:
+def load_diffusers_folder(
+    path: str | os.PathLike, *, unet_cfg: UNetConfig, ae_cfg: AutoencoderConfig, variant: str | None = None
+) -> dict[str, torch.Tensor]:
     """Read a Stable Diffusion folder in diffusers layout as one state dict in CompVis names.
 
     Returns float32 ``model.diffusion_model.*``, ``first_stage_model.*`` and
@@ -444,7 +494,13 @@ def load_diffusers_folder(path: str | os.PathLike, *, unet_cfg: UNetConfig, ae_c
     sd: dict[str, torch.Tensor] = {}
     sd.update(convert_unet_state_dict(_read_float32(files["unet"]), unet_cfg, str(files["unet"])))
     sd.update(convert_vae_state_dict(_read_float32(files["vae"]), ae_cfg, str(files["vae"])))
-    sd.update(convert_clip_state_dict(_read_float32(files["text_encoder"]), context_dim=unet_cfg.context_dim,
-                                      reference=clip_reference, where=str(files["text_encoder"])))
+    sd.update(
+        convert_clip_state_dict(
+            _read_float32(files["text_encoder"]),
+            context_dim=unet_cfg.context_dim,
+            reference=clip_reference,
+            where=str(files["text_encoder"]),
+        )
+    )
     log.info("%s: converted %d diffusers tensors to CompVis names", folder, len(sd))
     return sd

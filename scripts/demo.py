@@ -33,9 +33,10 @@ import shlex
 import shutil
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,23 +92,46 @@ class DemoSettings:
 
 
 FULL = DemoSettings()
-QUICK = DemoSettings(classes=("coffee",), n_train=2, n_test_good=1, n_test_defect=2, ae_steps=2, ae_batch_size=2,
-                     base_steps=2, base_batch_size=2, train_steps=2, train_batch_size=2, ddim_steps=2, noise_t=999,
-                     test_batch_size=4)
+QUICK = DemoSettings(
+    classes=("coffee",),
+    n_train=2,
+    n_test_good=1,
+    n_test_defect=2,
+    ae_steps=2,
+    ae_batch_size=2,
+    base_steps=2,
+    base_batch_size=2,
+    train_steps=2,
+    train_batch_size=2,
+    ddim_steps=2,
+    noise_t=999,
+    test_batch_size=4,
+)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default="demo_out", help="folder for everything the demo makes (default demo_out)")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 class, a few images, 2 steps per stage")
-    p.add_argument("--keep", action="store_true",
-                   help="keep what an earlier run with the same settings finished in --output and redo only the "
-                        "rest (default: start afresh)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: the demo's models are so small that a second thread gains "
-                        "nothing, and threads stall when other processes share the cores; 0 = torch's default)")
-    p.add_argument("--seed", type=int, default=FULL.seed,
-                   help="seed of every stage's training and of the test noise (the dataset itself stays the same)")
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep what an earlier run with the same settings finished in --output and redo only the "
+        "rest (default: start afresh)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: the demo's models are so small that a second thread gains "
+        "nothing, and threads stall when other processes share the cores; 0 = torch's default)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=FULL.seed,
+        help="seed of every stage's training and of the test noise (the dataset itself stays the same)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.threads < 0:
@@ -183,9 +207,19 @@ def pretrain_base(settings: DemoSettings, data: Path, captions: Path, ae_ckpt: P
     if settings.base_steps > 0:
         _fit(model, settings, data, captions, workdir)
     sd = {k: v for k, v in model.state_dict().items() if k != "logvar"}
-    save_checkpoint(out, sd, config=to_dict(cfg),
-                    extra={"demo_base": {"steps": settings.base_steps, "lr": settings.base_lr,
-                                         "batch_size": settings.base_batch_size, "seed": settings.seed}})
+    save_checkpoint(
+        out,
+        sd,
+        config=to_dict(cfg),
+        extra={
+            "demo_base": {
+                "steps": settings.base_steps,
+                "lr": settings.base_lr,
+                "batch_size": settings.base_batch_size,
+                "seed": settings.seed,
+            }
+        },
+    )
     log.info("wrote the base model %s", out)
     return out
 
@@ -199,13 +233,29 @@ def _fit(model: Any, settings: DemoSettings, data: Path, captions: Path, workdir
     from vlmdiff.data import build_dataset, load_captions
 
     caps = load_captions(captions, "train", "mvtec", vlm="template")
-    dataset = build_dataset("mvtec", data, "train", image_size=model.cfg.image_size, captions=caps,
-                            require_captions=True)
-    loader = DataLoader(dataset, batch_size=settings.base_batch_size, shuffle=True, num_workers=0,
-                        generator=torch.Generator().manual_seed(settings.seed))
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=settings.base_steps, max_epochs=-1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=str(workdir))
+    dataset = build_dataset(
+        "mvtec", data, "train", image_size=model.cfg.image_size, captions=caps, require_captions=True
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=settings.base_batch_size,
+        shuffle=True,
+        num_workers=0,
+        generator=torch.Generator().manual_seed(settings.seed),
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=settings.base_steps,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=str(workdir),
+    )
     torch.manual_seed(settings.seed)
     trainer.fit(model, train_dataloaders=loader)
 
@@ -224,50 +274,197 @@ def run(settings: DemoSettings, output: Path, keep: bool = False) -> dict[str, A
     common_cpu = ["--num_workers", "0", "--no_progress_bar"]
     s = settings
 
-    gen_args = ["--output", str(data), "--classes", *s.classes, "--n_train", str(s.n_train), "--n_test_good",
-                str(s.n_test_good), "--n_test_defect", str(s.n_test_defect), "--image_size", str(s.data_image_size), "--seed",
-                str(s.data_seed)]
-    runner.stage("data", "0/5 demo dataset (MVTec-AD layout)", [py, "-m", "vlmdiff.data.demo", *gen_args],
-                 lambda: generate_demo_dataset(data, s.classes, s.n_train, s.n_test_good, s.n_test_defect, s.data_image_size,
-                                               s.data_seed))
+    gen_args = [
+        "--output",
+        str(data),
+        "--classes",
+        *s.classes,
+        "--n_train",
+        str(s.n_train),
+        "--n_test_good",
+        str(s.n_test_good),
+        "--n_test_defect",
+        str(s.n_test_defect),
+        "--image_size",
+        str(s.data_image_size),
+        "--seed",
+        str(s.data_seed),
+    ]
+    runner.stage(
+        "data",
+        "0/5 demo dataset (MVTec-AD layout)",
+        [py, "-m", "vlmdiff.data.demo", *gen_args],
+        lambda: generate_demo_dataset(
+            data, s.classes, s.n_train, s.n_test_good, s.n_test_defect, s.data_image_size, s.data_seed
+        ),
+    )
 
-    cap_args = ["--data_set", "mvtec", "--data_path", str(data), "--vlm_model", "template", "--prompt_type", "pd",
-                "--output", str(captions)]
-    runner.stage("captions", "1/5 captions (template backend standing in for a VLM)", [py, "captioner.py", *cap_args],
-                 lambda: _script("captioner").main(cap_args))
+    cap_args = [
+        "--data_set",
+        "mvtec",
+        "--data_path",
+        str(data),
+        "--vlm_model",
+        "template",
+        "--prompt_type",
+        "pd",
+        "--output",
+        str(captions),
+    ]
+    runner.stage(
+        "captions",
+        "1/5 captions (template backend standing in for a VLM)",
+        [py, "captioner.py", *cap_args],
+        lambda: _script("captioner").main(cap_args),
+    )
 
-    ae_args = ["--data_set", "mvtec", "--data_path", str(data), "--config", s.config, "--resume_path", "none",
-               "--perceptual_weight", "0", "--batch_size", str(s.ae_batch_size), "--accumulate_grad_batches", "1",
-               "--base_lr", str(s.ae_base_lr), "--max_steps", str(s.ae_steps), "--output_dir", str(ae_dir),
-               "--accelerator", "cpu", "--log_images_every_n_steps", str(max(1, s.ae_steps)),
-               "--save_every_n_steps", "0", "--log_every_n_steps", "10", "--seed", str(s.seed), *common_cpu]
-    runner.stage("autoencoder", "2/5 autoencoder (random start; no LPIPS: no VGG weights offline)",
-                 [py, "finetune_autoencoder.py", *ae_args], lambda: _script("finetune_autoencoder").main(ae_args))
+    ae_args = [
+        "--data_set",
+        "mvtec",
+        "--data_path",
+        str(data),
+        "--config",
+        s.config,
+        "--resume_path",
+        "none",
+        "--perceptual_weight",
+        "0",
+        "--batch_size",
+        str(s.ae_batch_size),
+        "--accumulate_grad_batches",
+        "1",
+        "--base_lr",
+        str(s.ae_base_lr),
+        "--max_steps",
+        str(s.ae_steps),
+        "--output_dir",
+        str(ae_dir),
+        "--accelerator",
+        "cpu",
+        "--log_images_every_n_steps",
+        str(max(1, s.ae_steps)),
+        "--save_every_n_steps",
+        "0",
+        "--log_every_n_steps",
+        "10",
+        "--seed",
+        str(s.seed),
+        *common_cpu,
+    ]
+    runner.stage(
+        "autoencoder",
+        "2/5 autoencoder (random start; no LPIPS: no VGG weights offline)",
+        [py, "finetune_autoencoder.py", *ae_args],
+        lambda: _script("finetune_autoencoder").main(ae_args),
+    )
 
-    runner.stage("base", "3/5 a tiny base model standing in for Stable Diffusion 1.5 (pretrained here)", None,
-                 lambda: pretrain_base(s, data, captions, ae_ckpt, base_ckpt, models))
-    build_args = ["--sd_path", str(base_ckpt), "--ae_path", str(ae_ckpt), "--output", str(init_ckpt), "--config",
-                  s.config, "--seed", str(s.seed)]
-    runner.stage("build", "3/5 assemble the starting VLMDiff checkpoint", [py, "build_model.py", *build_args],
-                 lambda: _script("build_model").main(build_args))
+    runner.stage(
+        "base",
+        "3/5 a tiny base model standing in for Stable Diffusion 1.5 (pretrained here)",
+        None,
+        lambda: pretrain_base(s, data, captions, ae_ckpt, base_ckpt, models),
+    )
+    build_args = [
+        "--sd_path",
+        str(base_ckpt),
+        "--ae_path",
+        str(ae_ckpt),
+        "--output",
+        str(init_ckpt),
+        "--config",
+        s.config,
+        "--seed",
+        str(s.seed),
+    ]
+    runner.stage(
+        "build",
+        "3/5 assemble the starting VLMDiff checkpoint",
+        [py, "build_model.py", *build_args],
+        lambda: _script("build_model").main(build_args),
+    )
 
-    train_args = ["--data_set", "mvtec", "--data_path", str(data), "--resume_path", str(init_ckpt), "--use_captions",
-                  "--caption_folder", str(captions), "--vlm_model", "template", "--output_root", str(output / "train"),
-                  "--exp_name", "demo", "--max_steps", str(s.train_steps), "--max_epochs", "-1", "--batch_size",
-                  str(s.train_batch_size), "--accumulate_grad_batches", "1", "--lr", str(s.train_lr),
-                  "--save_every_n_steps", str(max(1, s.train_steps)), "--log_every_n_steps", "10", "--accelerator",
-                  "cpu", "--devices", "1", "--seed", str(s.seed), *common_cpu]
-    runner.stage("train", "4/5 train VLMDiff (SG network + UNet decoder) with the captions",
-                 [py, "train.py", *train_args], lambda: _script("train").main(train_args))
+    train_args = [
+        "--data_set",
+        "mvtec",
+        "--data_path",
+        str(data),
+        "--resume_path",
+        str(init_ckpt),
+        "--use_captions",
+        "--caption_folder",
+        str(captions),
+        "--vlm_model",
+        "template",
+        "--output_root",
+        str(output / "train"),
+        "--exp_name",
+        "demo",
+        "--max_steps",
+        str(s.train_steps),
+        "--max_epochs",
+        "-1",
+        "--batch_size",
+        str(s.train_batch_size),
+        "--accumulate_grad_batches",
+        "1",
+        "--lr",
+        str(s.train_lr),
+        "--save_every_n_steps",
+        str(max(1, s.train_steps)),
+        "--log_every_n_steps",
+        "10",
+        "--accelerator",
+        "cpu",
+        "--devices",
+        "1",
+        "--seed",
+        str(s.seed),
+        *common_cpu,
+    ]
+    runner.stage(
+        "train",
+        "4/5 train VLMDiff (SG network + UNet decoder) with the captions",
+        [py, "train.py", *train_args],
+        lambda: _script("train").main(train_args),
+    )
 
     # tested with the empty caption, the paper's recipe for MVTec-AD (--use_captions would guide by test captions)
-    test_args = ["--data_set", "mvtec", "--data_path", str(data), "--resume_path", str(ckpt_dir / "last.ckpt"),
-                 "--feature_extractor", "efficientnet_lite0", "--ddim_steps", str(s.ddim_steps), "--noise_t",
-                 str(s.noise_t), "--sigma", str(s.sigma), "--feature_input_size", str(s.feature_input_size),
-                 "--image_pooling", s.image_pooling, "--batch_size", str(s.test_batch_size), "--device", "cpu",
-                 "--seed", str(s.seed), "--output_dir", str(results), "--save_visuals", *common_cpu]
-    runner.stage("test", "5/5 test: reconstructions, anomaly maps, metrics", [py, "test.py", *test_args],
-                 lambda: _script("test").main(test_args))
+    test_args = [
+        "--data_set",
+        "mvtec",
+        "--data_path",
+        str(data),
+        "--resume_path",
+        str(ckpt_dir / "last.ckpt"),
+        "--feature_extractor",
+        "efficientnet_lite0",
+        "--ddim_steps",
+        str(s.ddim_steps),
+        "--noise_t",
+        str(s.noise_t),
+        "--sigma",
+        str(s.sigma),
+        "--feature_input_size",
+        str(s.feature_input_size),
+        "--image_pooling",
+        s.image_pooling,
+        "--batch_size",
+        str(s.test_batch_size),
+        "--device",
+        "cpu",
+        "--seed",
+        str(s.seed),
+        "--output_dir",
+        str(results),
+        "--save_visuals",
+        *common_cpu,
+    ]
+    runner.stage(
+        "test",
+        "5/5 test: reconstructions, anomaly maps, metrics",
+        [py, "test.py", *test_args],
+        lambda: _script("test").main(test_args),
+    )
     return _report(results, runner.times)
 
 
@@ -284,10 +481,15 @@ def _report(results: Path, times: dict[str, float]) -> dict[str, Any]:
             row[k] = nan if v is None else v
     print("\n" + format_table(metrics, "demo results, official protocol (%; NOT comparable to the paper)"))
     if times:
-        print("\nstage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
-              + f"; total {sum(times.values()):.0f} s")
-    print("\nheatmaps (input | autoencoder | reconstruction | anomaly map | overlay | ground truth): "
-          f"{results / 'visuals'}")
+        print(
+            "\nstage times: "
+            + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
+            + f"; total {sum(times.values()):.0f} s"
+        )
+    print(
+        "\nheatmaps (input | autoencoder | reconstruction | anomaly map | overlay | ground truth): "
+        f"{results / 'visuals'}"
+    )
     print(f"report: {results / 'report.html'}")
     print(f"metrics: {results / 'metrics.json'} and {results / 'metrics.md'}")
     return metrics

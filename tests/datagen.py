@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -47,12 +47,22 @@ def defect_mask(size: int) -> np.ndarray:
 
 def _save(arr: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path, quality=95) if path.suffix.lower() in (".jpg", ".jpeg") else Image.fromarray(arr).save(path)
+    Image.fromarray(arr).save(path, quality=95) if path.suffix.lower() in (".jpg", ".jpeg") else Image.fromarray(
+        arr
+    ).save(path)
 
 
-def make_mvtec(root: str | Path, classes: Sequence[str] = ("bottle", "grid"), n_train: int = 3, n_test_good: int = 2,
-               defects: Sequence[str] = ("crack", "hole"), n_per_defect: int = 1, size: int = 32,
-               gray_classes: Sequence[str] = ("grid",), seed: int = 0) -> Path:
+def make_mvtec(
+    root: str | Path,
+    classes: Sequence[str] = ("bottle", "grid"),
+    n_train: int = 3,
+    n_test_good: int = 2,
+    defects: Sequence[str] = ("crack", "hole"),
+    n_per_defect: int = 1,
+    size: int = 32,
+    gray_classes: Sequence[str] = ("grid",),
+    seed: int = 0,
+) -> Path:
     """MVTec-AD tree; returns ``root``."""
     root = Path(root)
     rng = np.random.default_rng(seed)
@@ -69,8 +79,15 @@ def make_mvtec(root: str | Path, classes: Sequence[str] = ("bottle", "grid"), n_
     return root
 
 
-def make_visa(root: str | Path, classes: Sequence[str] = ("candle", "pcb1"), n_train: int = 3, n_test_good: int = 2,
-              n_test_anomaly: int = 2, size: int = 32, seed: int = 0) -> Path:
+def make_visa(
+    root: str | Path,
+    classes: Sequence[str] = ("candle", "pcb1"),
+    n_train: int = 3,
+    n_test_good: int = 2,
+    n_test_anomaly: int = 2,
+    size: int = 32,
+    seed: int = 0,
+) -> Path:
     """VisA tree with ``split_csv/1cls.csv``; returns ``root``."""
     root = Path(root)
     rng = np.random.default_rng(seed)
@@ -93,9 +110,17 @@ def make_visa(root: str | Path, classes: Sequence[str] = ("candle", "pcb1"), n_t
     return root
 
 
-def make_realiad(parent: str | Path, classes: Sequence[str] = ("audiojack", "toy"), json_location: str = "nested",
-                 n_train: int = 1, n_test_good: int = 1, n_test_ng: int = 1, views: int = 5, size: int = 32,
-                 seed: int = 0) -> Path:
+def make_realiad(
+    parent: str | Path,
+    classes: Sequence[str] = ("audiojack", "toy"),
+    json_location: str = "nested",
+    n_train: int = 1,
+    n_test_good: int = 1,
+    n_test_ng: int = 1,
+    views: int = 5,
+    size: int = 32,
+    seed: int = 0,
+) -> Path:
     """Real-IAD tree ``{parent}/realiad_1024``; JSON under ``{parent}/real_iad_jsons/realiad_jsons``
     (``json_location="nested"``) or ``{parent}/real_iad_jsons`` ("flat"). Returns the image root."""
     parent = Path(parent)
@@ -114,18 +139,29 @@ def make_realiad(parent: str | Path, classes: Sequence[str] = ("audiojack", "toy
                         mrel = rel[:-4] + ".png"
                         _save(_image(rng, size, defect=True), root / cls / rel)
                         _save(defect_mask(size), root / cls / mrel)
-                        doc[split].append({"category": cls, "anomaly_class": "AK", "image_path": rel, "mask_path": mrel})
+                        doc[split].append(
+                            {"category": cls, "anomaly_class": "AK", "image_path": rel, "mask_path": mrel}
+                        )
                     else:
                         rel = f"OK/S{sample:04d}/{cls}_{sample:04d}_OK_C{v}_20230101.jpg"
                         _save(_image(rng, size), root / cls / rel)
-                        doc[split].append({"category": cls, "anomaly_class": "OK", "image_path": rel, "mask_path": None})
+                        doc[split].append(
+                            {"category": cls, "anomaly_class": "OK", "image_path": rel, "mask_path": None}
+                        )
         jdir.mkdir(parents=True, exist_ok=True)
         (jdir / f"{cls}.json").write_text(json.dumps(doc))
     return root
 
 
-def make_coco_ad(root: str | Path, part: int = 0, n_train: int = 3, n_test_normal: int = 2, n_test_anomaly: int = 2,
-                 size: int = 32, seed: int = 0) -> Path:
+def make_coco_ad(
+    root: str | Path,
+    part: int = 0,
+    n_train: int = 3,
+    n_test_normal: int = 2,
+    n_test_anomaly: int = 2,
+    size: int = 32,
+    seed: int = 0,
+) -> Path:
     """COCO-AD tree (images, ``meta_20_{part}.json``, masks); returns ``root``."""
     root = Path(root)
     rng = np.random.default_rng(seed)
@@ -133,7 +169,9 @@ def make_coco_ad(root: str | Path, part: int = 0, n_train: int = 3, n_test_norma
     for i in range(n_train):
         rel = f"train2017/{i + 1:012d}.jpg"
         _save(_image(rng, size), root / rel)
-        meta["train"]["coco"].append({"img_path": rel, "mask_path": "", "cls_name": "coco", "specie_name": "", "anomaly": 0})
+        meta["train"]["coco"].append(
+            {"img_path": rel, "mask_path": "", "cls_name": "coco", "specie_name": "", "anomaly": 0}
+        )
     for i in range(n_test_normal + n_test_anomaly):
         anomalous = i >= n_test_normal
         rel = f"val2017/{i + 100:012d}.jpg"
@@ -142,8 +180,15 @@ def make_coco_ad(root: str | Path, part: int = 0, n_train: int = 3, n_test_norma
         if anomalous:
             mrel = f"val2017_mask_ad_20_{part}/{i + 100:012d}.png"
             _save(defect_mask(size), root / mrel)
-        meta["test"]["coco"].append({"img_path": rel, "mask_path": mrel, "cls_name": "coco",
-                                     "specie_name": "dog" if anomalous else "", "anomaly": int(anomalous)})
+        meta["test"]["coco"].append(
+            {
+                "img_path": rel,
+                "mask_path": mrel,
+                "cls_name": "coco",
+                "specie_name": "dog" if anomalous else "",
+                "anomaly": int(anomalous),
+            }
+        )
     (root / f"meta_20_{part}.json").write_text(json.dumps(meta))
     return root
 
@@ -168,8 +213,15 @@ def make_coco_instances(root: str | Path, n_categories: int = 80, size: int = 24
     def ann(aid: int, img: int, idx: int, box: tuple[int, int, int, int]) -> dict:
         x, y, w, h = box
         poly = [x, y, x + w, y, x + w, y + h, x, y + h]
-        return {"id": aid, "image_id": img, "category_id": cat_ids[idx], "segmentation": [poly],
-                "area": float(w * h), "bbox": [x, y, w, h], "iscrowd": 0}
+        return {
+            "id": aid,
+            "image_id": img,
+            "category_id": cat_ids[idx],
+            "segmentation": [poly],
+            "area": float(w * h),
+            "bbox": [x, y, w, h],
+            "iscrowd": 0,
+        }
 
     specs = {
         "train": ({1: [0], 2: [25], 3: [79], 4: [], 5: [19, 40]}, {}),
@@ -192,8 +244,16 @@ def make_coco_instances(root: str | Path, n_categories: int = 80, size: int = 24
     return root
 
 
-def write_upstream_captions(folder: str | Path, split: str, dataset: str, vlm: str, ids: Sequence[str],
-                            captions: Sequence[str], shards: int = 1, shuffle_seed: int | None = None) -> list[Path]:
+def write_upstream_captions(
+    folder: str | Path,
+    split: str,
+    dataset: str,
+    vlm: str,
+    ids: Sequence[str],
+    captions: Sequence[str],
+    shards: int = 1,
+    shuffle_seed: int | None = None,
+) -> list[Path]:
     """Write upstream caption/label JSON pairs (``_{start}_{end}`` shard suffixes when ``shards`` > 1)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -203,7 +263,7 @@ def write_upstream_captions(folder: str | Path, split: str, dataset: str, vlm: s
     bounds = np.linspace(0, len(order), shards + 1).astype(int)
     written = []
     for s in range(shards):
-        part = order[bounds[s]:bounds[s + 1]]
+        part = order[bounds[s] : bounds[s + 1]]
         suffix = "" if shards == 1 else f"_{bounds[s]}_{bounds[s + 1]}"
         cap = folder / f"{split}_captions_{dataset}_{vlm}{suffix}.json"
         cap.write_text(json.dumps([captions[i] for i in part]))

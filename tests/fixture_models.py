@@ -37,21 +37,36 @@ def read_tiny_config(folder: Path) -> dict:
 def _unet_config(tiny: dict, attention: str = "sdpa") -> UNetConfig:
     u = tiny["unet_and_sgn"]
     return UNetConfig(
-        in_channels=u["in_channels"], out_channels=u["out_channels"], model_channels=u["model_channels"],
-        channel_mult=tuple(u["channel_mult"]), num_res_blocks=u["num_res_blocks"],
-        attention_resolutions=tuple(u["attention_resolutions"]), num_heads=u["num_heads"],
-        num_head_channels=u.get("num_head_channels", -1), transformer_depth=u["transformer_depth"],
-        context_dim=u["context_dim"], norm_groups=tiny["groupnorm_groups"],
-        use_linear_in_transformer=u.get("use_linear_in_transformer", False), attention=attention,
+        in_channels=u["in_channels"],
+        out_channels=u["out_channels"],
+        model_channels=u["model_channels"],
+        channel_mult=tuple(u["channel_mult"]),
+        num_res_blocks=u["num_res_blocks"],
+        attention_resolutions=tuple(u["attention_resolutions"]),
+        num_heads=u["num_heads"],
+        num_head_channels=u.get("num_head_channels", -1),
+        transformer_depth=u["transformer_depth"],
+        context_dim=u["context_dim"],
+        norm_groups=tiny["groupnorm_groups"],
+        use_linear_in_transformer=u.get("use_linear_in_transformer", False),
+        attention=attention,
     )
 
 
 def _autoencoder_config(tiny: dict) -> AutoencoderConfig:
     a = tiny["autoencoder"]
     return AutoencoderConfig(
-        embed_dim=a["embed_dim"], z_channels=a["z_channels"], double_z=a["double_z"], resolution=a["resolution"],
-        in_channels=a["in_channels"], out_ch=a["out_ch"], ch=a["ch"], ch_mult=tuple(a["ch_mult"]),
-        num_res_blocks=a["num_res_blocks"], attn_resolutions=tuple(a["attn_resolutions"]), dropout=a["dropout"],
+        embed_dim=a["embed_dim"],
+        z_channels=a["z_channels"],
+        double_z=a["double_z"],
+        resolution=a["resolution"],
+        in_channels=a["in_channels"],
+        out_ch=a["out_ch"],
+        ch=a["ch"],
+        ch_mult=tuple(a["ch_mult"]),
+        num_res_blocks=a["num_res_blocks"],
+        attn_resolutions=tuple(a["attn_resolutions"]),
+        dropout=a["dropout"],
         norm_groups=tiny["groupnorm_groups"],
     )
 
@@ -63,21 +78,41 @@ def model_config(folder: Path, attention: str = "sdpa") -> VLMDiffConfig:
     misc = json.loads((folder / "schedule_and_misc.json").read_text())
     unet = _unet_config(tiny, attention)
     tokens = tiny["e2e"]["L"]
-    text = TextEncoderConfig(max_length=tokens, clip_arch=CLIPTextArch(
-        hidden_size=unet.context_dim, intermediate_size=2 * unet.context_dim, num_hidden_layers=1,
-        num_attention_heads=1, max_position_embeddings=tokens))
-    diffusion = DiffusionConfig(timesteps=misc["num_timesteps"], linear_start=misc["linear_start"],
-                                linear_end=misc["linear_end"], scale_factor=misc["scale_factor"])
-    return VLMDiffConfig(image_size=tiny["e2e"]["H"], unet=unet, autoencoder=_autoencoder_config(tiny),
-                         text_encoder=text, diffusion=diffusion,
-                         control=ControlConfig(hint_channels=tiny["unet_and_sgn"]["hint_channels"]))
+    text = TextEncoderConfig(
+        max_length=tokens,
+        clip_arch=CLIPTextArch(
+            hidden_size=unet.context_dim,
+            intermediate_size=2 * unet.context_dim,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+            max_position_embeddings=tokens,
+        ),
+    )
+    diffusion = DiffusionConfig(
+        timesteps=misc["num_timesteps"],
+        linear_start=misc["linear_start"],
+        linear_end=misc["linear_end"],
+        scale_factor=misc["scale_factor"],
+    )
+    return VLMDiffConfig(
+        image_size=tiny["e2e"]["H"],
+        unet=unet,
+        autoencoder=_autoencoder_config(tiny),
+        text_encoder=text,
+        diffusion=diffusion,
+        control=ControlConfig(hint_channels=tiny["unet_and_sgn"]["hint_channels"]),
+    )
 
 
 def vlmdiff_weights(folder: Path) -> dict[str, torch.Tensor]:
     """The merged tiny UNet + SG-network state dict (upstream names)."""
     sd: dict[str, torch.Tensor] = {}
-    for name in ("tiny_unet_weights_1of2.pt", "tiny_unet_weights_2of2.pt",
-                 "tiny_sgn_weights_1of2.pt", "tiny_sgn_weights_2of2.pt"):
+    for name in (
+        "tiny_unet_weights_1of2.pt",
+        "tiny_unet_weights_2of2.pt",
+        "tiny_sgn_weights_1of2.pt",
+        "tiny_sgn_weights_2of2.pt",
+    ):
         sd.update(torch.load(Path(folder) / name))
     return sd
 
@@ -88,7 +123,7 @@ def autoencoder_weights_path(folder: Path) -> Path:
 
 
 def sub_state_dict(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
 def build_unet(folder: Path, attention: str = "sdpa", weights: bool = True) -> UNetModel:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -22,8 +22,9 @@ def _mount(*args: str) -> None:
 
 
 @contextlib.contextmanager
-def tmpfs(path: Path, size: str = "1m", files: dict[str, bytes] | None = None, readonly: bool = False
-          ) -> Iterator[Path]:
+def tmpfs(
+    path: Path, size: str = "1m", files: dict[str, bytes] | None = None, readonly: bool = False
+) -> Iterator[Path]:
     """A tmpfs of ``size`` mounted at ``path`` holding ``files`` (relative name -> bytes), read-only if
     asked (the files are written before the remount); unmounted on exit."""
     if os.geteuid() != 0:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+import torch
 from scipy import ndimage
 
 from utils.errors import UserError
-import torch
-
 from vlmdiff import scoring
 from vlmdiff.curves import thin
 from vlmdiff.metrics import FPR_LIMIT, LEGACY_NUM_THRESHOLDS, _protocols, _to_numpy, binarize_masks
@@ -38,16 +38,20 @@ def _check_maps(maps: Any, where: str) -> np.ndarray:
     if m.dtype not in (np.float16, np.float32, np.float64):
         m = m.astype(np.float64)
     for a in range(0, len(m), _BATCH):
-        if not np.isfinite(m[a:a + _BATCH]).all():
-            raise UserError(f"{where}: maps contain NaN or infinite values (image {a}..{a + _BATCH - 1}); "
-                            "fix the scoring run that produced them")
+        if not np.isfinite(m[a : a + _BATCH]).all():
+            raise UserError(
+                f"{where}: maps contain NaN or infinite values (image {a}..{a + _BATCH - 1}); "
+                "fix the scoring run that produced them"
+            )
     return m
 
 
 def _image_scores(maps: np.ndarray, pooling: str) -> np.ndarray:
     """``(N,)`` float64 image scores via :func:`vlmdiff.scoring.image_score`, in batches."""
-    out = [scoring.image_score(torch.from_numpy(np.ascontiguousarray(maps[a:a + _BATCH])), pooling).numpy()
-           for a in range(0, len(maps), _BATCH)]
+    out = [
+        scoring.image_score(torch.from_numpy(np.ascontiguousarray(maps[a : a + _BATCH])), pooling).numpy()
+        for a in range(0, len(maps), _BATCH)
+    ]
     return np.concatenate(out)
 
 
@@ -62,7 +66,7 @@ def _gt_regions(gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     structure[1] = True  # 3x3 neighbourhood inside an image only
     ids, areas, offset = [], [], 0
     for a in range(0, len(gt), _BATCH):
-        g = gt[a:a + _BATCH]
+        g = gt[a : a + _BATCH]
         if not g.any():
             continue
         lab, n = ndimage.label(g, structure=structure)  # (b, H, W), 1..n
@@ -85,18 +89,23 @@ def _split_scores(maps: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndar
     neg, pos = np.empty(gt.size - n_pos, dtype), np.empty(n_pos, dtype)
     i = j = 0
     for a in range(0, len(gt), _BATCH):
-        s, g = maps[a:a + _BATCH], gt[a:a + _BATCH]
+        s, g = maps[a : a + _BATCH], gt[a : a + _BATCH]
         p = s[g]
-        pos[j:j + len(p)] = p
+        pos[j : j + len(p)] = p
         j += len(p)
         q = s[~g]
-        neg[i:i + len(q)] = q
+        neg[i : i + len(q)] = q
         i += len(q)
     return neg, pos
 
 
-def _curve_metrics(neg_sorted: np.ndarray, pos: np.ndarray, weights: np.ndarray | None,
-                   fpr_limit: float | None, keep_curves: bool = False) -> dict[str, Any]:
+def _curve_metrics(
+    neg_sorted: np.ndarray,
+    pos: np.ndarray,
+    weights: np.ndarray | None,
+    fpr_limit: float | None,
+    keep_curves: bool = False,
+) -> dict[str, Any]:
     """AUROC, AP, F1-max and (with ``weights``) AU-PRO from sorted negatives and the positives.
 
     Every distinct score is a threshold and a pixel is positive if score >= threshold (as in
@@ -147,9 +156,16 @@ def _curve_metrics(neg_sorted: np.ndarray, pos: np.ndarray, weights: np.ndarray 
     if keep_curves:
         f1 = 2.0 * tp_at / (tp_at + fp_at + n_pos)
         out["f1max_threshold"] = float(v[int(np.argmax(f1))])
-        out["curves"] = {"tp": tp, "fp": fp, "tp_at": tp_at, "fp_at": fp_at, "thresholds": v,
-                         "n_pos": n_pos, "n_neg": n_neg,
-                         "pro": pro}
+        out["curves"] = {
+            "tp": tp,
+            "fp": fp,
+            "tp_at": tp_at,
+            "fp_at": fp_at,
+            "thresholds": v,
+            "n_pos": n_pos,
+            "n_neg": n_neg,
+            "pro": pro,
+        }
     return out
 
 
@@ -184,8 +200,7 @@ def ranking_metrics(scores: Any, labels: Any, keep_curves: bool = False) -> dict
     return _curve_metrics(np.sort(s[~y]), s[y], None, None, keep_curves)
 
 
-def pixel_metrics(maps: Any, gt: np.ndarray, fpr_limit: float = FPR_LIMIT, keep_curves: bool = False
-                  ) -> dict[str, Any]:
+def pixel_metrics(maps: Any, gt: np.ndarray, fpr_limit: float = FPR_LIMIT, keep_curves: bool = False) -> dict[str, Any]:
     """Pixel AUROC, AP, F1-max and the exact AU-PRO of one class, with one sort of its pixels.
 
     Args:
@@ -256,8 +271,15 @@ def legacy_aupro(maps: Any, gt: np.ndarray, num_thresholds: int = LEGACY_NUM_THR
     return float(-np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2.0))  # sklearn.metrics.auc of a decreasing x
 
 
-def evaluate_class(name: str, maps: Any, masks: Any, protocol: str, image_pooling: str, mask_threshold: float,
-                    on_curves: Callable[[str, dict[str, Any]], None] | None = None) -> dict[str, dict[str, float]]:
+def evaluate_class(
+    name: str,
+    maps: Any,
+    masks: Any,
+    protocol: str,
+    image_pooling: str,
+    mask_threshold: float,
+    on_curves: Callable[[str, dict[str, Any]], None] | None = None,
+) -> dict[str, dict[str, float]]:
     """:func:`evaluate_class`; ``on_curves(name, curves)`` also receives the class's curves from the same
     sorts, ``{"image": ranking_metrics(..., keep_curves=True), "pixel": pixel_metrics(..., keep_curves=True),
     "image_scores": (N,), "labels": (N,) bool}``, before the legacy AU-PRO (so they are freed by then).
@@ -274,13 +296,26 @@ def evaluate_class(name: str, maps: Any, masks: Any, protocol: str, image_poolin
     scores = _image_scores(m, image_pooling)
     img = ranking_metrics(scores, labels, keep_curves)
     pix = pixel_metrics(m, gt, keep_curves=keep_curves)
-    official = {"auroc_image": img["auroc"], "ap_image": img["ap"], "f1max_image": img["f1max"],
-                "auroc_pixel": pix["auroc"], "ap_pixel": pix["ap"], "f1max_pixel": pix["f1max"],
-                "aupro": pix["aupro"]}
+    official = {
+        "auroc_image": img["auroc"],
+        "ap_image": img["ap"],
+        "f1max_image": img["f1max"],
+        "auroc_pixel": pix["auroc"],
+        "ap_pixel": pix["ap"],
+        "f1max_pixel": pix["f1max"],
+        "aupro": pix["aupro"],
+    }
     undefined = [k for k, v in official.items() if math.isnan(v)]
     if undefined:
-        logger.warning("class %r: %s undefined (NaN): %d of %d images anomalous, %d of %d pixels anomalous",
-                       name, ", ".join(undefined), int(labels.sum()), len(labels), int(gt.sum()), gt.size)
+        logger.warning(
+            "class %r: %s undefined (NaN): %d of %d images anomalous, %d of %d pixels anomalous",
+            name,
+            ", ".join(undefined),
+            int(labels.sum()),
+            len(labels),
+            int(gt.sum()),
+            gt.size,
+        )
     if on_curves is not None:
         on_curves(name, {"image": img, "pixel": pix, "image_scores": scores, "labels": labels})
         img.pop("curves", None)
@@ -307,8 +342,14 @@ def curve_record(res: dict[str, Any], resolution: float, pro: bool) -> dict[str,
     if c is None:
         return None
     n_pos, n_neg = c["n_pos"], c["n_neg"]
-    out: dict[str, Any] = {"n_pos": int(n_pos), "n_neg": int(n_neg), "f1max_threshold": res["f1max_threshold"],
-                           "auroc": res["auroc"], "ap": res["ap"], "f1max": res["f1max"]}
+    out: dict[str, Any] = {
+        "n_pos": int(n_pos),
+        "n_neg": int(n_neg),
+        "f1max_threshold": res["f1max_threshold"],
+        "auroc": res["auroc"],
+        "ap": res["ap"],
+        "f1max": res["f1max"],
+    }
     if n_neg:
         fpr, tpr = c["fp"] / n_neg, c["tp"] / n_pos
         i = thin(fpr, tpr, resolution)
@@ -317,9 +358,13 @@ def curve_record(res: dict[str, Any], resolution: float, pro: bool) -> dict[str,
     recall, precision = tp_at / n_pos, tp_at / (tp_at + fp_at)
     best = int(np.argmax(2.0 * tp_at / (tp_at + fp_at + n_pos)))
     i = thin(recall, precision, resolution, keep=[best])
-    out["pr"] = {"recall": _list(recall[i]), "precision": _list(precision[i]),
-                 "threshold": _list(c["thresholds"][i], None),
-                 "tp": [int(v) for v in tp_at[i]], "fp": [int(v) for v in fp_at[i]]}
+    out["pr"] = {
+        "recall": _list(recall[i]),
+        "precision": _list(precision[i]),
+        "threshold": _list(c["thresholds"][i], None),
+        "tp": [int(v) for v in tp_at[i]],
+        "fp": [int(v) for v in fp_at[i]],
+    }
     if pro and c["pro"] is not None:
         fpr = np.concatenate((c["fp"] / n_neg, [1.0]))
         # the point at the FPR limit itself, so that the area to the limit is the same on the kept points

@@ -22,10 +22,10 @@ import re
 import shutil
 import socket
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
@@ -35,12 +35,49 @@ from PIL import Image
 from tests import datagen, mounts
 from utils.cli import run_main
 
-TEST_FAST = ["--feature_extractor", "efficientnet_lite0", "--ddim_steps", "1", "--num_workers", "0",
-             "--no_progress_bar", "--device", "cpu"]
-TRAIN_FAST = ["--accelerator", "cpu", "--devices", "1", "--num_workers", "0", "--batch_size", "2",
-              "--accumulate_grad_batches", "1", "--no_progress_bar", "--max_steps", "1"]
-AE_FAST = ["--config", "tiny", "--image_size", "32", "--batch_size", "2", "--max_steps", "1", "--num_workers", "0",
-           "--no_progress_bar", "--perceptual_weight", "0", "--log_images_every_n_steps", "0"]
+TEST_FAST = [
+    "--feature_extractor",
+    "efficientnet_lite0",
+    "--ddim_steps",
+    "1",
+    "--num_workers",
+    "0",
+    "--no_progress_bar",
+    "--device",
+    "cpu",
+]
+TRAIN_FAST = [
+    "--accelerator",
+    "cpu",
+    "--devices",
+    "1",
+    "--num_workers",
+    "0",
+    "--batch_size",
+    "2",
+    "--accumulate_grad_batches",
+    "1",
+    "--no_progress_bar",
+    "--max_steps",
+    "1",
+]
+AE_FAST = [
+    "--config",
+    "tiny",
+    "--image_size",
+    "32",
+    "--batch_size",
+    "2",
+    "--max_steps",
+    "1",
+    "--num_workers",
+    "0",
+    "--no_progress_bar",
+    "--perceptual_weight",
+    "0",
+    "--log_images_every_n_steps",
+    "0",
+]
 ERROR_LINE = re.compile(r"^(?:\S+: )?error: ")
 
 
@@ -73,8 +110,16 @@ class Workspace:
 
     @cached_property
     def mvtec(self) -> Path:
-        return datagen.make_mvtec(self.root / "mvtec", classes=("bottle",), n_train=2, n_test_good=1,
-                                  defects=("crack",), n_per_defect=1, size=32, gray_classes=())
+        return datagen.make_mvtec(
+            self.root / "mvtec",
+            classes=("bottle",),
+            n_train=2,
+            n_test_good=1,
+            defects=("crack",),
+            n_per_defect=1,
+            size=32,
+            gray_classes=(),
+        )
 
     @cached_property
     def sd(self) -> Path:
@@ -93,8 +138,9 @@ class Workspace:
         import build_model
 
         out = self.root / "vlmdiff.ckpt"
-        build_model.main(["--sd_path", str(self.sd), "--ae_path", str(self.ae), "--output", str(out),
-                          "--config", "tiny"])
+        build_model.main(
+            ["--sd_path", str(self.sd), "--ae_path", str(self.ae), "--output", str(out), "--config", "tiny"]
+        )
         return out
 
     @cached_property
@@ -125,7 +171,7 @@ def snapshot(paths: tuple[Path, ...]) -> dict[str, tuple[int, str]]:
     """(mtime_ns, sha256) of every file under ``paths``."""
     out = {}
     for p in paths:
-        for f in ([p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())):
+        for f in [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file()):
             out[str(f)] = (f.stat().st_mtime_ns, hashlib.sha256(f.read_bytes()).hexdigest())
     assert out, f"nothing to protect under {paths}"
     return out
@@ -140,6 +186,7 @@ def case(description: str):
     def register(fn: Callable[[Workspace, Path], Run]) -> Callable[[Workspace, Path], Run]:
         CASES.append((description, fn))
         return fn
+
     return register
 
 
@@ -197,8 +244,7 @@ def _(ws: Workspace, tmp: Path) -> Run:
         lines = [json.loads(x) for p in (out / "progress").glob("*.jsonl") for x in p.read_text().splitlines()]
         assert [r["id"] for r in lines] == ["bottle/train/good/000.png"]
 
-    return Run("captioner", captioner(root, "--output", str(out)), names=(str(bad), "corrupt"),
-               check=check_progress)
+    return Run("captioner", captioner(root, "--output", str(out)), names=(str(bad), "corrupt"), check=check_progress)
 
 
 @case("captioner: a truncated PNG")
@@ -242,8 +288,11 @@ def _(ws: Workspace, tmp: Path) -> Run:
 
 @case("captioner: --start_ind 7 greater than --end_ind 3")
 def _(ws: Workspace, tmp: Path) -> Run:
-    return Run("captioner", captioner(ws.mvtec, "--output", str(tmp / "c"), "--start_ind", "7", "--end_ind", "3"),
-               names=("--start_ind 7", "--end_ind 3"))
+    return Run(
+        "captioner",
+        captioner(ws.mvtec, "--output", str(tmp / "c"), "--start_ind", "7", "--end_ind", "3"),
+        names=("--start_ind 7", "--end_ind 3"),
+    )
 
 
 @case("captioner: unknown --data_set mvtech")
@@ -258,8 +307,12 @@ def _(ws: Workspace, tmp: Path) -> Run:
     out = tmp / "captions"
     script.main(captioner(ws.mvtec, "--output", str(out), "--split", "test"))
     progress = next((out / "progress").glob("*.jsonl"))
-    return Run("captioner", captioner(ws.mvtec, "--output", str(out), "--prompt_type", "pa"),
-               names=(str(progress), "another run", "--output"), protect=(out,))
+    return Run(
+        "captioner",
+        captioner(ws.mvtec, "--output", str(out), "--prompt_type", "pa"),
+        names=(str(progress), "another run", "--output"),
+        protect=(out,),
+    )
 
 
 @case("finetune_autoencoder: a Real-IAD JSON that lists missing images")
@@ -268,16 +321,41 @@ def _(ws: Workspace, tmp: Path) -> Run:
     json_path = tmp / "riad" / "real_iad_jsons" / "realiad_jsons" / "toy.json"
     victim = root / "toy" / json.loads(json_path.read_text())["train"][1]["image_path"]
     victim.unlink()
-    return Run("finetune_autoencoder", ["--data_set", "realiad", "--data_path", str(root), "--resume_path", "none",
-                                        "--output_dir", str(tmp / "run"), *AE_FAST],
-               names=(str(json_path), str(victim)))
+    return Run(
+        "finetune_autoencoder",
+        [
+            "--data_set",
+            "realiad",
+            "--data_path",
+            str(root),
+            "--resume_path",
+            "none",
+            "--output_dir",
+            str(tmp / "run"),
+            *AE_FAST,
+        ],
+        names=(str(json_path), str(victim)),
+    )
 
 
 @case("finetune_autoencoder: a truncated --resume_path")
 def _(ws: Workspace, tmp: Path) -> Run:
     bad = truncated(ws.ae, tmp / "ae_half.ckpt")
-    return Run("finetune_autoencoder", ["--data_set", "mvtec", "--data_path", str(ws.mvtec), "--resume_path", str(bad),
-                                        "--output_dir", str(tmp / "run"), *AE_FAST], names=(str(bad), "complete"))
+    return Run(
+        "finetune_autoencoder",
+        [
+            "--data_set",
+            "mvtec",
+            "--data_path",
+            str(ws.mvtec),
+            "--resume_path",
+            str(bad),
+            "--output_dir",
+            str(tmp / "run"),
+            *AE_FAST,
+        ],
+        names=(str(bad), "complete"),
+    )
 
 
 @case("finetune_autoencoder: --resume_path with a NaN weight")
@@ -286,9 +364,22 @@ def _(ws: Workspace, tmp: Path) -> Run:
     ckpt["state_dict"]["decoder.conv_out.weight"][0, 0, 0, 0] = float("nan")
     bad = tmp / "ae_nan.ckpt"
     torch.save(ckpt, bad)
-    return Run("finetune_autoencoder", ["--data_set", "mvtec", "--data_path", str(ws.mvtec), "--resume_path", str(bad),
-                                        "--unsafe_legacy_pickle", "--output_dir", str(tmp / "run"), *AE_FAST],
-               names=(str(bad), "NaN"))
+    return Run(
+        "finetune_autoencoder",
+        [
+            "--data_set",
+            "mvtec",
+            "--data_path",
+            str(ws.mvtec),
+            "--resume_path",
+            str(bad),
+            "--unsafe_legacy_pickle",
+            "--output_dir",
+            str(tmp / "run"),
+            *AE_FAST,
+        ],
+        names=(str(bad), "NaN"),
+    )
 
 
 @case("finetune_autoencoder: an --output_dir that holds another run")
@@ -297,21 +388,45 @@ def _(ws: Workspace, tmp: Path) -> Run:
     (run / "checkpoints").mkdir(parents=True)
     shutil.copy(ws.ae, run / "checkpoints" / "last.ckpt")
     (run / "config.yaml").write_text("seed: 7\n")
-    return Run("finetune_autoencoder", ["--data_set", "mvtec", "--data_path", str(ws.mvtec), "--resume_path", "none",
-                                        "--output_dir", str(run), *AE_FAST],
-               names=(str(run), "--resume"), protect=(run,))
+    return Run(
+        "finetune_autoencoder",
+        [
+            "--data_set",
+            "mvtec",
+            "--data_path",
+            str(ws.mvtec),
+            "--resume_path",
+            "none",
+            "--output_dir",
+            str(run),
+            *AE_FAST,
+        ],
+        names=(str(run), "--resume"),
+        protect=(run,),
+    )
 
 
-def build(ws: Workspace, tmp: Path, *extra: str, sd: Path | None = None, ae: Path | None = None,
-          output: Path | None = None) -> list[str]:
-    return ["--sd_path", str(sd or ws.sd), "--ae_path", str(ae or ws.ae), "--output", str(output or tmp / "out.ckpt"),
-            "--config", "tiny", *extra]
+def build(
+    ws: Workspace, tmp: Path, *extra: str, sd: Path | None = None, ae: Path | None = None, output: Path | None = None
+) -> list[str]:
+    return [
+        "--sd_path",
+        str(sd or ws.sd),
+        "--ae_path",
+        str(ae or ws.ae),
+        "--output",
+        str(output or tmp / "out.ckpt"),
+        "--config",
+        "tiny",
+        *extra,
+    ]
 
 
 @case("build_model: an --sd_path that does not exist")
 def _(ws: Workspace, tmp: Path) -> Run:
-    return Run("build_model", build(ws, tmp, sd=tmp / "v1-5-pruned.ckpt"),
-               names=("--sd_path", str(tmp / "v1-5-pruned.ckpt")))
+    return Run(
+        "build_model", build(ws, tmp, sd=tmp / "v1-5-pruned.ckpt"), names=("--sd_path", str(tmp / "v1-5-pruned.ckpt"))
+    )
 
 
 @case("build_model: a truncated --ae_path")
@@ -371,8 +486,9 @@ def _(ws: Workspace, tmp: Path) -> Run:
     out = tmp / "models" / "vlmdiff.ckpt"
     out.parent.mkdir()
     shutil.copy(ws.vlmdiff, out)
-    return Run("build_model", build(ws, tmp, output=out), names=(str(out), "disk"), protect=(out.parent,),
-               disk_full=True)
+    return Run(
+        "build_model", build(ws, tmp, output=out), names=(str(out), "disk"), protect=(out.parent,), disk_full=True
+    )
 
 
 def train(ws: Workspace, tmp: Path, *extra: str, data: Path | None = None) -> list[str]:
@@ -381,8 +497,11 @@ def train(ws: Workspace, tmp: Path, *extra: str, data: Path | None = None) -> li
 
 @case("train: a --resume_path that does not exist")
 def _(ws: Workspace, tmp: Path) -> Run:
-    return Run("train", train(ws, tmp, "--resume_path", str(tmp / "models" / "vlmdiff.ckpt")),
-               names=(str(tmp / "models" / "vlmdiff.ckpt"),))
+    return Run(
+        "train",
+        train(ws, tmp, "--resume_path", str(tmp / "models" / "vlmdiff.ckpt")),
+        names=(str(tmp / "models" / "vlmdiff.ckpt"),),
+    )
 
 
 @case("train: a class whose train/good folder is empty")
@@ -390,49 +509,69 @@ def _(ws: Workspace, tmp: Path) -> Run:
     root = ws.mvtec_copy(tmp / "mvtec")
     for p in (root / "bottle" / "train" / "good").iterdir():
         p.unlink()
-    return Run("train", train(ws, tmp, "--resume_path", str(ws.vlmdiff), data=root),
-               names=(str(root / "bottle" / "train"),))
+    return Run(
+        "train", train(ws, tmp, "--resume_path", str(ws.vlmdiff), data=root), names=(str(root / "bottle" / "train"),)
+    )
 
 
 @case("train: --use_captions with caption ids that match no image")
 def _(ws: Workspace, tmp: Path) -> Run:
     folder = tmp / "caps"
     ids = ["bottle/train/good/000.png", "bottle/train/good/007.png"]
-    cap, = datagen.write_upstream_captions(folder, "train", "mvtec", "internvl", ids, ["a bottle", "another"])
-    return Run("train", train(ws, tmp, "--resume_path", str(ws.vlmdiff), "--use_captions", "--caption_folder",
-                              str(folder)), names=(str(cap), "bottle/train/good/007.png"), protect=(folder,))
+    (cap,) = datagen.write_upstream_captions(folder, "train", "mvtec", "internvl", ids, ["a bottle", "another"])
+    return Run(
+        "train",
+        train(ws, tmp, "--resume_path", str(ws.vlmdiff), "--use_captions", "--caption_folder", str(folder)),
+        names=(str(cap), "bottle/train/good/007.png"),
+        protect=(folder,),
+    )
 
 
 @case("train: --use_captions with caption and label files of different lengths")
 def _(ws: Workspace, tmp: Path) -> Run:
     folder = tmp / "caps"
     ids = ["bottle/train/good/000.png", "bottle/train/good/001.png"]
-    cap, = datagen.write_upstream_captions(folder, "train", "mvtec", "internvl", ids, ["a bottle", "another"])
+    (cap,) = datagen.write_upstream_captions(folder, "train", "mvtec", "internvl", ids, ["a bottle", "another"])
     cap.write_text(json.dumps(["only one caption"]))
     labels = folder / "train_labels_mvtec_internvl.json"
-    return Run("train", train(ws, tmp, "--resume_path", str(ws.vlmdiff), "--use_captions", "--caption_folder",
-                              str(folder)), names=(str(cap), str(labels)), protect=(folder,))
+    return Run(
+        "train",
+        train(ws, tmp, "--resume_path", str(ws.vlmdiff), "--use_captions", "--caption_folder", str(folder)),
+        names=(str(cap), str(labels)),
+        protect=(folder,),
+    )
 
 
 @case("train: --caption_folder naming a VisA caption file")
 def _(ws: Workspace, tmp: Path) -> Run:
     folder = tmp / "visa_captions_internvl_pd"
-    cap, = datagen.write_upstream_captions(folder, "train", "visa", "internvl", ["candle/Data/Images/Normal/0000.JPG"],
-                                           ["a candle"])
-    return Run("train", train(ws, tmp, "--resume_path", str(ws.vlmdiff), "--use_captions", "--caption_folder",
-                              str(cap)), names=(str(cap), "another dataset"), protect=(folder,))
+    (cap,) = datagen.write_upstream_captions(
+        folder, "train", "visa", "internvl", ["candle/Data/Images/Normal/0000.JPG"], ["a candle"]
+    )
+    return Run(
+        "train",
+        train(ws, tmp, "--resume_path", str(ws.vlmdiff), "--use_captions", "--caption_folder", str(cap)),
+        names=(str(cap), "another dataset"),
+        protect=(folder,),
+    )
 
 
 @case("train: a checkpoint of another config (--config tiny unet.num_heads=2)")
 def _(ws: Workspace, tmp: Path) -> Run:
-    return Run("train", train(ws, tmp, "--resume_path", str(ws.vlmdiff), "--config", "tiny", "unet.num_heads=2"),
-               names=(str(ws.vlmdiff), "--config", "num_heads"))
+    return Run(
+        "train",
+        train(ws, tmp, "--resume_path", str(ws.vlmdiff), "--config", "tiny", "unet.num_heads=2"),
+        names=(str(ws.vlmdiff), "--config", "num_heads"),
+    )
 
 
 @case("train: a --resume_path with a NaN weight")
 def _(ws: Workspace, tmp: Path) -> Run:
-    return Run("train", train(ws, tmp, "--resume_path", str(ws.vlmdiff_nan)),
-               names=(str(ws.vlmdiff_nan), "control_model.input_hint_block.0.weight", "NaN"))
+    return Run(
+        "train",
+        train(ws, tmp, "--resume_path", str(ws.vlmdiff_nan)),
+        names=(str(ws.vlmdiff_nan), "control_model.input_hint_block.0.weight", "NaN"),
+    )
 
 
 @case("train: an experiment folder that holds another run")
@@ -440,14 +579,21 @@ def _(ws: Workspace, tmp: Path) -> Run:
     ckpt_dir = tmp / "ckpt_exp"
     ckpt_dir.mkdir()
     shutil.copy(ws.vlmdiff, ckpt_dir / "last.ckpt")
-    return Run("train", train(ws, tmp, "--resume_path", str(ws.vlmdiff), "--exp_name", "exp"),
-               names=(str(ckpt_dir), "--resume", "--exp_name"), protect=(ckpt_dir,))
+    return Run(
+        "train",
+        train(ws, tmp, "--resume_path", str(ws.vlmdiff), "--exp_name", "exp"),
+        names=(str(ckpt_dir), "--resume", "--exp_name"),
+        protect=(ckpt_dir,),
+    )
 
 
 @case("train: --data_set coco without --coco_part")
 def _(ws: Workspace, tmp: Path) -> Run:
-    return Run("train", ["--data_set", "coco", "--data_path", str(tmp), "--resume_path", str(tmp / "x.ckpt"),
-                         *TRAIN_FAST], names=("--coco_part",))
+    return Run(
+        "train",
+        ["--data_set", "coco", "--data_path", str(tmp), "--resume_path", str(tmp / "x.ckpt"), *TRAIN_FAST],
+        names=("--coco_part",),
+    )
 
 
 @case("train: a corrupt image read by a DataLoader worker process (--num_workers 1)")
@@ -467,15 +613,31 @@ def _(ws: Workspace, tmp: Path) -> Run:
     def check_nothing_half_written() -> None:
         assert not list(ckpt_dir.glob("*.ckpt")), sorted(ckpt_dir.iterdir())
 
-    return Run("train", train(ws, tmp, "--resume_path", str(ws.vlmdiff), "--exp_name", "full",
-                              "--save_every_n_steps", "1"),
-               names=(str(ckpt_dir / "step=0000001.ckpt"), "disk"), disk_full=True, check=check_nothing_half_written,
-               protect=(ws.vlmdiff,))
+    return Run(
+        "train",
+        train(ws, tmp, "--resume_path", str(ws.vlmdiff), "--exp_name", "full", "--save_every_n_steps", "1"),
+        names=(str(ckpt_dir / "step=0000001.ckpt"), "disk"),
+        disk_full=True,
+        check=check_nothing_half_written,
+        protect=(ws.vlmdiff,),
+    )
 
 
-def scoring_args(ws: Workspace, out: Path, *extra: str, data: Path | None = None, ckpt: Path | None = None) -> list[str]:
-    return ["--data_set", "mvtec", "--data_path", str(data or ws.mvtec), "--resume_path", str(ckpt or ws.vlmdiff),
-            "--output_dir", str(out), *TEST_FAST, *extra]
+def scoring_args(
+    ws: Workspace, out: Path, *extra: str, data: Path | None = None, ckpt: Path | None = None
+) -> list[str]:
+    return [
+        "--data_set",
+        "mvtec",
+        "--data_path",
+        str(data or ws.mvtec),
+        "--resume_path",
+        str(ckpt or ws.vlmdiff),
+        "--output_dir",
+        str(out),
+        *TEST_FAST,
+        *extra,
+    ]
 
 
 @case("test: a mask whose size differs from its image")
@@ -515,21 +677,34 @@ def _(ws: Workspace, tmp: Path) -> Run:
     out = tmp / "out"
     out.mkdir()
     (out / "manifest.json").write_text(json.dumps({"checkpoint": {"path": "/elsewhere/model.ckpt"}}))
-    MapStore(out / "maps").write("00000000", ["bottle/test/good/000.png"], ["bottle"], np.zeros((1, 8, 8)),
-                                 np.zeros((1, 8, 8), dtype=np.uint8), [0], [0.0])
+    MapStore(out / "maps").write(
+        "00000000",
+        ["bottle/test/good/000.png"],
+        ["bottle"],
+        np.zeros((1, 8, 8)),
+        np.zeros((1, 8, 8), dtype=np.uint8),
+        [0],
+        [0.0],
+    )
     return Run("test", scoring_args(ws, out), names=(str(out), "another run", "--output_dir"), protect=(out,))
 
 
 @case("test: --start_ind 7 greater than --end_ind 3")
 def _(ws: Workspace, tmp: Path) -> Run:
-    return Run("test", scoring_args(ws, tmp / "out", "--start_ind", "7", "--end_ind", "3"),
-               names=("--start_ind 7", "--end_ind 3"))
+    return Run(
+        "test",
+        scoring_args(ws, tmp / "out", "--start_ind", "7", "--end_ind", "3"),
+        names=("--start_ind 7", "--end_ind 3"),
+    )
 
 
 @case("test: an autoencoder checkpoint given as the VLMDiff --resume_path")
 def _(ws: Workspace, tmp: Path) -> Run:
-    return Run("test", scoring_args(ws, tmp / "out", ckpt=ws.ae),
-               names=(str(ws.ae), "an autoencoder checkpoint", "not a VLMDiff checkpoint"))
+    return Run(
+        "test",
+        scoring_args(ws, tmp / "out", ckpt=ws.ae),
+        names=(str(ws.ae), "an autoencoder checkpoint", "not a VLMDiff checkpoint"),
+    )
 
 
 @case("test: a truncated --resume_path")
@@ -569,8 +744,15 @@ def _(ws: Workspace, tmp: Path) -> Run:
     maps = np.random.default_rng(0).random((len(records), 64, 64)).astype(np.float32) + masks / 255.0
     out.mkdir()
     (out / "manifest.json").write_text("{}")
-    MapStore(out / "maps").write("00000000", [r.id for r in records], [r.class_name for r in records], maps, masks,
-                                 [r.label for r in records], maps.max(axis=(1, 2)))
+    MapStore(out / "maps").write(
+        "00000000",
+        [r.id for r in records],
+        [r.class_name for r in records],
+        maps,
+        masks,
+        [r.label for r in records],
+        maps.max(axis=(1, 2)),
+    )
     argv = ["--data_set", "mvtec", "--data_path", str(ws.mvtec), "--output_dir", str(out), "--run_eval_only"]
     script.main(argv)  # a complete earlier evaluation
     assert (out / "metrics.json").is_file()
@@ -580,13 +762,19 @@ def _(ws: Workspace, tmp: Path) -> Run:
 @case("build_model: a VLMDiff checkpoint as --sd_path (its SG network would be overwritten)")
 def _(ws: Workspace, tmp: Path) -> Run:
     out = tmp / "out.ckpt"
-    return Run("build_model", build(ws, tmp, sd=ws.vlmdiff, output=out), names=("--sd_path", str(ws.vlmdiff), "VLMDiff"),
-               check=lambda: None if not out.exists() else pytest.fail(f"{out} was written"))
+    return Run(
+        "build_model",
+        build(ws, tmp, sd=ws.vlmdiff, output=out),
+        names=("--sd_path", str(ws.vlmdiff), "VLMDiff"),
+        check=lambda: None if not out.exists() else pytest.fail(f"{out} was written"),
+    )
 
 
 @case("train: a Stable Diffusion checkpoint as --resume_path")
 def _(ws: Workspace, tmp: Path) -> Run:
-    return Run("train", train(ws, tmp, "--resume_path", str(ws.sd)), names=(str(ws.sd), "Stable Diffusion", "build_model"))
+    return Run(
+        "train", train(ws, tmp, "--resume_path", str(ws.sd)), names=(str(ws.sd), "Stable Diffusion", "build_model")
+    )
 
 
 @case("test: a missing --feature_weights is reported before the checkpoint is read")
@@ -602,8 +790,11 @@ def _(ws: Workspace, tmp: Path) -> Run:
 def _(ws: Workspace, tmp: Path) -> Run:
     garbage = tmp / "garbage.ckpt"
     garbage.write_bytes(b"\0" * 4096)
-    return Run("train", train(ws, tmp, "--resume_path", str(garbage), data=tmp / "mvtec"),
-               names=("--data_path", str(tmp / "mvtec")))
+    return Run(
+        "train",
+        train(ws, tmp, "--resume_path", str(garbage), data=tmp / "mvtec"),
+        names=("--data_path", str(tmp / "mvtec")),
+    )
 
 
 # Reliability of runs and inputs: write paths, flags checked at start, locks, stale ground truth, file names.
@@ -619,16 +810,25 @@ def _(ws: Workspace, tmp: Path) -> Run:
 @case("build_model: an --output whose parent folder is a file")
 def _(ws: Workspace, tmp: Path) -> Run:
     (tmp / "models").write_text("not a folder")
-    return Run("build_model", build(ws, tmp, output=tmp / "models" / "vlmdiff.ckpt"),
-               names=(str(tmp / "models"), "is a file"), protect=(tmp / "models",))
+    return Run(
+        "build_model",
+        build(ws, tmp, output=tmp / "models" / "vlmdiff.ckpt"),
+        names=(str(tmp / "models"), "is a file"),
+        protect=(tmp / "models",),
+    )
 
 
 @case("test: a read-only tokenizer cache (XDG_CACHE_HOME on a read-only mount)")
 def _(ws: Workspace, tmp: Path) -> Run:
     stack = contextlib.ExitStack()
     cache = stack.enter_context(mounts.tmpfs(tmp / "cache", readonly=True))
-    return Run("test", scoring_args(ws, tmp / "out"), names=(str(cache), "XDG_CACHE_HOME"),
-               env={"XDG_CACHE_HOME": str(cache)}, cleanup=stack.close)
+    return Run(
+        "test",
+        scoring_args(ws, tmp / "out"),
+        names=(str(cache), "XDG_CACHE_HOME"),
+        env={"XDG_CACHE_HOME": str(cache)},
+        cleanup=stack.close,
+    )
 
 
 @case("train: a really full disk (1 MiB tmpfs) while saving a checkpoint (torch's RuntimeError; no partial file)")
@@ -640,21 +840,44 @@ def _(ws: Workspace, tmp: Path) -> Run:
     def check_nothing_half_written() -> None:
         assert not list(ckpt_dir.glob("*.ckpt")) and not list(ckpt_dir.glob(".*.tmp")), sorted(ckpt_dir.iterdir())
 
-    argv = ["--data_set", "mvtec", "--data_path", str(ws.mvtec), "--output_root", str(small), *TRAIN_FAST,
-            "--resume_path", str(ws.vlmdiff), "--exp_name", "full", "--save_every_n_steps", "1"]
-    return Run("train", argv, names=(str(ckpt_dir / "step=0000001.ckpt"), "disk space"),
-               check=check_nothing_half_written, cleanup=stack.close)
+    argv = [
+        "--data_set",
+        "mvtec",
+        "--data_path",
+        str(ws.mvtec),
+        "--output_root",
+        str(small),
+        *TRAIN_FAST,
+        "--resume_path",
+        str(ws.vlmdiff),
+        "--exp_name",
+        "full",
+        "--save_every_n_steps",
+        "1",
+    ]
+    return Run(
+        "train",
+        argv,
+        names=(str(ckpt_dir / "step=0000001.ckpt"), "disk space"),
+        check=check_nothing_half_written,
+        cleanup=stack.close,
+    )
 
 
 @case("train: --batch_size 0")
 def _(ws: Workspace, tmp: Path) -> Run:
-    return Run("train", train(ws, tmp, "--resume_path", str(ws.vlmdiff), "--batch_size", "0"), names=("--batch_size 0",))
+    return Run(
+        "train", train(ws, tmp, "--resume_path", str(ws.vlmdiff), "--batch_size", "0"), names=("--batch_size 0",)
+    )
 
 
 @case("train: --accumulate_grad_batches 0")
 def _(ws: Workspace, tmp: Path) -> Run:
-    return Run("train", train(ws, tmp, "--resume_path", str(ws.vlmdiff), "--accumulate_grad_batches", "0"),
-               names=("--accumulate_grad_batches 0",))
+    return Run(
+        "train",
+        train(ws, tmp, "--resume_path", str(ws.vlmdiff), "--accumulate_grad_batches", "0"),
+        names=("--accumulate_grad_batches 0",),
+    )
 
 
 @case("train: --devices 0")
@@ -683,8 +906,11 @@ def _(ws: Workspace, tmp: Path) -> Run:
 
 @case("train: a config override image_size=100 that the model's downsampling (64) does not divide")
 def _(ws: Workspace, tmp: Path) -> Run:
-    return Run("train", train(ws, tmp, "--resume_path", str(ws.vlmdiff), "image_size=100"),
-               names=(str(ws.vlmdiff), "image_size=100", "multiple of 64"))
+    return Run(
+        "train",
+        train(ws, tmp, "--resume_path", str(ws.vlmdiff), "image_size=100"),
+        names=(str(ws.vlmdiff), "image_size=100", "multiple of 64"),
+    )
 
 
 @case("test: --sigma -1")
@@ -699,8 +925,12 @@ def _(ws: Workspace, tmp: Path) -> Run:
     def check_nothing_scored() -> None:
         assert not out.exists(), sorted(out.rglob("*"))
 
-    return Run("test", scoring_args(ws, out, "--mask_threshold", "1.5"), names=("--mask_threshold 1.5",),
-               check=check_nothing_scored)
+    return Run(
+        "test",
+        scoring_args(ws, out, "--mask_threshold", "1.5"),
+        names=("--mask_threshold 1.5",),
+        check=check_nothing_scored,
+    )
 
 
 @case("test: --device gpu (not a device name)")
@@ -727,9 +957,19 @@ def _live_lock(folder: Path) -> tuple[subprocess.Popen, Path]:
     holder = subprocess.Popen(["sleep", "300"])
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / f".lock.{socket.gethostname()}.{holder.pid}.json"
-    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "start_ticks": _start_ticks(holder.pid),
-                                "job": "test.py scoring", "span": [0, None], "command": "test.py --output_dir x",
-                                "started": "2026-01-01 00:00:00"}))
+    lock.write_text(
+        json.dumps(
+            {
+                "host": socket.gethostname(),
+                "pid": holder.pid,
+                "start_ticks": _start_ticks(holder.pid),
+                "job": "test.py scoring",
+                "span": [0, None],
+                "command": "test.py --output_dir x",
+                "started": "2026-01-01 00:00:00",
+            }
+        )
+    )
     return holder, lock
 
 
@@ -737,6 +977,7 @@ def _stop(holder: subprocess.Popen) -> Callable[[], None]:
     def stop() -> None:
         holder.kill()
         holder.wait()
+
     return stop
 
 
@@ -744,16 +985,26 @@ def _stop(holder: subprocess.Popen) -> Callable[[], None]:
 def _(ws: Workspace, tmp: Path) -> Run:
     out = tmp / "out"
     holder, _ = _live_lock(out)
-    return Run("test", scoring_args(ws, out), names=(str(out), f"pid {holder.pid}", socket.gethostname(), "in use"),
-               protect=(out,), cleanup=_stop(holder))
+    return Run(
+        "test",
+        scoring_args(ws, out),
+        names=(str(out), f"pid {holder.pid}", socket.gethostname(), "in use"),
+        protect=(out,),
+        cleanup=_stop(holder),
+    )
 
 
 @case("train: a checkpoint folder that a live job on this host holds")
 def _(ws: Workspace, tmp: Path) -> Run:
     ckpt_dir = tmp / "ckpt_exp"
     holder, _ = _live_lock(ckpt_dir)
-    return Run("train", train(ws, tmp, "--resume_path", str(ws.vlmdiff), "--exp_name", "exp"),
-               names=(str(ckpt_dir), f"pid {holder.pid}", "--exp_name"), protect=(ckpt_dir,), cleanup=_stop(holder))
+    return Run(
+        "train",
+        train(ws, tmp, "--resume_path", str(ws.vlmdiff), "--exp_name", "exp"),
+        names=(str(ckpt_dir), f"pid {holder.pid}", "--exp_name"),
+        protect=(ckpt_dir,),
+        cleanup=_stop(holder),
+    )
 
 
 @case("test: --run_eval_only after the ground-truth masks changed (stored masks are stale)")
@@ -769,13 +1020,24 @@ def _(ws: Workspace, tmp: Path) -> Run:
     out.mkdir()
     (out / "manifest.json").write_text(json.dumps({"data": {"fingerprint": data_fingerprint(records)}}))
     sources = source_files(records)
-    MapStore(out / "maps").write("00000000", [r.id for r in records], [r.class_name for r in records],
-                                 masks / 255.0, masks, [r.label for r in records], np.zeros(len(records)),
-                                 [sources[r.id] for r in records])
+    MapStore(out / "maps").write(
+        "00000000",
+        [r.id for r in records],
+        [r.class_name for r in records],
+        masks / 255.0,
+        masks,
+        [r.label for r in records],
+        np.zeros(len(records)),
+        [sources[r.id] for r in records],
+    )
     mask = root / "bottle" / "ground_truth" / "crack" / "000_mask.png"
     mask.write_bytes(png_bytes(np.zeros((32, 32), dtype=np.uint8)))  # relabelled
-    return Run("test", ["--data_set", "mvtec", "--data_path", str(root), "--output_dir", str(out), "--run_eval_only"],
-               names=(str(out / "maps"), "bottle/test/crack/000.png", str(mask), "another content"), protect=(out,))
+    return Run(
+        "test",
+        ["--data_set", "mvtec", "--data_path", str(root), "--output_dir", str(out), "--run_eval_only"],
+        names=(str(out / "maps"), "bottle/test/crack/000.png", str(mask), "another content"),
+        protect=(out,),
+    )
 
 
 @case("test: --data_set folder with a file name that is not UTF-8")
@@ -798,15 +1060,31 @@ def _(ws: Workspace, tmp: Path) -> Run:
 
 @case("finetune_autoencoder: --devices 0")
 def _(ws: Workspace, tmp: Path) -> Run:
-    return Run("finetune_autoencoder", ["--data_set", "mvtec", "--data_path", str(ws.mvtec), "--output_dir",
-                                        str(tmp / "run"), *AE_FAST, "--devices", "0"], names=("--devices 0",))
+    return Run(
+        "finetune_autoencoder",
+        [
+            "--data_set",
+            "mvtec",
+            "--data_path",
+            str(ws.mvtec),
+            "--output_dir",
+            str(tmp / "run"),
+            *AE_FAST,
+            "--devices",
+            "0",
+        ],
+        names=("--devices 0",),
+    )
 
 
 @case("build_model: a config override image_size=100 that the model's downsampling (64) does not divide")
 def _(ws: Workspace, tmp: Path) -> Run:
     out = tmp / "models" / "vlmdiff.ckpt"
-    return Run("build_model", build(ws, tmp, "image_size=100", output=out), names=("--config tiny", "image_size=100",
-                                                                                   "multiple of 64"))
+    return Run(
+        "build_model",
+        build(ws, tmp, "image_size=100", output=out),
+        names=("--config tiny", "image_size=100", "multiple of 64"),
+    )
 
 
 # ------------------------------------------------------------------------------------------------ runner

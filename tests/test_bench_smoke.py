@@ -1,4 +1,7 @@
-"""The benchmark scripts run end to end in their smallest settings (the benchmarks themselves are never run by make test)."""
+"""The benchmark scripts run end to end in their smallest settings.
+
+The benchmarks themselves are never run by make test.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +13,23 @@ from bench import bench_checkpoint_size, bench_eval, bench_inference, bench_repo
 
 
 def test_inference_benchmark_tiny(tmp_path):
-    out = bench_inference.main(["--config", "tiny", "--images", "2", "--batch", "2", "--repeats", "1",
-                                "--ddim_steps", "2", "--ablation", "--output", str(tmp_path / "inference.json")])
+    out = bench_inference.main(
+        [
+            "--config",
+            "tiny",
+            "--images",
+            "2",
+            "--batch",
+            "2",
+            "--repeats",
+            "1",
+            "--ddim_steps",
+            "2",
+            "--ablation",
+            "--output",
+            str(tmp_path / "inference.json"),
+        ]
+    )
     names = list(out["variants"])
     assert names[0] == "upstream way" and names[-1] == "ours" and len(names) >= 4
     assert all(v["within_tolerance"] for v in out["variants"].values())
@@ -20,8 +38,20 @@ def test_inference_benchmark_tiny(tmp_path):
 
 
 def test_training_benchmark_tiny(tmp_path):
-    out = bench_training.main(["--measure", "tiny", "--analyse", "tiny", "--settings", "0,4", "--steps", "1",
-                               "--output", str(tmp_path / "training.json")])
+    out = bench_training.main(
+        [
+            "--measure",
+            "tiny",
+            "--analyse",
+            "tiny",
+            "--settings",
+            "0,4",
+            "--steps",
+            "1",
+            "--output",
+            str(tmp_path / "training.json"),
+        ]
+    )
     fp32, bf16_ckpt = out["analysis"]["tiny"].values()
     assert fp32["params"]["all"]["trainable"] < fp32["params"]["all"]["total"]
     assert fp32["adamw_state_bytes"] == 2 * fp32["grads_bytes"] > 0
@@ -31,8 +61,24 @@ def test_training_benchmark_tiny(tmp_path):
 
 
 def test_eval_benchmark_tiny(tmp_path):
-    out = bench_eval.main(["--n_images", "4", "--sizes", "20", "--class_size", "20", "--big_class", "30",
-                           "--protocol", "both", "--output", str(tmp_path / "eval.json"), "--tmp", str(tmp_path)])
+    out = bench_eval.main(
+        [
+            "--n_images",
+            "4",
+            "--sizes",
+            "20",
+            "--class_size",
+            "20",
+            "--big_class",
+            "30",
+            "--protocol",
+            "both",
+            "--output",
+            str(tmp_path / "eval.json"),
+            "--tmp",
+            str(tmp_path),
+        ]
+    )
     a = out["aupro_timing"]
     assert abs(a["aupro_legacy_upstream_loop"] - a["aupro_legacy"]) < 1e-9  # the two legacy loops agree
     assert [r["maps"] for r in out["memory_curve"]] == [20, 40]
@@ -42,8 +88,20 @@ def test_eval_benchmark_tiny(tmp_path):
 
 
 def test_report_benchmark_tiny(tmp_path):
-    out = bench_report.main(["--n_images", "4", "--class_size", "2", "--gallery_size", "1", "--output",
-                             str(tmp_path / "report.json"), "--tmp", str(tmp_path)])
+    out = bench_report.main(
+        [
+            "--n_images",
+            "4",
+            "--class_size",
+            "2",
+            "--gallery_size",
+            "1",
+            "--output",
+            str(tmp_path / "report.json"),
+            "--tmp",
+            str(tmp_path),
+        ]
+    )
     assert out["report_s"] > 0 and out["evaluate_peak_rss_mib"] > 0 and out["report_peak_rss_mib"] > 0
     assert out["pictures"] == 3 + 2 * 2  # mean + 2 class figures; per class 1 false alarm + 1 miss/detection
     assert json.loads((tmp_path / "report.json").read_text())["n_images"] == 4

@@ -31,18 +31,26 @@ def _progress_lines(folder: Path) -> list[dict]:
 
 
 def test_prompts_are_upstreams() -> None:
-    assert PROMPTS["pd"] == ("Describe the visual features of image in detail with a focus on the main object, with "
-                             "around 60 words and maybe 4 or 5 sentences.")
-    assert PROMPTS["pa"] == ("Be a pixel level visual defect inspector, and describe whether there is a defect or not "
-                             "on the main object itself, with around 60 words and maybe 4 or 5 sentences.")
-    assert prompt_for("coco", "pa") == ("Describe the visual features of image in detail, with around 60 words and "
-                                        "maybe 4 or 5 sentences.")
+    assert PROMPTS["pd"] == (
+        "Describe the visual features of image in detail with a focus on the main object, with "
+        "around 60 words and maybe 4 or 5 sentences."
+    )
+    assert PROMPTS["pa"] == (
+        "Be a pixel level visual defect inspector, and describe whether there is a defect or not "
+        "on the main object itself, with around 60 words and maybe 4 or 5 sentences."
+    )
+    assert prompt_for("coco", "pa") == (
+        "Describe the visual features of image in detail, with around 60 words and maybe 4 or 5 sentences."
+    )
     assert derive_vlm_name("OpenGVLab/InternVL2-8B", "hf") == "internvl"
     assert derive_vlm_name("Salesforce/blip2-flan-t5-xxl", "hf") == "blip"
     assert derive_vlm_name("/models/llava-1.5-7b-hf/", "hf") == "llava157bhf"
     assert derive_vlm_name("OpenGVLab/InternVL3-8B-hf", "hf") == "internvl38bhf"  # not upstream's InternVL2-8B
     assert [derive_vlm_name(m, "hf") for m in ("deepseek", "llava", "models/blip2-flan-t5-xxl")] == [
-        "deepseekvl", "llava", "blip"]
+        "deepseekvl",
+        "llava",
+        "blip",
+    ]
 
 
 def test_template_backend_shards_merge_and_read_back(tmp_path: Path) -> None:
@@ -74,8 +82,20 @@ def test_template_backend_shards_merge_and_read_back(tmp_path: Path) -> None:
 def test_output_that_is_not_a_terminal_gets_progress_lines_and_a_summary(tmp_path: Path, capsys) -> None:
     root = datagen.make_mvtec(tmp_path / "mvtec", classes=("bottle",))
     out = tmp_path / "caps"
-    main(["--data_set", "mvtec", "--data_path", str(root), "--vlm_model", "template", "--output", str(out),
-          "--log_interval", "0"])
+    main(
+        [
+            "--data_set",
+            "mvtec",
+            "--data_path",
+            str(root),
+            "--vlm_model",
+            "template",
+            "--output",
+            str(out),
+            "--log_interval",
+            "0",
+        ]
+    )
     err = capsys.readouterr().err  # pytest captures stderr: not a terminal
     n = len(_progress_lines(out))
     counts = re.findall(rf"captioning: img (\d+)/{n} \(\d+%\) \| [\d.]+ (?:img/s|s/img) \| elapsed [\d:]+ \| ETA", err)
@@ -105,8 +125,26 @@ def test_realiad_absolute_ids_and_coco_caption_format(tmp_path: Path) -> None:
 def test_tiny_random_hf_vlm_end_to_end(tmp_path: Path) -> None:
     model = tiny_llava(tmp_path / "tiny-llava")
     root = datagen.make_visa(tmp_path / "visa", classes=("candle",), n_train=3, n_test_good=1, n_test_anomaly=2)
-    main(["--data_set", "visa", "--data_path", str(root), "--vlm_model", str(model), "--backend", "hf",
-          "--batch_size", "2", "--max_new_tokens", "6", "--device", "cpu", "--dtype", "float32"])
+    main(
+        [
+            "--data_set",
+            "visa",
+            "--data_path",
+            str(root),
+            "--vlm_model",
+            str(model),
+            "--backend",
+            "hf",
+            "--batch_size",
+            "2",
+            "--max_new_tokens",
+            "6",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+        ]
+    )
     out = tmp_path / "visa_captions_tinyllava_pd"
     for split, n in (("train", 3), ("test", 3)):
         caps = load_captions(out, split, "visa")
@@ -134,10 +172,26 @@ def test_missing_model_is_one_clear_error(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_killed_run_resumes_with_every_image_once(tmp_path: Path) -> None:
-    root = datagen.make_mvtec(tmp_path / "mvtec", classes=("bottle", "grid"), n_train=4, n_test_good=2,
-                              defects=("crack", "hole"), n_per_defect=2)  # 20 images
-    args = [sys.executable, str(ROOT / "captioner.py"), "--data_set", "mvtec", "--data_path", str(root),
-            "--vlm_model", "template", "--delay_per_image", "0.2"]
+    root = datagen.make_mvtec(
+        tmp_path / "mvtec",
+        classes=("bottle", "grid"),
+        n_train=4,
+        n_test_good=2,
+        defects=("crack", "hole"),
+        n_per_defect=2,
+    )  # 20 images
+    args = [
+        sys.executable,
+        str(ROOT / "captioner.py"),
+        "--data_set",
+        "mvtec",
+        "--data_path",
+        str(root),
+        "--vlm_model",
+        "template",
+        "--delay_per_image",
+        "0.2",
+    ]
     out = tmp_path / "mvtec_captions_template_pd"
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

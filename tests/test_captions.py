@@ -21,8 +21,9 @@ def test_sharded_shuffled_upstream_pairs_match_by_id(tmp_path: Path) -> None:
     root = datagen.make_mvtec(tmp_path / "mvtec", classes=("bottle", "grid"))
     ids = [r.id for r in index_dataset("mvtec", root, "train")]
     folder = tmp_path / "mvtec_captions_internvl_pd"
-    datagen.write_upstream_captions(folder, "train", "mvtec", "internvl", ids, [_cap(i) for i in ids],
-                                    shards=3, shuffle_seed=0)
+    datagen.write_upstream_captions(
+        folder, "train", "mvtec", "internvl", ids, [_cap(i) for i in ids], shards=3, shuffle_seed=0
+    )
     caps = load_captions(folder, "train", "mvtec")
     assert len(caps) == len(ids)
     ds = build_dataset("mvtec", root, "train", image_size=16, captions=folder, require_captions=True)
@@ -37,8 +38,9 @@ def test_sharded_shuffled_upstream_pairs_match_by_id(tmp_path: Path) -> None:
         load_captions(folder, "train", "visa")
 
 
-def test_blank_captions_count_as_missing_and_empty_caption_files_as_none(tmp_path: Path,
-                                                                          caplog: pytest.LogCaptureFixture) -> None:
+def test_blank_captions_count_as_missing_and_empty_caption_files_as_none(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     root = datagen.make_mvtec(tmp_path / "mvtec", classes=("grid",))
     ids = [r.id for r in index_dataset("mvtec", root, "train")]
     folder = tmp_path / "caps"
@@ -51,8 +53,11 @@ def test_blank_captions_count_as_missing_and_empty_caption_files_as_none(tmp_pat
         build_dataset("mvtec", root, "train", captions=folder, require_captions=True)
     datagen.write_upstream_captions(folder, "train", "mvtec", "internvl", [], [])  # files that hold no caption
     assert load_captions(folder, "train", "mvtec") == {}
-    with pytest.raises(UserError, match=f"{folder}: no train captions in it, but --use_captions needs one for each "
-                                        f"of the {len(ids)} train images"):
+    with pytest.raises(
+        UserError,
+        match=f"{folder}: no train captions in it, but --use_captions needs one for each "
+        f"of the {len(ids)} train images",
+    ):
         build_dataset("mvtec", root, "train", captions=folder, require_captions=True)
 
 
@@ -73,8 +78,9 @@ def test_unknown_ids_and_other_dataset_are_caught(tmp_path: Path) -> None:
     root = datagen.make_mvtec(tmp_path / "mvtec", classes=("bottle",))
     ids = [r.id for r in index_dataset("mvtec", root, "train")]
     folder = tmp_path / "caps"
-    datagen.write_upstream_captions(folder, "train", "mvtec", "internvl", ids + ["bottle/train/good/999.png"],
-                                    [_cap(i) for i in ids] + ["ghost"])
+    datagen.write_upstream_captions(
+        folder, "train", "mvtec", "internvl", ids + ["bottle/train/good/999.png"], [_cap(i) for i in ids] + ["ghost"]
+    )
     with pytest.raises(UserError) as e:
         build_dataset("mvtec", root, "train", captions=folder)
     assert "train_captions_mvtec_internvl.json" in str(e.value) and "bottle/train/good/999.png" in str(e.value)
@@ -91,8 +97,9 @@ def test_realiad_absolute_ids_from_another_machine(tmp_path: Path) -> None:
     upstream_ids = [f"/mnt/data/Real-IAD/realiad_1024/{r.id}" for r in recs]
     upstream_ids[0] = upstream_ids[0].replace("/", "\\")  # written on Windows
     folder = tmp_path / "realiad_captions_internvl_pd"
-    datagen.write_upstream_captions(folder, "test", "realiad", "internvl", upstream_ids[::-1],
-                                    [_cap(r.id) for r in recs][::-1])
+    datagen.write_upstream_captions(
+        folder, "test", "realiad", "internvl", upstream_ids[::-1], [_cap(r.id) for r in recs][::-1]
+    )
     matched = match_captions(recs, load_captions(folder, "test", "real_iad"), root=root)
     assert matched == {r.id: _cap(r.id) for r in recs}
 
@@ -108,8 +115,11 @@ def test_class_filter_and_missing_captions(tmp_path: Path, caplog: pytest.LogCap
     assert f"1 of 4 test images have no caption in {folder}, e.g. grid/test/crack/000.png" in caplog.text
     assert ds[0]["filename"] == "grid/test/crack/000.png" and ds[0]["caption"] == ""
     assert ds[1]["caption"] == _cap(ds[1]["filename"])
-    with pytest.raises(UserError, match=r"1 of 4 test images have no caption .*\(caption them with captioner.py "
-                                        r"--split test, or run without --use_captions\)"):
+    with pytest.raises(
+        UserError,
+        match=r"1 of 4 test images have no caption .*\(caption them with captioner.py "
+        r"--split test, or run without --use_captions\)",
+    ):
         build_dataset("mvtec", root, "test", classes=["grid"], captions=folder, require_captions=True)
     # captions of the test split given for the train split: nothing matches
     (folder / "test_captions_mvtec_internvl.json").rename(folder / "train_captions_mvtec_internvl.json")
@@ -120,11 +130,13 @@ def test_class_filter_and_missing_captions(tmp_path: Path, caplog: pytest.LogCap
 
 def test_coco_caption_format_concatenates_in_order(tmp_path: Path) -> None:
     root = datagen.make_coco_ad(tmp_path / "coco", part=0)
-    doc = {"annotations": [
-        {"id": 1, "image_id": 1, "caption": "A cat. "},
-        {"id": 2, "image_id": 2, "caption": "Two dogs."},
-        {"id": 3, "image_id": 1, "caption": "It sleeps."},
-    ]}
+    doc = {
+        "annotations": [
+            {"id": 1, "image_id": 1, "caption": "A cat. "},
+            {"id": 2, "image_id": 2, "caption": "Two dogs."},
+            {"id": 3, "image_id": 1, "caption": "It sleeps."},
+        ]
+    }
     (root / "annotations").mkdir()
     (root / "annotations" / "captions_train2017_internvl.json").write_text(json.dumps(doc))
     caps = load_captions(root, "train", "coco")
@@ -142,8 +154,17 @@ def test_coco_caption_format_concatenates_in_order(tmp_path: Path) -> None:
 def test_jsonl_records_partial_last_line_and_bad_line(tmp_path: Path) -> None:
     folder = tmp_path / "mvtec_captions_template_pd" / "progress"
     folder.mkdir(parents=True)
-    recs = [{"id": f"bottle/train/good/{i:03d}.png", "caption": f"c{i}", "split": "train", "dataset": "mvtec",
-             "vlm": "template", "prompt_type": "pd"} for i in range(3)]
+    recs = [
+        {
+            "id": f"bottle/train/good/{i:03d}.png",
+            "caption": f"c{i}",
+            "split": "train",
+            "dataset": "mvtec",
+            "vlm": "template",
+            "prompt_type": "pd",
+        }
+        for i in range(3)
+    ]
     text = "".join(json.dumps(r) + "\n" for r in recs)
     (folder / "train_0_3.jsonl").write_text(text + '{"id": "bottle/train/good/003.png", "cap')
     caps = load_captions(folder.parent, "train", "mvtec")
@@ -184,8 +205,13 @@ def test_relative_caption_folder_is_found_beside_the_dataset_root(tmp_path: Path
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    args = argparse.Namespace(data_set="mvtec", data_path=str(root), caption_folder="mvtec_captions_internvl_pd",
-                              vlm_model="internvl", prompt_type="pd")
+    args = argparse.Namespace(
+        data_set="mvtec",
+        data_path=str(root),
+        caption_folder="mvtec_captions_internvl_pd",
+        vlm_model="internvl",
+        prompt_type="pd",
+    )
     assert caption_source(args) == beside.resolve()
     (work / "mvtec_captions_internvl_pd").mkdir()  # one in the working folder comes first
     assert caption_source(args) == Path("mvtec_captions_internvl_pd")

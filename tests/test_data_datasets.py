@@ -41,8 +41,14 @@ def _check_alignment(item: dict) -> None:
 
 
 def test_mvtec_counts_labels_gray_and_alignment(tmp_path: Path) -> None:
-    root = datagen.make_mvtec(tmp_path / "mvtec", classes=("bottle", "grid"), n_train=3, n_test_good=2,
-                              defects=("crack", "hole"), n_per_defect=2)
+    root = datagen.make_mvtec(
+        tmp_path / "mvtec",
+        classes=("bottle", "grid"),
+        n_train=3,
+        n_test_good=2,
+        defects=("crack", "hole"),
+        n_per_defect=2,
+    )
     train = build_dataset("mvtec", root, "train", image_size=32)
     test = build_dataset("mvtec", root, "test", image_size=32)
     assert len(train) == 6 and len(test) == 12
@@ -127,8 +133,9 @@ def test_visa_mask_orders_through_the_dataset(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("location", ["nested", "flat"])
 def test_realiad_both_json_locations(tmp_path: Path, location: str) -> None:
-    root = datagen.make_realiad(tmp_path, classes=("audiojack", "toy"), json_location=location, n_train=1,
-                                n_test_good=1, n_test_ng=1)
+    root = datagen.make_realiad(
+        tmp_path, classes=("audiojack", "toy"), json_location=location, n_train=1, n_test_good=1, n_test_ng=1
+    )
     train = index_dataset("real_iad", root, "train")
     test = build_dataset("realiad", root, "test", image_size=32, classes=["toy"])
     assert len(train) == 10 and len(test) == 10
@@ -179,7 +186,7 @@ def test_folder_dataset(tmp_path: Path) -> None:
 def test_image_modes_become_rgb(tmp_path: Path) -> None:
     root = tmp_path / "modes"
     root.mkdir()
-    ramp16 = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 256)  # 0 .. 65280
+    ramp16 = np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 256  # 0 .. 65280
     Image.fromarray(ramp16).save(root / "g16.png")
     rgba = np.zeros((16, 16, 4), np.uint8)
     rgba[..., 0], rgba[..., 3] = 200, 255

@@ -18,8 +18,9 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 def test_demo_tree_is_read_by_mvtec_loader_with_aligned_masks(tmp_path: Path) -> None:
-    root = generate_demo_dataset(tmp_path / "demo", classes=("brick", "coffee"), n_train=4, n_test_good=2,
-                                 n_test_defect=4, image_size=64, seed=3)
+    root = generate_demo_dataset(
+        tmp_path / "demo", classes=("brick", "coffee"), n_train=4, n_test_good=2, n_test_defect=4, image_size=64, seed=3
+    )
     train = index_dataset("mvtec", root, "train")
     test = build_dataset("mvtec", root, "test", image_size=64)
     assert len(train) == 8 and len(test) == 12
@@ -44,8 +45,25 @@ def test_demo_tree_is_read_by_mvtec_loader_with_aligned_masks(tmp_path: Path) ->
 def test_demo_is_deterministic_by_seed_and_resumable(tmp_path: Path) -> None:
     kw = dict(classes=("gravel", "chelsea"), n_train=2, n_test_good=1, n_test_defect=2, image_size=48)
     a = _files(generate_demo_dataset(tmp_path / "a", seed=1, **kw))
-    main(["--output", str(tmp_path / "b"), "--classes", "gravel", "chelsea", "--n_train", "2", "--n_test_good", "1",
-          "--n_test_defect", "2", "--image_size", "48", "--seed", "1"])
+    main(
+        [
+            "--output",
+            str(tmp_path / "b"),
+            "--classes",
+            "gravel",
+            "chelsea",
+            "--n_train",
+            "2",
+            "--n_test_good",
+            "1",
+            "--n_test_defect",
+            "2",
+            "--image_size",
+            "48",
+            "--seed",
+            "1",
+        ]
+    )
     assert a == _files(tmp_path / "b")
     generate_demo_dataset(tmp_path / "a", seed=1, **kw)  # completed: no-op
     assert a == _files(tmp_path / "a")

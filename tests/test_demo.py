@@ -46,16 +46,29 @@ def quick_run(demo, tmp_path_factory):
 def test_quick_demo_runs_every_stage_and_prints_the_table(quick_run, demo):
     out, result, printed = quick_run
     assert "NOT the paper's" in printed
-    for command in ("-m vlmdiff.data.demo", "captioner.py", "finetune_autoencoder.py", "build_model.py", "train.py",
-                    "test.py"):
+    for command in (
+        "-m vlmdiff.data.demo",
+        "captioner.py",
+        "finetune_autoencoder.py",
+        "build_model.py",
+        "train.py",
+        "test.py",
+    ):
         assert re.search(rf"^\$ python {re.escape(command)} ", printed, re.M), command
     assert "--vlm_model template" in printed and "--feature_extractor efficientnet_lite0" in printed
     assert "--save_visuals" in printed and "--use_captions" in printed
     header = "| class | AU-ROC_I | AP_I | F1max_I | AU-ROC_P | AP_P | F1max_P | AU-PRO |"
     assert printed.count(header) >= 1 and re.search(r"^\| mean \|", printed, re.M)
     assert set(result["per_class"]) == set(demo.QUICK.classes)
-    assert set(result["mean"]) == {"auroc_image", "ap_image", "f1max_image", "auroc_pixel", "ap_pixel",
-                                   "f1max_pixel", "aupro"}
+    assert set(result["mean"]) == {
+        "auroc_image",
+        "ap_image",
+        "f1max_image",
+        "auroc_pixel",
+        "ap_pixel",
+        "f1max_pixel",
+        "aupro",
+    }
     assert json.loads((out / "results" / "metrics.json").read_text())["metrics"]["official"]
     assert len(list((out / "results" / "visuals").rglob("*.png"))) >= demo.QUICK.n_test_good + demo.QUICK.n_test_defect
     assert str(out / "results" / "visuals") in printed

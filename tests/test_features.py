@@ -368,7 +368,7 @@ def test_feature_input_size_resizes_before_every_backbone() -> None:
         with torch.no_grad():
             got, want = sized(x), plain(big)
         assert got[0].shape[-1] == 32  # stride 4 of 128 px, not of 64 px
-        for g, w in zip(got, want):
+        for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g, w)
     with pytest.raises(UserError, match="--feature_input_size 8"):
         build_feature_extractor("resnet50", random_init=True, input_size=8)

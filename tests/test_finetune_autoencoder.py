@@ -21,12 +21,18 @@ from PIL import Image
 import finetune_autoencoder
 from ldm.checkpoint import load_checkpoint, load_into, save_checkpoint
 from ldm.config import AutoencoderConfig, LatentDiffusionConfig, load_config
-from ldm.models.autoencoder import (AutoencoderTrainConfig, AutoencoderTraining, autoencoder_state_dict,
-                                    loss_state_dict)
+from ldm.models.autoencoder import AutoencoderTrainConfig, AutoencoderTraining, autoencoder_state_dict, loss_state_dict
 from ldm.modules.autoencoder import AutoencoderKL, DiagonalGaussian
-from ldm.modules.losses import (LPIPS, AutoencoderLossConfig, LPIPSWithDiscriminator, NLayerDiscriminator,
-                                hinge_d_loss, load_perceptual_weights, packaged_lpips_weights,
-                                vgg16_features_from_torchvision)
+from ldm.modules.losses import (
+    LPIPS,
+    AutoencoderLossConfig,
+    LPIPSWithDiscriminator,
+    NLayerDiscriminator,
+    hinge_d_loss,
+    load_perceptual_weights,
+    packaged_lpips_weights,
+    vgg16_features_from_torchvision,
+)
 from tests.fixture_models import autoencoder_weights_path, model_config, write_model_config
 from utils.errors import UserError
 from vlmdiff.data.demo import generate_demo_dataset
@@ -54,8 +60,9 @@ def fixture_keys(fixtures_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("demo")
-    return generate_demo_dataset(root, classes=["china"], n_train=4, n_test_good=0, n_test_defect=0,
-                                 image_size=SIZE, seed=0)
+    return generate_demo_dataset(
+        root, classes=["china"], n_train=4, n_test_good=0, n_test_defect=0, image_size=SIZE, seed=0
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,26 +73,60 @@ def vgg_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with torch.device("meta"):
         names = {k: v.shape for k, v in torchvision.models.vgg16(weights=None).state_dict().items()}
     gen = torch.Generator().manual_seed(0)
-    sd = {k: torch.randn(s, generator=gen) * (0.05 if k.endswith("weight") else 0.01)
-          for k, s in names.items() if k.startswith("features.")}
+    sd = {
+        k: torch.randn(s, generator=gen) * (0.05 if k.endswith("weight") else 0.01)
+        for k, s in names.items()
+        if k.startswith("features.")
+    }
     path = tmp_path_factory.mktemp("vgg") / "vgg16-random.pth"
     torch.save(sd, path)
     return path
 
 
 def run_cli(data_root: Path, out: Path, *extra: str, config: str) -> Path:
-    finetune_autoencoder.main([
-        "--data_set", "mvtec", "--data_path", str(data_root), "--config", config, "--image_size", str(SIZE),
-        "--batch_size", "2", "--accumulate_grad_batches", "2", "--max_steps", "2", "--num_workers", "0",
-        "--output_dir", str(out), "--no_progress_bar", "--log_images_every_n_steps", "1", "--log_every_n_steps", "1", *extra])
+    finetune_autoencoder.main(
+        [
+            "--data_set",
+            "mvtec",
+            "--data_path",
+            str(data_root),
+            "--config",
+            config,
+            "--image_size",
+            str(SIZE),
+            "--batch_size",
+            "2",
+            "--accumulate_grad_batches",
+            "2",
+            "--max_steps",
+            "2",
+            "--num_workers",
+            "0",
+            "--output_dir",
+            str(out),
+            "--no_progress_bar",
+            "--log_images_every_n_steps",
+            "1",
+            "--log_every_n_steps",
+            "1",
+            *extra,
+        ]
+    )
     return out
 
 
 @pytest.fixture(scope="module")
 def plain_run(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Two generator steps without LPIPS, from a random start."""
-    return run_cli(data_root, tmp_path_factory.mktemp("runs") / "p0", "--perceptual_weight", "0",
-                   "--resume_path", "none", config="tiny")
+    return run_cli(
+        data_root,
+        tmp_path_factory.mktemp("runs") / "p0",
+        "--perceptual_weight",
+        "0",
+        "--resume_path",
+        "none",
+        config="tiny",
+    )
 
 
 # --- weight names and shapes ------------------------------------------------------------------------
@@ -208,21 +249,40 @@ def test_run_without_perceptual_weights_writes_readable_checkpoints(plain_run: P
     assert grid.size == (2 * (SIZE + 2) + 2, 2 * (SIZE + 2) + 2)  # 2 inputs over 2 reconstructions
     assert (plain_run / "config.yaml").is_file()
     with pytest.raises(UserError, match="already holds a run.*--resume"):
-        run_cli(plain_run.parent.parent / "unused", plain_run, "--perceptual_weight", "0", "--resume_path", "none",
-                config="tiny")
+        run_cli(
+            plain_run.parent.parent / "unused",
+            plain_run,
+            "--perceptual_weight",
+            "0",
+            "--resume_path",
+            "none",
+            config="tiny",
+        )
 
 
 def disc_weights(sd: dict) -> dict:
     """Trained discriminator tensors (not the BatchNorm running statistics)."""
-    return {k: v for k, v in sd.items() if k.startswith("loss.discriminator.") and v.is_floating_point()
-            and "running" not in k}
+    return {
+        k: v
+        for k, v in sd.items()
+        if k.startswith("loss.discriminator.") and v.is_floating_point() and "running" not in k
+    }
 
 
 def test_discriminator_trained_from_disc_start(plain_run: Path, data_root: Path, tmp_path: Path) -> None:
     start = plain_run / "autoencoder.ckpt"  # a finetuned checkpoint as starting weights: AE + discriminator
     before = load_checkpoint(start)["state_dict"]
-    run = run_cli(data_root, tmp_path / "gan", "--perceptual_weight", "0", "--resume_path", str(start),
-                  "--disc_start", "1", config="tiny")
+    run = run_cli(
+        data_root,
+        tmp_path / "gan",
+        "--perceptual_weight",
+        "0",
+        "--resume_path",
+        str(start),
+        "--disc_start",
+        "1",
+        config="tiny",
+    )
     after = load_checkpoint(run / "autoencoder.ckpt")["state_dict"]
     assert all(not torch.equal(v, before[k]) for k, v in disc_weights(after).items())
     assert not torch.equal(after["decoder.conv_out.weight"], before["decoder.conv_out.weight"])
@@ -231,17 +291,32 @@ def test_discriminator_trained_from_disc_start(plain_run: Path, data_root: Path,
     assert all(float(r["train/d_weight"]) > 0 for r in rows[2:]) and all(r.get("train/disc_loss") for r in rows[2:])
 
 
-def test_run_with_perceptual_weights_from_local_files(data_root: Path, vgg_file: Path, fixtures_dir: Path,
-                                                      fixture_keys: dict, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_with_perceptual_weights_from_local_files(
+    data_root: Path,
+    vgg_file: Path,
+    fixtures_dir: Path,
+    fixture_keys: dict,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     start = autoencoder_weights_path(fixtures_dir)  # a plain AutoencoderKL state dict, sizes in the folder's config
     config = write_model_config(fixtures_dir, tmp_path / "fixture_model.yaml")
-    run = run_cli(data_root, tmp_path / "lpips", "--vgg_weights", str(vgg_file), "--resume_path", str(start),
-                  "--accumulate_grad_batches", "1", config=str(config))
+    run = run_cli(
+        data_root,
+        tmp_path / "lpips",
+        "--vgg_weights",
+        str(vgg_file),
+        "--resume_path",
+        str(start),
+        "--accumulate_grad_batches",
+        "1",
+        config=str(config),
+    )
     ckpt = load_checkpoint(run / "autoencoder.ckpt")
     sd = ckpt["state_dict"]
     assert shapes({k: v for k, v in sd.items() if k.startswith("loss.")}) == {
-        k: tuple(v) for k, v in fixture_keys["lightning_checkpoint_loss_keys"].items()}
+        k: tuple(v) for k, v in fixture_keys["lightning_checkpoint_loss_keys"].items()
+    }
     vgg = torch.load(vgg_file)
     torch.testing.assert_close(sd["loss.perceptual_loss.net.slice3.12.weight"], vgg["features.12.weight"])
     lin = torch.load(packaged_lpips_weights(), map_location="cpu")
@@ -254,14 +329,21 @@ def test_run_with_perceptual_weights_from_local_files(data_root: Path, vgg_file:
     # Starting from a checkpoint that carries the LPIPS weights (like kl-f8's model.ckpt): no files needed.
     monkeypatch.chdir(tmp_path)  # no models/vgg16-397923af.pth here
     module = AutoencoderTraining(model_config(fixtures_dir).autoencoder, AutoencoderTrainConfig())
-    finetune_autoencoder._load_starting_weights(module, finetune_autoencoder.parse_args(
-        ["--data_set", "mvtec", "--data_path", ".", "--resume_path", str(run / "autoencoder.ckpt")]))
-    torch.testing.assert_close(module.loss.perceptual_loss.state_dict()["net.slice3.12.weight"],
-                               sd["loss.perceptual_loss.net.slice3.12.weight"])
+    finetune_autoencoder._load_starting_weights(
+        module,
+        finetune_autoencoder.parse_args(
+            ["--data_set", "mvtec", "--data_path", ".", "--resume_path", str(run / "autoencoder.ckpt")]
+        ),
+    )
+    torch.testing.assert_close(
+        module.loss.perceptual_loss.state_dict()["net.slice3.12.weight"],
+        sd["loss.perceptual_loss.net.slice3.12.weight"],
+    )
 
 
-def test_missing_perceptual_weight_files_say_which_and_where(data_root: Path, tmp_path: Path,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_perceptual_weight_files_say_which_and_where(
+    data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     nowhere = tmp_path / "nowhere.pth"
     with pytest.raises(UserError) as info:
         run_cli(data_root, tmp_path / "a", "--resume_path", "none", "--vgg_weights", str(nowhere), config="tiny")
@@ -274,19 +356,32 @@ def test_missing_perceptual_weight_files_say_which_and_where(data_root: Path, tm
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "vgg16-397923af.pth").write_bytes(b"")
     with pytest.raises(UserError, match=r"lin\.pth not found \(--lpips_weights\).*--perceptual_weight 0"):
-        run_cli(data_root, tmp_path / "c", "--resume_path", "none", "--lpips_weights", str(tmp_path / "lin.pth"),
-                config="tiny")
+        run_cli(
+            data_root,
+            tmp_path / "c",
+            "--resume_path",
+            "none",
+            "--lpips_weights",
+            str(tmp_path / "lin.pth"),
+            config="tiny",
+        )
     with pytest.raises(UserError, match=r"models/autoencoders\.ckpt not found.*kl-f8\.zip.*--resume_path none"):
         run_cli(data_root, tmp_path / "d", "--perceptual_weight", "0", config="tiny")
 
 
 def test_flags_override_the_train_config_and_an_epoch_budget_replaces_the_step_budget() -> None:
     def cfg(*flags: str) -> AutoencoderTrainConfig:
-        return finetune_autoencoder.train_config_from_args(finetune_autoencoder.parse_args(
-            ["--data_set", "mvtec", "--data_path", ".", *flags]))
+        return finetune_autoencoder.train_config_from_args(
+            finetune_autoencoder.parse_args(["--data_set", "mvtec", "--data_path", ".", *flags])
+        )
 
     default = cfg()
-    assert (default.base_lr, default.batch_size, default.accumulate_grad_batches, default.max_steps) == (4.5e-5, 1, 8, 60001)
+    assert (default.base_lr, default.batch_size, default.accumulate_grad_batches, default.max_steps) == (
+        4.5e-5,
+        1,
+        8,
+        60001,
+    )
     assert (default.loss.disc_start, default.loss.kl_weight, default.loss.disc_weight) == (50001, 1e-6, 0.5)
     assert cfg("--batch_size", "4").learning_rate == pytest.approx(1.8e-4)  # not scaled by accumulation
     assert (cfg("--max_epochs", "3").max_steps, cfg("--max_epochs", "3").max_epochs) == (-1, 3)
@@ -297,21 +392,28 @@ def test_flags_override_the_train_config_and_an_epoch_budget_replaces_the_step_b
 
 def test_default_budget_reaches_the_patchgan_phase(capsys: pytest.CaptureFixture) -> None:
     """configs/autoencoder.yaml: updates 0..50000 without the GAN loss, 50001..60000 with it; --help says so."""
+
     def cfg(*flags: str) -> AutoencoderTrainConfig:
-        return finetune_autoencoder.train_config_from_args(finetune_autoencoder.parse_args(
-            ["--data_set", "mvtec", "--data_path", ".", *flags]))
+        return finetune_autoencoder.train_config_from_args(
+            finetune_autoencoder.parse_args(["--data_set", "mvtec", "--data_path", ".", *flags])
+        )
 
     default = cfg()
     assert AutoencoderTrainConfig() == default  # the dataclass defaults are the file's
     loss = LPIPSWithDiscriminator(dataclasses.replace(default.loss, perceptual_weight=0.0))
     last = default.max_steps - 1  # generator updates are numbered 0 .. max_steps - 1
-    active = [s for s in (0, default.loss.disc_start - 1, default.loss.disc_start, last)
-              if loss.discriminator_active(s)]
+    active = [
+        s for s in (0, default.loss.disc_start - 1, default.loss.disc_start, last) if loss.discriminator_active(s)
+    ]
     assert active == [50001, 60000]
     assert finetune_autoencoder.loss_phases(default) == (
-        "L1 + LPIPS + KL for generator updates 0..50000, plus the PatchGAN loss for updates 50001..60000", True)
+        "L1 + LPIPS + KL for generator updates 0..50000, plus the PatchGAN loss for updates 50001..60000",
+        True,
+    )
     text, with_gan = finetune_autoencoder.loss_phases(cfg("--max_steps", "5000", "--perceptual_weight", "0"))
-    assert not with_gan and text.startswith("L1 + KL (no LPIPS) only: the PatchGAN loss starts at generator update 50001")
+    assert not with_gan and text.startswith(
+        "L1 + KL (no LPIPS) only: the PatchGAN loss starts at generator update 50001"
+    )
     assert finetune_autoencoder.loss_phases(cfg("--max_steps", "5000", "--disc_start", "100"))[1]
     with pytest.raises(SystemExit):
         finetune_autoencoder.parse_args(["--help"])
@@ -324,8 +426,9 @@ def _module() -> AutoencoderTraining:
     return AutoencoderTraining(tiny_ae(), AutoencoderTrainConfig())
 
 
-def test_resume_continues_steps_and_optimiser_state(plain_run: Path, data_root: Path, tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture) -> None:
+def test_resume_continues_steps_and_optimiser_state(
+    plain_run: Path, data_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     run = tmp_path / "run"
     shutil.copytree(plain_run, run)
     with pytest.raises(UserError, match="no checkpoint to continue"):
@@ -334,13 +437,17 @@ def test_resume_continues_steps_and_optimiser_state(plain_run: Path, data_root: 
         run_cli(data_root, run, "--resume", "--vgg_weights", "unused.pth", config="tiny")
     first_events = sorted(p.name for p in (run / "tensorboard").glob("events.out.tfevents.*"))
     capsys.readouterr()
-    run_cli(data_root, run, "--perceptual_weight", "0", "--resume", "--max_steps", "3", "--log_interval", "0", config="tiny")
+    run_cli(
+        data_root, run, "--perceptual_weight", "0", "--resume", "--max_steps", "3", "--log_interval", "0", config="tiny"
+    )
     err = capsys.readouterr().err  # --no_progress_bar: plain lines, counting generator updates from the resumed one
-    assert re.search(r"train epoch \d+: step 3/3 \(100%\) \| total_loss [\d.]+ \| rec_loss [\d.]+ \| .* \| ETA 0:00", err)
+    assert re.search(
+        r"train epoch \d+: step 3/3 \(100%\) \| total_loss [\d.]+ \| rec_loss [\d.]+ \| .* \| ETA 0:00", err
+    )
     assert f"done after 3 generator steps: {run / 'autoencoder.ckpt'}" in err
     before_rows, rows = metrics_rows(plain_run), metrics_rows(run)  # the logs keep the first run's rows
     assert len(rows) > len(before_rows) > 0
-    assert [{k: r[k] for k in before_rows[0]} for r in rows[:len(before_rows)]] == before_rows
+    assert [{k: r[k] for k in before_rows[0]} for r in rows[: len(before_rows)]] == before_rows
     assert max(float(r["train/ae_step"]) for r in rows if r.get("train/ae_step")) == 3
     events = sorted(p.name for p in (run / "tensorboard").glob("events.out.tfevents.*"))
     assert first_events and set(first_events) < set(events)
@@ -382,8 +489,12 @@ def test_starting_weights_of_another_size_fail_in_one_line(plain_run: Path) -> N
     with pytest.raises(UserError, match=r"p0/autoencoder\.ckpt does not fit.*another shape.*--config") as info:
         module.load_starting_weights(load_checkpoint(plain_run / "autoencoder.ckpt"), plain_run / "autoencoder.ckpt")
     assert "\n" not in str(info.value)
-    partial = {"state_dict": {**load_checkpoint(plain_run / "autoencoder.ckpt")["state_dict"],
-                              "loss.perceptual_loss.lin0.model.1.weight": torch.zeros(1, 64, 1, 1)}}
+    partial = {
+        "state_dict": {
+            **load_checkpoint(plain_run / "autoencoder.ckpt")["state_dict"],
+            "loss.perceptual_loss.lin0.model.1.weight": torch.zeros(1, 64, 1, 1),
+        }
+    }
     module = _module()
     with pytest.raises(UserError, match="perceptual_loss.*incomplete"):
         module.load_starting_weights(partial, "partial.ckpt")

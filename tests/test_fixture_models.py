@@ -25,9 +25,23 @@ TESTS = Path(__file__).resolve().parent
 READS_FIXTURES = {"fixtures_dir", "tiny_config"}
 # Constructors that fix sizes: allowed in a fixture-reading test only on the meta device (SD-1.5
 # name/shape checks) or when an argument comes from fixture_models.model_config.
-SIZED = {"UNetModel", "AutoencoderKL", "SGNetwork", "ControlledUNet", "VLMDiff", "LatentDiffusion", "AutoencoderTraining",
-         "UNetConfig", "AutoencoderConfig", "TextEncoderConfig", "CLIPTextArch", "VLMDiffConfig",
-         "LatentDiffusionConfig", "UNet2DConditionModel", "CLIPTextModel"}
+SIZED = {
+    "UNetModel",
+    "AutoencoderKL",
+    "SGNetwork",
+    "ControlledUNet",
+    "VLMDiff",
+    "LatentDiffusion",
+    "AutoencoderTraining",
+    "UNetConfig",
+    "AutoencoderConfig",
+    "TextEncoderConfig",
+    "CLIPTextArch",
+    "VLMDiffConfig",
+    "LatentDiffusionConfig",
+    "UNet2DConditionModel",
+    "CLIPTextModel",
+}
 PRESET_LOADERS = {"load_config", "load_model_config"}
 
 
@@ -84,14 +98,20 @@ def _name(func: ast.expr) -> str:
 
 
 def _on_meta(node: ast.With) -> bool:
-    return any(isinstance(i.context_expr, ast.Call) and _name(i.context_expr.func) == "device"
-               and any(isinstance(a, ast.Constant) and a.value == "meta" for a in i.context_expr.args)
-               for i in node.items)
+    return any(
+        isinstance(i.context_expr, ast.Call)
+        and _name(i.context_expr.func) == "device"
+        and any(isinstance(a, ast.Constant) and a.value == "meta" for a in i.context_expr.args)
+        for i in node.items
+    )
 
 
 def _uses_fixture_config(call: ast.Call) -> bool:
-    return any(isinstance(n, ast.Call) and _name(n.func) == "model_config"
-               for arg in [*call.args, *(k.value for k in call.keywords)] for n in ast.walk(arg))
+    return any(
+        isinstance(n, ast.Call) and _name(n.func) == "model_config"
+        for arg in [*call.args, *(k.value for k in call.keywords)]
+        for n in ast.walk(arg)
+    )
 
 
 def size_violations(source: str) -> tuple[list[str], list[str]]:
@@ -114,8 +134,9 @@ def size_violations(source: str) -> tuple[list[str], list[str]]:
             problems.append(f"{where} line {node.lineno}: the 'tiny' preset instead of the fixture folder's sizes")
         if isinstance(node, ast.Call):
             name = _name(node.func)
-            if name in PRESET_LOADERS and not (node.args and isinstance(node.args[0], ast.Constant)
-                                               and node.args[0].value == "sd15"):
+            if name in PRESET_LOADERS and not (
+                node.args and isinstance(node.args[0], ast.Constant) and node.args[0].value == "sd15"
+            ):
                 problems.append(f"{where} line {node.lineno}: {name}(...) other than 'sd15'")
             if name in SIZED and not meta and not _uses_fixture_config(node):
                 problems.append(f"{where} line {node.lineno}: {name}(...) built outside tests/fixture_models.py")
@@ -144,7 +165,8 @@ def test_fixture_tests_build_models_only_from_the_folder() -> None:
     assert problems == []
     # the check saw the tests that build models from fixture weights
     assert {"test_autoencoder_reproduces_fixture", "test_unet_math_attention_matches_sdpa"} <= set(
-        checked["ldm/test_fixtures_core.py"])
+        checked["ldm/test_fixtures_core.py"]
+    )
     assert {"tiny_nets", "test_vlmdiff_apply_model_matches_fixture"} <= set(checked["vlmdiff/test_model_fixtures.py"])
     assert "model" in checked["vlmdiff/test_reconstruction_fixtures.py"]
     assert "test_run_with_perceptual_weights_from_local_files" in checked["test_finetune_autoencoder.py"]
@@ -152,7 +174,7 @@ def test_fixture_tests_build_models_only_from_the_folder() -> None:
 
 def test_the_static_check_catches_preset_sizes() -> None:
     """What the fixture tests did before: the text encoder and autoencoder from the tiny preset."""
-    before = '''
+    before = """
 def run(args, config):
     main(["--config", "tiny", *args])
 
@@ -170,7 +192,7 @@ def test_sd15_names(fixtures_dir):
     with torch.device("meta"):
         model = VLMDiff(load_model_config("sd15"))
     ok = AutoencoderTraining(model_config(fixtures_dir).autoencoder, AutoencoderTrainConfig())
-'''
+"""
     readers, problems = size_violations(before)
     assert readers == ["model", "test_ae", "test_sd15_names"]
     assert [p.split(":")[1].strip() for p in problems] == [

@@ -29,13 +29,31 @@ def installed_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     venv = tmp_path_factory.mktemp("venv")
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
-    inner = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                           check=True, capture_output=True, text=True).stdout.strip()
+    inner = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
     outer = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
     (Path(inner) / "outer_environment.pth").write_text("".join(f"{p}\n" for p in outer))
     # The outer environment's pip and setuptools (seen through that .pth file) do the install.
-    subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps",
-                    "--no-build-isolation", "-e", str(ROOT)], check=True, cwd=venv)
+    subprocess.run(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--no-build-isolation",
+            "-e",
+            str(ROOT),
+        ],
+        check=True,
+        cwd=venv,
+    )
     return python
 
 
@@ -52,8 +70,10 @@ def test_modules_run_from_another_folder(installed_python: Path, tmp_path: Path)
 
 
 def test_packages_and_presets_resolve_to_the_checkout(installed_python: Path, tmp_path: Path) -> None:
-    code = ("import ldm, utils, vlmdiff; from vlmdiff.config import load_model_config; "
-            "print(ldm.__file__, utils.__file__, vlmdiff.__file__); print(load_model_config('tiny').unet.model_channels)")
+    code = (
+        "import ldm, utils, vlmdiff; from vlmdiff.config import load_model_config; "
+        "print(ldm.__file__, utils.__file__, vlmdiff.__file__); print(load_model_config('tiny').unet.model_channels)"
+    )
     out = _run(installed_python, "-c", code, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     files, channels = out.stdout.splitlines()

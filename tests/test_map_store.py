@@ -27,13 +27,21 @@ def data(fixtures_dir: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def _write_in_batches(store: MapStore, data: dict[str, np.ndarray], batch: int, order: np.ndarray | None = None,
-                      stop: int | None = None) -> None:
+def _write_in_batches(
+    store: MapStore, data: dict[str, np.ndarray], batch: int, order: np.ndarray | None = None, stop: int | None = None
+) -> None:
     idx = np.arange(len(data["ids"])) if order is None else order
     for b, start in enumerate(range(0, len(idx) if stop is None else stop, batch)):
-        sel = idx[start:start + batch]
-        store.write(f"batch{b:04d}", data["ids"][sel], data["clsname"][sel], data["preds"][sel].astype(np.float32),
-                    data["masks"][sel], data["labels"][sel], data["scores"][sel])
+        sel = idx[start : start + batch]
+        store.write(
+            f"batch{b:04d}",
+            data["ids"][sel],
+            data["clsname"][sel],
+            data["preds"][sel].astype(np.float32),
+            data["masks"][sel],
+            data["labels"][sel],
+            data["scores"][sel],
+        )
 
 
 def test_round_trip_sorted_by_id(tmp_path: Path, data: dict[str, np.ndarray]) -> None:
@@ -72,8 +80,15 @@ def test_duplicate_ids_across_chunks(tmp_path: Path, data: dict[str, np.ndarray]
     store = MapStore(tmp_path)
     _write_in_batches(store, data, batch=6)
     sel = slice(0, 2)
-    store.write("rerun", data["ids"][sel], data["clsname"][sel], data["preds"][sel], data["masks"][sel],
-                data["labels"][sel], data["scores"][sel])
+    store.write(
+        "rerun",
+        data["ids"][sel],
+        data["clsname"][sel],
+        data["preds"][sel],
+        data["masks"][sel],
+        data["labels"][sel],
+        data["scores"][sel],
+    )
     with pytest.raises(UserError, match=r"stored twice: in .*batch0000\.npz and in .*rerun\.npz"):
         store.scored_ids()
     with pytest.raises(UserError, match="stored twice"):
@@ -92,8 +107,16 @@ def test_corrupt_chunk_is_named(tmp_path: Path, data: dict[str, np.ndarray]) -> 
 def test_sources_are_stored_per_image_and_chunks_without_them_are_listed(tmp_path: Path) -> None:
     store = MapStore(tmp_path)
     sources = [SourceFiles(1234, "0123456789abcdef"), SourceFiles(99, "")]
-    store.write("c0", ["a/1.png", "b/2.png"], ["a", "b"], np.zeros((2, 2, 2), np.float32), np.zeros((2, 2, 2), bool),
-                [1, 0], [0.5, 0.1], sources)
+    store.write(
+        "c0",
+        ["a/1.png", "b/2.png"],
+        ["a", "b"],
+        np.zeros((2, 2, 2), np.float32),
+        np.zeros((2, 2, 2), bool),
+        [1, 0],
+        [0.5, 0.1],
+        sources,
+    )
     store.write("c2", ["a/3.png"], ["a"], np.zeros((1, 2, 2), np.float32), np.zeros((1, 2, 2), bool), [0], [0.0])
     known, unknown = store.sources()
     assert known == {"a/1.png": sources[0], "b/2.png": sources[1]}  # ints and strings, not numpy scalars
@@ -102,16 +125,31 @@ def test_sources_are_stored_per_image_and_chunks_without_them_are_listed(tmp_pat
     assert set(arrays["a"]) == {"ids", "maps", "masks", "labels", "image_scores"}
     assert store.read_images("a", ["a/1.png"])["a/1.png"]["map"].shape == (2, 2)
     with pytest.raises(UserError, match=r"sources \(1\) do not match"):
-        store.write("c3", ["a/4.png", "a/5.png"], ["a", "a"], np.zeros((2, 2, 2)), np.zeros((2, 2, 2)), [0, 0],
-                    [0.0, 0.0], sources[:1])
+        store.write(
+            "c3",
+            ["a/4.png", "a/5.png"],
+            ["a", "a"],
+            np.zeros((2, 2, 2)),
+            np.zeros((2, 2, 2)),
+            [0, 0],
+            [0.0, 0.0],
+            sources[:1],
+        )
 
 
 def test_float16_option(tmp_path: Path, data: dict[str, np.ndarray]) -> None:
     store = MapStore(tmp_path, dtype="float16")
     maps = torch.from_numpy(data["preds"].astype(np.float32) + 0.1234567)
     n = len(maps)
-    store.write("all", data["ids"], data["clsname"], maps, torch.from_numpy(data["masks"]),
-                torch.from_numpy(data["labels"]), torch.from_numpy(data["scores"]))
+    store.write(
+        "all",
+        data["ids"],
+        data["clsname"],
+        maps,
+        torch.from_numpy(data["masks"]),
+        torch.from_numpy(data["labels"]),
+        torch.from_numpy(data["scores"]),
+    )
     for cls, arrays in store.iter_classes():
         assert arrays["maps"].dtype == np.float16
         sel = np.flatnonzero(data["clsname"] == cls)
@@ -119,8 +157,15 @@ def test_float16_option(tmp_path: Path, data: dict[str, np.ndarray]) -> None:
         np.testing.assert_array_equal(arrays["maps"], maps.numpy()[sel].astype(np.float16))
     assert sum(p.stat().st_size for p in tmp_path.glob("*/*.npz")) < 0.8 * (n * maps[0].numel() * 4)
     with pytest.raises(UserError, match="float32"):
-        store.write("big", data["ids"][:1], data["clsname"][:1], np.full((1, 4, 4), 1e6, np.float32),
-                    np.zeros((1, 4, 4), np.uint8), [0], [0.0])
+        store.write(
+            "big",
+            data["ids"][:1],
+            data["clsname"][:1],
+            np.full((1, 4, 4), 1e6, np.float32),
+            np.zeros((1, 4, 4), np.uint8),
+            [0],
+            [0.0],
+        )
     with pytest.raises(UserError, match="dtype"):
         MapStore(tmp_path, dtype="bfloat16")
 
@@ -134,8 +179,15 @@ def test_class_names_are_made_safe(tmp_path: Path) -> None:
     assert len({safe_name(n) for n in names}) == len(names)
     store = MapStore(tmp_path)
     n = len(names)
-    store.write("c0", [f"id{i}" for i in range(n)], names, np.zeros((n, 2, 2), np.float32),
-                np.zeros((n, 2, 2), bool), np.zeros(n), np.zeros(n))
+    store.write(
+        "c0",
+        [f"id{i}" for i in range(n)],
+        names,
+        np.zeros((n, 2, 2), np.float32),
+        np.zeros((n, 2, 2), bool),
+        np.zeros(n),
+        np.zeros(n),
+    )
     assert store.classes() == sorted(names)
     assert sorted(p.parent.parent for p in tmp_path.rglob("*.npz")) == [tmp_path] * n
     with pytest.raises(UserError, match="chunk name"):

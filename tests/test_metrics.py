@@ -18,10 +18,23 @@ from utils.cli import run_main
 from utils.errors import UserError
 from vlmdiff import metrics
 
-LEGACY_KEYS = {"max": "auroc_image", "pixel": "auroc_pixel", "pro": "aupro", "appx": "ap_pixel",
-               "apsp": "ap_image", "f1px": "f1max_pixel", "f1sp": "f1max_image"}
-SKLEARN_KEYS = {"image_auroc": "auroc_image", "image_ap": "ap_image", "image_f1max": "f1max_image",
-                "pixel_auroc": "auroc_pixel", "pixel_ap": "ap_pixel", "pixel_f1max": "f1max_pixel"}
+LEGACY_KEYS = {
+    "max": "auroc_image",
+    "pixel": "auroc_pixel",
+    "pro": "aupro",
+    "appx": "ap_pixel",
+    "apsp": "ap_image",
+    "f1px": "f1max_pixel",
+    "f1sp": "f1max_image",
+}
+SKLEARN_KEYS = {
+    "image_auroc": "auroc_image",
+    "image_ap": "ap_image",
+    "image_f1max": "f1max_image",
+    "pixel_auroc": "auroc_pixel",
+    "pixel_ap": "ap_pixel",
+    "pixel_f1max": "f1max_pixel",
+}
 
 
 @pytest.fixture(scope="module")
@@ -229,8 +242,9 @@ def test_input_types_give_identical_results(inputs: dict[str, np.ndarray], both:
         assert res["per_class"][cls] == pytest.approx(row, abs=1e-12)
 
 
-def test_class_without_anomalies_is_nan_with_warning(inputs: dict[str, np.ndarray],
-                                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_class_without_anomalies_is_nan_with_warning(
+    inputs: dict[str, np.ndarray], caplog: pytest.LogCaptureFixture
+) -> None:
     maps, masks = inputs["preds"], inputs["masks"]
     normal = masks.reshape(len(masks), -1).max(axis=1) == 0
     anomalous = ~normal
@@ -245,8 +259,13 @@ def test_class_without_anomalies_is_nan_with_warning(inputs: dict[str, np.ndarra
     assert all(not math.isnan(v) for k, v in only.items() if k not in image_level)
     assert math.isnan(res["mean"]["auroc_image"])  # no class defines it
     assert res["mean"]["aupro"] == only["aupro"]  # mean over the classes where it is defined
-    assert res["mean_over"] == {**{k: 0 for k in image_level}, "auroc_pixel": 1, "ap_pixel": 1, "f1max_pixel": 1,
-                                "aupro": 1}
+    assert res["mean_over"] == {
+        **{k: 0 for k in image_level},
+        "auroc_pixel": 1,
+        "ap_pixel": 1,
+        "f1max_pixel": 1,
+        "aupro": 1,
+    }
     assert "normal_only" in caplog.text and "undefined" in caplog.text
 
 
@@ -321,8 +340,9 @@ def test_cli_bad_files(tmp_path: Path, inputs: dict[str, np.ndarray]) -> None:
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(UserError, match="junk.npz"):
         metrics.main([str(tmp_path / "junk.npz")])
-    np.savez(tmp_path / "empty_cls.npz", maps=inputs["preds"][:0], masks=inputs["masks"][:0],
-             class_names=np.array([], "<U1"))
+    np.savez(
+        tmp_path / "empty_cls.npz", maps=inputs["preds"][:0], masks=inputs["masks"][:0], class_names=np.array([], "<U1")
+    )
     with pytest.raises(UserError, match="empty_cls.npz"):
         metrics.main([str(tmp_path / "empty_cls.npz")])
 

@@ -8,6 +8,7 @@ MapStore chunk by chunk; curve points.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -73,8 +74,12 @@ def test_pixel_metrics_and_legacy_aupro_equal_the_in_memory_ones(kind: str) -> N
 def test_budgets_really_cut_the_score_axis(monkeypatch, dtype) -> None:
     """Small budgets take the class in several stretches, refine full buckets and sum single values."""
     rng = np.random.default_rng(0)
-    maps = np.concatenate([rng.integers(0, 3, (2, 16, 16)),  # three values, each in a full bucket
-                           0.5 + rng.random((2, 16, 16)) * 1e-4]).astype(dtype)  # one narrow band: refined
+    maps = np.concatenate(
+        [
+            rng.integers(0, 3, (2, 16, 16)),  # three values, each in a full bucket
+            0.5 + rng.random((2, 16, 16)) * 1e-4,
+        ]
+    ).astype(dtype)  # one narrow band: refined
     gt = rng.random((4, 16, 16)) < 0.5
     seen = []
     real_plan = CM.plan
@@ -84,7 +89,7 @@ def test_budgets_really_cut_the_score_axis(monkeypatch, dtype) -> None:
     assert sum(st.single for st in stretches) == 3 and sum(st.n_pos for st in stretches) == gt.sum()
     assert max(st.n_pos for st in stretches if not st.single) <= 40 and len(stretches) > 4
     assert stretches[0].lo == 0 and stretches[-1].hi == 1 << (32 if dtype == np.float32 else 64)
-    assert all(a.hi == b.lo for a, b in zip(stretches, stretches[1:]))  # they cover the key axis once
+    assert all(a.hi == b.lo for a, b in itertools.pairwise(stretches))  # they cover the key axis once
     ref = R.pixel_metrics(maps, gt)
     assert all(_same(ref[k], ours[k]) for k in ("auroc", "ap", "f1max", "aupro"))
 
@@ -112,14 +117,21 @@ def test_a_class_streamed_from_the_map_store_in_a_small_budget(tmp_path) -> None
     maps = (rng.random((20, 64, 64)) * 0.5).astype(np.float16)
     masks = np.zeros((20, 64, 64), np.uint8)
     for i in range(0, 20, 2):
-        masks[i, rng.integers(0, 20):][:, :12] = 255
+        masks[i, rng.integers(0, 20) :][:, :12] = 255
         maps[i][masks[i] > 0] += np.float16(0.3)
     store = MapStore(tmp_path / "maps", dtype="float16")
     for a in range(0, 20, 3):
         ids = [f"c/{i:03d}" for i in range(a, min(a + 3, 20))]
-        store.write(f"{a:08d}", ids, ["c"] * len(ids), maps[a:a + 3], masks[a:a + 3], (masks[a:a + 3] > 0).any((1, 2)),
-                    np.zeros(len(ids)))
-    (cls, source), = store.class_sources()
+        store.write(
+            f"{a:08d}",
+            ids,
+            ["c"] * len(ids),
+            maps[a : a + 3],
+            masks[a : a + 3],
+            (masks[a : a + 3] > 0).any((1, 2)),
+            np.zeros(len(ids)),
+        )
+    ((cls, source),) = store.class_sources()
     streamed = M.evaluate_stream([(cls, source)], protocol="both", budget=50)
     ref = R.evaluate_class("c", maps, masks, "both", "paper", 0.0)
     for protocol in ("official", "legacy"):
@@ -174,8 +186,12 @@ def test_thinner_keeps_what_thin_keeps() -> None:
 def test_order_keys_sort_like_the_floats() -> None:
     rng = np.random.default_rng(1)
     for dtype in (np.float32, np.float64):
-        v = np.concatenate([(rng.standard_normal(1000) * 10.0 ** rng.integers(-30, 30, 1000)),
-                            [0.0, -0.0, np.finfo(dtype).max, -np.finfo(dtype).max]]).astype(dtype)
+        v = np.concatenate(
+            [
+                (rng.standard_normal(1000) * 10.0 ** rng.integers(-30, 30, 1000)),
+                [0.0, -0.0, np.finfo(dtype).max, -np.finfo(dtype).max],
+            ]
+        ).astype(dtype)
         keys = CM.order_keys(v)
         assert np.array_equal(np.argsort(keys, kind="stable"), np.argsort(v + 0.0, kind="stable"))
         assert CM.order_keys(np.array([-0.0], dtype))[0] == CM.order_keys(np.array([0.0], dtype))[0]
@@ -191,11 +207,11 @@ def test_display_range_from_chunks() -> None:
     whole = np.percentile(maps[:, ::4, ::4], [0.1, 99.9])
     sample = DisplaySample(len(maps))
     for a in range(0, 50, 7):
-        sample.add(maps[a:a + 7])
+        sample.add(maps[a : a + 7])
     assert sample.range() == pytest.approx(tuple(whole), abs=1e-6) == class_range(maps)
     bounded = DisplaySample(len(maps), max_images=8)  # every 7th image: 0, 7, ..., 49
     for a in range(0, 50, 3):
-        bounded.add(maps[a:a + 3])
+        bounded.add(maps[a : a + 3])
     assert sum(len(p) for p in bounded.parts) == 8 * 8 * 8
     assert bounded.range() == pytest.approx(tuple(np.percentile(maps[::7, ::4, ::4], [0.1, 99.9])), abs=1e-6)
 
@@ -213,8 +229,9 @@ def test_tables_and_negatives_cut_in_slices_give_the_same_results(monkeypatch) -
     assert all(_same(whole[k], sliced[k], 1e-12) for k in ("auroc", "ap", "f1max", "aupro"))
     a, b = plots._ranking_curves(whole), plots._ranking_curves(sliced)
     for curve in ("roc", "pr", "pro"):  # the same points; AU-PRO, summed in pieces, is compared above to 1e-12
-        assert {k: v for k, v in a[curve].items() if k != "aupro"} == \
-               {k: v for k, v in b[curve].items() if k != "aupro"}, curve
+        assert {k: v for k, v in a[curve].items() if k != "aupro"} == {
+            k: v for k, v in b[curve].items() if k != "aupro"
+        }, curve
 
 
 def test_both_ways_of_counting_negatives_agree(monkeypatch) -> None:

@@ -22,7 +22,7 @@ def _meta(root: Path, part: int) -> dict:
 def _square(x: int, y: int, w: int, h: int, size: int = 24) -> np.ndarray:
     """The pixels fillPoly gives the polygon (x, y) (x+w, y) (x+w, y+h) (x, y+h): both borders included."""
     m = np.zeros((size, size), bool)
-    m[y:y + h + 1, x:x + w + 1] = True
+    m[y : y + h + 1, x : x + w + 1] = True
     return m
 
 
@@ -38,13 +38,23 @@ def test_membership_and_masks_per_part(tmp_path: Path) -> None:
     train = {p: sorted(int(Path(i["img_path"]).stem) for i in _meta(root, p)["train"]["coco"]) for p in range(4)}
     # train 4 has no annotation: ADer lists only annotated images, so it is in no part
     assert train == {0: [2, 3], 1: [1, 3, 5], 2: [1, 2, 3], 3: [1, 2, 5]}
-    anomalous = {p: {int(Path(i["img_path"]).stem): i["anomaly"] for i in _meta(root, p)["test"]["coco"]}
-                 for p in range(4)}
-    assert anomalous == {0: {11: 1, 12: 1, 13: 0}, 1: {11: 0, 12: 1, 13: 0}, 2: {11: 0, 12: 0, 13: 0},
-                         3: {11: 0, 12: 0, 13: 1}}
+    anomalous = {
+        p: {int(Path(i["img_path"]).stem): i["anomaly"] for i in _meta(root, p)["test"]["coco"]} for p in range(4)
+    }
+    assert anomalous == {
+        0: {11: 1, 12: 1, 13: 0},
+        1: {11: 0, 12: 1, 13: 0},
+        2: {11: 0, 12: 0, 13: 0},
+        3: {11: 0, 12: 0, 13: 1},
+    }
     item = _meta(root, 0)["test"]["coco"][0]
-    assert item == {"img_path": "val2017/000000000011.jpg", "mask_path": "val2017_mask_ad_20_0/000000000011.png",
-                    "cls_name": "coco", "specie_name": "cat6", "anomaly": 1}
+    assert item == {
+        "img_path": "val2017/000000000011.jpg",
+        "mask_path": "val2017_mask_ad_20_0/000000000011.png",
+        "cls_name": "coco",
+        "specie_name": "cat6",
+        "anomaly": 1,
+    }
     assert _meta(root, 0)["test"]["coco"][2]["mask_path"] == ""
     assert _meta(root, 0)["train"]["coco"][0]["img_path"] == "train2017/000000000002.jpg"
     _check_mask(root / "val2017_mask_ad_20_0/000000000011.png", _square(4, 4, 10, 10))
@@ -60,8 +70,17 @@ def test_union_of_several_held_out_instances(tmp_path: Path) -> None:
     root = datagen.make_coco_instances(tmp_path / "coco")
     ann = json.loads((root / "annotations" / "instances_val2017.json").read_text())
     cat5 = ann["annotations"][0]["category_id"]
-    ann["annotations"].append({"id": 99, "image_id": 11, "category_id": cat5, "iscrowd": 0, "area": 16.0,
-                               "bbox": [18, 18, 4, 4], "segmentation": [[18, 18, 22, 18, 22, 22, 18, 22]]})
+    ann["annotations"].append(
+        {
+            "id": 99,
+            "image_id": 11,
+            "category_id": cat5,
+            "iscrowd": 0,
+            "area": 16.0,
+            "bbox": [18, 18, 4, 4],
+            "segmentation": [[18, 18, 22, 18, 22, 22, 18, 22]],
+        }
+    )
     (root / "annotations" / "instances_val2017.json").write_text(json.dumps(ann))
     main(["--coco_root", str(root), "--parts", "0"])
     _check_mask(root / "val2017_mask_ad_20_0/000000000011.png", _square(4, 4, 10, 10) | _square(18, 18, 4, 4))
@@ -84,7 +103,7 @@ def test_polygons_are_filled_on_truncated_vertices() -> None:
     got = instance_mask({"id": 1, "segmentation": [[1.7, 1.2, 6.9, 1.8, 1.3, 6.6]]}, 8, 8)
     expected = np.zeros((8, 8), bool)
     for y in range(1, 7):
-        expected[y, 1:8 - y] = True
+        expected[y, 1 : 8 - y] = True
     assert np.array_equal(got, expected) and expected.sum() == 21
     two = instance_mask({"id": 2, "segmentation": [[0, 0, 1, 0, 1, 1, 0, 1], [5.5, 5.5, 7.9, 5.5, 7.9, 7.9]]}, 8, 8)
     expected = np.zeros((8, 8), bool)

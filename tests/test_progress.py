@@ -52,8 +52,9 @@ def test_resumed_work_counts_only_this_process_and_shows_fields(clock, caplog):
     lines = ProgressLines("train", 200, "step", interval_s=0, start=100)
     clock.now += 5
     assert lines.set(110, "train epoch 2/3", loss=0.08123)
-    assert caplog.messages == ["train epoch 2/3: step 110/200 (55%) | loss 0.08123 | 2.00 step/s | elapsed 0:05 | "
-                               "ETA 0:45"]
+    assert caplog.messages == [
+        "train epoch 2/3: step 110/200 (55%) | loss 0.08123 | 2.00 step/s | elapsed 0:05 | ETA 0:45"
+    ]
     unknown = ProgressLines("captioning", None, "img", interval_s=0)
     clock.now += 3725
     unknown.update(1)
@@ -108,14 +109,26 @@ def test_lightning_tips_and_dependency_deprecations_are_quiet():
             rank_zero_info("GPU available: False, used: False")
             for module in ("lightning.pytorch.utilities._pytree", "transformers.utils", "vlmdiff.features"):
                 warnings.warn_explicit("old API", DeprecationWarning, f"{module}.py", 1, module=module)
-            warnings.warn_explicit("Found 183 module(s) in eval mode at the start of training.", UserWarning,
-                                   "fit_loop.py", 1, module="lightning.pytorch.loops.fit_loop")
-            warnings.warn_explicit("The dataloader does not have many workers", UserWarning, "trainer.py", 1,
-                                   module="lightning.pytorch.trainer")
+            warnings.warn_explicit(
+                "Found 183 module(s) in eval mode at the start of training.",
+                UserWarning,
+                "fit_loop.py",
+                1,
+                module="lightning.pytorch.loops.fit_loop",
+            )
+            warnings.warn_explicit(
+                "The dataloader does not have many workers",
+                UserWarning,
+                "trainer.py",
+                1,
+                module="lightning.pytorch.trainer",
+            )
         assert seen_logs.messages == ["GPU available: False, used: False"]
         # our own deprecations and Lightning's useful warnings stay visible
-        assert [(w.category, w.filename) for w in seen] == [(DeprecationWarning, "vlmdiff.features.py"),
-                                                            (UserWarning, "trainer.py")]
+        assert [(w.category, w.filename) for w in seen] == [
+            (DeprecationWarning, "vlmdiff.features.py"),
+            (UserWarning, "trainer.py"),
+        ]
     finally:
         rank_zero.removeHandler(seen_logs)
         rank_zero.filters[:] = kept_filters

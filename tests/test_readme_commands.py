@@ -16,11 +16,25 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPTS = {"captioner.py", "finetune_autoencoder.py", "build_model.py", "train.py", "test.py",
-           "utils/prepare_coco_ad.py", "bench/bench_inference.py", "bench/bench_training.py", "bench/bench_eval.py",
-           "bench/bench_memory.py", "bench/bench_checkpoint_size.py", "bench/bench_report.py"}
-MODULES = {"-m vlmdiff.report": "vlmdiff.report", "-m vlmdiff.metrics": "vlmdiff.metrics",
-           "-m vlmdiff.export": "vlmdiff.export"}
+SCRIPTS = {
+    "captioner.py",
+    "finetune_autoencoder.py",
+    "build_model.py",
+    "train.py",
+    "test.py",
+    "utils/prepare_coco_ad.py",
+    "bench/bench_inference.py",
+    "bench/bench_training.py",
+    "bench/bench_eval.py",
+    "bench/bench_memory.py",
+    "bench/bench_checkpoint_size.py",
+    "bench/bench_report.py",
+}
+MODULES = {
+    "-m vlmdiff.report": "vlmdiff.report",
+    "-m vlmdiff.metrics": "vlmdiff.metrics",
+    "-m vlmdiff.export": "vlmdiff.export",
+}
 
 
 def _logical_lines(text: str) -> list[str]:
@@ -48,7 +62,13 @@ def commands() -> list[tuple[str, str, list[str]]]:
     found = []
     for source, text in sources.items():
         for line in _logical_lines(text):
-            line = line.split("#", 1)[0].strip().replace("$p", "0").replace('"$DATA"', "data/x").replace('"$CKPT"', "c.ckpt")
+            line = (
+                line.split("#", 1)[0]
+                .strip()
+                .replace("$p", "0")
+                .replace('"$DATA"', "data/x")
+                .replace('"$CKPT"', "c.ckpt")
+            )
             line = line.replace('"$START"', "s.ckpt").replace('"$NGPU"', "2")
             m = re.search(r"(?:python|torchrun[^\n]*?\d+)\s+(-m \S+|\S+\.py)\s*(.*)$", line)
             if not m or "pytest" in line or '"$@"' in line:  # "$@": the caller's arguments
@@ -63,7 +83,9 @@ def test_the_readme_shows_every_stage_for_every_dataset():
     cmds = [(t, a) for s, t, a in commands() if s == "README.md"]
     for script in ("captioner.py", "finetune_autoencoder.py", "build_model.py", "train.py", "test.py"):
         for dataset in ("mvtec", "visa", "realiad", "coco"):
-            shown = [a for t, a in cmds if t == script and ("--data_set" not in a or a[a.index("--data_set") + 1] == dataset)]
+            shown = [
+                a for t, a in cmds if t == script and ("--data_set" not in a or a[a.index("--data_set") + 1] == dataset)
+            ]
             named = [a for a in shown if dataset in " ".join(a)]
             assert named, f"README shows no {script} command for {dataset}"
     assert any(t == "utils/prepare_coco_ad.py" for t, _ in cmds)
@@ -75,8 +97,9 @@ def readme_files() -> dict[str, str]:
     return {name: body for name, body in blocks}
 
 
-@pytest.mark.parametrize("source,target,argv", commands(),
-                         ids=[f"{s}: {t} {' '.join(a[:4])}" for s, t, a in commands()])
+@pytest.mark.parametrize(
+    "source,target,argv", commands(), ids=[f"{s}: {t} {' '.join(a[:4])}" for s, t, a in commands()]
+)
 def test_command_parses(source, target, argv, monkeypatch, tmp_path):
     if "--config_file" in argv:  # the README's run file, written where the command expects it
         name = argv[argv.index("--config_file") + 1]
@@ -97,17 +120,34 @@ def test_command_parses(source, target, argv, monkeypatch, tmp_path):
 # Upstream's README command lines, only the paths substituted (D = the folder that holds the datasets).
 UPSTREAM_TRAIN = {
     "realiad": "--resume_path ./models/vlmdiff.ckpt --coco_part -1 --data_set realiad --data_path D/real_iad "
-               "--exp_name realiad_internvl --use_captions --caption_folder realiad_captions_internvl_pd",
+    "--exp_name realiad_internvl --use_captions --caption_folder realiad_captions_internvl_pd",
     "mvtec": "--resume_path ./models/vlmdiff.ckpt --coco_part -1 --data_set mvtec --data_path D/mvtec "
-             "--exp_name mvtec_internvl --use_captions --caption_folder mvtec_captions_internvl_pd",
+    "--exp_name mvtec_internvl --use_captions --caption_folder mvtec_captions_internvl_pd",
     "visa": "--resume_path ./models/vlmdiff.ckpt --coco_part -1 --data_set visa --data_path D/visa "
-            "--exp_name visa_internvl --use_captions --caption_folder visa_captions_internvl_pd",
+    "--exp_name visa_internvl --use_captions --caption_folder visa_captions_internvl_pd",
 }
-UPSTREAM_TEST = ("--resume_path ./ckpt_{d}_internvl/model_epoch=099.ckpt --coco_part -1 --data_set {d} --data_path D/{root} "
-                 "--exp_name {d}_internvl --use_dino --dino_version v1s8 --start_ind 0 --end_ind 120000")
+UPSTREAM_TEST = (
+    "--resume_path ./ckpt_{d}_internvl/model_epoch=099.ckpt --coco_part -1 --data_set {d} --data_path D/{root} "
+    "--exp_name {d}_internvl --use_dino --dino_version v1s8 --start_ind 0 --end_ind 120000"
+)
 # Only what keeps the run tiny: one epoch (so model_epoch=000.ckpt stands for model_epoch=099.ckpt), CPU, 2 DDIM steps.
-SMALL_TRAIN = ["--max_epochs", "1", "--save_every_n_epochs", "1", "--accelerator", "cpu", "--devices", "1",
-               "--num_workers", "0", "--batch_size", "2", "--accumulate_grad_batches", "1", "--no_progress_bar"]
+SMALL_TRAIN = [
+    "--max_epochs",
+    "1",
+    "--save_every_n_epochs",
+    "1",
+    "--accelerator",
+    "cpu",
+    "--devices",
+    "1",
+    "--num_workers",
+    "0",
+    "--batch_size",
+    "2",
+    "--accumulate_grad_batches",
+    "1",
+    "--no_progress_bar",
+]
 SMALL_TEST = ["--ddim_steps", "2", "--num_workers", "0", "--device", "cpu", "--no_progress_bar"]
 
 
@@ -126,8 +166,14 @@ def _upstream_tree(dataset: str, d: Path) -> Path:
     records = index_dataset(dataset, root, "train")
     # upstream's label files: paths relative to the root (MVTec-AD, VisA), absolute paths (Real-IAD)
     ids = [str((root / r.id).resolve()) if dataset == "realiad" else r.id for r in records]
-    datagen.write_upstream_captions(d / f"{dataset}_captions_internvl_pd", "train", dataset, "internvl", ids,
-                                    [f"a photo of a normal {r.class_name}" for r in records])
+    datagen.write_upstream_captions(
+        d / f"{dataset}_captions_internvl_pd",
+        "train",
+        dataset,
+        "internvl",
+        ids,
+        [f"a photo of a normal {r.class_name}" for r in records],
+    )
     return root
 
 

@@ -28,8 +28,17 @@ from utils.io import atomic_open, torch_save, write_bytes, write_json
 from utils.lock import claim_folder
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--feature_extractor", "efficientnet_lite0", "--ddim_steps", "1", "--num_workers", "0", "--no_progress_bar",
-        "--device", "cpu"]
+FAST = [
+    "--feature_extractor",
+    "efficientnet_lite0",
+    "--ddim_steps",
+    "1",
+    "--num_workers",
+    "0",
+    "--no_progress_bar",
+    "--device",
+    "cpu",
+]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -69,8 +78,16 @@ def small_run(tmp_path_factory):
     from tests.tinyckpt import write_ae_checkpoint, write_sd_checkpoint
 
     tmp = tmp_path_factory.mktemp("reliability")
-    data = datagen.make_mvtec(tmp / "mvtec", classes=("bottle",), n_train=1, n_test_good=1, defects=("crack",),
-                              n_per_defect=1, size=32, gray_classes=())
+    data = datagen.make_mvtec(
+        tmp / "mvtec",
+        classes=("bottle",),
+        n_train=1,
+        n_test_good=1,
+        defects=("crack",),
+        n_per_defect=1,
+        size=32,
+        gray_classes=(),
+    )
     return tmp, data, write_sd_checkpoint(tmp / "sd.ckpt", ema=False), write_ae_checkpoint(tmp / "ae.ckpt")
 
 
@@ -84,16 +101,48 @@ def test_outputs_of_the_stages_honour_the_umask(small_run, tmp_path: Path, umask
     ckpt = tmp_path / "models" / "vlmdiff.ckpt"
     build_model.main(["--sd_path", str(sd), "--ae_path", str(ae), "--output", str(ckpt), "--config", "tiny"])
     out = tmp_path / "results"
-    test_script.main(["--data_set", "mvtec", "--data_path", str(data), "--resume_path", str(ckpt),
-                      "--output_dir", str(out), "--save_visuals", *FAST])
+    test_script.main(
+        [
+            "--data_set",
+            "mvtec",
+            "--data_path",
+            str(data),
+            "--resume_path",
+            str(ckpt),
+            "--output_dir",
+            str(out),
+            "--save_visuals",
+            *FAST,
+        ]
+    )
     captions = tmp_path / "captions"
-    captioner.main(["--data_set", "mvtec", "--data_path", str(data), "--vlm_model", "template", "--split", "test",
-                    "--output", str(captions)])
-    written = [ckpt, out / "metrics.json", out / "metrics.csv", out / "manifest.json", *out.glob("maps/*/*.npz"),
-               *out.glob("visuals/*/*.png"), *[p for p in captions.rglob("*") if p.is_file()]]
+    captioner.main(
+        [
+            "--data_set",
+            "mvtec",
+            "--data_path",
+            str(data),
+            "--vlm_model",
+            "template",
+            "--split",
+            "test",
+            "--output",
+            str(captions),
+        ]
+    )
+    written = [
+        ckpt,
+        out / "metrics.json",
+        out / "metrics.csv",
+        out / "manifest.json",
+        *out.glob("maps/*/*.npz"),
+        *out.glob("visuals/*/*.png"),
+        *[p for p in captions.rglob("*") if p.is_file()],
+    ]
     assert len(written) >= 8 and any(p.suffix == ".json" for p in captions.rglob("*"))
-    assert {str(p.relative_to(tmp_path)): oct(mode(p)) for p in written} == \
-        {str(p.relative_to(tmp_path)): oct(expected) for p in written}
+    assert {str(p.relative_to(tmp_path)): oct(mode(p)) for p in written} == {
+        str(p.relative_to(tmp_path)): oct(expected) for p in written
+    }
 
 
 # ------------------------------------------------------------------------------------------------ write paths
@@ -136,8 +185,12 @@ def holder(tmp_path: Path):
     procs = []
 
     def start(folder: Path, span: tuple[int, str]) -> subprocess.Popen:
-        proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder), str(span[0]), str(span[1])], cwd=ROOT,
-                                stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(folder), str(span[0]), str(span[1])],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         procs.append(proc)
         assert proc.stdout.readline().strip() == "holding"
         return proc
@@ -151,10 +204,24 @@ def holder(tmp_path: Path):
 def test_a_second_job_is_refused_while_the_first_lives_and_takes_over_when_it_died(tmp_path: Path, holder) -> None:
     out = tmp_path / "out"
     first = holder(out, (0, "end"))
-    with pytest.raises(UserError, match=rf"{out} is in use by another job: test\.py scoring \(pid {first.pid} on "
-                                        rf"{socket.gethostname()}.*choose another --output_dir$"):
-        test_script.main(["--data_set", "mvtec", "--data_path", str(tmp_path / "no-data"), "--resume_path", "x.ckpt",
-                          "--output_dir", str(out), *FAST])
+    with pytest.raises(
+        UserError,
+        match=rf"{out} is in use by another job: test\.py scoring \(pid {first.pid} on "
+        rf"{socket.gethostname()}.*choose another --output_dir$",
+    ):
+        test_script.main(
+            [
+                "--data_set",
+                "mvtec",
+                "--data_path",
+                str(tmp_path / "no-data"),
+                "--resume_path",
+                "x.ckpt",
+                "--output_dir",
+                str(out),
+                *FAST,
+            ]
+        )
     first.send_signal(signal.SIGKILL)  # dies without cleaning up: its lock stays, stale
     first.wait()
     assert len(list(out.glob(".lock.*.json"))) == 1
@@ -194,8 +261,11 @@ def test_a_reused_pid_is_a_stale_lock(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     parent = os.getppid()  # alive, but not the process that wrote the lock: its start time differs
-    (out / f".lock.{socket.gethostname()}.{parent}.json").write_text(json.dumps(
-        {"host": socket.gethostname(), "pid": parent, "start_ticks": -1, "span": [0, None], "job": "train.py"}))
+    (out / f".lock.{socket.gethostname()}.{parent}.json").write_text(
+        json.dumps(
+            {"host": socket.gethostname(), "pid": parent, "start_ticks": -1, "span": [0, None], "job": "train.py"}
+        )
+    )
     with claim_folder(out, "train.py", "--exp_name") as mine:
         assert [p.name for p in out.glob(".lock.*.json")] == [mine.name]
 
@@ -210,28 +280,66 @@ def test_changed_masks_are_refused_moved_copies_accepted_and_an_empty_crash_repl
     ckpt = tmp_path / "vlmdiff.ckpt"
     build_model.main(["--sd_path", str(sd), "--ae_path", str(ae), "--output", str(ckpt), "--config", "tiny"])
     out = tmp_path / "out"
-    first = test_script.main(["--data_set", "mvtec", "--data_path", str(data), "--resume_path", str(ckpt),
-                              "--output_dir", str(out), *FAST])
+    first = test_script.main(
+        ["--data_set", "mvtec", "--data_path", str(data), "--resume_path", str(ckpt), "--output_dir", str(out), *FAST]
+    )
     # the same checkpoint and data at other paths (node-local copies): the stored maps are reused
     copy_data, copy_ckpt = Path(shutil.copytree(data, tmp_path / "node" / "mvtec")), tmp_path / "node" / "m.ckpt"
     shutil.copy(ckpt, copy_ckpt)
-    again = test_script.main(["--data_set", "mvtec", "--data_path", str(copy_data), "--resume_path", str(copy_ckpt),
-                              "--output_dir", str(out), *FAST])
+    again = test_script.main(
+        [
+            "--data_set",
+            "mvtec",
+            "--data_path",
+            str(copy_data),
+            "--resume_path",
+            str(copy_ckpt),
+            "--output_dir",
+            str(out),
+            *FAST,
+        ]
+    )
     assert again["official"]["mean"] == first["official"]["mean"]
     # relabelled ground truth: both a scoring rerun and an evaluation refuse the stale masks
     mask = copy_data / "bottle" / "ground_truth" / "crack" / "000_mask.png"
     Image.fromarray(np.zeros((32, 32), dtype=np.uint8)).save(mask)
     for extra in ([], ["--run_eval_only"]):
-        with pytest.raises(UserError, match="test image bottle/test/crack/000.png changed since its map .*its mask "
-                                            "file .*000_mask.png has another content"):
-            test_script.main(["--data_set", "mvtec", "--data_path", str(copy_data), "--resume_path", str(copy_ckpt),
-                              "--output_dir", str(out), *FAST, *extra])
+        with pytest.raises(
+            UserError,
+            match="test image bottle/test/crack/000.png changed since its map .*its mask "
+            "file .*000_mask.png has another content",
+        ):
+            test_script.main(
+                [
+                    "--data_set",
+                    "mvtec",
+                    "--data_path",
+                    str(copy_data),
+                    "--resume_path",
+                    str(copy_ckpt),
+                    "--output_dir",
+                    str(out),
+                    *FAST,
+                    *extra,
+                ]
+            )
     # a run that crashed before storing any map does not block the next one
     crashed = tmp_path / "crashed"
     crashed.mkdir()
     (crashed / "manifest.json").write_text(json.dumps({"checkpoint": {"size": 1}}))
-    test_script.main(["--data_set", "mvtec", "--data_path", str(copy_data), "--resume_path", str(copy_ckpt),
-                      "--output_dir", str(crashed), *FAST])
+    test_script.main(
+        [
+            "--data_set",
+            "mvtec",
+            "--data_path",
+            str(copy_data),
+            "--resume_path",
+            str(copy_ckpt),
+            "--output_dir",
+            str(crashed),
+            *FAST,
+        ]
+    )
     assert json.loads((crashed / "manifest.json").read_text())["checkpoint"]["size"] == copy_ckpt.stat().st_size
 
 
@@ -256,15 +364,17 @@ def test_exif_orientation_is_applied_to_images_and_masks_alike(tmp_path: Path) -
     mask[:16, :32] = 255
     _exif_rotated(tmp_path / "img.jpg", image)
     _exif_rotated(tmp_path / "img_mask.png", mask)
-    item = AnomalyDataset([Record(tmp_path / "img.jpg", tmp_path / "img_mask.png", "c", 1, "img.jpg", "d")],
-                          image_size=64)[0]
+    item = AnomalyDataset(
+        [Record(tmp_path / "img.jpg", tmp_path / "img_mask.png", "c", 1, "img.jpg", "d")], image_size=64
+    )[0]
     bright = item["image"].mean(0) > 1.0  # (64, 64), normalised white
     assert bright[:8, :16].all() and not bright[32:].any() and not bright[:, 40:].any()
     marked = item["mask"][0] > 127
     assert marked[:8, :16].all() and not marked[32:].any() and not marked[:, 40:].any()
     Image.fromarray(mask).save(tmp_path / "upright_mask.png")  # the same mask stored upright, no EXIF
-    upright = AnomalyDataset([Record(tmp_path / "img.jpg", tmp_path / "upright_mask.png", "c", 1, "img.jpg", "d")],
-                             image_size=64)[0]
+    upright = AnomalyDataset(
+        [Record(tmp_path / "img.jpg", tmp_path / "upright_mask.png", "c", 1, "img.jpg", "d")], image_size=64
+    )[0]
     assert torch.equal(item["mask"], upright["mask"])
 
 
@@ -303,8 +413,15 @@ def test_undefined_class_metrics_are_null_and_the_mean_row_says_over_how_many_cl
     masks[[1, 3, 4], 4:8, 4:8] = 255  # class "both": images 0-2; class "only_anomalous": images 3-4
     maps = rng.random((5, 16, 16)).astype(np.float32) + masks / 255.0
     labels = (masks.reshape(5, -1).max(1) > 0).astype(int)
-    MapStore(tmp_path / "maps").write("00000000", [f"i{i}" for i in range(5)], ["both"] * 3 + ["only_anomalous"] * 2,
-                                      maps, masks, labels, maps.max(axis=(1, 2)))
+    MapStore(tmp_path / "maps").write(
+        "00000000",
+        [f"i{i}" for i in range(5)],
+        ["both"] * 3 + ["only_anomalous"] * 2,
+        maps,
+        masks,
+        labels,
+        maps.max(axis=(1, 2)),
+    )
     (tmp_path / "manifest.json").write_text("{}")  # what the maps depend on: nothing to record here
     evaluate_run(tmp_path, "official", "max")
     saved = json.loads((tmp_path / "metrics.json").read_text())["metrics"]["official"]

@@ -25,10 +25,38 @@ from utils.errors import UserError
 from vlmdiff.checkpoint import load_vlmdiff
 
 HALF = [torch.float16, torch.bfloat16]
-TRAIN = ["--data_set", "mvtec", "--accelerator", "cpu", "--devices", "1", "--num_workers", "0", "--batch_size", "2",
-         "--accumulate_grad_batches", "1", "--no_progress_bar", "--max_steps", "1"]
-TEST = ["--data_set", "mvtec", "--feature_extractor", "efficientnet_lite0", "--ddim_steps", "1", "--num_workers", "0",
-        "--no_progress_bar", "--device", "cpu", "--batch_size", "2"]
+TRAIN = [
+    "--data_set",
+    "mvtec",
+    "--accelerator",
+    "cpu",
+    "--devices",
+    "1",
+    "--num_workers",
+    "0",
+    "--batch_size",
+    "2",
+    "--accumulate_grad_batches",
+    "1",
+    "--no_progress_bar",
+    "--max_steps",
+    "1",
+]
+TEST = [
+    "--data_set",
+    "mvtec",
+    "--feature_extractor",
+    "efficientnet_lite0",
+    "--ddim_steps",
+    "1",
+    "--num_workers",
+    "0",
+    "--no_progress_bar",
+    "--device",
+    "cpu",
+    "--batch_size",
+    "2",
+]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -79,21 +107,32 @@ def test_half_precision_vlmdiff_file_trains_and_tests(setup, tmp_path, dtype, ex
     assert {p.dtype for p in model.state_dict().values() if p.is_floating_point()} == {torch.float32}
     name = str(dtype).removeprefix("torch.")
     with caplog.at_level("INFO"):
-        ckpt_dir = train.main([*TRAIN, "--data_path", str(data), "--resume_path", str(half),
-                               "--output_root", str(tmp_path), "--exp_name", "half"])
+        ckpt_dir = train.main(
+            [
+                *TRAIN,
+                "--data_path",
+                str(data),
+                "--resume_path",
+                str(half),
+                "--output_root",
+                str(tmp_path),
+                "--exp_name",
+                "half",
+            ]
+        )
     assert f"stored as {name}, cast to float32" in caplog.text
     trained = load_checkpoint(ckpt_dir / "last.ckpt")
     assert trained["global_step"] == 1 and float_dtypes(trained["state_dict"]) == {torch.float32}
     if ext == ".safetensors":  # one full test run per dtype is enough
-        result = test_script.main([*TEST, "--data_path", str(data), "--resume_path", str(half),
-                                   "--output_dir", str(tmp_path / "results")])
+        result = test_script.main(
+            [*TEST, "--data_path", str(data), "--resume_path", str(half), "--output_dir", str(tmp_path / "results")]
+        )
         assert result["official"]["mean"]["auroc_image"] >= 0
 
 
 def test_half_precision_autoencoder_starts_finetuning(tmp_path):
     from ldm.config import LatentDiffusionConfig, load_config
     from ldm.models.autoencoder import AutoencoderTraining, load_train_config
-
     from tests.tinyckpt import tiny_ldm
 
     ae = tmp_path / "ae-fp16.safetensors"
@@ -120,7 +159,9 @@ def test_build_model_refuses_a_vlmdiff_checkpoint_as_sd_path(setup, tmp_path):
 
 def test_vlmdiff_loader_names_the_kind_of_file(tmp_path):
     sd = write_sd_checkpoint(tmp_path / "sd.ckpt")
-    with pytest.raises(UserError, match=r"sd\.ckpt is a Stable Diffusion checkpoint.*not a VLMDiff checkpoint.*build_model"):
+    with pytest.raises(
+        UserError, match=r"sd\.ckpt is a Stable Diffusion checkpoint.*not a VLMDiff checkpoint.*build_model"
+    ):
         load_vlmdiff(sd)
     ae = write_ae_checkpoint(tmp_path / "ae.ckpt")
     with pytest.raises(UserError, match=r"ae\.ckpt is an autoencoder checkpoint.*not a VLMDiff checkpoint"):
@@ -131,8 +172,19 @@ def _trained(setup) -> Path:
     tmp, data, start = setup
     ckpt_dir = tmp / "ckpt_mem"
     if not (ckpt_dir / "last.ckpt").is_file():
-        train.main([*TRAIN, "--data_path", str(data), "--resume_path", str(start), "--output_root", str(tmp),
-                    "--exp_name", "mem"])
+        train.main(
+            [
+                *TRAIN,
+                "--data_path",
+                str(data),
+                "--resume_path",
+                str(start),
+                "--output_root",
+                str(tmp),
+                "--exp_name",
+                "mem",
+            ]
+        )
     return ckpt_dir / "last.ckpt"
 
 
@@ -146,7 +198,9 @@ def _watch_optimizer_state(monkeypatch) -> list[weakref.ref]:
     def spy(*args, **kwargs):
         ckpt = real(*args, **kwargs)
         for opt in ckpt.get("optimizer_states", []):
-            refs.extend(weakref.ref(t) for s in opt["state"].values() for t in s.values() if isinstance(t, torch.Tensor))
+            refs.extend(
+                weakref.ref(t) for s in opt["state"].values() for t in s.values() if isinstance(t, torch.Tensor)
+            )
         return ckpt
 
     monkeypatch.setattr(ldm.checkpoint, "load_checkpoint", spy)
@@ -178,8 +232,20 @@ def test_resume_does_not_keep_the_first_load_alive_during_the_fit(setup, monkeyp
         return real_fit(self, *args, **kwargs)
 
     monkeypatch.setattr(pl.Trainer, "fit", fit)
-    train.main([*TRAIN, "--data_path", str(data), "--resume", "--output_root", str(tmp), "--exp_name", "mem",
-                "--max_steps", "2"])
+    train.main(
+        [
+            *TRAIN,
+            "--data_path",
+            str(data),
+            "--resume",
+            "--output_root",
+            str(tmp),
+            "--exp_name",
+            "mem",
+            "--max_steps",
+            "2",
+        ]
+    )
     assert refs and alive_at_fit == [0]
     assert load_checkpoint(last)["global_step"] == 2
 
@@ -190,8 +256,19 @@ def test_missing_feature_weights_are_reported_before_the_checkpoint_is_read(setu
     garbage.write_bytes(b"\0" * 4096)  # reading it would fail with "not a readable checkpoint"
     missing = tmp_path / "dino.pth"
     with pytest.raises(UserError, match="dino.pth.*not found.*--feature_weights"):
-        test_script.main([*TEST, "--data_path", str(data), "--resume_path", str(garbage), "--feature_weights",
-                          str(missing), "--output_dir", str(tmp_path / "out")])
+        test_script.main(
+            [
+                *TEST,
+                "--data_path",
+                str(data),
+                "--resume_path",
+                str(garbage),
+                "--feature_weights",
+                str(missing),
+                "--output_dir",
+                str(tmp_path / "out"),
+            ]
+        )
 
 
 def test_safetensors_are_written_without_a_copy_in_memory(tmp_path):

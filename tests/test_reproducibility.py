@@ -34,14 +34,48 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("repro")
-    data = datagen.make_mvtec(tmp / "mvtec", classes=("bottle",), n_train=2, n_test_good=2, defects=("crack", "hole"),
-                              n_per_defect=1, size=32, gray_classes=())
+    data = datagen.make_mvtec(
+        tmp / "mvtec",
+        classes=("bottle",),
+        n_train=2,
+        n_test_good=2,
+        defects=("crack", "hole"),
+        n_per_defect=1,
+        size=32,
+        gray_classes=(),
+    )
     ae_run = tmp / "ae_run"
-    finetune_autoencoder.main([
-        "--data_set", "mvtec", "--data_path", str(data), "--config", "tiny", "--image_size", "32", "--batch_size", "2",
-        "--accumulate_grad_batches", "1", "--max_steps", "1", "--num_workers", "0", "--output_dir", str(ae_run),
-        "--no_progress_bar", "--perceptual_weight", "0", "--resume_path", "none", "--log_images_every_n_steps", "0",
-        "--seed", str(SEEDS["finetune"])])
+    finetune_autoencoder.main(
+        [
+            "--data_set",
+            "mvtec",
+            "--data_path",
+            str(data),
+            "--config",
+            "tiny",
+            "--image_size",
+            "32",
+            "--batch_size",
+            "2",
+            "--accumulate_grad_batches",
+            "1",
+            "--max_steps",
+            "1",
+            "--num_workers",
+            "0",
+            "--output_dir",
+            str(ae_run),
+            "--no_progress_bar",
+            "--perceptual_weight",
+            "0",
+            "--resume_path",
+            "none",
+            "--log_images_every_n_steps",
+            "0",
+            "--seed",
+            str(SEEDS["finetune"]),
+        ]
+    )
     return {"tmp": tmp, "data": data, "sd": write_sd_checkpoint(tmp / "sd.ckpt", ema=False), "ae_run": ae_run}
 
 
@@ -49,19 +83,83 @@ def run_pipeline(inputs: dict[str, Path], name: str) -> dict[str, Path]:
     """build_model -> train (2 optimiser steps) -> test, all outputs under ``{tmp}/{name}``."""
     out = inputs["tmp"] / name
     model = out / "vlmdiff.ckpt"
-    build_model.main(["--sd_path", str(inputs["sd"]), "--ae_path", str(inputs["ae_run"] / "autoencoder.ckpt"),
-                      "--output", str(model), "--config", "tiny", "--seed", str(SEEDS["build"])])
-    ckpt_dir = train.main(["--data_set", "mvtec", "--data_path", str(inputs["data"]), "--resume_path", str(model),
-                           "--output_root", str(out), "--exp_name", "run", "--max_steps", "2",
-                           "--save_every_n_steps", "2", "--lr", "1e-3", "--seed", str(SEEDS["train"]),
-                           "--accelerator", "cpu", "--devices", "1", "--num_workers", "0", "--batch_size", "2",
-                           "--accumulate_grad_batches", "1", "--no_progress_bar", "--log_every_n_steps", "1"])
+    build_model.main(
+        [
+            "--sd_path",
+            str(inputs["sd"]),
+            "--ae_path",
+            str(inputs["ae_run"] / "autoencoder.ckpt"),
+            "--output",
+            str(model),
+            "--config",
+            "tiny",
+            "--seed",
+            str(SEEDS["build"]),
+        ]
+    )
+    ckpt_dir = train.main(
+        [
+            "--data_set",
+            "mvtec",
+            "--data_path",
+            str(inputs["data"]),
+            "--resume_path",
+            str(model),
+            "--output_root",
+            str(out),
+            "--exp_name",
+            "run",
+            "--max_steps",
+            "2",
+            "--save_every_n_steps",
+            "2",
+            "--lr",
+            "1e-3",
+            "--seed",
+            str(SEEDS["train"]),
+            "--accelerator",
+            "cpu",
+            "--devices",
+            "1",
+            "--num_workers",
+            "0",
+            "--batch_size",
+            "2",
+            "--accumulate_grad_batches",
+            "1",
+            "--no_progress_bar",
+            "--log_every_n_steps",
+            "1",
+        ]
+    )
     results = out / "results"
-    test_script.main(["--data_set", "mvtec", "--data_path", str(inputs["data"]), "--resume_path",
-                      str(ckpt_dir / "last.ckpt"), "--output_dir", str(results), "--feature_extractor",
-                      "efficientnet_lite0", "--ddim_steps", "2", "--num_workers", "0", "--no_progress_bar",
-                      "--device", "cpu", "--batch_size", "2", "--metrics_protocol", "both",
-                      "--seed", str(SEEDS["test"])])
+    test_script.main(
+        [
+            "--data_set",
+            "mvtec",
+            "--data_path",
+            str(inputs["data"]),
+            "--resume_path",
+            str(ckpt_dir / "last.ckpt"),
+            "--output_dir",
+            str(results),
+            "--feature_extractor",
+            "efficientnet_lite0",
+            "--ddim_steps",
+            "2",
+            "--num_workers",
+            "0",
+            "--no_progress_bar",
+            "--device",
+            "cpu",
+            "--batch_size",
+            "2",
+            "--metrics_protocol",
+            "both",
+            "--seed",
+            str(SEEDS["test"]),
+        ]
+    )
     return {"model": model, "ckpt_dir": ckpt_dir, "results": results}
 
 
@@ -78,7 +176,10 @@ def _without_provenance(path: Path) -> dict:
 
 def test_same_seed_gives_identical_metrics(two_runs) -> None:
     first, second = two_runs
-    a, b = _without_provenance(first["results"] / "metrics.json"), _without_provenance(second["results"] / "metrics.json")
+    a, b = (
+        _without_provenance(first["results"] / "metrics.json"),
+        _without_provenance(second["results"] / "metrics.json"),
+    )
     values = [v for proto in a["metrics"].values() for v in proto["mean"].values()]
     assert len(values) == 14 and any(v is not None and 0 < v < 1 for v in values), values  # real numbers, not all NaN
     assert a == b  # every metric value identical, per class and mean, both protocols

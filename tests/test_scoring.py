@@ -70,13 +70,13 @@ def test_image_score_matches_fixture(scoring_ref: dict[str, torch.Tensor], famil
 def test_anomaly_map_every_batch_element_and_any_size(scoring_ref: dict[str, torch.Tensor]) -> None:
     fs, ft = _levels(scoring_ref, "resnet")
     # batch of 3: the fixture element, input/rec swapped, and a rolled copy; each must equal its own single map
-    fs3 = [torch.cat([a, b, a.roll(1, dims=-1)]) for a, b in zip(fs, ft)]
-    ft3 = [torch.cat([b, a, b]) for a, b in zip(fs, ft)]
+    fs3 = [torch.cat([a, b, a.roll(1, dims=-1)]) for a, b in zip(fs, ft, strict=True)]
+    ft3 = [torch.cat([b, a, b]) for a, b in zip(fs, ft, strict=True)]
     size = (96, 136)
     batched = scoring.anomaly_map(fs3, ft3, out_size=size, sigma=3.0)
     assert batched.shape == (3, *size)
     for i in range(3):
-        single = scoring.anomaly_map([f[i:i + 1] for f in fs3], [f[i:i + 1] for f in ft3], out_size=size, sigma=3.0)
+        single = scoring.anomaly_map([f[i : i + 1] for f in fs3], [f[i : i + 1] for f in ft3], out_size=size, sigma=3.0)
         torch.testing.assert_close(batched[i], single[0], rtol=0, atol=1e-6)
     assert not torch.allclose(batched[0], batched[2])
     # one level by hand: 1 - cos, align_corners bilinear, scipy blur

@@ -23,12 +23,13 @@ from tests.tiny_vlms import tiny_blip2_t5, tiny_llava_next
 from utils.errors import UserError
 from vlmdiff.captioning import PROMPTS, derive_vlm_name
 from vlmdiff.data import load_captions, load_rgb
-from vlmdiff.vlm_backends import (build_backend, default_backend, internvl_grid, internvl_tiles, resolve_model)
+from vlmdiff.vlm_backends import build_backend, default_backend, internvl_grid, internvl_tiles, resolve_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- InternVL2 tiling
+
 
 def _reference_tiles(image: Image.Image, size: int = 448, max_num: int = 12) -> tuple[tuple[int, int], torch.Tensor]:
     """InternVL2's dynamic_preprocess + build_transform, written as plainly as its definition reads."""
@@ -54,25 +55,30 @@ def _reference_tiles(image: Image.Image, size: int = 448, max_num: int = 12) -> 
             crops.append(resized.crop((col * size, row * size, (col + 1) * size, (row + 1) * size)))
     if len(crops) > 1:
         crops.append(image.resize((size, size), Image.BICUBIC))
-    to_tensor = transforms.Compose([
-        transforms.Lambda(lambda im: im.convert("RGB")),
-        transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
-    ])
+    to_tensor = transforms.Compose(
+        [
+            transforms.Lambda(lambda im: im.convert("RGB")),
+            transforms.Resize((size, size), interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+        ]
+    )
     return best, torch.stack([to_tensor(c) for c in crops])
 
 
-@pytest.mark.parametrize("size,grid", [
-    ((100, 100), (1, 1)),    # small square: one tile, no thumbnail
-    ((700, 700), (2, 2)),    # square tie: area > half of 2x2 tiles, not of 3x3
-    ((1000, 1000), (3, 3)),  # square tie won by the larger grid
-    ((1000, 300), (3, 1)),
-    ((300, 1000), (1, 3)),
-    ((896, 448), (2, 1)),
-    ((2000, 150), (12, 1)),
-    ((640, 480), None),
-])
+@pytest.mark.parametrize(
+    "size,grid",
+    [
+        ((100, 100), (1, 1)),  # small square: one tile, no thumbnail
+        ((700, 700), (2, 2)),  # square tie: area > half of 2x2 tiles, not of 3x3
+        ((1000, 1000), (3, 3)),  # square tie won by the larger grid
+        ((1000, 300), (3, 1)),
+        ((300, 1000), (1, 3)),
+        ((896, 448), (2, 1)),
+        ((2000, 150), (12, 1)),
+        ((640, 480), None),
+    ],
+)
 def test_internvl_tiling_matches_its_definition(size: tuple[int, int], grid: tuple[int, int] | None) -> None:
     rng = np.random.default_rng(sum(size))
     image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
@@ -88,16 +94,17 @@ def test_internvl_tiling_matches_its_definition(size: tuple[int, int], grid: tup
 
 # ---------------------------------------------------------------- InternVL2 remote code (stub)
 
+
 class _StubInternVL:
     """Stands in for InternVL2's remote-code model: records how it is loaded and called."""
 
     def __init__(self) -> None:
         self.chats: list[tuple] = []
 
-    def eval(self) -> "_StubInternVL":
+    def eval(self) -> _StubInternVL:
         return self
 
-    def to(self, device: torch.device) -> "_StubInternVL":
+    def to(self, device: torch.device) -> _StubInternVL:
         self.device = device
         return self
 
@@ -124,12 +131,15 @@ def test_internvl_backend_loads_and_chats_as_upstream(tmp_path: Path, monkeypatc
     folder = tmp_path / "models" / "InternVL2-8B"  # named like the hub id: the paper's captioner
     folder.mkdir(parents=True)
     assert default_backend(str(folder)) == "internvl" and derive_vlm_name(str(folder), "internvl") == "internvl"
-    root = datagen.make_mvtec(tmp_path / "mvtec", classes=("bottle",), n_train=2, n_test_good=1,
-                              defects=("crack",), n_per_defect=1)
+    root = datagen.make_mvtec(
+        tmp_path / "mvtec", classes=("bottle",), n_train=2, n_test_good=1, defects=("crack",), n_per_defect=1
+    )
     main(["--data_set", "mvtec", "--data_path", str(root), "--vlm_model", str(folder), "--device", "cpu"])
 
-    assert loads["model"] == (str(folder), {"torch_dtype": torch.bfloat16, "low_cpu_mem_usage": True,
-                                            "trust_remote_code": True})
+    assert loads["model"] == (
+        str(folder),
+        {"torch_dtype": torch.bfloat16, "low_cpu_mem_usage": True, "trust_remote_code": True},
+    )
     assert loads["tokenizer"] == (str(folder), {"trust_remote_code": True, "use_fast": False})
     assert len(model.chats) == 4  # one chat per image
     tok, pixels, question, config = model.chats[0]
@@ -142,6 +152,7 @@ def test_internvl_backend_loads_and_chats_as_upstream(tmp_path: Path, monkeypatc
 
 
 # ---------------------------------------------------------------- transformers-native models
+
 
 def _record_generate(backend) -> list[dict]:
     calls: list[dict] = []
@@ -172,10 +183,26 @@ def test_blip2_flant5_decodes_with_lavis_defaults(tmp_path: Path) -> None:
     captions = backend(_images(2), ["bottle"] * 2)
     assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
     kwargs = calls[0]
-    assert {k: kwargs[k] for k in ("do_sample", "num_beams", "max_new_tokens", "min_length", "repetition_penalty",
-                                   "length_penalty", "num_return_sequences")} == {
-        "do_sample": False, "num_beams": 5, "max_new_tokens": 30, "min_length": 1, "repetition_penalty": 1.0,
-        "length_penalty": 1.0, "num_return_sequences": 1}
+    assert {
+        k: kwargs[k]
+        for k in (
+            "do_sample",
+            "num_beams",
+            "max_new_tokens",
+            "min_length",
+            "repetition_penalty",
+            "length_penalty",
+            "num_return_sequences",
+        )
+    } == {
+        "do_sample": False,
+        "num_beams": 5,
+        "max_new_tokens": 30,
+        "min_length": 1,
+        "repetition_penalty": 1.0,
+        "length_penalty": 1.0,
+        "num_return_sequences": 1,
+    }
     assert kwargs["pixel_values"].shape == (2, 3, 16, 16)
 
 
@@ -188,10 +215,14 @@ def test_llava_next_is_greedy_with_256_new_tokens(tmp_path: Path) -> None:
     calls = _record_generate(backend)
     assert len(backend(_images(1), ["bottle"])) == 1
     assert {k: calls[0][k] for k in ("do_sample", "num_beams", "max_new_tokens")} == {
-        "do_sample": False, "num_beams": 1, "max_new_tokens": 256}
+        "do_sample": False,
+        "num_beams": 1,
+        "max_new_tokens": 256,
+    }
 
 
 # ---------------------------------------------------------------- DeepSeek-VL through LMDeploy (stub)
+
 
 def _stub_lmdeploy(monkeypatch: pytest.MonkeyPatch) -> dict:
     seen: dict = {"calls": []}
@@ -210,6 +241,7 @@ def _stub_lmdeploy(monkeypatch: pytest.MonkeyPatch) -> dict:
         def run(prompts, gen_config=None):
             seen["calls"].append((prompts, gen_config))
             return [types.SimpleNamespace(text=f" answer {i} ") for i in range(len(prompts))]
+
         return run
 
     lmdeploy = types.ModuleType("lmdeploy")
@@ -241,13 +273,15 @@ def test_deepseekvl_prompt_layout_and_greedy(tmp_path: Path, monkeypatch: pytest
 
 # ---------------------------------------------------------------- finding the model files
 
+
 def test_model_not_on_disk_fails_in_seconds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    root = datagen.make_mvtec(tmp_path / "mvtec", classes=("bottle",), n_train=1, n_test_good=1,
-                              defects=("crack",), n_per_defect=1)
+    root = datagen.make_mvtec(
+        tmp_path / "mvtec", classes=("bottle",), n_train=1, n_test_good=1, defects=("crack",), n_per_defect=1
+    )
     for model in ("internvl", "blip", "llava", "someone/some-vlm"):
         start = time.monotonic()
         with pytest.raises(UserError) as err:

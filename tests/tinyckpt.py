@@ -23,8 +23,9 @@ def tiny_ldm(config: str = "tiny", seed: int = 0, overrides: tuple[str, ...] = (
     return LatentDiffusion(load_config(config, LatentDiffusionConfig, overrides, only_own_sections=True))
 
 
-def write_sd_checkpoint(path: Path, config: str = "tiny", seed: int = 0, ema: bool = True,
-                        overrides: tuple[str, ...] = ()) -> Path:
+def write_sd_checkpoint(
+    path: Path, config: str = "tiny", seed: int = 0, ema: bool = True, overrides: tuple[str, ...] = ()
+) -> Path:
     model = tiny_ldm(config, seed, overrides)
     sd = {k: v.clone() for k, v in model.state_dict().items() if k != "logvar"}
     if ema:
@@ -43,11 +44,17 @@ def write_ae_checkpoint(path: Path, config: str = "tiny", seed: int = 1, overrid
     sd = {k: v.clone() for k, v in model.first_stage_model.state_dict().items()}
     sd["loss.logvar"] = torch.zeros(())
     sd["loss.discriminator.main.0.weight"] = torch.randn(8, 3, 4, 4)
-    torch.save({
-        "epoch": 3, "global_step": 1000, "pytorch-lightning_version": "1.5.0", "state_dict": sd,
-        "callbacks": {ModelCheckpoint: {"best_model_score": None}},
-        "optimizer_states": [{"state": {}, "param_groups": [{"lr": 4.5e-5}]}],
-    }, path)
+    torch.save(
+        {
+            "epoch": 3,
+            "global_step": 1000,
+            "pytorch-lightning_version": "1.5.0",
+            "state_dict": sd,
+            "callbacks": {ModelCheckpoint: {"best_model_score": None}},
+            "optimizer_states": [{"state": {}, "param_groups": [{"lr": 4.5e-5}]}],
+        },
+        path,
+    )
     return path
 
 
@@ -62,11 +69,19 @@ def build_tiny_vlmdiff(tmp: Path, config: str = "tiny", overrides: tuple[str, ..
     return out
 
 
-def demo_data_and_model(tmp: Path, *, n_train: int, n_test_good: int, n_test_defect: int,
-                        seed: int = 0) -> tuple[Path, Path, Path]:
+def demo_data_and_model(
+    tmp: Path, *, n_train: int, n_test_good: int, n_test_defect: int, seed: int = 0
+) -> tuple[Path, Path, Path]:
     """``(tmp, data, checkpoint)``: a two-class demo dataset (brick, coffee) at 128 px and a tiny assembled VLMDiff."""
     from vlmdiff.data.demo import generate_demo_dataset
 
-    data = generate_demo_dataset(tmp / "data", classes=("brick", "coffee"), n_train=n_train, n_test_good=n_test_good,
-                                 n_test_defect=n_test_defect, image_size=128, seed=seed)
+    data = generate_demo_dataset(
+        tmp / "data",
+        classes=("brick", "coffee"),
+        n_train=n_train,
+        n_test_good=n_test_good,
+        n_test_defect=n_test_defect,
+        image_size=128,
+        seed=seed,
+    )
     return tmp, data, build_tiny_vlmdiff(tmp)

@@ -14,8 +14,9 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import yaml
 
@@ -41,8 +42,11 @@ def setup_logging(verbose: bool = False) -> None:
 # run folder that holds logs before the first checkpoint.
 _LIGHTNING_NOISE = ("💡 Tip", "litlogger", "litmodels", "Skipping setting a default `ModelSummary`")
 # rank_zero_info logs to whichever of these imported last (the standalone pytorch_lightning package too)
-_RANK_ZERO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
-                      "pytorch_lightning.utilities.rank_zero")
+_RANK_ZERO_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+    "pytorch_lightning.utilities.rank_zero",
+)
 _NOISE_WARNINGS = (r"Found \d+ module\(s\) in eval mode", r"Checkpoint directory .* exists and is not empty")
 
 
@@ -103,7 +107,7 @@ def one_line(e: UserError) -> str:
     if len(lines) <= 1:
         return lines[0] if lines else type(e).__name__
     prefix = f"{type(e).__module__}.{type(e).__qualname__}: "
-    original = [line[len(prefix):] for line in lines if line.startswith(prefix)]
+    original = [line[len(prefix) :] for line in lines if line.startswith(prefix)]
     return original[-1] if original else " ".join(lines)
 
 
@@ -126,11 +130,18 @@ RUN_FILE_FLAGS = ("config_file", "print_config")
 def add_run_file_args(p: argparse.ArgumentParser) -> None:
     """``--config_file`` and ``--print_config``; parse with :func:`parse_with_run_file`."""
     g = p.add_argument_group("run file")
-    g.add_argument("--config_file", default=None, metavar="RUN_YAML",
-                   help="YAML mapping of this script's flag names (without --) to values, used as defaults; "
-                        "flags on the command line win (default: none)")
-    g.add_argument("--print_config", action="store_true",
-                   help="print the resolved configuration (flags and model config) as YAML and exit without doing work")
+    g.add_argument(
+        "--config_file",
+        default=None,
+        metavar="RUN_YAML",
+        help="YAML mapping of this script's flag names (without --) to values, used as defaults; "
+        "flags on the command line win (default: none)",
+    )
+    g.add_argument(
+        "--print_config",
+        action="store_true",
+        help="print the resolved configuration (flags and model config) as YAML and exit without doing work",
+    )
 
 
 def parse_with_run_file(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -154,8 +165,9 @@ def apply_run_file(p: argparse.ArgumentParser, path: Path) -> None:
     for key, value in read_yaml(path).items():
         action = by_name.get(str(key))
         if action is None:
-            raise UserError(f"{path}: unknown key '{key}': not a flag of {p.prog} "
-                            f"(valid keys: {', '.join(sorted(by_name))})")
+            raise UserError(
+                f"{path}: unknown key '{key}': not a flag of {p.prog} (valid keys: {', '.join(sorted(by_name))})"
+            )
         defaults[action.dest] = _flag_value(action, value, f"{path}: key '{key}'")
         action.required = False
     p.set_defaults(**defaults)

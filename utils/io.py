@@ -11,8 +11,9 @@ import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 from utils.errors import UserError
 
@@ -44,16 +45,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         _silent_unlink(tmp)
         blocker = _file_in_the_way(path.parent)
         if blocker is not None:
-            raise UserError(f"could not write {path}: {blocker} is a file, not a folder; "
-                            "choose another output path") from e
+            raise UserError(
+                f"could not write {path}: {blocker} is a file, not a folder; choose another output path"
+            ) from e
         raise UserError(f"could not write {path}: {e.strerror or e} (check free disk space and permissions)") from e
     except RuntimeError as e:
         free = _free_space(path.parent)  # before the temporary file is removed
         _silent_unlink(tmp)
         if not _is_torch_write_failure(e):
             raise
-        raise UserError(f"could not write {path}: the write failed part-way ({free}; torch: "
-                        f"{_first_line(e)}); check free disk space and permissions") from e
+        raise UserError(
+            f"could not write {path}: the write failed part-way ({free}; torch: "
+            f"{_first_line(e)}); check free disk space and permissions"
+        ) from e
     except BaseException:
         _silent_unlink(tmp)
         raise

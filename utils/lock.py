@@ -24,8 +24,9 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from utils.errors import UserError
 from utils.io import current_umask
@@ -84,8 +85,9 @@ def _mutex(folder: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def claim_folder(folder: str | os.PathLike, job: str, hint: str, span: tuple[int, int | None] = (0, None),
-                 holder: bool = True) -> Iterator[Path | None]:
+def claim_folder(
+    folder: str | os.PathLike, job: str, hint: str, span: tuple[int, int | None] = (0, None), holder: bool = True
+) -> Iterator[Path | None]:
     """Hold ``folder`` for this job while the ``with`` block runs (see the module docstring).
 
     Args:
@@ -102,8 +104,15 @@ def claim_folder(folder: str | os.PathLike, job: str, hint: str, span: tuple[int
         return
     host, pid = socket.gethostname(), os.getpid()
     mine = folder / f".lock.{host}.{pid}.json"
-    claim = {"host": host, "pid": pid, "start_ticks": _start_ticks(pid), "job": job, "span": [span[0], span[1]],
-             "command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    claim = {
+        "host": host,
+        "pid": pid,
+        "start_ticks": _start_ticks(pid),
+        "job": job,
+        "span": [span[0], span[1]],
+        "command": " ".join(sys.argv),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
     created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -123,8 +132,10 @@ def claim_folder(folder: str | os.PathLike, job: str, hint: str, span: tuple[int
                     part.unlink()
     except OSError as e:
         where = f" ({e.filename})" if e.filename and Path(e.filename) != folder else ""
-        raise UserError(f"cannot write into {folder}: {e.strerror or e}{where}; "
-                        f"check its permissions and free space, or choose another {hint}") from e
+        raise UserError(
+            f"cannot write into {folder}: {e.strerror or e}{where}; "
+            f"check its permissions and free space, or choose another {hint}"
+        ) from e
     try:
         yield mine
     finally:
@@ -145,13 +156,19 @@ def _refuse_if_live(path: Path, claim: dict[str, Any], hint: str) -> None:
         return
     same_host = other.get("host") == claim["host"]
     if same_host and not _alive(other):
-        log.warning("taking over the stale lock of a job that is gone: %s (pid %s, started %s)", path,
-                    other.get("pid"), other.get("started"))
+        log.warning(
+            "taking over the stale lock of a job that is gone: %s (pid %s, started %s)",
+            path,
+            other.get("pid"),
+            other.get("started"),
+        )
         path.unlink(missing_ok=True)
         return
     if not _overlap(other_span, claim["span"]):
         return
     gone = "" if same_host else f"; if that job is gone, delete {path}"
-    raise UserError(f"{path.parent} is in use by another job: {other.get('job', 'a job')} (pid {other.get('pid')} on "
-                    f"{other.get('host')}, started {other.get('started')}, {_span_text(other_span)}: "
-                    f"{other.get('command', '?')}); wait for it to end or choose another {hint}{gone}")
+    raise UserError(
+        f"{path.parent} is in use by another job: {other.get('job', 'a job')} (pid {other.get('pid')} on "
+        f"{other.get('host')}, started {other.get('started')}, {_span_text(other_span)}: "
+        f"{other.get('command', '?')}); wait for it to end or choose another {hint}{gone}"
+    )

@@ -31,8 +31,8 @@ import contextlib
 import io
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -62,7 +62,7 @@ def load_coco(path: Path):  # -> pycocotools.coco.COCO
 
 def held_out(cat_ids: Sequence[int], part: int) -> set[int]:
     """Category ids of the contiguous indexes 20*part .. 20*part+19 (sorted-id order)."""
-    ids = sorted(cat_ids)[PART_SIZE * part: PART_SIZE * (part + 1)]
+    ids = sorted(cat_ids)[PART_SIZE * part : PART_SIZE * (part + 1)]
     if not ids:
         raise UserError(f"part {part} holds out no category: the annotations have only {len(cat_ids)} categories")
     return set(ids)
@@ -82,8 +82,10 @@ def instance_mask(ann: dict, height: int, width: int) -> np.ndarray:
         canvas = np.zeros((height, width), dtype=np.uint8)
         for poly in seg:
             if len(poly) < 6 or len(poly) % 2:
-                raise UserError(f"annotation {ann.get('id')}: a polygon needs an even number (>= 6) of coordinates, "
-                                f"got {len(poly)}; fix or remove it in the instances file")
+                raise UserError(
+                    f"annotation {ann.get('id')}: a polygon needs an even number (>= 6) of coordinates, "
+                    f"got {len(poly)}; fix or remove it in the instances file"
+                )
             cv2.fillPoly(canvas, [np.array(poly).reshape(-1, 2).astype(np.int64)], 1)
         return canvas > 0
     if isinstance(seg, dict) and "counts" in seg:
@@ -110,8 +112,9 @@ def build_part(train, val, part: int, root: Path) -> dict:
         cats = {a["category_id"] for a in train.imgToAnns[img_id]}
         if cats and not cats & held:
             name = train.imgs[img_id]["file_name"]
-            train_items.append({"img_path": f"train2017/{name}", "mask_path": "", "cls_name": "coco",
-                                "specie_name": "", "anomaly": 0})
+            train_items.append(
+                {"img_path": f"train2017/{name}", "mask_path": "", "cls_name": "coco", "specie_name": "", "anomaly": 0}
+            )
     test_items = []
     for img_id in sorted(val.imgToAnns):  # annotated images only, as ADer
         anns = val.imgToAnns[img_id]
@@ -119,20 +122,25 @@ def build_part(train, val, part: int, root: Path) -> dict:
             continue
         info = val.imgs[img_id]
         bad = [a for a in anns if a["category_id"] in held]
-        item = {"img_path": f"val2017/{info['file_name']}", "mask_path": "", "cls_name": "coco",
-                "specie_name": "", "anomaly": 0}
+        item = {
+            "img_path": f"val2017/{info['file_name']}",
+            "mask_path": "",
+            "cls_name": "coco",
+            "specie_name": "",
+            "anomaly": 0,
+        }
         if bad:
             mask = np.zeros((info["height"], info["width"]), dtype=np.uint8)
             for a in bad:
                 mask[instance_mask(a, info["height"], info["width"])] = 255
             rel = f"{mask_dir}/{Path(info['file_name']).stem}.png"
             write_bytes(root / rel, _mask_png(mask))
-            item.update(mask_path=rel, anomaly=1,
-                        specie_name=",".join(sorted({names[a["category_id"]] for a in bad})))
+            item.update(mask_path=rel, anomaly=1, specie_name=",".join(sorted({names[a["category_id"]] for a in bad})))
         test_items.append(item)
     n_bad = sum(i["anomaly"] for i in test_items)
-    logger.info("part %d: %d train images, %d test images (%d anomalous)", part, len(train_items),
-                len(test_items), n_bad)
+    logger.info(
+        "part %d: %d train images, %d test images (%d anomalous)", part, len(train_items), len(test_items), n_bad
+    )
     return {"train": {"coco": train_items}, "test": {"coco": test_items}}
 
 
@@ -140,8 +148,10 @@ def prepare(root: Path, parts: Sequence[int]) -> list[Path]:
     """Write the meta files and masks of ``parts`` into ``root``; returns the meta paths."""
     for folder in ("train2017", "val2017"):
         if not (root / folder).is_dir():
-            raise UserError(f"{root / folder} not found; expected the COCO 2017 image folders train2017/ and val2017/ "
-                            f"in --coco_root {root}")
+            raise UserError(
+                f"{root / folder} not found; expected the COCO 2017 image folders train2017/ and val2017/ "
+                f"in --coco_root {root}"
+            )
     train = load_coco(root / "annotations" / "instances_train2017.json")
     val = load_coco(root / "annotations" / "instances_val2017.json")
     if sorted(train.getCatIds()) != sorted(val.getCatIds()):
@@ -160,8 +170,14 @@ def prepare(root: Path, parts: Sequence[int]) -> list[Path]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--coco_root", required=True, help="COCO 2017 root (annotations/, train2017/, val2017/)")
-    p.add_argument("--parts", type=int, nargs="+", default=[0, 1, 2, 3], choices=[0, 1, 2, 3],
-                   help="which of the four COCO-AD parts to write")
+    p.add_argument(
+        "--parts",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2, 3],
+        choices=[0, 1, 2, 3],
+        help="which of the four COCO-AD parts to write",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 

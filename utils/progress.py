@@ -53,8 +53,15 @@ class ProgressLines:
     process began (a resumed run): the rate and the ETA count only what this process does.
     """
 
-    def __init__(self, what: str, total: int | None, unit: str, interval_s: float = DEFAULT_INTERVAL_S,
-                 start: int = 0, logger: logging.Logger | None = None) -> None:
+    def __init__(
+        self,
+        what: str,
+        total: int | None,
+        unit: str,
+        interval_s: float = DEFAULT_INTERVAL_S,
+        start: int = 0,
+        logger: logging.Logger | None = None,
+    ) -> None:
         self.what, self.total, self.unit, self.interval_s = what, total, unit, interval_s
         self.done = self.start = start
         self.fields: dict[str, Any] = {}
@@ -111,8 +118,16 @@ class ProgressLines:
         self.close()
 
 
-def progress(total: int, what: str, unit: str, *, enabled: bool = True, bar: bool = True,
-             interval_s: float = DEFAULT_INTERVAL_S, logger: logging.Logger | None = None) -> Any:
+def progress(
+    total: int,
+    what: str,
+    unit: str,
+    *,
+    enabled: bool = True,
+    bar: bool = True,
+    interval_s: float = DEFAULT_INTERVAL_S,
+    logger: logging.Logger | None = None,
+) -> Any:
     """A tqdm bar on a terminal (when ``bar``), else :class:`ProgressLines`; both have update(n), close()
     and work as context managers. ``enabled`` False: neither (non-main ranks)."""
     from tqdm import tqdm
@@ -125,6 +140,10 @@ def progress(total: int, what: str, unit: str, *, enabled: bool = True, bar: boo
 def add_progress_args(p: Any) -> None:
     """``--no_progress_bar`` and ``--log_interval`` for an argparse parser (or argument group)."""
     p.add_argument("--no_progress_bar", action="store_true", help="plain progress lines instead of the bar")
-    p.add_argument("--log_interval", type=float, default=DEFAULT_INTERVAL_S,
-                   help="seconds between plain progress lines, written instead of a bar when the output is not a "
-                        "terminal or with --no_progress_bar (0: a line per step)")
+    p.add_argument(
+        "--log_interval",
+        type=float,
+        default=DEFAULT_INTERVAL_S,
+        help="seconds between plain progress lines, written instead of a bar when the output is not a "
+        "terminal or with --no_progress_bar (0: a line per step)",
+    )

@@ -17,10 +17,10 @@ import logging
 import os
 import re
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -33,13 +33,15 @@ from vlmdiff.data.common import Record, load_rgb
 
 logger = logging.getLogger(__name__)
 
-PROMPTS: Mapping[str, str] = MappingProxyType({
-    "pd": "Describe the visual features of image in detail with a focus on the main object, with around 60 words "
-          "and maybe 4 or 5 sentences.",
-    "pa": "Be a pixel level visual defect inspector, and describe whether there is a defect or not on the main "
-          "object itself, with around 60 words and maybe 4 or 5 sentences.",
-    "coco": "Describe the visual features of image in detail, with around 60 words and maybe 4 or 5 sentences.",
-})
+PROMPTS: Mapping[str, str] = MappingProxyType(
+    {
+        "pd": "Describe the visual features of image in detail with a focus on the main object, with around 60 words "
+        "and maybe 4 or 5 sentences.",
+        "pa": "Be a pixel level visual defect inspector, and describe whether there is a defect or not on the main "
+        "object itself, with around 60 words and maybe 4 or 5 sentences.",
+        "coco": "Describe the visual features of image in detail, with around 60 words and maybe 4 or 5 sentences.",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -93,8 +95,10 @@ def plan_jobs(dataset: str, root: Path, splits: Sequence[str], coco_part: int | 
         if dataset == "coco" and (coco_part is None or coco_part < 0):
             parts = [p for p in PARTS if meta_path(root, p).is_file()]
             if not parts:
-                raise UserError(f"no COCO-AD meta files in {root}: expected {meta_path(root, 0)} ... "
-                                f"{meta_path(root, 3)} (make them with utils/prepare_coco_ad.py)")
+                raise UserError(
+                    f"no COCO-AD meta files in {root}: expected {meta_path(root, 0)} ... "
+                    f"{meta_path(root, 3)} (make them with utils/prepare_coco_ad.py)"
+                )
             records = {r.id: r for p in parts for r in index_coco(root, split, p)}.values()
         else:
             records = index_dataset(dataset, root, split, coco_part=coco_part)
@@ -113,8 +117,17 @@ def shard(jobs: Sequence[Job], start: int, end: int | None) -> list[Job]:
 
 # ---------------------------------------------------------------- template descriptions
 
-_HUES: tuple[tuple[float, str], ...] = ((15, "red"), (40, "orange"), (70, "yellow"), (160, "green"), (200, "cyan"),
-                                        (255, "blue"), (290, "purple"), (335, "pink"), (360, "red"))
+_HUES: tuple[tuple[float, str], ...] = (
+    (15, "red"),
+    (40, "orange"),
+    (70, "yellow"),
+    (160, "green"),
+    (200, "cyan"),
+    (255, "blue"),
+    (290, "purple"),
+    (335, "pink"),
+    (360, "red"),
+)
 
 
 def _colour_name(rgb: np.ndarray) -> str:
@@ -163,14 +176,18 @@ def describe_image(img: np.ndarray, class_name: str, prompt_type: str) -> str:
         f"The central region is {rel} the surrounding border.",
     ]
     if prompt_type == "pa":
-        sentences.append("One area stands out from the rest of the surface and may be a defect."
-                         if odd > 1.5 else "No area stands out, so the main object appears free of defects.")
+        sentences.append(
+            "One area stands out from the rest of the surface and may be a defect."
+            if odd > 1.5
+            else "No area stands out, so the main object appears free of defects."
+        )
     else:
         sentences.append(f"Overall the {thing} appears consistent and typical in shape and colour.")
     return " ".join(sentences)
 
 
 # ---------------------------------------------------------------- backends
+
 
 class TemplateBackend:
     """Offline, deterministic descriptions from the class name and simple image statistics."""
@@ -179,17 +196,19 @@ class TemplateBackend:
         self.prompt_type = prompt_type
 
     def __call__(self, images: Sequence[Image.Image], class_names: Sequence[str]) -> list[str]:
-        return [describe_image(np.asarray(im), c, self.prompt_type) for im, c in zip(images, class_names)]
+        return [describe_image(np.asarray(im), c, self.prompt_type) for im, c in zip(images, class_names, strict=True)]
 
 
 # ---------------------------------------------------------------- progress files
+
 
 def progress_dir(output: Path) -> Path:
     return output / "progress"
 
 
-def progress_file(output: Path, dataset: str, vlm: str, prompt_type: str, start: int, end: int | None,
-                  rank: int = 0, world: int = 1) -> Path:
+def progress_file(
+    output: Path, dataset: str, vlm: str, prompt_type: str, start: int, end: int | None, rank: int = 0, world: int = 1
+) -> Path:
     """The JSON-lines progress file of one shard (and one rank of it, under a distributed launcher)."""
     ranked = f"_rank{rank}of{world}" if world > 1 else ""
     return progress_dir(output) / f"{dataset}_{vlm}_{prompt_type}_{start}-{'end' if end is None else end}{ranked}.jsonl"
@@ -203,8 +222,10 @@ def read_progress(output: Path, dataset: str, vlm: str, prompt_type: str) -> dic
         for rec in read_jsonl(path):
             mine = (rec.get("dataset"), rec.get("vlm"), rec.get("prompt_type"))
             if mine != (dataset, vlm, prompt_type):
-                raise UserError(f"{path} holds captions of another run (dataset/vlm/prompt_type {mine}, this run "
-                                f"{(dataset, vlm, prompt_type)}); choose another --output folder")
+                raise UserError(
+                    f"{path} holds captions of another run (dataset/vlm/prompt_type {mine}, this run "
+                    f"{(dataset, vlm, prompt_type)}); choose another --output folder"
+                )
             if rec.get("split") not in ("train", "test"):
                 raise UserError(f"{path}: record {rec['id']!r} has no valid 'split' (train/test)")
             done[(rec["split"], rec["id"])] = rec["caption"]
@@ -246,8 +267,10 @@ class ProgressWriter:
             self._f.flush()
             os.fsync(self._f.fileno())
         except OSError as e:
-            raise UserError(f"could not write {self.path}: {e.strerror or e} (check free disk space); "
-                            "rerun the same command to resume") from e
+            raise UserError(
+                f"could not write {self.path}: {e.strerror or e} (check free disk space); "
+                "rerun the same command to resume"
+            ) from e
 
     def close(self) -> None:
         self._f.close()
@@ -255,9 +278,17 @@ class ProgressWriter:
 
 # ---------------------------------------------------------------- run and merge
 
-def caption_jobs(jobs: Sequence[Job], backend: Callable[[Sequence[Image.Image], Sequence[str]], list[str]],
-                 writer: ProgressWriter, meta: Mapping[str, str], batch_size: int = 1, delay: float = 0.0,
-                 bar: bool = True, log_interval: float = DEFAULT_INTERVAL_S) -> int:
+
+def caption_jobs(
+    jobs: Sequence[Job],
+    backend: Callable[[Sequence[Image.Image], Sequence[str]], list[str]],
+    writer: ProgressWriter,
+    meta: Mapping[str, str],
+    batch_size: int = 1,
+    delay: float = 0.0,
+    bar: bool = True,
+    log_interval: float = DEFAULT_INTERVAL_S,
+) -> int:
     """Caption ``jobs`` in batches, appending one record per image; returns how many were written.
 
     Progress: a bar on a terminal (when ``bar``), else a log line every ``log_interval`` seconds.
@@ -265,10 +296,10 @@ def caption_jobs(jobs: Sequence[Job], backend: Callable[[Sequence[Image.Image], 
     n = 0
     with progress(len(jobs), "captioning", "img", bar=bar, interval_s=log_interval, logger=logger) as meter:
         for i in range(0, len(jobs), max(1, batch_size)):
-            batch = jobs[i: i + max(1, batch_size)]
+            batch = jobs[i : i + max(1, batch_size)]
             images = [load_rgb(j.record.image_path) for j in batch]
             captions = backend(images, [j.record.class_name for j in batch])
-            for job, cap in zip(batch, captions):
+            for job, cap in zip(batch, captions, strict=True):
                 if delay:
                     time.sleep(delay)
                 writer.write({"id": job.record.id, "caption": cap, "split": job.split, **meta})
@@ -282,8 +313,16 @@ def upstream_id(record: Record, dataset: str) -> str:
     return os.path.abspath(record.image_path) if dataset == "realiad" else record.id
 
 
-def merge_split(output: Path, root: Path, dataset: str, vlm: str, split: str, jobs: Sequence[Job],
-                done: Mapping[tuple[str, str], str], strict: bool) -> bool:
+def merge_split(
+    output: Path,
+    root: Path,
+    dataset: str,
+    vlm: str,
+    split: str,
+    jobs: Sequence[Job],
+    done: Mapping[tuple[str, str], str],
+    strict: bool,
+) -> bool:
     """Write the upstream-format files of ``split`` if every image of ``jobs`` has a caption.
 
     Returns whether the files were written; with ``strict`` a missing caption is a UserError.
@@ -291,8 +330,10 @@ def merge_split(output: Path, root: Path, dataset: str, vlm: str, split: str, jo
     mine = [j for j in jobs if j.split == split]
     missing = [j.record.id for j in mine if (split, j.record.id) not in done]
     if missing:
-        msg = (f"{len(missing)} of {len(mine)} {split} images have no caption yet, e.g. {missing[0]}; "
-               "run the remaining --start_ind/--end_ind shards first")
+        msg = (
+            f"{len(missing)} of {len(mine)} {split} images have no caption yet, e.g. {missing[0]}; "
+            "run the remaining --start_ind/--end_ind shards first"
+        )
         if strict:
             raise UserError(msg)
         logger.info("%s; then merge with --merge", msg)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -40,10 +40,16 @@ class Sources:
         return ", ".join(f"{n} from {src}" for src, n in sorted(self.counts.items()))
 
 
-def assemble_state_dict(target: Mapping[str, torch.Size], fresh: Mapping[str, torch.Tensor],
-                        sd: Mapping[str, torch.Tensor], ae: Mapping[str, torch.Tensor], *,
-                        text_from_sd: bool = True, sd_path: str = "SD checkpoint",
-                        ae_path: str = "autoencoder checkpoint") -> tuple[dict[str, torch.Tensor], Sources]:
+def assemble_state_dict(
+    target: Mapping[str, torch.Size],
+    fresh: Mapping[str, torch.Tensor],
+    sd: Mapping[str, torch.Tensor],
+    ae: Mapping[str, torch.Tensor],
+    *,
+    text_from_sd: bool = True,
+    sd_path: str = "SD checkpoint",
+    ae_path: str = "autoencoder checkpoint",
+) -> tuple[dict[str, torch.Tensor], Sources]:
     """Fill every key of ``target`` (name -> shape) from SD, the autoencoder or ``fresh``.
 
     ``sd``: Stable Diffusion weights (EMA already chosen or dropped); ``ae``: unprefixed autoencoder
@@ -63,30 +69,41 @@ def assemble_state_dict(target: Mapping[str, torch.Size], fresh: Mapping[str, to
                 f"{tuple(shape)} (checkpoint for another model size? check --config)"
             )
         if value.is_floating_point() and not value.is_meta and not torch.isfinite(value).all():
-            raise UserError(f"{src}: tensor {key} holds NaN or infinite values; the file is damaged (re-download "
-                            "or re-create it)")
+            raise UserError(
+                f"{src}: tensor {key} holds NaN or infinite values; the file is damaged (re-download or re-create it)"
+            )
         out[key] = value.clone() if key.startswith(CONTROL) else value
         origin[key] = src
     unused = [k for k in sd if k not in out and not _ignored_sd_key(k, text_from_sd)]
     if unused:
-        raise UserError(f"{sd_path} has weights this model does not use ({len(unused)}, e.g. {unused[0]}): "
-                        "is it a Stable Diffusion 1.x checkpoint for this config?")
-    unused_ae = sorted(set(ae) - {k[len(FIRST_STAGE):] for k in out if k.startswith(FIRST_STAGE)})
+        raise UserError(
+            f"{sd_path} has weights this model does not use ({len(unused)}, e.g. {unused[0]}): "
+            "is it a Stable Diffusion 1.x checkpoint for this config?"
+        )
+    unused_ae = sorted(set(ae) - {k[len(FIRST_STAGE) :] for k in out if k.startswith(FIRST_STAGE)})
     if unused_ae:
-        raise UserError(f"{ae_path} has autoencoder weights this model does not use (e.g. {unused_ae[0]}): check --config")
+        raise UserError(
+            f"{ae_path} has autoencoder weights this model does not use (e.g. {unused_ae[0]}): check --config"
+        )
     return out, Sources(dict(Counter(origin.values())))
 
 
-def _source_of(key: str, sd: Mapping[str, torch.Tensor], ae: Mapping[str, torch.Tensor],
-               fresh: Mapping[str, torch.Tensor], text_from_sd: bool, sd_path: str,
-               ae_path: str) -> tuple[str, torch.Tensor]:
+def _source_of(
+    key: str,
+    sd: Mapping[str, torch.Tensor],
+    ae: Mapping[str, torch.Tensor],
+    fresh: Mapping[str, torch.Tensor],
+    text_from_sd: bool,
+    sd_path: str,
+    ae_path: str,
+) -> tuple[str, torch.Tensor]:
     if key.startswith(FIRST_STAGE):
-        k = key[len(FIRST_STAGE):]
+        k = key[len(FIRST_STAGE) :]
         if k not in ae:
             raise UserError(f"{ae_path} lacks autoencoder weight {k} (a checkpoint of another autoencoder?)")
         return ae_path, ae[k]
     if key.startswith(CONTROL):
-        twin = UNET + key[len(CONTROL):]
+        twin = UNET + key[len(CONTROL) :]
         if twin in sd:
             return f"{sd_path} (UNet twin)", sd[twin]
         return _fresh(key, fresh)
@@ -110,13 +127,19 @@ def _ignored_sd_key(key: str, text_from_sd: bool) -> bool:
     return key.startswith((FIRST_STAGE, "model_ema.")) or (key.startswith(TEXT) and not text_from_sd)
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Reading an assembled or trained VLMDiff checkpoint.
 
 ARCH_SECTIONS = ("image_size", "unet", "autoencoder", "text_encoder", "diffusion", "control")
-RUNTIME_KEYS = ("unet.use_checkpoint", "unet.attention", "unet.dropout", "autoencoder.dropout",
-                "text_encoder.pretrained", "text_encoder.tokenizer", "image_size")
+RUNTIME_KEYS = (
+    "unet.use_checkpoint",
+    "unet.attention",
+    "unet.dropout",
+    "autoencoder.dropout",
+    "text_encoder.pretrained",
+    "text_encoder.tokenizer",
+    "image_size",
+)
 
 
 def _flatten(d: Mapping, prefix: str = "") -> dict[str, object]:
@@ -158,8 +181,10 @@ def resolve_checkpoint_config(ckpt: Mapping, path: str, config: str | None, over
         if stored is not None:
             diff = config_difference(to_dict(cfg), stored)
             if diff:
-                raise UserError(f"{path} was built with another model config ({diff}); drop --config to use the "
-                                "checkpoint's own, or pass the config it was built with")
+                raise UserError(
+                    f"{path} was built with another model config ({diff}); drop --config to use the "
+                    "checkpoint's own, or pass the config it was built with"
+                )
     return cfg
 
 
@@ -179,8 +204,13 @@ def checkpoint_kind(keys: Iterable[str]) -> str:
     return f"not a checkpoint this project knows (first key: {keys[0] if keys else 'none'})"
 
 
-def load_vlmdiff(path: str | os.PathLike, config: str | None = None, overrides: Sequence[str] = (),
-                 allow_unsafe_pickle: bool = False, **model_kwargs):
+def load_vlmdiff(
+    path: str | os.PathLike,
+    config: str | None = None,
+    overrides: Sequence[str] = (),
+    allow_unsafe_pickle: bool = False,
+    **model_kwargs,
+):
     """Build a VLMDiff model from a checkpoint (assembled, trained, or upstream's) without a second copy.
 
     The file is memory-mapped and the network, created on the meta device, takes its tensors directly
@@ -195,8 +225,10 @@ def load_vlmdiff(path: str | os.PathLike, config: str | None = None, overrides: 
     ckpt = load_checkpoint(path, allow_unsafe_pickle)
     sd = drop_ema(state_dict_of(ckpt, path))
     if not any(k.startswith(CONTROL) for k in sd):
-        raise UserError(f"{path} is {checkpoint_kind(sd)}, not a VLMDiff checkpoint: assemble one with "
-                        "build_model.py (Stable Diffusion + autoencoder) or give a trained ckpt_*/last.ckpt")
+        raise UserError(
+            f"{path} is {checkpoint_kind(sd)}, not a VLMDiff checkpoint: assemble one with "
+            "build_model.py (Stable Diffusion + autoencoder) or give a trained ckpt_*/last.ckpt"
+        )
     cfg = resolve_checkpoint_config(ckpt, str(path), config, overrides)
     info = {k: v for k, v in ckpt.items() if k not in TRAINING_STATE}
     del ckpt  # the optimiser state of a trained checkpoint is not kept alive by the caller

@@ -70,7 +70,7 @@ class ArrayClass:
 
     def chunks(self) -> Iterator[dict[str, np.ndarray]]:
         for a in range(0, len(self.maps), self.batch):
-            yield {"maps": self.maps[a:a + self.batch], "masks": self.masks[a:a + self.batch]}
+            yield {"maps": self.maps[a : a + self.batch], "masks": self.masks[a : a + self.batch]}
             release_free_memory()  # what the caller did with the chunk is freed: keep the heap from growing
 
 
@@ -100,8 +100,8 @@ def binarize_masks(masks: Any, mask_threshold: float = 0.0) -> np.ndarray:
         lo, hi = m.min(), m.max()
         if not (lo >= 0 and hi <= 1):  # also catches NaN
             raise UserError(
-                f"masks of dtype {m.dtype} must lie in [0, 1] (found {lo}..{hi}); "
-                "pass 0..255 masks as uint8")
+                f"masks of dtype {m.dtype} must lie in [0, 1] (found {lo}..{hi}); pass 0..255 masks as uint8"
+            )
         return m > mask_threshold
     if m.size == 0:
         return m.astype(bool)
@@ -114,7 +114,10 @@ def _key_type(dtype: np.dtype) -> tuple[type, int]:
 
 
 def order_keys(values: np.ndarray) -> np.ndarray:
-    """Unsigned integers ordered as the finite float32/float64 ``values`` (equal values, -0.0 and 0.0 too, equal keys)."""
+    """Unsigned integers ordered as the finite float32/float64 ``values``.
+
+    Equal values (-0.0 and 0.0 too) get equal keys.
+    """
     utype, bits = _key_type(values.dtype)
     raw = (values + values.dtype.type(0)).view(utype)  # + 0 turns -0.0 into 0.0
     sign = utype(1) << utype(bits - 1)
@@ -148,8 +151,9 @@ class _Chunk:
         return np.bincount(r, minlength=n + 1)[r].astype(np.int32), n
 
 
-def _read(source: ClassSource, name: str, mask_threshold: float, dtype: np.dtype | None,
-          check: bool = False) -> Iterator[_Chunk]:
+def _read(
+    source: ClassSource, name: str, mask_threshold: float, dtype: np.dtype | None, check: bool = False
+) -> Iterator[_Chunk]:
     """The chunks of ``source``: maps in the work dtype (``dtype``, or that of the first chunk), the ground truth
     as bool; ``check``: also refuse maps that are not (N, H, W) floats or not finite (the scan checks once)."""
     first = 0
@@ -162,14 +166,17 @@ def _read(source: ClassSource, name: str, mask_threshold: float, dtype: np.dtype
             if not np.issubdtype(maps.dtype, np.floating):
                 raise UserError(f"class {name!r}: maps must be floating point, got {maps.dtype}")
             if not np.isfinite(maps).all():
-                raise UserError(f"class {name!r}: maps contain NaN or infinite values (image {first}.."
-                                f"{first + len(maps) - 1}); fix the scoring run that produced them")
+                raise UserError(
+                    f"class {name!r}: maps contain NaN or infinite values (image {first}.."
+                    f"{first + len(maps) - 1}); fix the scoring run that produced them"
+                )
         work = _work_dtype(maps)
         if dtype is None:
             dtype = work
         elif work != dtype:
-            raise UserError(f"class {name!r}: maps of {maps.dtype} after maps of another precision; store a "
-                            "class in one dtype")
+            raise UserError(
+                f"class {name!r}: maps of {maps.dtype} after maps of another precision; store a class in one dtype"
+            )
         gt = binarize_masks(raw["masks"], mask_threshold)
         if gt.shape != maps.shape:
             raise UserError(f"class {name!r}: maps {maps.shape} and masks {gt.shape} differ in shape")
@@ -202,8 +209,14 @@ class Scan:
         return _key_type(self.dtype)[1]
 
 
-def scan(source: ClassSource, name: str, pooling: str, mask_threshold: float, budget: int,
-         on_chunk: Callable[[dict[str, np.ndarray]], None] | None = None) -> Scan:
+def scan(
+    source: ClassSource,
+    name: str,
+    pooling: str,
+    mask_threshold: float,
+    budget: int,
+    on_chunk: Callable[[dict[str, np.ndarray]], None] | None = None,
+) -> Scan:
     """Step 1 of the module docstring; ``on_chunk`` sees each chunk (maps in the work dtype, bool masks, ids)."""
     s = Scan()
     for chunk in _read(source, name, mask_threshold, None, check=True):
@@ -258,8 +271,11 @@ def _group(buckets: list[tuple[int, int, int]], budget: int) -> list[_Stretch]:
 
 def _sub_buckets(st: _Stretch, hist: np.ndarray) -> list[tuple[int, int, int]]:
     width = max((st.hi - st.lo) >> _DIGIT, 1)
-    return [(st.lo + i * width, min(st.lo + (i + 1) * width, st.hi), int(c)) for i, c in enumerate(hist)
-            if st.lo + i * width < st.hi]
+    return [
+        (st.lo + i * width, min(st.lo + (i + 1) * width, st.hi), int(c))
+        for i, c in enumerate(hist)
+        if st.lo + i * width < st.hi
+    ]
 
 
 def _inside(keys: np.ndarray, lo: int, hi: int) -> np.ndarray:
@@ -276,11 +292,11 @@ def plan(s: Scan, source: ClassSource, name: str, mask_threshold: float, budget:
         hists = [np.zeros(1 << _DIGIT, np.int64) for _ in todo]
         for chunk in _read(source, name, mask_threshold, s.dtype):
             keys = order_keys(chunk.maps[chunk.gt])
-            for st, h in zip(todo, hists):
+            for st, h in zip(todo, hists, strict=True):
                 shift = (st.hi - st.lo).bit_length() - 1 - _DIGIT  # widths are powers of two >= 2
                 offset = keys[_inside(keys, st.lo, st.hi)] - st.lo
                 h += np.bincount((offset >> max(shift, 0)).astype(np.intp), minlength=1 << _DIGIT)
-        refined = {id(st): h for st, h in zip(todo, hists)}
+        refined = {id(st): h for st, h in zip(todo, hists, strict=True)}
         new: list[_Stretch] = []
         for st in stretches:
             new.extend(_group(_sub_buckets(st, refined[id(st)]), budget) if st.refine else [st])
@@ -301,11 +317,19 @@ class _Table:
     binned: np.ndarray  # (2 m + 2,) see vlmdiff.curves.bin_negatives
 
     def bin(self, chunk_neg: np.ndarray, keys: np.ndarray | None) -> None:
-        bin_negatives(self.values, chunk_neg if keys is None else chunk_neg[_inside(keys, self.lo, self.hi)], self.binned)
+        bin_negatives(
+            self.values, chunk_neg if keys is None else chunk_neg[_inside(keys, self.lo, self.hi)], self.binned
+        )
 
 
-def _table(values: np.ndarray, areas: np.ndarray, lo: int, hi: int, singles: dict[int, list] | None = None,
-           dtype: np.dtype | None = None) -> _Table:
+def _table(
+    values: np.ndarray,
+    areas: np.ndarray,
+    lo: int,
+    hi: int,
+    singles: dict[int, list] | None = None,
+    dtype: np.dtype | None = None,
+) -> _Table:
     """The table of held positives (and of the summed single values), ``values`` in any order."""
     order = np.argsort(values)
     v, c, w = table_from_sorted(values[order], 1.0 / areas[order].astype(np.float64))
@@ -360,8 +384,9 @@ class _Legacy:
     def add(self, neg: np.ndarray, pos: np.ndarray, areas: np.ndarray) -> None:
         # searchsorted: how many thresholds lie strictly below a score, i.e. which thresholds it is above
         self.neg += np.bincount(np.searchsorted(self.thresholds, neg), minlength=len(self.neg))
-        self.pos += np.bincount(np.searchsorted(self.thresholds, pos), weights=1.0 / areas.astype(np.float64),
-                                minlength=len(self.pos))
+        self.pos += np.bincount(
+            np.searchsorted(self.thresholds, pos), weights=1.0 / areas.astype(np.float64), minlength=len(self.pos)
+        )
 
     def aupro(self, n_neg: int, n_regions: int, fpr_limit: float) -> float:
         """Upstream's AU-PRO from the counts: rows with FPR below the limit, FPR divided by its largest kept value."""
@@ -375,9 +400,18 @@ class _Legacy:
         return float(-np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2.0))  # sklearn.metrics.auc of a decreasing x
 
 
-def pixel_passes(s: Scan, source: ClassSource, name: str, mask_threshold: float, *, budget: int, legacy: bool,
-                 fpr_limit: float, resolution: float | None, official: bool = True
-                 ) -> tuple[dict[str, Any] | None, float | None]:
+def pixel_passes(
+    s: Scan,
+    source: ClassSource,
+    name: str,
+    mask_threshold: float,
+    *,
+    budget: int,
+    legacy: bool,
+    fpr_limit: float,
+    resolution: float | None,
+    official: bool = True,
+) -> tuple[dict[str, Any] | None, float | None]:
     """The official pixel metrics (AU-ROC, AP, F1-max, AU-PRO; curves with a ``resolution``; None unless
     ``official``) and the legacy AU-PRO (None unless ``legacy``), from the passes of steps 2-3 of the
     module docstring."""
@@ -392,8 +426,7 @@ def pixel_passes(s: Scan, source: ClassSource, name: str, mask_threshold: float,
         if legacy_counts is not None:
             for chunk in _read(source, name, mask_threshold, s.dtype):
                 pos = chunk.maps[chunk.gt]
-                legacy_counts.add(chunk.maps[~chunk.gt], pos,
-                                  chunk.regions()[0] if len(pos) else np.zeros(0, np.int32))
+                legacy_counts.add(chunk.maps[~chunk.gt], pos, chunk.regions()[0] if len(pos) else np.zeros(0, np.int32))
             legacy_aupro = legacy_counts.aupro(s.n_neg, s.n_regions, fpr_limit)
         return None, legacy_aupro
     if s.n_pos == 0:
@@ -401,8 +434,9 @@ def pixel_passes(s: Scan, source: ClassSource, name: str, mask_threshold: float,
     acc = CurveAccumulator(s.n_pos, s.n_neg, s.n_regions, fpr_limit, resolution)
     whole = (0, 1 << s.bits)
     if s.held is not None:  # the scan kept every positive: one table, one more pass
-        table: _Table | None = _table(np.concatenate([p for p, _ in s.held]),
-                                      np.concatenate([a for _, a in s.held]), *whole)
+        table: _Table | None = _table(
+            np.concatenate([p for p, _ in s.held]), np.concatenate([a for _, a in s.held]), *whole
+        )
         s.held, groups = None, []
     else:  # stretch by stretch from the top; pass k bins the negatives of table k - 1 and collects group k
         table, groups = None, _groups(plan(s, source, name, mask_threshold, budget)[::-1], budget)
@@ -448,9 +482,18 @@ def _groups(stretches: list[_Stretch], budget: int) -> list[list[_Stretch]]:
 
 
 # --------------------------------------------------------------------------- a class
-def evaluate_source(name: str, source: ClassSource, *, legacy: bool, pooling: str, mask_threshold: float,
-                    fpr_limit: float, budget: int = POSITIVE_BUDGET, resolution: float | None = None,
-                    on_chunk: Callable[[dict[str, np.ndarray]], None] | None = None) -> dict[str, Any]:
+def evaluate_source(
+    name: str,
+    source: ClassSource,
+    *,
+    legacy: bool,
+    pooling: str,
+    mask_threshold: float,
+    fpr_limit: float,
+    budget: int = POSITIVE_BUDGET,
+    resolution: float | None = None,
+    on_chunk: Callable[[dict[str, np.ndarray]], None] | None = None,
+) -> dict[str, Any]:
     """Image and pixel metrics of one class: ``{"image": ranking metrics, "pixel": pixel metrics,
     "legacy_aupro": float | None, "image_scores", "labels", "map_max", "ids" (None unless the chunks have
     ids)}``, the per-image arrays in the order of the chunks. ``on_chunk`` sees every chunk of the scan
@@ -458,11 +501,20 @@ def evaluate_source(name: str, source: ClassSource, *, legacy: bool, pooling: st
     s = scan(source, name, pooling, mask_threshold, budget, on_chunk)
     scores, labels = np.concatenate(s.scores), np.concatenate(s.labels)
     image = ranking(scores, labels, resolution)
-    pixel, legacy_aupro = pixel_passes(s, source, name, mask_threshold, budget=budget, legacy=legacy,
-                                       fpr_limit=fpr_limit, resolution=resolution)
-    return {"image": image, "pixel": pixel, "legacy_aupro": legacy_aupro, "image_scores": scores, "labels": labels,
-            "map_max": np.concatenate(s.map_max), "ids": np.concatenate(s.ids) if s.ids else None,
-            "n_pos": s.n_pos, "n_pixels": s.n_pos + s.n_neg}
+    pixel, legacy_aupro = pixel_passes(
+        s, source, name, mask_threshold, budget=budget, legacy=legacy, fpr_limit=fpr_limit, resolution=resolution
+    )
+    return {
+        "image": image,
+        "pixel": pixel,
+        "legacy_aupro": legacy_aupro,
+        "image_scores": scores,
+        "labels": labels,
+        "map_max": np.concatenate(s.map_max),
+        "ids": np.concatenate(s.ids) if s.ids else None,
+        "n_pos": s.n_pos,
+        "n_pixels": s.n_pos + s.n_neg,
+    }
 
 
 def ranking(scores: np.ndarray, labels: np.ndarray, resolution: float | None = None) -> dict[str, Any]:

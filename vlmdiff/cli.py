@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from utils.errors import UserError
 from vlmdiff.data.captions import caption_folder_name
@@ -21,34 +22,62 @@ def canonical_dataset(name: str) -> str:
 
 def add_data_args(p: argparse.ArgumentParser, folder: bool = False) -> None:
     choices = DATASETS + (("folder",) if folder else ())
-    p.add_argument("--data_set", default="mvtec", choices=choices,
-                   help="dataset layout (real_iad is accepted for realiad)" + ("; folder = any images, no ground truth" if folder else ""))
+    p.add_argument(
+        "--data_set",
+        default="mvtec",
+        choices=choices,
+        help="dataset layout (real_iad is accepted for realiad)"
+        + ("; folder = any images, no ground truth" if folder else ""),
+    )
     p.add_argument("--data_path", required=True, help="dataset root folder")
-    p.add_argument("--coco_part", type=int, default=-1, choices=(-1, 0, 1, 2, 3),
-                   help="COCO-AD part (0..3; required for --data_set coco; -1: none)")
+    p.add_argument(
+        "--coco_part",
+        type=int,
+        default=-1,
+        choices=(-1, 0, 1, 2, 3),
+        help="COCO-AD part (0..3; required for --data_set coco; -1: none)",
+    )
     p.add_argument("--classes", nargs="+", default=None, help="only these classes (default: all)")
 
 
 def add_caption_args(p: argparse.ArgumentParser, split: str = "train") -> None:
     """Caption flags of a stage that reads the captions of ``split`` (train.py: train; test.py: test)."""
     if split == "test":  # --test_captions: the spelling a user looks for; one flag, two names
-        p.add_argument("--use_captions", "--test_captions", action="store_true",
-                       help="guide every test image by its own caption, read from the test split's caption files "
-                            "(test_captions_{dataset}_{vlm}.json in the caption folder; COCO: "
-                            "captions_val2017{caption_model}.json; captioner.py --split test writes them); every test "
-                            "image needs one. Off: the empty caption, the paper's recipe for MVTec-AD, VisA, Real-IAD")
+        p.add_argument(
+            "--use_captions",
+            "--test_captions",
+            action="store_true",
+            help="guide every test image by its own caption, read from the test split's caption files "
+            "(test_captions_{dataset}_{vlm}.json in the caption folder; COCO: "
+            "captions_val2017{caption_model}.json; captioner.py --split test writes them); every test "
+            "image needs one. Off: the empty caption, the paper's recipe for MVTec-AD, VisA, Real-IAD",
+        )
     else:
-        p.add_argument("--use_captions", action="store_true",
-                       help=f"condition on VLM captions of the {split} split (cross-attention)")
-    p.add_argument("--caption_folder", default=None,
-                   help="folder of caption files (default: {dataset}_captions_{vlm}_{prompt_type} beside the dataset "
-                        "root); a relative path not found from the working folder is looked up beside the dataset root")
-    p.add_argument("--caption_model", default="_internvl",
-                   help="suffix of COCO caption files: annotations/captions_{train,val}2017{suffix}.json")
-    p.add_argument("--vlm_model", default="internvl",
-                   help="the captioner's --vlm_model (internvl, blip, deepseekvl, llava, template, a model folder or id); names the caption files")
-    p.add_argument("--prompt_type", default="pd", choices=("pd", "pa"),
-                   help="caption prompt: pd (describe) or pa (defect)")
+        p.add_argument(
+            "--use_captions",
+            action="store_true",
+            help=f"condition on VLM captions of the {split} split (cross-attention)",
+        )
+    p.add_argument(
+        "--caption_folder",
+        default=None,
+        help="folder of caption files (default: {dataset}_captions_{vlm}_{prompt_type} beside the dataset "
+        "root); a relative path not found from the working folder is looked up beside the dataset root",
+    )
+    p.add_argument(
+        "--caption_model",
+        default="_internvl",
+        help="suffix of COCO caption files: annotations/captions_{train,val}2017{suffix}.json",
+    )
+    p.add_argument(
+        "--vlm_model",
+        default="internvl",
+        help="the captioner's --vlm_model (internvl, blip, deepseekvl, llava, template, a model folder or id); "
+        "names the caption files",
+    )
+    p.add_argument(
+        "--prompt_type", default="pd", choices=("pd", "pa"), help="caption prompt: pd (describe) or pa (defect)"
+    )
 
 
 def coco_part(args: argparse.Namespace) -> int | None:
@@ -76,11 +105,15 @@ def caption_source(args: argparse.Namespace) -> Path:
             return given
         if beside_root.exists():
             return beside_root
-        raise UserError(f"--caption_folder {given}: found neither in the working folder nor beside the dataset root "
-                        f"({beside_root}); give the caption folder's path")
+        raise UserError(
+            f"--caption_folder {given}: found neither in the working folder nor beside the dataset root "
+            f"({beside_root}); give the caption folder's path"
+        )
     if dataset == "coco":
         return Path(args.data_path)
-    return Path(args.data_path).resolve().parent / caption_folder_name(dataset, vlm_token(args.vlm_model), args.prompt_type)
+    return Path(args.data_path).resolve().parent / caption_folder_name(
+        dataset, vlm_token(args.vlm_model), args.prompt_type
+    )
 
 
 def load_split_captions(args: argparse.Namespace, split: str) -> dict[str, str] | None:
@@ -95,11 +128,18 @@ def load_split_captions(args: argparse.Namespace, split: str) -> dict[str, str] 
 
 
 def add_config_args(p: argparse.ArgumentParser, default: str | None = "sd15") -> None:
-    p.add_argument("--config", default=default,
-                   help="model preset (sd15, mid, tiny, demo) or a YAML file"
-                        + ("" if default else " (default: the checkpoint's own)"))
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="dotlist overrides of the model config, e.g. unet.use_checkpoint=true")
+    p.add_argument(
+        "--config",
+        default=default,
+        help="model preset (sd15, mid, tiny, demo) or a YAML file"
+        + ("" if default else " (default: the checkpoint's own)"),
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="dotlist overrides of the model config, e.g. unet.use_checkpoint=true",
+    )
 
 
 def model_config_to_print(args: argparse.Namespace, checkpoint: str | None) -> dict[str, Any] | None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from ldm.config import LatentDiffusionConfig, load_config
 from utils.errors import UserError
@@ -40,6 +40,8 @@ def check_image_size(cfg: VLMDiffConfig, where: str) -> None:
     """
     factor = 2 ** (len(cfg.autoencoder.ch_mult) - 1) * 2 ** (len(cfg.unet.channel_mult) - 1)
     if cfg.image_size <= 0 or cfg.image_size % factor:
-        raise UserError(f"{where}: image_size={cfg.image_size} does not suit this model: it must be a positive "
-                        f"multiple of {factor} (autoencoder x UNet downsampling), e.g. "
-                        f"{max(factor, round(cfg.image_size / factor) * factor)}")
+        raise UserError(
+            f"{where}: image_size={cfg.image_size} does not suit this model: it must be a positive "
+            f"multiple of {factor} (autoencoder x UNet downsampling), e.g. "
+            f"{max(factor, round(cfg.image_size / factor) * factor)}"
+        )

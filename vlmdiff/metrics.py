@@ -17,8 +17,9 @@ import logging
 import math
 import sys
 import zipfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -26,9 +27,18 @@ from utils.cli import HelpFormatter, run_main, setup_logging
 from utils.errors import UserError
 from utils.io import write_json
 from vlmdiff import scoring
-from vlmdiff.class_metrics import LEGACY_NUM_THRESHOLDS, binarize_masks  # noqa: F401  (public here too)
-from vlmdiff.class_metrics import (POSITIVE_BUDGET, ArrayClass, ClassSource, _to_numpy, evaluate_source, pixel_passes,
-                                    ranking, scan)
+from vlmdiff.class_metrics import (  # noqa: F401  (public here too)
+    LEGACY_NUM_THRESHOLDS,
+    POSITIVE_BUDGET,
+    ArrayClass,
+    ClassSource,
+    _to_numpy,
+    binarize_masks,
+    evaluate_source,
+    pixel_passes,
+    ranking,
+    scan,
+)
 from vlmdiff.curves import RESOLUTION
 
 logger = logging.getLogger(__name__)
@@ -50,8 +60,9 @@ def ranking_metrics(scores: Any, labels: Any, keep_curves: bool = False) -> dict
     return ranking(s, y, RESOLUTION if keep_curves else None)
 
 
-def pixel_metrics(maps: Any, gt: np.ndarray, fpr_limit: float = FPR_LIMIT, keep_curves: bool = False,
-                  budget: int = POSITIVE_BUDGET) -> dict[str, Any]:
+def pixel_metrics(
+    maps: Any, gt: np.ndarray, fpr_limit: float = FPR_LIMIT, keep_curves: bool = False, budget: int = POSITIVE_BUDGET
+) -> dict[str, Any]:
     """Pixel AUROC, AP, F1-max and the exact AU-PRO of one class (:mod:`vlmdiff.class_metrics`).
 
     Args:
@@ -74,8 +85,16 @@ def pixel_metrics(maps: Any, gt: np.ndarray, fpr_limit: float = FPR_LIMIT, keep_
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
     source = ArrayClass(m, np.asarray(gt, bool))
     s = scan(source, "pixel_metrics", "max", 0.0, budget)
-    return pixel_passes(s, source, "pixel_metrics", 0.0, budget=budget, legacy=False, fpr_limit=fpr_limit,
-                        resolution=RESOLUTION if keep_curves else None)[0]
+    return pixel_passes(
+        s,
+        source,
+        "pixel_metrics",
+        0.0,
+        budget=budget,
+        legacy=False,
+        fpr_limit=fpr_limit,
+        resolution=RESOLUTION if keep_curves else None,
+    )[0]
 
 
 def aupro(maps: Any, gt: np.ndarray, fpr_limit: float = FPR_LIMIT) -> float:
@@ -98,8 +117,9 @@ def legacy_aupro(maps: Any, gt: np.ndarray) -> float:
         raise UserError(f"maps {m.shape} and ground truth {np.shape(gt)} differ in shape")
     source = ArrayClass(m, np.asarray(gt, bool))
     s = scan(source, "legacy_aupro", "max", 0.0, budget=0)
-    return pixel_passes(s, source, "legacy_aupro", 0.0, budget=0, legacy=True, fpr_limit=FPR_LIMIT,
-                        resolution=None, official=False)[1]
+    return pixel_passes(
+        s, source, "legacy_aupro", 0.0, budget=0, legacy=True, fpr_limit=FPR_LIMIT, resolution=None, official=False
+    )[1]
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -109,8 +129,14 @@ def _protocols(protocol: str) -> tuple[str, ...]:
     return ("official", "legacy") if protocol == "both" else (protocol,)
 
 
-def evaluate_class(name: str, maps: Any, masks: Any, protocol: str = "official", image_pooling: str = "paper",
-                   mask_threshold: float = 0.0) -> dict[str, dict[str, float]]:
+def evaluate_class(
+    name: str,
+    maps: Any,
+    masks: Any,
+    protocol: str = "official",
+    image_pooling: str = "paper",
+    mask_threshold: float = 0.0,
+) -> dict[str, dict[str, float]]:
     """The seven metrics of one class: ``{protocol: {metric: value}}`` (one entry per protocol).
 
     ``maps`` ``(N, H, W)`` float, ``masks`` ``(N, H, W)`` (see :func:`binarize_masks`). Image
@@ -121,30 +147,66 @@ def evaluate_class(name: str, maps: Any, masks: Any, protocol: str = "official",
     return _evaluate_class(name, ArrayClass(_to_numpy(maps), masks), protocol, image_pooling, mask_threshold)
 
 
-def _evaluate_class(name: str, source: ClassSource, protocol: str, image_pooling: str, mask_threshold: float,
-                    on_curves: Callable[[str, dict[str, Any]], None] | None = None,
-                    on_chunk: Callable[[dict[str, np.ndarray]], None] | None = None,
-                    budget: int = POSITIVE_BUDGET) -> dict[str, dict[str, float]]:
+def _evaluate_class(
+    name: str,
+    source: ClassSource,
+    protocol: str,
+    image_pooling: str,
+    mask_threshold: float,
+    on_curves: Callable[[str, dict[str, Any]], None] | None = None,
+    on_chunk: Callable[[dict[str, np.ndarray]], None] | None = None,
+    budget: int = POSITIVE_BUDGET,
+) -> dict[str, dict[str, float]]:
     """:func:`evaluate_class` over a :class:`vlmdiff.class_metrics.ClassSource`. ``on_curves(name, curves)``
     also receives ``{"image": ranking_metrics(..., keep_curves=True), "pixel": pixel_metrics(...,
     keep_curves=True), "image_scores": (N,), "labels": (N,) bool, "map_max": (N,), "ids": (N,) or None}``
     (per-image arrays in chunk order); ``on_chunk(chunk)`` sees each chunk once (see
     :func:`vlmdiff.class_metrics.evaluate_source`)."""
     protocols = _protocols(protocol)
-    res = evaluate_source(name, source, legacy="legacy" in protocols, pooling=image_pooling,
-                          mask_threshold=mask_threshold, fpr_limit=FPR_LIMIT, budget=budget,
-                          resolution=RESOLUTION if on_curves is not None else None, on_chunk=on_chunk)
+    res = evaluate_source(
+        name,
+        source,
+        legacy="legacy" in protocols,
+        pooling=image_pooling,
+        mask_threshold=mask_threshold,
+        fpr_limit=FPR_LIMIT,
+        budget=budget,
+        resolution=RESOLUTION if on_curves is not None else None,
+        on_chunk=on_chunk,
+    )
     img, pix, labels = res["image"], res["pixel"], res["labels"]
-    official = {"auroc_image": img["auroc"], "ap_image": img["ap"], "f1max_image": img["f1max"],
-                "auroc_pixel": pix["auroc"], "ap_pixel": pix["ap"], "f1max_pixel": pix["f1max"],
-                "aupro": pix["aupro"]}
+    official = {
+        "auroc_image": img["auroc"],
+        "ap_image": img["ap"],
+        "f1max_image": img["f1max"],
+        "auroc_pixel": pix["auroc"],
+        "ap_pixel": pix["ap"],
+        "f1max_pixel": pix["f1max"],
+        "aupro": pix["aupro"],
+    }
     undefined = [k for k, v in official.items() if math.isnan(v)]
     if undefined:
-        logger.warning("class %r: %s undefined (NaN): %d of %d images anomalous, %d of %d pixels anomalous",
-                       name, ", ".join(undefined), int(labels.sum()), len(labels), res["n_pos"], res["n_pixels"])
+        logger.warning(
+            "class %r: %s undefined (NaN): %d of %d images anomalous, %d of %d pixels anomalous",
+            name,
+            ", ".join(undefined),
+            int(labels.sum()),
+            len(labels),
+            res["n_pos"],
+            res["n_pixels"],
+        )
     if on_curves is not None:
-        on_curves(name, {"image": img, "pixel": pix, "image_scores": res["image_scores"], "labels": labels,
-                         "map_max": res["map_max"], "ids": res["ids"]})
+        on_curves(
+            name,
+            {
+                "image": img,
+                "pixel": pix,
+                "image_scores": res["image_scores"],
+                "labels": labels,
+                "map_max": res["map_max"],
+                "ids": res["ids"],
+            },
+        )
     out: dict[str, dict[str, float]] = {}
     if "official" in protocols:
         out["official"] = official
@@ -167,11 +229,15 @@ def _mean_rows(per_class: dict[str, dict[str, float]]) -> tuple[dict[str, float]
     return mean, over
 
 
-def evaluate_stream(items: Iterable[tuple], protocol: str = "official", image_pooling: str = "paper",
-                    mask_threshold: float = 0.0,
-                    on_curves: Callable[[str, dict[str, Any]], None] | None = None,
-                    on_chunk: Callable[[str, dict[str, np.ndarray]], None] | None = None,
-                    budget: int = POSITIVE_BUDGET) -> dict[str, Any]:
+def evaluate_stream(
+    items: Iterable[tuple],
+    protocol: str = "official",
+    image_pooling: str = "paper",
+    mask_threshold: float = 0.0,
+    on_curves: Callable[[str, dict[str, Any]], None] | None = None,
+    on_chunk: Callable[[str, dict[str, np.ndarray]], None] | None = None,
+    budget: int = POSITIVE_BUDGET,
+) -> dict[str, Any]:
     """Evaluate class by class from ``(class_name, maps (N,H,W), masks (N,H,W))`` or
     ``(class_name, ClassSource)`` items (:class:`vlmdiff.class_metrics.ClassSource`: chunks read again as needed).
 
@@ -192,8 +258,9 @@ def evaluate_stream(items: Iterable[tuple], protocol: str = "official", image_po
         if name in rows[protocols[0]]:
             raise UserError(f"class {name!r} appears twice in the evaluation stream; pass each class once")
         chunk_hook = None if on_chunk is None else (lambda chunk, name=name: on_chunk(name, chunk))
-        for p, row in _evaluate_class(name, source, protocol, image_pooling, mask_threshold, on_curves,
-                                      chunk_hook, budget).items():
+        for p, row in _evaluate_class(
+            name, source, protocol, image_pooling, mask_threshold, on_curves, chunk_hook, budget
+        ).items():
             rows[p][name] = {k: float(v) for k, v in row.items()}
         logger.info("evaluated class %s", name)
     if not rows[protocols[0]]:
@@ -205,8 +272,14 @@ def evaluate_stream(items: Iterable[tuple], protocol: str = "official", image_po
     return result if protocol == "both" else result[protocol]
 
 
-def evaluate(maps: Any, masks: Any, class_names: Sequence[str], protocol: str = "official",
-             image_pooling: str = "paper", mask_threshold: float = 0.0) -> dict[str, Any]:
+def evaluate(
+    maps: Any,
+    masks: Any,
+    class_names: Sequence[str],
+    protocol: str = "official",
+    image_pooling: str = "paper",
+    mask_threshold: float = 0.0,
+) -> dict[str, Any]:
     """The seven metrics per class and their mean (see :func:`evaluate_stream` for the result).
 
     Args:
@@ -220,8 +293,9 @@ def evaluate(maps: Any, masks: Any, class_names: Sequence[str], protocol: str = 
     m, k = _to_numpy(maps), _to_numpy(masks)
     names = np.asarray([str(c) for c in _to_numpy(class_names).ravel()])
     if m.ndim != 3 or m.shape != k.shape or len(names) != len(m):
-        raise UserError(f"maps {m.shape}, masks {k.shape} and class_names ({len(names)}) must be "
-                        "(N, H, W), (N, H, W) and N")
+        raise UserError(
+            f"maps {m.shape}, masks {k.shape} and class_names ({len(names)}) must be (N, H, W), (N, H, W) and N"
+        )
     _, first = np.unique(names, return_index=True)
 
     def items() -> Iterator[tuple[str, ClassSource]]:
@@ -240,7 +314,7 @@ def evaluate(maps: Any, masks: Any, class_names: Sequence[str], protocol: str = 
 _HEADERS = ("AU-ROC_I", "AP_I", "F1max_I", "AU-ROC_P", "AP_P", "F1max_P", "AU-PRO")
 
 PAPER_RESULTS: dict[str, dict[str, float]] = {  # the VLMDiff paper (WACV 2026), mean over classes
-    name: dict(zip(METRICS, (v / 100.0 for v in vals)))
+    name: dict(zip(METRICS, (v / 100.0 for v in vals), strict=True))
     for name, vals in {
         "realiad": (78.0, 73.2, 69.8, 97.1, 25.5, 32.3, 87.7),
         "coco": (59.1, 51.2, 62.9, 69.0, 15.3, 22.4, 38.8),
@@ -313,14 +387,23 @@ def paper_comparison(means: dict[str | None, dict[str, float]], dataset: str) ->
     labelled = [p is not None for p in means]
     lines = ["| | " + " | ".join(_HEADERS) + " |", "|---|" + "---:|" * len(_HEADERS)]
     for protocol, row in means.items():
-        lines.append(f"| ours{f' ({protocol} protocol)' if protocol else ''} | "
-                     + " | ".join(_pct(row[k]) for k in METRICS) + " |")
-    lines.append(f"| paper ({key}{', legacy protocol' if any(labelled) else ''}) | "
-                 + " | ".join(_pct(paper[k]) for k in METRICS) + " |")
+        lines.append(
+            f"| ours{f' ({protocol} protocol)' if protocol else ''} | "
+            + " | ".join(_pct(row[k]) for k in METRICS)
+            + " |"
+        )
+    lines.append(
+        f"| paper ({key}{', legacy protocol' if any(labelled) else ''}) | "
+        + " | ".join(_pct(paper[k]) for k in METRICS)
+        + " |"
+    )
     for protocol, row in means.items():
         diff = {k: row[k] - paper[k] for k in METRICS}
-        lines.append(f"| difference{f' ({protocol})' if protocol else ''} | " + " | ".join(
-            "n/a" if math.isnan(diff[k]) else f"{100.0 * diff[k]:+.1f}" for k in METRICS) + " |")
+        lines.append(
+            f"| difference{f' ({protocol})' if protocol else ''} | "
+            + " | ".join("n/a" if math.isnan(diff[k]) else f"{100.0 * diff[k]:+.1f}" for k in METRICS)
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -339,35 +422,54 @@ def load_inputs(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {}
-            for role, names in (("maps", ("maps", "preds")), ("masks", ("masks",)),
-                                ("class_names", ("class_names", "clsname"))):
+            for role, names in (
+                ("maps", ("maps", "preds")),
+                ("masks", ("masks",)),
+                ("class_names", ("class_names", "clsname")),
+            ):
                 found = next((n for n in names if n in data.files), None)
                 if found is None:
-                    raise UserError(f"{path}: no array {' or '.join(repr(n) for n in names)} "
-                                    f"(arrays present: {', '.join(data.files) or 'none'})")
+                    raise UserError(
+                        f"{path}: no array {' or '.join(repr(n) for n in names)} "
+                        f"(arrays present: {', '.join(data.files) or 'none'})"
+                    )
                 arrays[role] = data[found]
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise UserError(f"{path}: not a readable .npz of plain arrays ({e}); save it with numpy.savez") from e
     if arrays["maps"].ndim != 3 or arrays["masks"].shape != arrays["maps"].shape:
         raise UserError(f"{path}: maps {arrays['maps'].shape} and masks {arrays['masks'].shape} must both be (N, H, W)")
     if arrays["class_names"].shape != (len(arrays["maps"]),):
-        raise UserError(f"{path}: class_names has shape {arrays['class_names'].shape}, "
-                        f"expected ({len(arrays['maps'])},)")
+        raise UserError(
+            f"{path}: class_names has shape {arrays['class_names'].shape}, expected ({len(arrays['maps'])},)"
+        )
     return arrays["maps"], arrays["masks"], arrays["class_names"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vlmdiff.metrics", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("file", help=".npz with maps (or preds), masks, class_names (or clsname)")
-    p.add_argument("--protocol", "--metrics_protocol", choices=PROTOCOLS, default="official",
-                   help="official (scikit-learn, MVTec AU-PRO), legacy (upstream's metric code) or both")
-    p.add_argument("--image_pooling", choices=scoring.POOLINGS, default="paper",
-                   help="image score: paper = max after 8 x avgpool 8; ader = max after avgpool 16; "
-                        "max = the map's maximum")
-    p.add_argument("--mask_threshold", type=float, default=0.0,
-                   help="ground truth = mask > this fraction of full scale (255 for uint8, 1 otherwise)")
-    p.add_argument("--output",
-                   help="write the metrics (fractions, NaN as null) to this JSON file (default: print only)")
+    p.add_argument(
+        "--protocol",
+        "--metrics_protocol",
+        choices=PROTOCOLS,
+        default="official",
+        help="official (scikit-learn, MVTec AU-PRO), legacy (upstream's metric code) or both",
+    )
+    p.add_argument(
+        "--image_pooling",
+        choices=scoring.POOLINGS,
+        default="paper",
+        help="image score: paper = max after 8 x avgpool 8; ader = max after avgpool 16; max = the map's maximum",
+    )
+    p.add_argument(
+        "--mask_threshold",
+        type=float,
+        default=0.0,
+        help="ground truth = mask > this fraction of full scale (255 for uint8, 1 otherwise)",
+    )
+    p.add_argument(
+        "--output", help="write the metrics (fractions, NaN as null) to this JSON file (default: print only)"
+    )
     return p
 
 
@@ -385,8 +487,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise UserError(f"{args.file}: {e}") from e
     print(format_table(result, title=Path(args.file).name))
     if args.output:
-        settings = {"input": str(args.file), "protocol": args.protocol, "image_pooling": args.image_pooling,
-                    "mask_threshold": args.mask_threshold}
+        settings = {
+            "input": str(args.file),
+            "protocol": args.protocol,
+            "image_pooling": args.image_pooling,
+            "mask_threshold": args.mask_threshold,
+        }
         write_json(args.output, _nan_to_none({"settings": settings, **result}))
     return result
 

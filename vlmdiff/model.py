@@ -9,7 +9,8 @@ the final ``out`` layer; everything else is frozen.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -25,8 +26,14 @@ TRAINABLE = ("control_model.", "model.diffusion_model.output_blocks.", "model.di
 class ControlledUNet(UNetModel):
     """A UNet whose decoder takes the SG network's control tensors (same weights/names as the UNet)."""
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
-                control: Sequence[torch.Tensor] | None = None, only_mid_control: bool = True) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        control: Sequence[torch.Tensor] | None = None,
+        only_mid_control: bool = True,
+    ) -> torch.Tensor:
         with torch.no_grad():
             emb = self.embed_time(timesteps)  # (B or 1, 4*mc)
             h, hs = self.encode(x, emb, context)  # frozen encoder half
@@ -49,13 +56,28 @@ class VLMDiff(LatentDiffusion):
     ``caption`` (B strings; "" when captions are not used).
     """
 
-    def __init__(self, cfg: VLMDiffConfig, *, learning_rate: float = 1e-5, weight_decay: float = 0.01,
-                 optimizer: str = "adamw", fused_optimizer: bool = False, load_pretrained_text: bool = True,
-                 text_encoder: TextEncoder | None = None):
-        super().__init__(cfg, trainable=TRAINABLE[1:], learning_rate=learning_rate, weight_decay=weight_decay,
-                         optimizer=optimizer, fused_optimizer=fused_optimizer,
-                         load_pretrained_text=load_pretrained_text, text_encoder=text_encoder,
-                         unet=ControlledUNet(cfg.unet))
+    def __init__(
+        self,
+        cfg: VLMDiffConfig,
+        *,
+        learning_rate: float = 1e-5,
+        weight_decay: float = 0.01,
+        optimizer: str = "adamw",
+        fused_optimizer: bool = False,
+        load_pretrained_text: bool = True,
+        text_encoder: TextEncoder | None = None,
+    ):
+        super().__init__(
+            cfg,
+            trainable=TRAINABLE[1:],
+            learning_rate=learning_rate,
+            weight_decay=weight_decay,
+            optimizer=optimizer,
+            fused_optimizer=fused_optimizer,
+            load_pretrained_text=load_pretrained_text,
+            text_encoder=text_encoder,
+            unet=ControlledUNet(cfg.unet),
+        )
         self.only_mid_control = cfg.control.only_mid_control
         self.control_model = SGNetwork(cfg.unet, cfg.control)
         self.trainable_prefixes = TRAINABLE
@@ -96,6 +118,7 @@ class VLMDiff(LatentDiffusion):
     def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """eps (B,4,h,w) from the SG network's controls and the controlled UNet; ``cond``: context, hint
         and optionally guided_hint (:meth:`sampling_condition`)."""
-        control = self.control_model(x_noisy, cond["hint"], t, cond["context"], cond.get("guided_hint"),
-                                     skip=self.unused_controls())  # unread controls are None
+        control = self.control_model(
+            x_noisy, cond["hint"], t, cond["context"], cond.get("guided_hint"), skip=self.unused_controls()
+        )  # unread controls are None
         return self.model.diffusion_model(x_noisy, t, cond["context"], control, self.only_mid_control)

@@ -14,8 +14,9 @@ histograms) and one for the mean over classes.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -38,18 +39,31 @@ def _ranking_curves(res: dict[str, Any]) -> dict[str, Any] | None:
     c = res.get("curves")
     if c is None:
         return None
-    out: dict[str, Any] = {"n_pos": int(c["n_pos"]), "n_neg": int(c["n_neg"]),
-                           "f1max_threshold": res["f1max_threshold"], "auroc": res["auroc"], "ap": res["ap"],
-                           "f1max": res["f1max"]}
+    out: dict[str, Any] = {
+        "n_pos": int(c["n_pos"]),
+        "n_neg": int(c["n_neg"]),
+        "f1max_threshold": res["f1max_threshold"],
+        "auroc": res["auroc"],
+        "ap": res["ap"],
+        "f1max": res["f1max"],
+    }
     if "roc" in c:
         out["roc"] = {"fpr": _list(c["roc"]["fpr"]), "tpr": _list(c["roc"]["tpr"])}
     pr = c["pr"]
-    out["pr"] = {"recall": _list(pr["recall"]), "precision": _list(pr["precision"]),
-                 "threshold": _list(pr["threshold"], None), "tp": [int(v) for v in pr["tp"]],
-                 "fp": [int(v) for v in pr["fp"]]}
+    out["pr"] = {
+        "recall": _list(pr["recall"]),
+        "precision": _list(pr["precision"]),
+        "threshold": _list(pr["threshold"], None),
+        "tp": [int(v) for v in pr["tp"]],
+        "fp": [int(v) for v in pr["fp"]],
+    }
     if "pro" in c:
-        out["pro"] = {"fpr": _list(c["pro"]["fpr"]), "pro": _list(c["pro"]["pro"]), "aupro": res["aupro"],
-                      "fpr_limit": c["pro"]["fpr_limit"]}
+        out["pro"] = {
+            "fpr": _list(c["pro"]["fpr"]),
+            "pro": _list(c["pro"]["pro"]),
+            "aupro": res["aupro"],
+            "fpr_limit": c["pro"]["fpr_limit"],
+        }
     return out
 
 
@@ -60,9 +74,11 @@ def class_curves(curves: dict[str, Any], display_range: tuple[float, float] | No
     "display_range": [lo, hi]}``; ``None`` where the class has no anomalous image / pixel.
     Metric values in it are the official protocol's (the curves are the official ones).
     """
-    return {"image": _ranking_curves(curves["image"]),
-            "pixel": _ranking_curves(curves["pixel"]),
-            "display_range": list(display_range) if display_range else None}
+    return {
+        "image": _ranking_curves(curves["image"]),
+        "pixel": _ranking_curves(curves["pixel"]),
+        "display_range": list(display_range) if display_range else None,
+    }
 
 
 def area_to_limit(fpr: Sequence[float], pro: Sequence[float], limit: float = FPR_LIMIT) -> float:
@@ -154,8 +170,7 @@ def _hist(ax, scores: np.ndarray, labels: np.ndarray, threshold: float | None, t
         return _empty(ax, f"{title}: image scores", "no images")
     bins = np.histogram_bin_edges(scores, bins=min(40, max(5, len(scores) // 3)))
     ax.hist(scores[labels == 0], bins=bins, alpha=0.6, label=f"normal ({int(np.sum(labels == 0))})", color="tab:blue")
-    ax.hist(scores[labels == 1], bins=bins, alpha=0.6, label=f"anomalous ({int(np.sum(labels == 1))})",
-            color="tab:red")
+    ax.hist(scores[labels == 1], bins=bins, alpha=0.6, label=f"anomalous ({int(np.sum(labels == 1))})", color="tab:red")
     if threshold is not None:
         ax.axvline(threshold, color="k", ls="--", lw=1, label="F1-max threshold")
     ax.set(xlabel="image score", ylabel="images")
@@ -185,16 +200,33 @@ def class_figure(name: str, curves: dict[str, Any], scores: np.ndarray, labels: 
     return fig
 
 
-def _mean_panel(ax, classes: dict[str, dict], kind: str, curve: str, xkey: str, ykey: str, title: str,
-                value: float | None, xlabel: str, ylabel: str, limit: float | None = None) -> None:
+def _mean_panel(
+    ax,
+    classes: dict[str, dict],
+    kind: str,
+    curve: str,
+    xkey: str,
+    ykey: str,
+    title: str,
+    value: float | None,
+    xlabel: str,
+    ylabel: str,
+    limit: float | None = None,
+) -> None:
     ys = []
     for name, c in classes.items():
         part = (c.get(kind) or {}).get(curve)
         if not part:
             continue
         x, y = np.asarray(part[xkey]), np.asarray(part[ykey])
-        ax.plot(x, y, lw=0.7, alpha=0.5, label=name if len(classes) <= 12 else None,
-                drawstyle="steps-post" if curve == "pr" else "default")
+        ax.plot(
+            x,
+            y,
+            lw=0.7,
+            alpha=0.5,
+            label=name if len(classes) <= 12 else None,
+            drawstyle="steps-post" if curve == "pr" else "default",
+        )
         if curve == "pr":  # precision at each recall: the best precision at that recall or above
             order = np.argsort(x, kind="stable")
             ys.append(np.interp(_GRID, x[order], np.maximum.accumulate(y[order][::-1])[::-1]))
@@ -210,22 +242,78 @@ def _mean_panel(ax, classes: dict[str, dict], kind: str, curve: str, xkey: str, 
     ax.set_title(f"mean: {title} {_pct(value)}", fontsize=9)
 
 
-def mean_figure(classes: dict[str, dict[str, Any]], mean_row: dict[str, float], scores: np.ndarray,
-                labels: np.ndarray, threshold: float | None) -> Figure:
+def mean_figure(
+    classes: dict[str, dict[str, Any]],
+    mean_row: dict[str, float],
+    scores: np.ndarray,
+    labels: np.ndarray,
+    threshold: float | None,
+) -> Figure:
     """The class curves overlaid, their mean (averaged on a common x grid) bold, titled with the mean metrics."""
     fig = _grid_figure()
     ax = fig.subplots(2, 3)
-    _mean_panel(ax[0, 0], classes, "image", "roc", "fpr", "tpr", "image AU-ROC", mean_row.get("auroc_image"),
-                "false positive rate", "true positive rate")
-    _mean_panel(ax[0, 1], classes, "image", "pr", "recall", "precision", "image AP", mean_row.get("ap_image"),
-                "recall", "precision")
+    _mean_panel(
+        ax[0, 0],
+        classes,
+        "image",
+        "roc",
+        "fpr",
+        "tpr",
+        "image AU-ROC",
+        mean_row.get("auroc_image"),
+        "false positive rate",
+        "true positive rate",
+    )
+    _mean_panel(
+        ax[0, 1],
+        classes,
+        "image",
+        "pr",
+        "recall",
+        "precision",
+        "image AP",
+        mean_row.get("ap_image"),
+        "recall",
+        "precision",
+    )
     _hist(ax[0, 2], scores, labels, threshold, "all classes")
-    _mean_panel(ax[1, 0], classes, "pixel", "roc", "fpr", "tpr", "pixel AU-ROC", mean_row.get("auroc_pixel"),
-                "false positive rate", "true positive rate")
-    _mean_panel(ax[1, 1], classes, "pixel", "pr", "recall", "precision", "pixel AP", mean_row.get("ap_pixel"),
-                "recall", "precision")
-    _mean_panel(ax[1, 2], classes, "pixel", "pro", "fpr", "pro", f"AU-PRO (to {FPR_LIMIT:g})", mean_row.get("aupro"),
-                "false positive rate (pixels)", "per-region overlap", limit=FPR_LIMIT)
+    _mean_panel(
+        ax[1, 0],
+        classes,
+        "pixel",
+        "roc",
+        "fpr",
+        "tpr",
+        "pixel AU-ROC",
+        mean_row.get("auroc_pixel"),
+        "false positive rate",
+        "true positive rate",
+    )
+    _mean_panel(
+        ax[1, 1],
+        classes,
+        "pixel",
+        "pr",
+        "recall",
+        "precision",
+        "pixel AP",
+        mean_row.get("ap_pixel"),
+        "recall",
+        "precision",
+    )
+    _mean_panel(
+        ax[1, 2],
+        classes,
+        "pixel",
+        "pro",
+        "fpr",
+        "pro",
+        f"AU-PRO (to {FPR_LIMIT:g})",
+        mean_row.get("aupro"),
+        "false positive rate (pixels)",
+        "per-region overlap",
+        limit=FPR_LIMIT,
+    )
     return fig
 
 

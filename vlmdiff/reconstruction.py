@@ -12,15 +12,14 @@ Randomness is per image: the posterior sample and the q_sample noise come from a
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
 from ldm.diffusion.ddim import ddim_sample, ddim_timesteps, steps_up_to
 from ldm.diffusion.guidance import classifier_free_guidance
 from utils.errors import UserError
-
 
 BATCH_SIZE = 8  # test.py's default images per forward pass (bench/bench_inference.py times "ours" at it)
 
@@ -60,9 +59,17 @@ def per_image_noise(ids: Sequence[str], seed: int, latent_shape: Sequence[int]) 
 
 
 @torch.no_grad()
-def reconstruct_latent(model, image: torch.Tensor, context: torch.Tensor, uncond_context: torch.Tensor,
-                       posterior_eps: torch.Tensor, noise: torch.Tensor, settings: ReconstructionSettings,
-                       *, two_passes: bool = False) -> dict[str, torch.Tensor]:
+def reconstruct_latent(
+    model,
+    image: torch.Tensor,
+    context: torch.Tensor,
+    uncond_context: torch.Tensor,
+    posterior_eps: torch.Tensor,
+    noise: torch.Tensor,
+    settings: ReconstructionSettings,
+    *,
+    two_passes: bool = False,
+) -> dict[str, torch.Tensor]:
     """The reconstruction of a batch given its contexts and noises; returns z, x_noisy and the final latent.
 
     ``model`` is a VLMDiff (anything with encode_first_stage, q_sample, sampling_condition, apply_model,
@@ -76,18 +83,27 @@ def reconstruct_latent(model, image: torch.Tensor, context: torch.Tensor, uncond
     x_noisy = model.q_sample(z, t, noise.to(z.device, z.dtype))
     cond = model.sampling_condition({"context": context, "hint": image})
     uncond = cond if uncond_context is context else {**cond, "context": uncond_context}
-    denoise = classifier_free_guidance(model.apply_model, cond, uncond, settings.guidance_scale,
-                                       skip_same=not two_passes)
+    denoise = classifier_free_guidance(
+        model.apply_model, cond, uncond, settings.guidance_scale, skip_same=not two_passes
+    )
     grid = ddim_timesteps(settings.ddim_steps, model.num_timesteps)
-    final = ddim_sample(denoise, x_noisy, model.alphas_cumprod, grid, steps_up_to(grid, settings.noise_t),
-                        eta=settings.eta)
+    final = ddim_sample(
+        denoise, x_noisy, model.alphas_cumprod, grid, steps_up_to(grid, settings.noise_t), eta=settings.eta
+    )
     return {"z": z, "x_noisy": x_noisy, "final_latent": final}
 
 
 @torch.no_grad()
-def reconstruct(model, image: torch.Tensor, captions: Sequence[str], ids: Sequence[str],
-                settings: ReconstructionSettings, *, decode_autoencoder: bool = True,
-                two_passes: bool = False) -> dict[str, torch.Tensor]:
+def reconstruct(
+    model,
+    image: torch.Tensor,
+    captions: Sequence[str],
+    ids: Sequence[str],
+    settings: ReconstructionSettings,
+    *,
+    decode_autoencoder: bool = True,
+    two_passes: bool = False,
+) -> dict[str, torch.Tensor]:
     """Reconstruct a batch (B,3,H,W): returns ``sample`` (decoded diffusion output) and ``autoencoder``.
 
     ``autoencoder`` is the plain autoencoder reconstruction decode(z) of the same latent sample, for
@@ -95,8 +111,11 @@ def reconstruct(model, image: torch.Tensor, captions: Sequence[str], ids: Sequen
     a fifth of the work at the ``mid`` preset). ``two_passes``: see :func:`reconstruct_latent`.
     """
     b = image.shape[0]
-    latent = [model.cfg.autoencoder.embed_dim, image.shape[2] // model.first_stage_factor,
-              image.shape[3] // model.first_stage_factor]
+    latent = [
+        model.cfg.autoencoder.embed_dim,
+        image.shape[2] // model.first_stage_factor,
+        image.shape[3] // model.first_stage_factor,
+    ]
     eps, noise = per_image_noise(ids, settings.seed, latent)
     uncond = model.get_learned_conditioning([""]).expand(b, -1, -1)
     context = uncond if all(c == "" for c in captions) else model.get_learned_conditioning(list(captions))

@@ -24,8 +24,9 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 from urllib.parse import quote
 
 import numpy as np
@@ -65,8 +66,10 @@ def read_scores(run: Path) -> list[dict[str, str]]:
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     if rows and not {"id", "class", "label", "image_score", "visual_path"} <= set(rows[0]):
-        raise UserError(f"{path}: written by an older version (columns {', '.join(rows[0])}); "
-                        "re-evaluate the run (test.py ... --run_eval_only)")
+        raise UserError(
+            f"{path}: written by an older version (columns {', '.join(rows[0])}); "
+            "re-evaluate the run (test.py ... --run_eval_only)"
+        )
     return rows
 
 
@@ -83,8 +86,10 @@ def read_metrics(run: str | Path) -> dict[str, Any] | None:
     def nan(row: dict) -> dict[str, float]:
         return {k: math.nan if row.get(k) is None else float(row[k]) for k in METRICS}
 
-    return {p: {"per_class": {c: nan(r) for c, r in res.get("per_class", {}).items()}, "mean": nan(res["mean"])}
-            for p, res in data["metrics"].items()}
+    return {
+        p: {"per_class": {c: nan(r) for c, r in res.get("per_class", {}).items()}, "mean": nan(res["mean"])}
+        for p, res in data["metrics"].items()
+    }
 
 
 def read_mean(run: str | Path, protocol: str) -> dict[str, float]:
@@ -125,19 +130,23 @@ def galleries(rows: list[dict[str, str]], size: int) -> dict[str, dict[str, list
                 "best detections (highest-scoring anomalous images)": sorted(anomalous, key=score, reverse=True)[:size],
             }
         else:
-            out[cls] = {"highest scores": sorted(mine, key=score, reverse=True)[:size],
-                        "lowest scores": sorted(mine, key=score)[:size]}
+            out[cls] = {
+                "highest scores": sorted(mine, key=score, reverse=True)[:size],
+                "lowest scores": sorted(mine, key=score)[:size],
+            }
     return out
 
 
-def _gallery_pictures(run: Path, cls: str, wanted: list[dict[str, str]],
-                      display_range: tuple[float, float] | None) -> tuple[dict[str, str], tuple[float, float] | None]:
+def _gallery_pictures(
+    run: Path, cls: str, wanted: list[dict[str, str]], display_range: tuple[float, float] | None
+) -> tuple[dict[str, str], tuple[float, float] | None]:
     """``{id: path relative to run}`` of the picture of each gallery image: its strip when the run has one,
     else panels ``input | anomaly map | overlay [| ground truth]`` put together here from its stored map
     (plain image panels in a JPEG, no matplotlib: a large run draws hundreds). Also returns the colour range
     used."""
-    pictures = {r["id"]: r["visual_path"] for r in wanted
-                if r.get("visual_path") and (run / r["visual_path"]).is_file()}
+    pictures = {
+        r["id"]: r["visual_path"] for r in wanted if r.get("visual_path") and (run / r["visual_path"]).is_file()
+    }
     missing = [r for r in wanted if r["id"] not in pictures]
     if not missing:
         return pictures, display_range
@@ -164,8 +173,12 @@ def _gallery_pictures(run: Path, cls: str, wanted: list[dict[str, str]],
             Image.fromarray(_side_by_side(panels)).save(f, format="JPEG", quality=90)
         pictures[r["id"]] = rel.as_posix()
     if no_input:
-        log.warning("class %s: %d gallery images have no readable image file (image_path in scores.csv); "
-                    "their input panel is grey", cls, no_input)
+        log.warning(
+            "class %s: %d gallery images have no readable image file (image_path in scores.csv); "
+            "their input panel is grey",
+            cls,
+            no_input,
+        )
     return pictures, display_range
 
 
@@ -173,8 +186,9 @@ def _side_by_side(panels: list[np.ndarray], size: int = PANEL_SIZE, gap: int = 4
     """(H,W,3) uint8 panels resized to ``size`` (nearest) and set in a row with white gaps."""
     row = np.full((size, len(panels) * (size + gap) - gap, 3), 255, np.uint8)
     for i, p in enumerate(panels):
-        row[:, i * (size + gap):i * (size + gap) + size] = np.asarray(
-            Image.fromarray(p).resize((size, size), Image.NEAREST))
+        row[:, i * (size + gap) : i * (size + gap) + size] = np.asarray(
+            Image.fromarray(p).resize((size, size), Image.NEAREST)
+        )
     return row
 
 
@@ -235,8 +249,13 @@ def _provenance(run: Path) -> str:
     prov = read_json(run / "metrics.json").get("provenance", {}) if (run / "metrics.json").is_file() else {}
     ckpt = manifest.get("checkpoint") or {}
     items = [
-        ("checkpoint", f"{ckpt.get('path', '?')} ({ckpt.get('size', '?')} bytes, sha256 of head+tail "
-                       f"{ckpt.get('sha256_head_tail', '?')})" if ckpt else "?"),
+        (
+            "checkpoint",
+            f"{ckpt.get('path', '?')} ({ckpt.get('size', '?')} bytes, sha256 of head+tail "
+            f"{ckpt.get('sha256_head_tail', '?')})"
+            if ckpt
+            else "?",
+        ),
         ("feature extractor", (manifest.get("feature_extractor") or {}).get("name", "?")),
         ("reconstruction", json.dumps(manifest.get("reconstruction", {}))),
         ("data", json.dumps(manifest.get("data", {}))),
@@ -247,7 +266,7 @@ def _provenance(run: Path) -> str:
     ]
     rows = "".join(f"<tr><td>{_e(k)}</td><td style='text-align:left'>{_e(v)}</td></tr>" for k, v in items)
     config = json.dumps(manifest.get("config", {}), indent=2)
-    return (f"<table>{rows}</table><details><summary>model config</summary><pre>{_e(config)}</pre></details>")
+    return f"<table>{rows}</table><details><summary>model config</summary><pre>{_e(config)}</pre></details>"
 
 
 def _thresholds_html(run: Path) -> str:
@@ -257,18 +276,26 @@ def _thresholds_html(run: Path) -> str:
     t = read_json(path)
     classes = sorted(set(t["image"]["per_class"]) | set(t["pixel"]["per_class"]))
     fmt = lambda v: "n/a" if v is None else f"{v:.6g}"  # noqa: E731
-    rows = "".join(f"<tr><td>{_e(c)}</td><td>{fmt(t['image']['per_class'].get(c))}</td>"
-                   f"<td>{fmt(t['pixel']['per_class'].get(c))}</td></tr>" for c in classes)
-    rows += (f"<tr class='mean'><td>overall</td><td>{fmt(t['image']['overall'])}</td>"
-             f"<td>{fmt(t['pixel']['overall'])}</td></tr>")
-    return ("<h2>Decision thresholds (F1-max)</h2><p class='note'>Anomalous = score &ge; threshold; "
-            f"image pooling {_e(t['image_pooling'])}. <code>test.py --data_set folder --threshold_from "
-            f"{_e(run)}</code> applies them to unlabelled images.</p>"
-            f"<table><tr><th>class</th><th>image score</th><th>pixel score</th></tr>{rows}</table>")
+    rows = "".join(
+        f"<tr><td>{_e(c)}</td><td>{fmt(t['image']['per_class'].get(c))}</td>"
+        f"<td>{fmt(t['pixel']['per_class'].get(c))}</td></tr>"
+        for c in classes
+    )
+    rows += (
+        f"<tr class='mean'><td>overall</td><td>{fmt(t['image']['overall'])}</td>"
+        f"<td>{fmt(t['pixel']['overall'])}</td></tr>"
+    )
+    return (
+        "<h2>Decision thresholds (F1-max)</h2><p class='note'>Anomalous = score &ge; threshold; "
+        f"image pooling {_e(t['image_pooling'])}. <code>test.py --data_set folder --threshold_from "
+        f"{_e(run)}</code> applies them to unlabelled images.</p>"
+        f"<table><tr><th>class</th><th>image score</th><th>pixel score</th></tr>{rows}</table>"
+    )
 
 
-def build_report(run: str | Path, protocol: str | None = None, gallery_size: int = 8,
-                 dataset: str | None = None) -> Path:
+def build_report(
+    run: str | Path, protocol: str | None = None, gallery_size: int = 8, dataset: str | None = None
+) -> Path:
     """Write ``report.html`` (and its ``report/`` folder) in the run folder ``run``; returns its path.
 
     ``protocol``: the row(s) beside the paper's (None: legacy where the run has it, else official;
@@ -283,10 +310,13 @@ def build_report(run: str | Path, protocol: str | None = None, gallery_size: int
     curves = read_json(curves_path)["classes"] if curves_path.is_file() else {}
     dataset = dataset or _dataset_of(run)
     assets = run / ASSETS
-    body = [f"<h1>Test run {_e(run.resolve().name)}</h1>",
-            f"<p class='note'>{len(rows)} images in {len({r['class'] for r in rows})} classes; "
-            f"per-image scores: <a href='scores.csv'>scores.csv</a>"
-            + (", metrics: <a href='metrics.json'>metrics.json</a>" if metrics else "") + ".</p>"]
+    body = [
+        f"<h1>Test run {_e(run.resolve().name)}</h1>",
+        f"<p class='note'>{len(rows)} images in {len({r['class'] for r in rows})} classes; "
+        f"per-image scores: <a href='scores.csv'>scores.csv</a>"
+        + (", metrics: <a href='metrics.json'>metrics.json</a>" if metrics else "")
+        + ".</p>",
+    ]
 
     if metrics:
         body.append("<h2>Metrics (percent)</h2>")
@@ -296,14 +326,18 @@ def build_report(run: str | Path, protocol: str | None = None, gallery_size: int
         if key in PAPER_RESULTS:
             means = paper_means(metrics, protocol)
             body.append(f"<h3>Mean beside the paper's row ({_e(key)})</h3>")
-            body.append("<p class='note'>The paper's numbers come from the DiAD/VLMDiff metric code (legacy "
-                        "protocol); a row of another protocol is not a like-for-like comparison.</p>")
+            body.append(
+                "<p class='note'>The paper's numbers come from the DiAD/VLMDiff metric code (legacy "
+                "protocol); a row of another protocol is not a like-for-like comparison.</p>"
+            )
             body.append(_md_table_html(paper_comparison(means, key)))
 
     if curves:
-        body.append("<h2>Curves</h2><p class='note'>Image ROC and PR, image-score histograms, pixel ROC and PR "
-                    "and the PRO curve (area to the dashed FPR limit) per class, official protocol; the mean "
-                    "figure averages the class curves on a common axis.</p>")
+        body.append(
+            "<h2>Curves</h2><p class='note'>Image ROC and PR, image-score histograms, pixel ROC and PR "
+            "and the PRO curve (area to the dashed FPR limit) per class, official protocol; the mean "
+            "figure averages the class curves on a common axis.</p>"
+        )
         scores = np.array([float(r["image_score"]) for r in rows])
         labels = np.array([int(r["label"]) if r["label"] in ("0", "1") else -1 for r in rows])
         from vlmdiff.thresholds import THRESHOLDS
@@ -312,16 +346,19 @@ def build_report(run: str | Path, protocol: str | None = None, gallery_size: int
         mean_row = metrics.get("official", next(iter(metrics.values())))["mean"] if metrics else {}
         if "official" not in (metrics or {}):
             mean_row = {k: None for k in METRICS}  # the curves are official; legacy values would mislabel them
-        fig = plots.save_figure(plots.mean_figure(curves, mean_row, scores, labels, overall),
-                                assets / "curves" / "mean.png")
-        body.append(f"<h3>mean</h3><img class='curves' src='{_url(fig.relative_to(run))}' "
-                    "alt='curves, mean over classes'>")
+        fig = plots.save_figure(
+            plots.mean_figure(curves, mean_row, scores, labels, overall), assets / "curves" / "mean.png"
+        )
+        body.append(
+            f"<h3>mean</h3><img class='curves' src='{_url(fig.relative_to(run))}' alt='curves, mean over classes'>"
+        )
         for cls, c in curves.items():
             sel = np.array([r["class"] == cls for r in rows])
             path = assets / "curves" / visual_path(cls, cls).name
             plots.save_figure(plots.class_figure(cls, c, scores[sel], labels[sel]), path)
-            body.append(f"<h3>{_e(cls)}</h3><img class='curves' src='{_url(path.relative_to(run))}' "
-                        f"alt='curves of {_e(cls)}'>")
+            body.append(
+                f"<h3>{_e(cls)}</h3><img class='curves' src='{_url(path.relative_to(run))}' alt='curves of {_e(cls)}'>"
+            )
 
     body.append(_thresholds_html(run))
     body.append(f"<h2>Galleries ({gallery_size} per kind and class)</h2>")
@@ -332,9 +369,11 @@ def build_report(run: str | Path, protocol: str | None = None, gallery_size: int
         body.append(f"<h3>{_e(cls)}</h3>")
         if any(p.startswith(ASSETS) for p in pictures.values()):
             lo, hi = display
-            body.append(f"<p class='note'>Pictures drawn from the stored maps: input | anomaly map | overlay "
-                        f"| ground truth; map colours ('jet', blue to red) span {lo:.4g} to {hi:.4g} for every "
-                        "image of the class. <code>test.py --save_visuals</code> gives titled strips.</p>")
+            body.append(
+                f"<p class='note'>Pictures drawn from the stored maps: input | anomaly map | overlay "
+                f"| ground truth; map colours ('jet', blue to red) span {lo:.4g} to {hi:.4g} for every "
+                "image of the class. <code>test.py --save_visuals</code> gives titled strips.</p>"
+            )
         for kind, chosen in kinds.items():
             body.append(f"<h4>{_e(kind)}</h4>")
             if not chosen:
@@ -350,9 +389,12 @@ def build_report(run: str | Path, protocol: str | None = None, gallery_size: int
             body.append("</div>")
 
     body.append("<h2>Provenance</h2>" + _provenance(run))
-    page = ("<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-            f"<title>VLMDiff test run {_e(run.resolve().name)}</title><style>{_CSS}</style></head><body>\n"
-            + "\n".join(b for b in body if b) + "\n</body></html>\n")
+    page = (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        f"<title>VLMDiff test run {_e(run.resolve().name)}</title><style>{_CSS}</style></head><body>\n"
+        + "\n".join(b for b in body if b)
+        + "\n</body></html>\n"
+    )
     write_text(run / REPORT, page)
     return run / REPORT
 
@@ -366,17 +408,26 @@ def comparison_table(runs: Sequence[Path], protocol: str | None) -> str:
             lines.append(f"| {run} | (no metrics: unlabelled) |" + " |" * len(_HEADERS))
             continue
         for p, row in paper_means(metrics, protocol).items():
-            lines.append(f"| {run} | {p} | " + " | ".join(
-                "nan" if math.isnan(row[k]) else f"{100 * row[k]:.1f}" for k in METRICS) + " |")
+            lines.append(
+                f"| {run} | {p} | "
+                + " | ".join("nan" if math.isnan(row[k]) else f"{100 * row[k]:.1f}" for k in METRICS)
+                + " |"
+            )
     return "\n".join(lines)
 
 
 def _compare_page(path: Path, runs: Sequence[Path], table: str) -> None:
-    links = "".join(f"<li><a href='{_url(_relpath(r / REPORT, path.parent))}'>{_e(r)}</a></li>"
-                    for r in runs if (r / REPORT).is_file())
-    write_text(path, "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>VLMDiff runs side by side"
-               f"</title><style>{_CSS}</style></head><body><h1>Runs side by side (mean over classes, percent)</h1>"
-               f"{_md_table_html(table)}<ul>{links}</ul></body></html>\n")
+    links = "".join(
+        f"<li><a href='{_url(_relpath(r / REPORT, path.parent))}'>{_e(r)}</a></li>"
+        for r in runs
+        if (r / REPORT).is_file()
+    )
+    write_text(
+        path,
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>VLMDiff runs side by side"
+        f"</title><style>{_CSS}</style></head><body><h1>Runs side by side (mean over classes, percent)</h1>"
+        f"{_md_table_html(table)}<ul>{links}</ul></body></html>\n",
+    )
 
 
 def _relpath(target: Path, start: Path) -> str:
@@ -389,18 +440,36 @@ def _relpath(target: Path, start: Path) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vlmdiff.report", description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("runs", nargs="+", help="test.py output folders (or their metrics.json files)")
-    p.add_argument("--dataset", default=None, choices=_DATASETS,
-                   help="whose published row to print beside ours (default: each run's data set)")
-    p.add_argument("--protocol", "--metrics_protocol", default=None, choices=("official", "legacy", "both"),
-                   help="our row(s) beside the paper's (default: legacy, the paper's protocol, where the run "
-                        "has it, else official; each row labelled)")
+    p.add_argument(
+        "--dataset",
+        default=None,
+        choices=_DATASETS,
+        help="whose published row to print beside ours (default: each run's data set)",
+    )
+    p.add_argument(
+        "--protocol",
+        "--metrics_protocol",
+        default=None,
+        choices=("official", "legacy", "both"),
+        help="our row(s) beside the paper's (default: legacy, the paper's protocol, where the run "
+        "has it, else official; each row labelled)",
+    )
     p.add_argument("--gallery_size", type=int, default=8, help="images per gallery (false alarms, misses, detections)")
     p.add_argument("--no_html", action="store_true", help="only print the tables; build no report.html")
-    p.add_argument("--compare", default=None, metavar="HTML",
-                   help="with several runs: also write their side-by-side table as this static page (default: none)")
-    p.add_argument("--average", action="store_true",
-                   help="average the runs' mean rows (COCO-AD's result is the mean over its four parts)")
-    p.add_argument("--output", default=None, help="with --average: write the averaged row as JSON (default: print only)")
+    p.add_argument(
+        "--compare",
+        default=None,
+        metavar="HTML",
+        help="with several runs: also write their side-by-side table as this static page (default: none)",
+    )
+    p.add_argument(
+        "--average",
+        action="store_true",
+        help="average the runs' mean rows (COCO-AD's result is the mean over its four parts)",
+    )
+    p.add_argument(
+        "--output", default=None, help="with --average: write the averaged row as JSON (default: print only)"
+    )
     return p
 
 

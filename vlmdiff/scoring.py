@@ -14,7 +14,7 @@ every function here works on the whole batch and on any output height and width,
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -62,10 +62,11 @@ def anomaly_map(
     h, w = _pair(out_size)
     batch = feats_in[0].shape[0]
     acc = torch.zeros(batch, h, w, dtype=torch.float64, device=feats_in[0].device)
-    for level, (fi, fr) in enumerate(zip(feats_in, feats_rec)):
+    for level, (fi, fr) in enumerate(zip(feats_in, feats_rec, strict=True)):
         if fi.shape != fr.shape or fi.ndim != 4 or fi.shape[0] != batch:
-            raise ValueError(f"level {level}: feature shapes {tuple(fi.shape)} and {tuple(fr.shape)} "
-                             "differ or are not (B, C, h, w)")
+            raise ValueError(
+                f"level {level}: feature shapes {tuple(fi.shape)} and {tuple(fr.shape)} differ or are not (B, C, h, w)"
+            )
         dist = 1.0 - F.cosine_similarity(fi.float(), fr.float(), dim=1, eps=COSINE_EPS)  # (B, h_l, w_l)
         up = F.interpolate(dist[:, None], size=(h, w), mode="bilinear", align_corners=True)  # (B, 1, H, W)
         acc += up[:, 0].double()
@@ -74,8 +75,12 @@ def anomaly_map(
     return acc.float()
 
 
-def gaussian_kernel1d(sigma: float, truncate: float = GAUSS_TRUNCATE, dtype: torch.dtype = torch.float64,
-                      device: torch.device | str | None = None) -> Tensor:
+def gaussian_kernel1d(
+    sigma: float,
+    truncate: float = GAUSS_TRUNCATE,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> Tensor:
     """Normalised 1-D Gaussian of radius ``int(truncate * sigma + 0.5)`` (scipy's kernel), shape ``(2r+1,)``."""
     radius = int(truncate * float(sigma) + 0.5)
     x = torch.arange(-radius, radius + 1, dtype=torch.float64, device=device)

@@ -16,13 +16,19 @@ All non-default initialisation (the zero convolutions) happens in :func:`zero_in
 
 from __future__ import annotations
 
-from typing import Collection
+from collections.abc import Collection
 
 import torch
 from torch import nn
 
 from ldm.config import UNetConfig
-from ldm.modules.unet import build_input_blocks, build_middle_block, build_time_embed, embed_timesteps, validate_unet_config
+from ldm.modules.unet import (
+    build_input_blocks,
+    build_middle_block,
+    build_time_embed,
+    embed_timesteps,
+    validate_unet_config,
+)
 from vlmdiff.config import ControlConfig
 
 
@@ -64,11 +70,14 @@ class SGNetwork(nn.Module):
         self.sources, self.targets = sff_pairs(unet_cfg) if cfg.use_sff else ([], [])
         for i, src in enumerate(self.sources, start=1):
             for j, tgt in enumerate(self.targets, start=1):
-                self.add_module(f"down{i}{j}", nn.Sequential(
-                    nn.Conv2d(chans[src], chans[tgt], 3, stride=2, padding=1, bias=False),
-                    nn.InstanceNorm2d(chans[tgt], affine=False, track_running_stats=False),
-                    nn.SiLU(),
-                ))
+                self.add_module(
+                    f"down{i}{j}",
+                    nn.Sequential(
+                        nn.Conv2d(chans[src], chans[tgt], 3, stride=2, padding=1, bias=False),
+                        nn.InstanceNorm2d(chans[tgt], affine=False, track_running_stats=False),
+                        nn.SiLU(),
+                    ),
+                )
         zero_init(self)
 
     def sff_branch(self, i: int, j: int) -> nn.Module:
@@ -79,9 +88,15 @@ class SGNetwork(nn.Module):
         """The hint block's output (B, mc, h, w) for images (B, 3, 8h, 8w); it does not depend on x or t."""
         return self.input_hint_block(hint)
 
-    def forward(self, x: torch.Tensor, hint: torch.Tensor | None, timesteps: torch.Tensor,
-                context: torch.Tensor, guided_hint: torch.Tensor | None = None,
-                skip: Collection[int] = ()) -> list[torch.Tensor | None]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        hint: torch.Tensor | None,
+        timesteps: torch.Tensor,
+        context: torch.Tensor,
+        guided_hint: torch.Tensor | None = None,
+        skip: Collection[int] = (),
+    ) -> list[torch.Tensor | None]:
         """13 controls; ``guided_hint`` = :meth:`embed_hint` of ``hint`` when already computed (``hint`` unused then).
 
         A sampler calls the network at every step with the same hint: computing its embedding once
@@ -97,7 +112,7 @@ class SGNetwork(nn.Module):
             guided_hint = self.embed_hint(hint)  # (B, mc, h, w)
         outs = []
         h = x
-        for k, (block, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs)):
+        for k, (block, zero_conv) in enumerate(zip(self.input_blocks, self.zero_convs, strict=True)):
             h = block(h, emb, context)
             if k == 0:
                 h = h + guided_hint
@@ -111,7 +126,7 @@ class SGNetwork(nn.Module):
                 for i, src in enumerate(self.sources, start=1):
                     acc = acc + self.sff_branch(i, j)(outs[src])  # pre-fusion sources
                 fused.append(torch.nn.functional.silu(acc))
-            for tgt, f in zip(self.targets, fused):
+            for tgt, f in zip(self.targets, fused, strict=True):
                 outs[tgt] = f
         return outs
 

@@ -33,9 +33,10 @@ import io
 import logging
 import math
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,15 +44,15 @@ from torch.utils.data import DataLoader, Subset
 
 from utils.errors import UserError
 from utils.io import atomic_open, read_json, write_json, write_text
-from utils.progress import DEFAULT_INTERVAL_S, progress as progress_meter
+from utils.progress import DEFAULT_INTERVAL_S
+from utils.progress import progress as progress_meter
 from vlmdiff import metrics as M
+from vlmdiff import plots as P
 from vlmdiff.map_store import MapStore, SourceFiles
 from vlmdiff.reconstruction import ReconstructionSettings, reconstruct
 from vlmdiff.scoring import anomaly_map, image_score
-from vlmdiff import plots as P
 from vlmdiff.thresholds import class_thresholds, decide, thresholds_record, write_thresholds
-from vlmdiff.visuals import (DisplaySample, finish_class, save_png, visual_path, write_strips,
-                             write_upstream_visuals)
+from vlmdiff.visuals import DisplaySample, finish_class, save_png, visual_path, write_strips, write_upstream_visuals
 
 log = logging.getLogger(__name__)
 
@@ -133,13 +134,20 @@ def check_data(output_dir: Path, records: Sequence[Any]) -> None:
     old = read_json(output_dir / MANIFEST)
     stored = old.get("data", {}).get("fingerprint")
     if stored is None:
-        log.warning("%s: the manifest has no data fingerprint (an older run); the test set is not checked against "
-                    "it", output_dir)
+        log.warning(
+            "%s: the manifest has no data fingerprint (an older run); the test set is not checked against it",
+            output_dir,
+        )
     elif _old_fingerprint(stored):
-        log.warning("%s: the manifest's data fingerprint is an older version's (sizes and masks of all images in "
-                    "one hash); the test set is not checked against it", output_dir)
+        log.warning(
+            "%s: the manifest's data fingerprint is an older version's (sizes and masks of all images in "
+            "one hash); the test set is not checked against it",
+            output_dir,
+        )
     else:
-        diff = _first_difference({"data": {"fingerprint": stored}}, {"data": {"fingerprint": data_fingerprint(records)}})
+        diff = _first_difference(
+            {"data": {"fingerprint": stored}}, {"data": {"fingerprint": data_fingerprint(records)}}
+        )
         if diff:
             raise UserError(_stale_message(output_dir, diff, old))
     check_sources(MapStore(output_dir / "maps"), records, source_files(records))
@@ -154,9 +162,13 @@ def check_sources(store: MapStore, records: Sequence[Any], now: Mapping[str, Sou
     """
     stored, unknown = store.sources()
     if unknown:
-        log.warning("%d map chunk(s) in %s (e.g. %s) were written by an older version and do not record the files "
-                    "their maps were made from: their images are not checked for changes", len(unknown), store.root,
-                    unknown[0])
+        log.warning(
+            "%d map chunk(s) in %s (e.g. %s) were written by an older version and do not record the files "
+            "their maps were made from: their images are not checked for changes",
+            len(unknown),
+            store.root,
+            unknown[0],
+        )
     by_id = {r.id: r for r in records}
     changed = sorted(i for i, was in stored.items() if i in now and now[i] != was)
     if not changed:
@@ -168,12 +180,17 @@ def check_sources(store: MapStore, records: Sequence[Any], now: Mapping[str, Sou
     if was.mask_sha256 and is_now.mask_sha256 and was.mask_sha256 != is_now.mask_sha256:
         what.append(f"its mask file {first.mask_path} has another content")
     elif was.mask_sha256 != is_now.mask_sha256:
-        what.append(f"it has a mask file {first.mask_path} now, none then" if is_now.mask_sha256
-                    else "it had a mask file then, none now")
+        what.append(
+            f"it has a mask file {first.mask_path} now, none then"
+            if is_now.mask_sha256
+            else "it had a mask file then, none now"
+        )
     more = f" ({len(changed)} images with maps changed)" if len(changed) > 1 else ""
     out = store.root.parent
-    raise UserError(f"test image {first.id} changed since its map in {out} was stored: {' and '.join(what)}{more}; "
-                    f"remove {store.root} and score again, or use another --output_dir")
+    raise UserError(
+        f"test image {first.id} changed since its map in {out} was stored: {' and '.join(what)}{more}; "
+        f"remove {store.root} and score again, or use another --output_dir"
+    )
 
 
 def _old_fingerprint(fingerprint: Any) -> bool:
@@ -183,12 +200,16 @@ def _old_fingerprint(fingerprint: Any) -> bool:
 
 def _stale_message(output_dir: Path, diff: str, old: dict[str, Any]) -> str:
     if diff.startswith("data.fingerprint") and _old_fingerprint(old.get("data", {}).get("fingerprint")):
-        return (f"{output_dir / MANIFEST} was written by an older version of test.py, whose data fingerprint "
-                f"cannot be checked by this one; finish that run with the older version, or remove "
-                f"{output_dir / 'maps'} and score again, or use another --output_dir")
+        return (
+            f"{output_dir / MANIFEST} was written by an older version of test.py, whose data fingerprint "
+            f"cannot be checked by this one; finish that run with the older version, or remove "
+            f"{output_dir / 'maps'} and score again, or use another --output_dir"
+        )
     if diff.startswith("data.fingerprint.ids_labels"):
-        return (f"the test set changed since the maps in {output_dir} were stored (image ids or labels differ); "
-                f"remove {output_dir / 'maps'} and score again, or use another --output_dir")
+        return (
+            f"the test set changed since the maps in {output_dir} were stored (image ids or labels differ); "
+            f"remove {output_dir / 'maps'} and score again, or use another --output_dir"
+        )
     return f"{output_dir} holds maps of another run ({diff}); use another --output_dir or remove that folder"
 
 
@@ -215,12 +236,27 @@ def shard_indices(n: int, start: int, end: int | None, rank: int = 0, world: int
 
 
 @torch.no_grad()
-def score_images(model, extractor, dataset, indices: Sequence[int], store: MapStore, settings: ReconstructionSettings,
-                 *, batch_size: int, num_workers: int, device: torch.device, sigma: float = 5.0,
-                 visuals: Path | None = None, autocast_dtype: torch.dtype | None = None,
-                 pooling: str = "paper", progress: bool = True, bar: bool = True,
-                 log_interval: float = DEFAULT_INTERVAL_S, upstream_visuals: Path | None = None,
-                 sources: Mapping[str, SourceFiles] | None = None) -> int:
+def score_images(
+    model,
+    extractor,
+    dataset,
+    indices: Sequence[int],
+    store: MapStore,
+    settings: ReconstructionSettings,
+    *,
+    batch_size: int,
+    num_workers: int,
+    device: torch.device,
+    sigma: float = 5.0,
+    visuals: Path | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    pooling: str = "paper",
+    progress: bool = True,
+    bar: bool = True,
+    log_interval: float = DEFAULT_INTERVAL_S,
+    upstream_visuals: Path | None = None,
+    sources: Mapping[str, SourceFiles] | None = None,
+) -> int:
     """Reconstruct, extract features, map and store the images ``indices`` of ``dataset`` not yet stored.
 
     ``visuals`` gets our strips, ``upstream_visuals`` upstream's per-image files (both need the autoencoder pass).
@@ -238,31 +274,63 @@ def score_images(model, extractor, dataset, indices: Sequence[int], store: MapSt
         log.info("%d of %d images already have maps: resuming", len(indices) - len(todo), len(indices))
     if not todo:
         return 0
-    loader = DataLoader(Subset(dataset, todo), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        Subset(dataset, todo),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
     firsts = todo[::batch_size]
     meter = progress_meter(len(todo), "test", "img", enabled=progress, bar=bar, interval_s=log_interval, logger=log)
-    for first, batch in zip(firsts, loader):
+    for first, batch in zip(firsts, loader, strict=True):
         image = batch["image"].to(device)
-        maps, rec = _maps(model, extractor, image, list(batch["caption"]), list(batch["filename"]), settings, sigma,
-                          autocast_dtype, decode_autoencoder=visuals is not None or upstream_visuals is not None)
+        maps, rec = _maps(
+            model,
+            extractor,
+            image,
+            list(batch["caption"]),
+            list(batch["filename"]),
+            settings,
+            sigma,
+            autocast_dtype,
+            decode_autoencoder=visuals is not None or upstream_visuals is not None,
+        )
         scores = image_score(maps, pooling)
-        store.write(f"{first:08d}", batch["filename"], batch["class_name"], maps.cpu(), batch["mask"][:, 0],
-                    batch["label"], scores.cpu(), None if sources is None else [sources[i] for i in batch["filename"]])
+        store.write(
+            f"{first:08d}",
+            batch["filename"],
+            batch["class_name"],
+            maps.cpu(),
+            batch["mask"][:, 0],
+            batch["label"],
+            scores.cpu(),
+            None if sources is None else [sources[i] for i in batch["filename"]],
+        )
         if visuals is not None:
-            write_strips(visuals, list(batch["filename"]), list(batch["class_name"]), image, rec["autoencoder"],
-                         rec["sample"])
+            write_strips(
+                visuals, list(batch["filename"]), list(batch["class_name"]), image, rec["autoencoder"], rec["sample"]
+            )
         if upstream_visuals is not None:
-            write_upstream_visuals(upstream_visuals, list(batch["filename"]), image, rec["autoencoder"], rec["sample"],
-                                   maps)
+            write_upstream_visuals(
+                upstream_visuals, list(batch["filename"]), image, rec["autoencoder"], rec["sample"], maps
+            )
         meter.update(len(batch["filename"]))
     meter.close()
     return len(todo)
 
 
-def _maps(model, extractor, image: torch.Tensor, captions: list[str], ids: list[str], settings: ReconstructionSettings,
-          sigma: float, autocast_dtype: torch.dtype | None, decode_autoencoder: bool = False
-          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _maps(
+    model,
+    extractor,
+    image: torch.Tensor,
+    captions: list[str],
+    ids: list[str],
+    settings: ReconstructionSettings,
+    sigma: float,
+    autocast_dtype: torch.dtype | None,
+    decode_autoencoder: bool = False,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Anomaly maps (B, H, W) and reconstructions of one batch (``autoencoder`` only when asked: visuals).
 
     On the CPU a batch of one image runs as two copies: oneDNN's convolutions round differently for a
@@ -289,32 +357,63 @@ def check_coverage(store: MapStore, expected_ids: Iterable[str], output_dir: Pat
     missing = sorted(expected - have)
     extra = sorted(have - expected)
     if missing:
-        raise UserError(f"{output_dir}: {len(missing)} of {len(expected)} test images have no map yet "
-                        f"(e.g. {missing[0]}); run the missing shards first (--start_ind/--end_ind)")
+        raise UserError(
+            f"{output_dir}: {len(missing)} of {len(expected)} test images have no map yet "
+            f"(e.g. {missing[0]}); run the missing shards first (--start_ind/--end_ind)"
+        )
     if extra:
-        raise UserError(f"{output_dir}: {len(extra)} maps belong to no image of this test set (e.g. {extra[0]}); "
-                        "the folder holds another run's maps")
+        raise UserError(
+            f"{output_dir}: {len(extra)} maps belong to no image of this test set (e.g. {extra[0]}); "
+            "the folder holds another run's maps"
+        )
 
 
-SCORES_COLUMNS = ("id", "class", "label", "image_score", "map_max", "image_path", "visual_path", "decision",
-                  "threshold", "mask_path")
+SCORES_COLUMNS = (
+    "id",
+    "class",
+    "label",
+    "image_score",
+    "map_max",
+    "image_path",
+    "visual_path",
+    "decision",
+    "threshold",
+    "mask_path",
+)
 
 
-def _score_rows(output_dir: Path, cls: str, ids: np.ndarray, labels: np.ndarray | None, scores: np.ndarray,
-                map_max: np.ndarray, image_paths: dict[str, str] | None, decided: np.ndarray | None = None,
-                threshold: float | None = None, masks_written: bool = False) -> list[list[str]]:
+def _score_rows(
+    output_dir: Path,
+    cls: str,
+    ids: np.ndarray,
+    labels: np.ndarray | None,
+    scores: np.ndarray,
+    map_max: np.ndarray,
+    image_paths: dict[str, str] | None,
+    decided: np.ndarray | None = None,
+    threshold: float | None = None,
+    masks_written: bool = False,
+) -> list[list[str]]:
     """Rows of scores.csv for one class, sorted by id (``labels`` None: unknown; ``decided``: True = anomalous)."""
     rows = []
     for i in np.argsort(ids, kind="stable").tolist():
         image_id = str(ids[i])
         visual = "visuals" / visual_path(cls, image_id)
         mask = "masks" / visual_path(cls, image_id)
-        rows.append([image_id, cls, "" if labels is None else str(int(labels[i])), f"{scores[i]:.6f}",
-                     f"{float(map_max[i]):.6f}", (image_paths or {}).get(image_id, ""),
-                     visual.as_posix() if (output_dir / visual).is_file() else "",
-                     "" if decided is None else ("anomalous" if decided[i] else "normal"),
-                     "" if threshold is None else f"{threshold:.6f}",
-                     mask.as_posix() if masks_written else ""])
+        rows.append(
+            [
+                image_id,
+                cls,
+                "" if labels is None else str(int(labels[i])),
+                f"{scores[i]:.6f}",
+                f"{float(map_max[i]):.6f}",
+                (image_paths or {}).get(image_id, ""),
+                visual.as_posix() if (output_dir / visual).is_file() else "",
+                "" if decided is None else ("anomalous" if decided[i] else "normal"),
+                "" if threshold is None else f"{threshold:.6f}",
+                mask.as_posix() if masks_written else "",
+            ]
+        )
     return rows
 
 
@@ -328,9 +427,16 @@ def write_scores(output_dir: Path, rows: list[list[str]]) -> Path:
     return path
 
 
-def evaluate_run(output_dir: Path, protocol: str, pooling: str, mask_threshold: float = 0.0,
-                 visuals: bool = False, dataset_name: str | None = None, extra: dict[str, Any] | None = None,
-                 image_paths: dict[str, str] | None = None) -> dict[str, Any]:
+def evaluate_run(
+    output_dir: Path,
+    protocol: str,
+    pooling: str,
+    mask_threshold: float = 0.0,
+    visuals: bool = False,
+    dataset_name: str | None = None,
+    extra: dict[str, Any] | None = None,
+    image_paths: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Metrics from the stored maps, class by class, and everything the report shows, from the same reads.
 
     Writes metrics.json / .csv / .md, curves.json (the curve points, :mod:`vlmdiff.plots`),
@@ -352,38 +458,64 @@ def evaluate_run(output_dir: Path, protocol: str, pooling: str, mask_threshold: 
         curves[cls] = P.class_curves(c, display)
         scores, labels, ids = c["image_scores"], c["labels"], c["ids"]
         if visuals:
-            finish_class(output_dir / "panels", output_dir / "visuals", cls, sources[cls].chunks(), display,
-                         dict(zip(ids.tolist(), scores.tolist())))
+            finish_class(
+                output_dir / "panels",
+                output_dir / "visuals",
+                cls,
+                sources[cls].chunks(),
+                display,
+                dict(zip(ids.tolist(), scores.tolist(), strict=True)),
+            )
         rows.extend(_score_rows(output_dir, cls, ids, labels, scores, c["map_max"], image_paths))
         pooled.append((scores, labels))
 
-    result = M.evaluate_stream(sources.items(), protocol=protocol, image_pooling=pooling,
-                               mask_threshold=mask_threshold, on_curves=on_curves,
-                               on_chunk=lambda cls, chunk: samples[cls].add(chunk["maps"]))
+    result = M.evaluate_stream(
+        sources.items(),
+        protocol=protocol,
+        image_pooling=pooling,
+        mask_threshold=mask_threshold,
+        on_curves=on_curves,
+        on_chunk=lambda cls, chunk: samples[cls].add(chunk["maps"]),
+    )
     by_protocol = result if protocol == "both" else {protocol: result}
-    write_json(output_dir / "metrics.json", {
-        "metrics": M._nan_to_none(by_protocol),
-        "settings": {"protocol": protocol, "image_pooling": pooling, "mask_threshold": mask_threshold},
-        **(extra or {}),
-    })
+    write_json(
+        output_dir / "metrics.json",
+        {
+            "metrics": M._nan_to_none(by_protocol),
+            "settings": {"protocol": protocol, "image_pooling": pooling, "mask_threshold": mask_threshold},
+            **(extra or {}),
+        },
+    )
     write_text(output_dir / "metrics.csv", metrics_csv(by_protocol))
     md = [M.format_table(sub, f"{protocol_name} protocol") for protocol_name, sub in by_protocol.items()]
     if dataset_name and dataset_name in M.PAPER_RESULTS:
-        md.append(f"### mean vs the paper ({dataset_name})\n\n"
-                  + M.paper_comparison(M.paper_means(by_protocol, "both" if protocol == "both" else None),
-                                                      dataset_name))
+        md.append(
+            f"### mean vs the paper ({dataset_name})\n\n"
+            + M.paper_comparison(M.paper_means(by_protocol, "both" if protocol == "both" else None), dataset_name)
+        )
     write_text(output_dir / "metrics.md", "\n\n".join(md) + "\n")
-    write_json(output_dir / CURVES, M._nan_to_none({"fpr_limit": M.FPR_LIMIT, "resolution": P.RESOLUTION,
-                                                    "image_pooling": pooling, "classes": curves}), indent=None)
+    write_json(
+        output_dir / CURVES,
+        M._nan_to_none(
+            {"fpr_limit": M.FPR_LIMIT, "resolution": P.RESOLUTION, "image_pooling": pooling, "classes": curves}
+        ),
+        indent=None,
+    )
     image_overall = P.f1max_threshold(np.concatenate([s for s, _ in pooled]), np.concatenate([y for _, y in pooled]))
-    write_thresholds(output_dir, thresholds_record(curves, image_overall, P.pooled_pixel_threshold(curves), pooling,
-                                                   manifest))
+    write_thresholds(
+        output_dir, thresholds_record(curves, image_overall, P.pooled_pixel_threshold(curves), pooling, manifest)
+    )
     write_scores(output_dir, rows)
     return by_protocol
 
 
-def label_run(output_dir: Path, pooling: str, image_paths: dict[str, str] | None = None, visuals: bool = False,
-              threshold_record: dict[str, Any] | None = None) -> Path:
+def label_run(
+    output_dir: Path,
+    pooling: str,
+    image_paths: dict[str, str] | None = None,
+    visuals: bool = False,
+    threshold_record: dict[str, Any] | None = None,
+) -> Path:
     """Scores of a run without ground truth: scores.csv, finished strips and, with ``threshold_record``
     (:func:`vlmdiff.thresholds.load_thresholds`), a normal/anomalous decision per image and a binary mask
     PNG (map >= pixel threshold) per image under ``masks/{class}/``. Returns the scores.csv path.
@@ -405,19 +537,43 @@ def label_run(output_dir: Path, pooling: str, image_paths: dict[str, str] | None
         if threshold_record is not None:
             image_t, pixel_t = class_thresholds(threshold_record, cls)
             decided = decide(scores_a, image_t)
-            decisions = {"image": dict(zip(ids_a.tolist(), decided.tolist())), "image_threshold": image_t,
-                         "pixel_threshold": pixel_t}
+            decisions = {
+                "image": dict(zip(ids_a.tolist(), decided.tolist(), strict=True)),
+                "image_threshold": image_t,
+                "pixel_threshold": pixel_t,
+            }
             if pixel_t is not None:
                 for chunk in source.chunks(("ids", "maps")):
-                    for image_id, amap in zip(chunk["ids"].tolist(), chunk["maps"]):
-                        save_png(output_dir / "masks" / visual_path(cls, image_id),
-                                 ((amap >= pixel_t) * 255).astype(np.uint8))
+                    for image_id, amap in zip(chunk["ids"].tolist(), chunk["maps"], strict=True):
+                        save_png(
+                            output_dir / "masks" / visual_path(cls, image_id),
+                            ((amap >= pixel_t) * 255).astype(np.uint8),
+                        )
         if visuals:
-            finish_class(output_dir / "panels", output_dir / "visuals", cls, source.chunks(), display,
-                         dict(zip(ids_a.tolist(), scores_a.tolist())), decisions, labelled=False)
-        rows.extend(_score_rows(output_dir, cls, ids_a, None, scores_a, np.concatenate(map_max), image_paths,
-                                decided, image_t,
-                                masks_written=decisions is not None and decisions["pixel_threshold"] is not None))
+            finish_class(
+                output_dir / "panels",
+                output_dir / "visuals",
+                cls,
+                source.chunks(),
+                display,
+                dict(zip(ids_a.tolist(), scores_a.tolist(), strict=True)),
+                decisions,
+                labelled=False,
+            )
+        rows.extend(
+            _score_rows(
+                output_dir,
+                cls,
+                ids_a,
+                None,
+                scores_a,
+                np.concatenate(map_max),
+                image_paths,
+                decided,
+                image_t,
+                masks_written=decisions is not None and decisions["pixel_threshold"] is not None,
+            )
+        )
     return write_scores(output_dir, rows)
 
 
@@ -432,15 +588,29 @@ def metrics_csv(by_protocol: dict[str, Any]) -> str:
     return buf.getvalue()
 
 
-def manifest_for(*, checkpoint: str, config: dict, settings: ReconstructionSettings, extractor: str,
-                 extractor_weights: str | None, data: dict[str, Any], map_dtype: str, sigma: float,
-                 precision: str, extractor_input_size: int | None = None) -> dict[str, Any]:
+def manifest_for(
+    *,
+    checkpoint: str,
+    config: dict,
+    settings: ReconstructionSettings,
+    extractor: str,
+    extractor_weights: str | None,
+    data: dict[str, Any],
+    map_dtype: str,
+    sigma: float,
+    precision: str,
+    extractor_input_size: int | None = None,
+) -> dict[str, Any]:
     features = {"name": extractor, "weights": file_fingerprint(extractor_weights)}
     if extractor_input_size is not None:
         features["input_size"] = extractor_input_size
     return {
-        "checkpoint": file_fingerprint(checkpoint), "config": config, "reconstruction": asdict(settings),
+        "checkpoint": file_fingerprint(checkpoint),
+        "config": config,
+        "reconstruction": asdict(settings),
         "feature_extractor": features,
-        "data": data, "map_dtype": map_dtype, "sigma": sigma, "precision": precision,
+        "data": data,
+        "map_dtype": map_dtype,
+        "sigma": sigma,
+        "precision": precision,
     }
-

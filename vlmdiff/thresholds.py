@@ -29,14 +29,21 @@ def _comparable(value: Any) -> Any:
     return value
 
 
-def thresholds_record(curves: dict[str, dict[str, Any]], image_overall: float | None, pixel_overall: float | None,
-                      pooling: str, manifest: dict[str, Any]) -> dict[str, Any]:
+def thresholds_record(
+    curves: dict[str, dict[str, Any]],
+    image_overall: float | None,
+    pixel_overall: float | None,
+    pooling: str,
+    manifest: dict[str, Any],
+) -> dict[str, Any]:
     """The ``thresholds.json`` record from the class curves of a run (see :mod:`vlmdiff.plots`)."""
+
     def per_class(kind: str) -> dict[str, float]:
         return {cls: c[kind]["f1max_threshold"] for cls, c in curves.items() if c.get(kind)}
 
     return {
-        "rule": "F1-max (anomalous = score >= threshold)", "image_pooling": pooling,
+        "rule": "F1-max (anomalous = score >= threshold)",
+        "image_pooling": pooling,
         "image": {"overall": image_overall, "per_class": per_class("image")},
         "pixel": {"overall": pixel_overall, "per_class": per_class("pixel")},
         "scores_depend_on": {k: _comparable(manifest.get(k)) for k in _SCORES_DEPEND_ON},
@@ -53,16 +60,22 @@ def load_thresholds(run: str | Path, pooling: str, manifest: dict[str, Any]) -> 
     run = Path(run)
     path = run / THRESHOLDS if run.is_dir() else run
     if not path.is_file():
-        raise UserError(f"--threshold_from {run}: no {THRESHOLDS} there; evaluate a labelled test run first "
-                        "(test.py on mvtec/visa/... writes it)")
+        raise UserError(
+            f"--threshold_from {run}: no {THRESHOLDS} there; evaluate a labelled test run first "
+            "(test.py on mvtec/visa/... writes it)"
+        )
     record = read_json(path)
     if record.get("image_pooling") != pooling:
-        raise UserError(f"--threshold_from {path}: thresholds are for --image_pooling {record.get('image_pooling')}, "
-                        f"this run uses {pooling}; use the same pooling")
+        raise UserError(
+            f"--threshold_from {path}: thresholds are for --image_pooling {record.get('image_pooling')}, "
+            f"this run uses {pooling}; use the same pooling"
+        )
     for key in _SCORES_DEPEND_ON:
         if record.get("scores_depend_on", {}).get(key) != _comparable(manifest.get(key)):
-            raise UserError(f"--threshold_from {path}: that run's {key} differs from this run's, so its scores "
-                            f"are not comparable; test both with the same checkpoint and settings")
+            raise UserError(
+                f"--threshold_from {path}: that run's {key} differs from this run's, so its scores "
+                f"are not comparable; test both with the same checkpoint and settings"
+            )
     if record["image"]["overall"] is None:
         raise UserError(f"--threshold_from {path}: that run has no anomalous image, so no threshold")
     return record

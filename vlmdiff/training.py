@@ -6,8 +6,9 @@ import csv
 import logging
 import math
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -54,8 +55,12 @@ class SaveOnSigterm(Callback):
         if not isinstance(exception, SIGTERMException):
             return
         trainer.save_checkpoint(self.path, weights_only=False)
-        log.warning("SIGTERM: saved %s at step %d (epoch %d); continue with --resume", self.path,
-                    trainer.global_step, trainer.current_epoch)
+        log.warning(
+            "SIGTERM: saved %s at step %d (epoch %d); continue with --resume",
+            self.path,
+            trainer.global_step,
+            trainer.current_epoch,
+        )
 
 
 class FiniteTraining(Callback):
@@ -67,24 +72,34 @@ class FiniteTraining(Callback):
     replaced by diverged weights.
     """
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if loss is None:
             return
         value = float(loss.detach().float()) if isinstance(loss, torch.Tensor) else float(loss)
         if not math.isfinite(value):
-            raise UserError(f"training diverged: the loss is {value} at step {trainer.global_step} (epoch "
-                            f"{trainer.current_epoch}, batch {batch_idx}); the checkpoints on disk are unchanged: "
-                            "lower --lr (or --base_lr) and restart, or --resume from the last good checkpoint")
+            raise UserError(
+                f"training diverged: the loss is {value} at step {trainer.global_step} (epoch "
+                f"{trainer.current_epoch}, batch {batch_idx}); the checkpoints on disk are unchanged: "
+                "lower --lr (or --base_lr) and restart, or --resume from the last good checkpoint"
+            )
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
-        bad = [k for k, v in checkpoint.get("state_dict", {}).items()
-               if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        bad = [
+            k
+            for k, v in checkpoint.get("state_dict", {}).items()
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()
+        ]
         if bad:
-            raise UserError(f"training diverged: at step {trainer.global_step} {len(bad)} weights hold NaN or "
-                            f"infinite values (e.g. {bad[0]}); not saving them, the checkpoints on disk are "
-                            "unchanged: lower --lr (or --base_lr) and restart, or --resume")
+            raise UserError(
+                f"training diverged: at step {trainer.global_step} {len(bad)} weights hold NaN or "
+                f"infinite values (e.g. {bad[0]}); not saving them, the checkpoints on disk are "
+                "unchanged: lower --lr (or --base_lr) and restart, or --resume"
+            )
 
 
 class PerRankSeed(Callback):
@@ -107,7 +122,9 @@ class SaveProvenance(Callback):
     def __init__(self, info: dict[str, Any]):
         self.info = info
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         checkpoint["provenance"] = {**self.info, "global_step": trainer.global_step, "epoch": trainer.current_epoch}
 
 
@@ -115,10 +132,21 @@ class ParameterCount(ModelSummary):
     """One log line with the parameter counts instead of Lightning's per-module table and mode counts."""
 
     @staticmethod
-    def summarize(summary_data: list, total_parameters: int, trainable_parameters: int, model_size: float,
-                  total_training_modes: dict[str, int], total_flops: int, **kwargs: Any) -> None:
-        log.info("model: %s trainable of %s parameters (%.1f MB)", get_human_readable_count(trainable_parameters),
-                 get_human_readable_count(total_parameters), model_size)
+    def summarize(
+        summary_data: list,
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int,
+        **kwargs: Any,
+    ) -> None:
+        log.info(
+            "model: %s trainable of %s parameters (%.1f MB)",
+            get_human_readable_count(trainable_parameters),
+            get_human_readable_count(total_parameters),
+            model_size,
+        )
 
 
 class ProgressLog(Callback):
@@ -130,9 +158,12 @@ class ProgressLog(Callback):
     generator updates).
     """
 
-    def __init__(self, interval_s: float = DEFAULT_INTERVAL_S,
-                 step_of: Callable[[pl.Trainer, pl.LightningModule], int] | None = None,
-                 total_steps: Callable[[pl.Trainer], float] | None = None) -> None:
+    def __init__(
+        self,
+        interval_s: float = DEFAULT_INTERVAL_S,
+        step_of: Callable[[pl.Trainer, pl.LightningModule], int] | None = None,
+        total_steps: Callable[[pl.Trainer], float] | None = None,
+    ) -> None:
         self.interval_s = interval_s
         self.step_of = step_of or (lambda trainer, module: trainer.global_step)
         self.total_steps = total_steps or (lambda trainer: trainer.estimated_stepping_batches)
@@ -143,11 +174,13 @@ class ProgressLog(Callback):
         if trainer.is_global_zero:
             total = self.total_steps(trainer)
             total = int(total) if total and math.isfinite(total) and total > 0 else None
-            self._lines = ProgressLines("train", total, "step", self.interval_s,
-                                        start=self.step_of(trainer, pl_module), logger=log)
+            self._lines = ProgressLines(
+                "train", total, "step", self.interval_s, start=self.step_of(trainer, pl_module), logger=log
+            )
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self._lines is None:
             return
         for key, value in trainer.progress_bar_metrics.items():
@@ -156,8 +189,9 @@ class ProgressLog(Callback):
                 self._sums[key] = (total + float(value), n + 1)
         epochs = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
         means = {k.removesuffix("_step").split("/")[-1]: total / n for k, (total, n) in self._sums.items()}
-        if self._lines.set(self.step_of(trainer, pl_module), f"train epoch {trainer.current_epoch + 1}{epochs}",
-                           **means):
+        if self._lines.set(
+            self.step_of(trainer, pl_module), f"train epoch {trainer.current_epoch + 1}{epochs}", **means
+        ):
             self._sums = {}
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -179,12 +213,21 @@ def train_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int)
     if len(dataset) == 0:
         raise UserError("the training set has no images: check --data_path, --data_set and --classes")
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers, drop_last=False,
-                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0, generator=generator)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=num_workers,
+        drop_last=False,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+        generator=generator,
+    )
 
 
-def checkpoint_callback(ckpt_dir: Path, every_n_epochs: int | None, every_n_steps: int | None,
-                        keep_last: int | None = None) -> ModelCheckpoint:
+def checkpoint_callback(
+    ckpt_dir: Path, every_n_epochs: int | None, every_n_steps: int | None, keep_last: int | None = None
+) -> ModelCheckpoint:
     """Periodic checkpoints named as upstream's (``model_epoch=NNN.ckpt``) plus ``last.ckpt`` for --resume.
 
     NNN is Lightning's 0-based epoch index, zero-padded to 3 digits (the 100th epoch is
@@ -194,14 +237,19 @@ def checkpoint_callback(ckpt_dir: Path, every_n_epochs: int | None, every_n_step
     resumed run (even with other saving flags) overwrites ``last.ckpt`` instead of starting a
     ``last-v1.ckpt`` that --resume would not find.
     """
-    retention = ({"save_top_k": -1} if keep_last is None
-                 else {"save_top_k": keep_last, "monitor": "step", "mode": "max"})
-    common = {"dirpath": ckpt_dir, "save_last": True, "auto_insert_metric_name": False,
-              "enable_version_counter": False, **retention}
+    retention = {"save_top_k": -1} if keep_last is None else {"save_top_k": keep_last, "monitor": "step", "mode": "max"}
+    common = {
+        "dirpath": ckpt_dir,
+        "save_last": True,
+        "auto_insert_metric_name": False,
+        "enable_version_counter": False,
+        **retention,
+    }
     if every_n_steps:
         return ModelCheckpoint(filename="step={step:07d}", every_n_train_steps=every_n_steps, **common)
-    return ModelCheckpoint(filename="model_epoch={epoch:03d}", every_n_epochs=every_n_epochs or 1,
-                           save_on_train_epoch_end=True, **common)
+    return ModelCheckpoint(
+        filename="model_epoch={epoch:03d}", every_n_epochs=every_n_epochs or 1, save_on_train_epoch_end=True, **common
+    )
 
 
 def last_checkpoint(ckpt_dir: Path) -> Path | None:
@@ -260,8 +308,10 @@ def run_loggers(folder: Path, csv_dir: str = "logs", tensorboard_dir: str = "log
     No ``version_N`` sub-folders: a resumed run appends rows to the same ``metrics.csv`` and adds an event
     file beside the earlier ones, so the history of every attempt stays in one place.
     """
-    return [TensorBoardLogger(save_dir=str(folder), name=tensorboard_dir, version="", default_hp_metric=False),
-            AppendingCSVLogger(save_dir=str(folder), name=csv_dir, version="")]
+    return [
+        TensorBoardLogger(save_dir=str(folder), name=tensorboard_dir, version="", default_hp_metric=False),
+        AppendingCSVLogger(save_dir=str(folder), name=csv_dir, version=""),
+    ]
 
 
 def make_trainer(args: Any, ckpt_dir: Path, callbacks: list[Callback]) -> pl.Trainer:
@@ -276,10 +326,21 @@ def make_trainer(args: Any, ckpt_dir: Path, callbacks: list[Callback]) -> pl.Tra
 def _trainer(args: Any, ckpt_dir: Path, callbacks: list[Callback], precision: str, loggers: list) -> pl.Trainer:
     bar, progress = progress_callbacks(args.no_progress_bar, args.log_interval)
     return pl.Trainer(
-        accelerator=args.accelerator, devices=args.devices, num_nodes=args.num_nodes, strategy=args.strategy,
-        precision=precision, max_epochs=args.max_epochs, max_steps=args.max_steps,
-        accumulate_grad_batches=args.accumulate_grad_batches, callbacks=callbacks + progress, logger=loggers,
-        log_every_n_steps=args.log_every_n_steps, default_root_dir=str(ckpt_dir), num_sanity_val_steps=0,
-        limit_val_batches=0, enable_progress_bar=bar, benchmark=False,
+        accelerator=args.accelerator,
+        devices=args.devices,
+        num_nodes=args.num_nodes,
+        strategy=args.strategy,
+        precision=precision,
+        max_epochs=args.max_epochs,
+        max_steps=args.max_steps,
+        accumulate_grad_batches=args.accumulate_grad_batches,
+        callbacks=callbacks + progress,
+        logger=loggers,
+        log_every_n_steps=args.log_every_n_steps,
+        default_root_dir=str(ckpt_dir),
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        enable_progress_bar=bar,
+        benchmark=False,
         plugins=[AtomicCheckpointIO()],  # temporary file beside the target, fsync, rename (utils.io)
     )

@@ -10,8 +10,9 @@ nothing overflows.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -23,7 +24,8 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from utils.io import atomic_open
-from vlmdiff.data.common import IMAGENET_MEAN as _MEAN, IMAGENET_STD as _STD  # no torchvision: evaluation needs none
+from vlmdiff.data.common import IMAGENET_MEAN as _MEAN  # no torchvision: evaluation needs none
+from vlmdiff.data.common import IMAGENET_STD as _STD
 
 IMAGENET_MEAN = torch.tensor(_MEAN).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor(_STD).view(1, 3, 1, 1)
@@ -55,11 +57,17 @@ def save_png(path: Path, array: np.ndarray) -> None:
         Image.fromarray(array).save(f, format="PNG", compress_level=1)  # fast; the files are ~30% larger
 
 
-def write_strips(folder: Path, ids: list[str], class_names: list[str], image: torch.Tensor,
-                 autoencoder: torch.Tensor, sample: torch.Tensor) -> None:
+def write_strips(
+    folder: Path,
+    ids: list[str],
+    class_names: list[str],
+    image: torch.Tensor,
+    autoencoder: torch.Tensor,
+    sample: torch.Tensor,
+) -> None:
     """One ``input | autoencoder | sample`` strip per image under ``folder/{class}/``."""
     panels = [to_uint8_images(t) for t in (image, autoencoder, sample)]
-    for i, (image_id, cls) in enumerate(zip(ids, class_names)):
+    for i, (image_id, cls) in enumerate(zip(ids, class_names, strict=True)):
         save_png(folder / _safe(cls) / visual_name(image_id), np.concatenate([p[i] for p in panels], axis=1))
 
 
@@ -102,7 +110,7 @@ class DisplaySample:
 
     def add(self, maps: np.ndarray) -> None:
         first = (-self.seen) % self.step  # the first image of this chunk whose index is a multiple of step
-        self.parts.append(np.asarray(maps[first::self.step, ::4, ::4], np.float32).ravel())
+        self.parts.append(np.asarray(maps[first :: self.step, ::4, ::4], np.float32).ravel())
         self.seen += len(maps)
 
     def range(self) -> tuple[float, float]:
@@ -144,10 +152,13 @@ class StripFigure:
         """Draw ``panels`` (one per column) under ``title`` and save the strip PNG at ``path`` (atomically)."""
         if len(panels) != len(self.columns):
             raise ValueError(f"{len(panels)} panels for {len(self.columns)} columns")
-        for i, (ax, name, panel) in enumerate(zip(self.axes, self.columns, panels)):
+        for i, (ax, name, panel) in enumerate(zip(self.axes, self.columns, panels, strict=True)):
             if len(self.images) <= i:
-                kw = ({"cmap": CMAP, "norm": self.norm} if name == MAP_COLUMN
-                      else {"cmap": "gray", "vmin": 0, "vmax": 255})
+                kw = (
+                    {"cmap": CMAP, "norm": self.norm}
+                    if name == MAP_COLUMN
+                    else {"cmap": "gray", "vmin": 0, "vmax": 255}
+                )
                 self.images.append(ax.imshow(panel, interpolation="nearest", **kw))
             else:
                 self.images[i].set_data(panel)
@@ -169,9 +180,16 @@ def strip_columns(truth: str | None) -> list[str]:
     return ["input", "autoencoder", "reconstruction", MAP_COLUMN, "overlay", *([truth] if truth else [])]
 
 
-def finish_class(panels_dir: Path, folder: Path, class_name: str, chunks: Iterable[dict[str, np.ndarray]],
-                 display_range: tuple[float, float], scores: Mapping[str, float],
-                 decisions: dict[str, Any] | None = None, labelled: bool = True) -> int:
+def finish_class(
+    panels_dir: Path,
+    folder: Path,
+    class_name: str,
+    chunks: Iterable[dict[str, np.ndarray]],
+    display_range: tuple[float, float],
+    scores: Mapping[str, float],
+    decisions: dict[str, Any] | None = None,
+    labelled: bool = True,
+) -> int:
     """Render the finished strip of every image of one class that has raw panels; returns how many.
 
     ``chunks``: the class's images, ``{"ids", "maps", "masks"}`` a chunk (read one at a time);
@@ -187,21 +205,22 @@ def finish_class(panels_dir: Path, folder: Path, class_name: str, chunks: Iterab
     strip = StripFigure(strip_columns(truth), display_range)
     done = 0
     for chunk in chunks:
-        for image_id, amap, mask in zip(chunk["ids"].tolist(), chunk["maps"], chunk["masks"]):
+        for image_id, amap, mask in zip(chunk["ids"].tolist(), chunk["maps"], chunk["masks"], strict=True):
             rel = visual_path(class_name, str(image_id))
             raw_path = panels_dir / rel
             if not raw_path.is_file():
                 continue
             raw = np.asarray(Image.open(raw_path).convert("RGB"))
             h = raw.shape[0]
-            inp, ae, rec = raw[:, :h], raw[:, h:2 * h], raw[:, 2 * h:3 * h]
+            inp, ae, rec = raw[:, :h], raw[:, h : 2 * h], raw[:, 2 * h : 3 * h]
             panels = [inp, ae, rec, amap.astype(np.float32), overlay(inp, amap, display_range)]
             score = scores[str(image_id)]
             title, color = f"{image_id}  ({class_name})   image score {score:.4g}", "black"
             if decisions is not None:
                 anomalous = bool(decisions["image"][str(image_id)])
-                title += (f"   -> {'ANOMALOUS' if anomalous else 'normal'} "
-                          f"(threshold {decisions['image_threshold']:.4g})")
+                title += (
+                    f"   -> {'ANOMALOUS' if anomalous else 'normal'} (threshold {decisions['image_threshold']:.4g})"
+                )
                 color = "tab:red" if anomalous else "tab:green"
                 if truth:
                     panels.append(((amap >= decisions["pixel_threshold"]) * 255).astype(np.uint8))
@@ -212,8 +231,14 @@ def finish_class(panels_dir: Path, folder: Path, class_name: str, chunks: Iterab
     return done
 
 
-def write_upstream_visuals(folder: Path, ids: list[str], image: torch.Tensor, autoencoder: torch.Tensor,
-                           sample: torch.Tensor, maps: torch.Tensor) -> None:
+def write_upstream_visuals(
+    folder: Path,
+    ids: list[str],
+    image: torch.Tensor,
+    autoencoder: torch.Tensor,
+    sample: torch.Tensor,
+    maps: torch.Tensor,
+) -> None:
     """Upstream's per-image files, for users who compare with its ``log_image_{exp_name}/`` folder.
 
     For each image ``{name}`` (its id with path separators as ``__``): ``{name}-input.jpg``,
@@ -225,7 +250,9 @@ def write_upstream_visuals(folder: Path, ids: list[str], image: torch.Tensor, au
     """
     import cv2
 
-    panels = {k: to_uint8_images(t) for k, t in (("input", image), ("reconstruction", autoencoder), ("samples", sample))}
+    panels = {
+        k: to_uint8_images(t) for k, t in (("input", image), ("reconstruction", autoencoder), ("samples", sample))
+    }
     for i, image_id in enumerate(ids):
         stem = Path(visual_name(image_id)).stem
         for kind, arrays in panels.items():

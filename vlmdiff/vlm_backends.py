@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,10 +39,17 @@ INTERNVL_TILE = 448
 INTERNVL_MAX_TILES = 12
 DEEPSEEK_IMAGE_TOKEN = "<IMAGE_TOKEN>"  # lmdeploy.vl.constants.IMAGE_TOKEN
 # LAVIS Blip2T5.generate defaults; LAVIS passes its max_length to transformers as max_new_tokens
-BLIP2_GENERATE: Mapping[str, Any] = MappingProxyType({
-    "do_sample": False, "num_beams": 5, "max_new_tokens": 30, "min_length": 1, "repetition_penalty": 1.0,
-    "length_penalty": 1.0, "num_return_sequences": 1,  # (top_p 0.9, temperature 1: unused without sampling)
-})
+BLIP2_GENERATE: Mapping[str, Any] = MappingProxyType(
+    {
+        "do_sample": False,
+        "num_beams": 5,
+        "max_new_tokens": 30,
+        "min_length": 1,
+        "repetition_penalty": 1.0,
+        "length_penalty": 1.0,
+        "num_return_sequences": 1,  # (top_p 0.9, temperature 1: unused without sampling)
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -54,13 +62,18 @@ class KnownVLM:
     max_new_tokens: int
 
 
-KNOWN_VLMS: Mapping[str, KnownVLM] = MappingProxyType({v.name: v for v in (
-    KnownVLM("internvl", "OpenGVLab/InternVL2-8B", "internvl", 1024),
-    KnownVLM("blip", "Salesforce/blip2-flan-t5-xxl", "blip", 30),
-    KnownVLM("deepseekvl", "deepseek-ai/deepseek-vl-1.3b-chat", "deepseekvl", 512),  # LMDeploy's default budget
-    # the transformers conversion of lmms-lab/llama3-llava-next-8b (the original needs the LLaVA-NeXT code)
-    KnownVLM("llava", "llava-hf/llama3-llava-next-8b-hf", "hf", 256),
-)})
+KNOWN_VLMS: Mapping[str, KnownVLM] = MappingProxyType(
+    {
+        v.name: v
+        for v in (
+            KnownVLM("internvl", "OpenGVLab/InternVL2-8B", "internvl", 1024),
+            KnownVLM("blip", "Salesforce/blip2-flan-t5-xxl", "blip", 30),
+            KnownVLM("deepseekvl", "deepseek-ai/deepseek-vl-1.3b-chat", "deepseekvl", 512),  # LMDeploy's default budget
+            # the transformers conversion of lmms-lab/llama3-llava-next-8b (the original needs the LLaVA-NeXT code)
+            KnownVLM("llava", "llava-hf/llama3-llava-next-8b-hf", "hf", 256),
+        )
+    }
+)
 ALIASES: Mapping[str, str] = MappingProxyType({"deepseek": "deepseekvl", "lmms-lab/llama3-llava-next-8b": "llava"})
 BACKENDS = ("hf", "internvl", "blip", "deepseekvl", "template")
 
@@ -93,6 +106,7 @@ def model_source(model: str) -> str:
 
 # ---------------------------------------------------------------- finding the files
 
+
 def resolve_model(model: str) -> str:
     """A local folder or cached snapshot of ``model`` (a hub id is returned as is when the hub answers).
 
@@ -105,16 +119,20 @@ def resolve_model(model: str) -> str:
     if path.is_dir():
         return str(path)
     if model.startswith((".", "/", "~")) or model.count("/") > 1:  # a path, not an owner/name hub id
-        raise UserError(f"--vlm_model {model}: no such model folder; give the folder holding the model's "
-                        "config.json and weights, or a hub id such as OpenGVLab/InternVL2-8B")
+        raise UserError(
+            f"--vlm_model {model}: no such model folder; give the folder holding the model's "
+            "config.json and weights, or a hub id such as OpenGVLab/InternVL2-8B"
+        )
     try:
         return huggingface_hub.snapshot_download(model, local_files_only=True)
     except errors.HFValidationError as e:
         raise UserError(f"--vlm_model {model!r} is neither a local folder nor a valid hub id ({e})") from e
     except (errors.LocalEntryNotFoundError, FileNotFoundError):
         pass
-    where = (f"put its files in a folder and pass --vlm_model FOLDER, or download {model} into the Hugging Face "
-             f"cache ({constants.HF_HUB_CACHE}, e.g. `hf download {model}` where there is network)")
+    where = (
+        f"put its files in a folder and pass --vlm_model FOLDER, or download {model} into the Hugging Face "
+        f"cache ({constants.HF_HUB_CACHE}, e.g. `hf download {model}` where there is network)"
+    )
     if constants.HF_HUB_OFFLINE:
         raise UserError(f"--vlm_model {model} is not on disk and the hub is offline (HF_HUB_OFFLINE): {where}")
     try:
@@ -122,8 +140,9 @@ def resolve_model(model: str) -> str:
     except (errors.RepositoryNotFoundError, errors.GatedRepoError) as e:
         raise UserError(f"--vlm_model {model}: the hub has no such (accessible) model; check the id or log in") from e
     except Exception as e:  # no network: DNS, refused connection or timeout, whatever the HTTP client calls it
-        raise UserError(f"--vlm_model {model} is not on disk and the hub cannot be reached ({type(e).__name__}): "
-                        f"{where}") from e
+        raise UserError(
+            f"--vlm_model {model} is not on disk and the hub cannot be reached ({type(e).__name__}): {where}"
+        ) from e
     return model
 
 
@@ -131,8 +150,9 @@ def device_and_dtype(device: str, dtype: str, default_dtype: str | None = None) 
     """``auto`` device: CUDA when present; ``auto`` dtype: ``default_dtype``, else float32 on CPU, bf16/fp16 on GPU."""
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     if dtype == "auto":
-        dtype = default_dtype or ("float32" if dev.type == "cpu" else
-                                  "bfloat16" if torch.cuda.is_bf16_supported() else "float16")
+        dtype = default_dtype or (
+            "float32" if dev.type == "cpu" else "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        )
     if dtype not in ("float32", "float16", "bfloat16"):
         raise UserError(f"unknown --dtype {dtype!r}; valid: auto, float32, float16, bfloat16")
     return dev, getattr(torch, dtype)
@@ -140,8 +160,10 @@ def device_and_dtype(device: str, dtype: str, default_dtype: str | None = None) 
 
 # ---------------------------------------------------------------- InternVL2
 
-def internvl_grid(width: int, height: int, tile: int = INTERNVL_TILE, min_num: int = 1,
-                  max_num: int = INTERNVL_MAX_TILES) -> tuple[int, int]:
+
+def internvl_grid(
+    width: int, height: int, tile: int = INTERNVL_TILE, min_num: int = 1, max_num: int = INTERNVL_MAX_TILES
+) -> tuple[int, int]:
     """(columns, rows) of InternVL's dynamic tiling for a ``width`` x ``height`` image.
 
     Among grids with ``min_num <= cols*rows <= max_num`` (ordered by tile count) the one whose aspect
@@ -189,15 +211,21 @@ def internvl_tiles(image: Image.Image, tile: int = INTERNVL_TILE, max_num: int =
 class InternVLBackend:
     """InternVL2 via its remote code: ``model.chat(tokenizer, pixel_values, "<image>\\n" + prompt, config)``."""
 
-    def __init__(self, model: str, prompt: str, dtype: str = "auto", device: str = "auto",
-                 max_new_tokens: int = 1024) -> None:
+    def __init__(
+        self, model: str, prompt: str, dtype: str = "auto", device: str = "auto", max_new_tokens: int = 1024
+    ) -> None:
         from transformers import AutoModel, AutoTokenizer
 
         self.device, self.dtype = device_and_dtype(device, dtype, default_dtype="bfloat16")
         source = resolve_model(model_source(model))
         try:
-            self.model = AutoModel.from_pretrained(source, torch_dtype=self.dtype, low_cpu_mem_usage=True,
-                                                   trust_remote_code=True).eval().to(self.device)
+            self.model = (
+                AutoModel.from_pretrained(
+                    source, torch_dtype=self.dtype, low_cpu_mem_usage=True, trust_remote_code=True
+                )
+                .eval()
+                .to(self.device)
+            )
             self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=True, use_fast=False)
         except (OSError, ValueError, ImportError) as e:
             raise UserError(f"cannot load the InternVL model {source} with its remote code ({e})") from e
@@ -210,12 +238,14 @@ class InternVLBackend:
         for im in images:  # one chat per image, as upstream
             pixel_values = internvl_tiles(im).to(self.device, self.dtype)  # (N, 3, 448, 448)
             with torch.inference_mode():
-                out.append(self.model.chat(self.tokenizer, pixel_values, self.question,
-                                           dict(self.generation_config)).strip())
+                out.append(
+                    self.model.chat(self.tokenizer, pixel_values, self.question, dict(self.generation_config)).strip()
+                )
         return out
 
 
 # ---------------------------------------------------------------- DeepSeek-VL (LMDeploy)
+
 
 class DeepSeekVLBackend:
     """DeepSeek-VL through an LMDeploy pipeline: ``(f"{prompt} {IMAGE_TOKEN}", image)``, greedy."""
@@ -225,9 +255,11 @@ class DeepSeekVLBackend:
             import lmdeploy
             from lmdeploy.vl.constants import IMAGE_TOKEN
         except ImportError as e:
-            raise UserError("--backend deepseekvl runs DeepSeek-VL through LMDeploy as upstream did: pip install "
-                            "lmdeploy (CUDA only), or caption with a transformers checkpoint and --backend hf, "
-                            "e.g. --vlm_model deepseek-community/deepseek-vl-1.3b-chat") from e
+            raise UserError(
+                "--backend deepseekvl runs DeepSeek-VL through LMDeploy as upstream did: pip install "
+                "lmdeploy (CUDA only), or caption with a transformers checkpoint and --backend hf, "
+                "e.g. --vlm_model deepseek-community/deepseek-vl-1.3b-chat"
+            ) from e
         source = resolve_model(model_source(model))
         self.pipe = lmdeploy.pipeline(source)
         accepted = inspect.signature(lmdeploy.GenerationConfig).parameters
@@ -243,6 +275,7 @@ class DeepSeekVLBackend:
 
 # ---------------------------------------------------------------- transformers-native models (BLIP-2, LLaVA-NeXT, any)
 
+
 class HFBackend:
     """Any ``transformers`` image-text-to-text model: processor + ``generate(**generate_kwargs)``.
 
@@ -250,21 +283,33 @@ class HFBackend:
     greedy unless ``generate_kwargs`` says otherwise.
     """
 
-    def __init__(self, model: str, prompt: str, dtype: str = "auto", device: str = "auto",
-                 max_new_tokens: int = 1024, generate_kwargs: Mapping[str, Any] | None = None,
-                 chat: bool = True) -> None:
+    def __init__(
+        self,
+        model: str,
+        prompt: str,
+        dtype: str = "auto",
+        device: str = "auto",
+        max_new_tokens: int = 1024,
+        generate_kwargs: Mapping[str, Any] | None = None,
+        chat: bool = True,
+    ) -> None:
         import transformers
         from transformers import AutoProcessor
 
         self.device, self.dtype = device_and_dtype(device, dtype)
         source = resolve_model(model_source(model))
-        classes = [getattr(transformers, n) for n in ("AutoModelForImageTextToText", "AutoModelForVision2Seq")
-                   if hasattr(transformers, n)]
+        classes = [
+            getattr(transformers, n)
+            for n in ("AutoModelForImageTextToText", "AutoModelForVision2Seq")
+            if hasattr(transformers, n)
+        ]
         try:
             self.processor = AutoProcessor.from_pretrained(source)
         except (OSError, ValueError) as e:
-            raise UserError(f"cannot load the processor of --vlm_model {source!r} ({e}); pass a local model folder "
-                            "or download the model first") from e
+            raise UserError(
+                f"cannot load the processor of --vlm_model {source!r} ({e}); pass a local model folder "
+                "or download the model first"
+            ) from e
         errors = []
         for cls in classes:
             try:
@@ -275,8 +320,11 @@ class HFBackend:
         else:
             raise UserError(f"cannot load --vlm_model {source!r} as an image-text-to-text model ({'; '.join(errors)})")
         self.model.to(self.device).eval()
-        self.generate_kwargs = dict(generate_kwargs) if generate_kwargs is not None else {
-            "do_sample": False, "num_beams": 1, "max_new_tokens": int(max_new_tokens)}
+        self.generate_kwargs = (
+            dict(generate_kwargs)
+            if generate_kwargs is not None
+            else {"do_sample": False, "num_beams": 1, "max_new_tokens": int(max_new_tokens)}
+        )
         tok = getattr(self.processor, "tokenizer", None)
         if tok is not None:
             tok.padding_side = "left"  # batched decoder-only generation needs left padding
@@ -307,12 +355,13 @@ class HFBackend:
             out = self.model.generate(**inputs, **self.generate_kwargs)
         ids = inputs.get("input_ids")
         if ids is not None and out.shape[1] >= ids.shape[1] and torch.equal(out[:, : ids.shape[1]], ids):
-            out = out[:, ids.shape[1]:]  # decoder-only models return prompt + new tokens
+            out = out[:, ids.shape[1] :]  # decoder-only models return prompt + new tokens
         return [t.strip() for t in self.processor.batch_decode(out, skip_special_tokens=True)]
 
 
-def build_backend(backend: str, model: str, prompt: str, dtype: str = "auto", device: str = "auto",
-                  max_new_tokens: int | None = None) -> Backend:
+def build_backend(
+    backend: str, model: str, prompt: str, dtype: str = "auto", device: str = "auto", max_new_tokens: int | None = None
+) -> Backend:
     """The captioner ``backend`` for ``model``; ``max_new_tokens`` None = the model's upstream budget."""
     vlm = known_vlm(model)
     budget = max_new_tokens or (vlm.max_new_tokens if vlm and vlm.backend == backend else None)
@@ -326,4 +375,3 @@ def build_backend(backend: str, model: str, prompt: str, dtype: str = "auto", de
     if backend == "hf":
         return HFBackend(model, prompt, dtype, device, budget or 1024)
     raise UserError(f"unknown --backend {backend!r}; valid: {', '.join(BACKENDS)}")
-

@@ -9,7 +9,7 @@ the model's float32 buffer entries, and the step after the smallest grid time us
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -28,8 +28,7 @@ def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> list[int]
     return [t + 1 for t in range(0, num_train_timesteps, c)][:num_steps]
 
 
-def ddim_parameters(alphas_cumprod: torch.Tensor, grid: Sequence[int], eta: float = 0.0
-                    ) -> dict[str, torch.Tensor]:
+def ddim_parameters(alphas_cumprod: torch.Tensor, grid: Sequence[int], eta: float = 0.0) -> dict[str, torch.Tensor]:
     """alpha-bar, previous alpha-bar and sigma for each grid time (ascending), float64 copies of float32 values.
 
     sigma_i = eta * sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev)) (Song et al. 2021, eq. 16).

@@ -7,7 +7,8 @@ then skips the second pass (half the work, the same result up to float rounding)
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -32,8 +33,9 @@ def same_condition(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return True
 
 
-def classifier_free_guidance(model: CondDenoiser, cond: Mapping[str, Any], uncond: Mapping[str, Any],
-                             scale: float, skip_same: bool = True) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def classifier_free_guidance(
+    model: CondDenoiser, cond: Mapping[str, Any], uncond: Mapping[str, Any], scale: float, skip_same: bool = True
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """A ``denoise(x, t)`` callable for :func:`ldm.diffusion.ddim.ddim_sample`.
 
     ``model(x, t, cond)`` returns eps; tensors in the condition dicts have the batch first. The

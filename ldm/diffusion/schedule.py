@@ -14,15 +14,26 @@ from torch import nn
 from ldm.config import DiffusionConfig
 
 SCHEDULE_BUFFERS = (
-    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
-    "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "log_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
 )
 
 
 def linear_betas(timesteps: int, linear_start: float, linear_end: float) -> np.ndarray:
     """SD's 'linear' schedule in float64: (T,)."""
-    return torch.linspace(linear_start**0.5, linear_end**0.5, timesteps, dtype=torch.float64, device="cpu").pow(2).numpy()
+    return (
+        torch.linspace(linear_start**0.5, linear_end**0.5, timesteps, dtype=torch.float64, device="cpu").pow(2).numpy()
+    )
 
 
 def schedule_arrays(cfg: DiffusionConfig) -> dict[str, np.ndarray]:
@@ -60,7 +71,12 @@ def extract(buf: torch.Tensor, t: torch.Tensor, ndim: int) -> torch.Tensor:
     return buf.gather(-1, t).reshape(t.shape[0], *([1] * (ndim - 1)))
 
 
-def q_sample(sqrt_alphas_cumprod: torch.Tensor, sqrt_one_minus_alphas_cumprod: torch.Tensor,
-             x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def q_sample(
+    sqrt_alphas_cumprod: torch.Tensor,
+    sqrt_one_minus_alphas_cumprod: torch.Tensor,
+    x0: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+) -> torch.Tensor:
     """Sample x_t ~ q(x_t | x_0) = sqrt(a_t) x_0 + sqrt(1 - a_t) eps (Ho et al. 2020, eq. 4)."""
     return extract(sqrt_alphas_cumprod, t, x0.ndim) * x0 + extract(sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise

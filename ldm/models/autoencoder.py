@@ -23,9 +23,10 @@ from __future__ import annotations
 import io
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -102,20 +103,24 @@ def autoencoder_state_dict(ckpt: Mapping[str, Any], path: str | os.PathLike = "c
     """
     sd = state_dict_of(ckpt, path)
     own = {k: v for k, v in sd.items() if k.split(".", 1)[0] in AE_PARTS}
-    sd_style = {k[len(SD_PREFIX):]: v for k, v in sd.items() if k.startswith(SD_PREFIX)}
+    sd_style = {k[len(SD_PREFIX) :]: v for k, v in sd.items() if k.startswith(SD_PREFIX)}
     if own and sd_style:
-        raise UserError(f"{path} holds both {SD_PREFIX}* and bare encoder.*/decoder.* weights: which autoencoder "
-                        "is meant is ambiguous; extract one of them")
+        raise UserError(
+            f"{path} holds both {SD_PREFIX}* and bare encoder.*/decoder.* weights: which autoencoder "
+            "is meant is ambiguous; extract one of them"
+        )
     found = own or sd_style
     if not found:
-        raise UserError(f"{path} holds no autoencoder weights: expected encoder.*, decoder.*, quant_conv.*, "
-                        f"post_quant_conv.* (a first-stage checkpoint) or {SD_PREFIX}* (a Stable Diffusion checkpoint)")
+        raise UserError(
+            f"{path} holds no autoencoder weights: expected encoder.*, decoder.*, quant_conv.*, "
+            f"post_quant_conv.* (a first-stage checkpoint) or {SD_PREFIX}* (a Stable Diffusion checkpoint)"
+        )
     return found
 
 
 def loss_state_dict(ckpt: Mapping[str, Any], path: str | os.PathLike = "checkpoint") -> dict[str, torch.Tensor]:
     """The ``loss.*`` weights of a first-stage checkpoint, prefix removed (empty if it has none)."""
-    return {k[len(LOSS_PREFIX):]: v for k, v in state_dict_of(ckpt, path).items() if k.startswith(LOSS_PREFIX)}
+    return {k[len(LOSS_PREFIX) :]: v for k, v in state_dict_of(ckpt, path).items() if k.startswith(LOSS_PREFIX)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,8 +134,9 @@ class AutoencoderTraining(pl.LightningModule):
     in this project). ``run_config`` is plain data stored beside the configs in checkpoints.
     """
 
-    def __init__(self, ae_cfg: AutoencoderConfig, train_cfg: AutoencoderTrainConfig,
-                 run_config: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, ae_cfg: AutoencoderConfig, train_cfg: AutoencoderTrainConfig, run_config: Mapping[str, Any] | None = None
+    ) -> None:
         super().__init__()
         validate_train_config(train_cfg)
         self.automatic_optimization = False
@@ -172,16 +178,21 @@ class AutoencoderTraining(pl.LightningModule):
         return {"autoencoder": to_dict(self.ae_cfg), "finetune": to_dict(self.train_cfg), **self.run_config}
 
     # --- starting weights ---------------------------------------------------------------------
-    def load_starting_weights(self, ckpt: Mapping[str, Any], path: str | os.PathLike,
-                              use_file_perceptual: bool = True) -> list[str]:
+    def load_starting_weights(
+        self, ckpt: Mapping[str, Any], path: str | os.PathLike, use_file_perceptual: bool = True
+    ) -> list[str]:
         """Load the autoencoder strictly, and the parts of the loss that the file holds completely.
 
         Like upstream's (non-strict) load, a ``kl-f8`` ``model.ckpt`` also provides the
         discriminator and ``logvar``; its LPIPS copy is used when ``use_file_perceptual``. A loss
         part present only in part, or with other shapes, is an error. Returns what was loaded.
         """
-        load_into(self.autoencoder_parts(), autoencoder_state_dict(ckpt, path), path,
-                  hint="is --config the preset this autoencoder was made with?")
+        load_into(
+            self.autoencoder_parts(),
+            autoencoder_state_dict(ckpt, path),
+            path,
+            hint="is --config the preset this autoencoder was made with?",
+        )
         loaded = ["autoencoder"]
         file_loss = loss_state_dict(ckpt, path)
         stray = sorted(k for k in file_loss if k.split(".", 1)[0] not in ("discriminator", "logvar", "perceptual_loss"))
@@ -197,9 +208,11 @@ class AutoencoderTraining(pl.LightningModule):
         if self.loss.perceptual_loss is not None and use_file_perceptual:
             modules["perceptual_loss"] = self.loss.perceptual_loss
         for name, module in modules.items():
-            part = {k[len(name) + 1:]: v for k, v in file_loss.items() if k.startswith(name + ".")}
+            part = {k[len(name) + 1 :]: v for k, v in file_loss.items() if k.startswith(name + ".")}
             if part:
-                load_into(module, part, path, hint=f"the file's loss.{name}.* weights are incomplete or of another shape")
+                load_into(
+                    module, part, path, hint=f"the file's loss.{name}.* weights are incomplete or of another shape"
+                )
                 loaded.append(name)
         return loaded
 
@@ -226,8 +239,9 @@ class AutoencoderTraining(pl.LightningModule):
         reconstructions, posterior = self(x)  # (B, 3, H, W)
 
         self.toggle_optimizer(opt_g)  # no gradients for the discriminator from the generator's loss
-        g_loss, logs = self.loss.generator_loss(x, reconstructions, posterior, self.ae_steps,
-                                                last_layer=self.decoder.conv_out.weight)
+        g_loss, logs = self.loss.generator_loss(
+            x, reconstructions, posterior, self.ae_steps, last_layer=self.decoder.conv_out.weight
+        )
         self.manual_backward(g_loss / accumulate)
         self.untoggle_optimizer(opt_g)
 
@@ -252,12 +266,25 @@ class AutoencoderTraining(pl.LightningModule):
             if self._budget_spent():
                 self.trainer.should_stop = True
         logs["ae_step"] = torch.tensor(float(self.ae_steps))
-        self.log_dict({f"train/{k}": v for k, v in logs.items() if k not in ("total_loss", "rec_loss")},
-                      on_step=True, on_epoch=False, batch_size=x.shape[0])
-        self.log_dict({"train/total_loss": logs["total_loss"], "train/rec_loss": logs["rec_loss"]},
-                      prog_bar=True, on_step=True, on_epoch=True, batch_size=x.shape[0])
-        return {"loss": g_loss.detach(), "stepped": stepped, "inputs": x.detach(),
-                "reconstructions": reconstructions.detach()}
+        self.log_dict(
+            {f"train/{k}": v for k, v in logs.items() if k not in ("total_loss", "rec_loss")},
+            on_step=True,
+            on_epoch=False,
+            batch_size=x.shape[0],
+        )
+        self.log_dict(
+            {"train/total_loss": logs["total_loss"], "train/rec_loss": logs["rec_loss"]},
+            prog_bar=True,
+            on_step=True,
+            on_epoch=True,
+            batch_size=x.shape[0],
+        )
+        return {
+            "loss": g_loss.detach(),
+            "stepped": stepped,
+            "inputs": x.detach(),
+            "reconstructions": reconstructions.detach(),
+        }
 
     def on_train_epoch_start(self) -> None:
         self._accumulated = 0
@@ -271,8 +298,10 @@ class AutoencoderTraining(pl.LightningModule):
         """Resuming: the file must come from a run with the same architecture and loss parts."""
         stored = (checkpoint.get("config") or {}).get("autoencoder")
         if stored is not None and stored != to_dict(self.ae_cfg):
-            raise UserError("the checkpoint to resume was made with another autoencoder config; use the run's "
-                            f"--config (checkpoint: {stored})")
+            raise UserError(
+                "the checkpoint to resume was made with another autoencoder config; use the run's "
+                f"--config (checkpoint: {stored})"
+            )
         sd = checkpoint.get("state_dict", {})
         problem = describe_mismatch({k: v.shape for k, v in self.state_dict().items()}, sd)
         if problem:
@@ -291,15 +320,17 @@ class AutoencoderTraining(pl.LightningModule):
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoints written through a temporary file, fsync and rename (``utils.io``), read memory-mapped."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
-                        storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None
+    ) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO takes no storage_options")
         with atomic_open(path, "wb") as f:
             torch.save(checkpoint, f)
 
-    def load_checkpoint(self, path: str | os.PathLike, map_location: Any | None = None,
-                        weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: str | os.PathLike, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         """Resuming: the file is memory-mapped, so the optimiser state and weights are read as they are restored."""
         return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
 
@@ -328,10 +359,15 @@ class StepCheckpoint(pl.Callback):
         self._saved_at = module.ae_steps
         log.info("checkpoint: %s (generator step %d)", self.last_path, module.ae_steps)
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
-        if (self.every_n_steps > 0 and isinstance(outputs, Mapping) and outputs.get("stepped")
-                and pl_module.ae_steps % self.every_n_steps == 0):
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if (
+            self.every_n_steps > 0
+            and isinstance(outputs, Mapping)
+            and outputs.get("stepped")
+            and pl_module.ae_steps % self.every_n_steps == 0
+        ):
             self._save(trainer, pl_module, keep=self.keep)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -349,8 +385,14 @@ class ReconstructionImages(pl.Callback):
     Files: ``{folder}/step_{NNNNNNN}.png``; rank 0 only.
     """
 
-    def __init__(self, folder: str | os.PathLike, every_n_steps: int, mean: Sequence[float], std: Sequence[float],
-                 max_images: int = 4) -> None:
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        every_n_steps: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        max_images: int = 4,
+    ) -> None:
         super().__init__()
         self.folder = Path(folder)
         self.every_n_steps = every_n_steps
@@ -358,8 +400,9 @@ class ReconstructionImages(pl.Callback):
         self.std = tuple(std)
         self.max_images = max_images
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self.every_n_steps <= 0 or not trainer.is_global_zero or not isinstance(outputs, Mapping):
             return
         step = pl_module.ae_steps

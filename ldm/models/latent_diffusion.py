@@ -8,17 +8,18 @@ Submodule names give the state-dict names of CompVis / Stable Diffusion checkpoi
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.checkpoint import load_into
 from ldm.config import LatentDiffusionConfig, to_dict
 from ldm.diffusion.schedule import SCHEDULE_BUFFERS, q_sample, register_schedule
 from ldm.modules.autoencoder import AutoencoderKL
-from ldm.checkpoint import load_into
 from ldm.modules.text_encoder import TextEncoder, build_text_encoder, canonical_clip_names
 from ldm.modules.unet import UNetModel
 from utils.errors import UserError
@@ -48,10 +49,19 @@ class LatentDiffusion(pl.LightningModule):
     (requires_grad False). The autoencoder and the text encoder are always frozen.
     """
 
-    def __init__(self, cfg: LatentDiffusionConfig, *, trainable: Sequence[str] = ("model.diffusion_model.",),
-                 learning_rate: float = 1e-5, weight_decay: float = 0.01, optimizer: str = "adamw",
-                 fused_optimizer: bool = False, load_pretrained_text: bool = True,
-                 text_encoder: TextEncoder | None = None, unet: UNetModel | None = None):
+    def __init__(
+        self,
+        cfg: LatentDiffusionConfig,
+        *,
+        trainable: Sequence[str] = ("model.diffusion_model.",),
+        learning_rate: float = 1e-5,
+        weight_decay: float = 0.01,
+        optimizer: str = "adamw",
+        fused_optimizer: bool = False,
+        load_pretrained_text: bool = True,
+        text_encoder: TextEncoder | None = None,
+        unet: UNetModel | None = None,
+    ):
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise UserError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got '{optimizer}'")
@@ -90,8 +100,9 @@ class LatentDiffusion(pl.LightningModule):
         if unmatched:
             raise UserError(f"trainable prefix '{unmatched[0]}' matches no parameter of the model")
 
-    def load_weights(self, sd: Mapping[str, torch.Tensor], path: str = "checkpoint", hint: str = "",
-                     assign: bool = False) -> None:
+    def load_weights(
+        self, sd: Mapping[str, torch.Tensor], path: str = "checkpoint", hint: str = "", assign: bool = False
+    ) -> None:
         """Load a full state dict strictly (CLIP weights under either transformers naming).
 
         ``assign`` (for a model built on the meta device) uses the given tensors instead of copying.
@@ -119,15 +130,16 @@ class LatentDiffusion(pl.LightningModule):
             return sd
         holder = nn.Module()
         register_schedule(holder, self.cfg.diffusion)
-        log.info("%s: the schedule buffers are stored in %s: using freshly computed float32 ones", path,
-                 sd[half[0]].dtype)
+        log.info(
+            "%s: the schedule buffers are stored in %s: using freshly computed float32 ones", path, sd[half[0]].dtype
+        )
         fresh = holder.state_dict()
         return {**sd, **{k: fresh[k] for k in SCHEDULE_BUFFERS if k in sd}}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
-    def train(self, mode: bool = True) -> "LatentDiffusion":
+    def train(self, mode: bool = True) -> LatentDiffusion:
         super().train(mode)
         self.first_stage_model.eval()
         self.cond_stage_model.eval()
@@ -135,8 +147,9 @@ class LatentDiffusion(pl.LightningModule):
 
     # --- first stage and conditioning -------------------------------------------------------
     @torch.no_grad()
-    def encode_first_stage(self, x: torch.Tensor, noise: torch.Tensor | None = None,
-                           generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode_first_stage(
+        self, x: torch.Tensor, noise: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """z = scale_factor * sample of the posterior q(z | x): (B,3,H,W) -> (B,4,H/8,W/8)."""
         return self.scale_factor * self.first_stage_model.encode(x).sample(noise=noise, generator=generator)
 
@@ -172,8 +185,15 @@ class LatentDiffusion(pl.LightningModule):
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_loss(batch)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch["image"].shape[0],
-                 sync_dist=False)
+        self.log(
+            "train/loss",
+            loss,
+            prog_bar=True,
+            on_step=True,
+            on_epoch=True,
+            batch_size=batch["image"].shape[0],
+            sync_dist=False,
+        )
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

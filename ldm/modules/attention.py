@@ -30,8 +30,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "sd
 class CrossAttention(nn.Module):
     """Attention of ``x`` to ``context`` (to itself when no context is given)."""
 
-    def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int,
-                 dropout: float = 0.0, impl: str = "sdpa"):
+    def __init__(
+        self,
+        query_dim: int,
+        context_dim: int | None,
+        heads: int,
+        dim_head: int,
+        dropout: float = 0.0,
+        impl: str = "sdpa",
+    ):
         super().__init__()
         inner = heads * dim_head
         context_dim = query_dim if context_dim is None else context_dim
@@ -56,7 +63,9 @@ class CrossAttention(nn.Module):
             x, context = x.reshape(1, b * n, -1), context[:1]  # (1, B*N, query_dim), (1, M, context_dim)
         src = x if context is None else context
         q, k, v = self.to_q(x), self.to_k(src), self.to_v(src)  # (B|1, N|B*N, h*d), (B|1, N|M, h*d) twice
-        q, k, v = (t.reshape(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2) for t in (q, k, v))  # (B|1, h, ., d)
+        q, k, v = (
+            t.reshape(t.shape[0], t.shape[1], self.heads, -1).transpose(1, 2) for t in (q, k, v)
+        )  # (B|1, h, ., d)
         out = attention(q, k, v, self.impl)  # (B|1, h, N|B*N, d)
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
@@ -86,8 +95,16 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Pre-norm self-attention, cross-attention to the context, GEGLU feed-forward; residual each."""
 
-    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int, dropout: float = 0.0,
-                 use_checkpoint: bool = False, impl: str = "sdpa"):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        dim_head: int,
+        context_dim: int,
+        dropout: float = 0.0,
+        use_checkpoint: bool = False,
+        impl: str = "sdpa",
+    ):
         super().__init__()
         self.attn1 = CrossAttention(dim, None, heads, dim_head, dropout, impl)
         self.ff = FeedForward(dim, dropout=dropout)
@@ -111,9 +128,19 @@ class BasicTransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
     """GroupNorm -> proj_in -> transformer blocks over the (H*W) tokens -> proj_out, plus the input."""
 
-    def __init__(self, in_channels: int, heads: int, dim_head: int, depth: int, context_dim: int,
-                 norm_groups: int = 32, dropout: float = 0.0, use_linear: bool = False,
-                 use_checkpoint: bool = False, impl: str = "sdpa"):
+    def __init__(
+        self,
+        in_channels: int,
+        heads: int,
+        dim_head: int,
+        depth: int,
+        context_dim: int,
+        norm_groups: int = 32,
+        dropout: float = 0.0,
+        use_linear: bool = False,
+        use_checkpoint: bool = False,
+        impl: str = "sdpa",
+    ):
         super().__init__()
         inner = heads * dim_head
         self.norm = nn.GroupNorm(norm_groups, in_channels, eps=1e-6, affine=True)

@@ -26,9 +26,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +47,25 @@ LPIPS_LIN_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lp
 
 # torchvision's VGG16 ``features``: an int is a 3x3 conv (padding 1) to that width followed by ReLU,
 # "M" a 2x2 max-pool. Layer i of this list is torchvision's ``features.i``.
-VGG16_LAYOUT: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
-                                       512, 512, 512)
+VGG16_LAYOUT: tuple[int | str, ...] = (
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+)
 VGG16_SLICE_ENDS = (4, 9, 16, 23, 30)  # slice k ends after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
 VGG16_CHANNELS = (64, 128, 256, 512, 512)
 # LPIPS v0.1 input scaling: (x - shift) / scale maps [-1, 1] images to ImageNet statistics.
@@ -168,14 +185,14 @@ class LPIPS(nn.Module):
     def lin_layers(self) -> list[NetLinLayer]:
         return [getattr(self, f"lin{k}") for k in range(len(VGG16_CHANNELS))]
 
-    def train(self, mode: bool = True) -> "LPIPS":
+    def train(self, mode: bool = True) -> LPIPS:
         return super().train(False)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """LPIPS distance of images (B,3,H,W) expected in [-1, 1] (eq. 1 of Zhang et al.) -> (B,1,1,1)."""
         fx, fy = self.net(self.scaling_layer(x)), self.net(self.scaling_layer(y))
         total = None
-        for lin, a, b in zip(self.lin_layers(), fx, fy):
+        for lin, a, b in zip(self.lin_layers(), fx, fy, strict=True):
             d = (_unit_channels(a) - _unit_channels(b)) ** 2  # (B, C_l, H_l, W_l)
             term = lin(d).mean(dim=(2, 3), keepdim=True)  # (B, 1, 1, 1)
             total = term if total is None else total + term
@@ -194,10 +211,13 @@ class NLayerDiscriminator(nn.Module):
         layers: list[nn.Module] = [nn.Conv2d(in_channels, channels, 4, stride=2, padding=1), nn.LeakyReLU(0.2)]
         mult = 1
         for n in range(1, n_layers + 1):
-            prev, mult = mult, min(2 ** n, 8)
+            prev, mult = mult, min(2**n, 8)
             stride = 2 if n < n_layers else 1  # the last hidden conv keeps the resolution
-            layers += [nn.Conv2d(channels * prev, channels * mult, 4, stride=stride, padding=1, bias=False),
-                       nn.BatchNorm2d(channels * mult), nn.LeakyReLU(0.2)]
+            layers += [
+                nn.Conv2d(channels * prev, channels * mult, 4, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(channels * mult),
+                nn.LeakyReLU(0.2),
+            ]
         layers.append(nn.Conv2d(channels * mult, 1, 4, stride=1, padding=1))
         self.main = nn.Sequential(*layers)
         init_discriminator_weights(self)
@@ -262,8 +282,14 @@ class LPIPSWithDiscriminator(nn.Module):
         ratio = torch.norm(nll_grad) / (torch.norm(g_grad) + 1e-4)
         return torch.clamp(ratio, 0.0, 1e4).detach() * self.cfg.disc_weight
 
-    def generator_loss(self, inputs: torch.Tensor, reconstructions: torch.Tensor, posterior: DiagonalGaussian,
-                       step: int, last_layer: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def generator_loss(
+        self,
+        inputs: torch.Tensor,
+        reconstructions: torch.Tensor,
+        posterior: DiagonalGaussian,
+        step: int,
+        last_layer: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of the autoencoder for images (B,3,H,W) and their reconstructions; scalars to log.
 
         Sums run over pixels and channels and are divided by the batch size (upstream's scaling), so
@@ -286,13 +312,22 @@ class LPIPSWithDiscriminator(nn.Module):
             if torch.is_grad_enabled() and last_layer is not None:
                 d_weight = self.adaptive_weight(nll_loss, g_loss, last_layer)
             loss = loss + d_weight * self.cfg.disc_factor * g_loss
-        logs = {"total_loss": loss, "nll_loss": nll_loss, "rec_loss": rec.mean(), "p_loss": p_loss.mean(),
-                "kl_loss": kl_loss, "logvar": self.logvar, "g_loss": g_loss, "d_weight": d_weight,
-                "disc_factor": torch.tensor(self.cfg.disc_factor if self.discriminator_active(step) else 0.0)}
+        logs = {
+            "total_loss": loss,
+            "nll_loss": nll_loss,
+            "rec_loss": rec.mean(),
+            "p_loss": p_loss.mean(),
+            "kl_loss": kl_loss,
+            "logvar": self.logvar,
+            "g_loss": g_loss,
+            "d_weight": d_weight,
+            "disc_factor": torch.tensor(self.cfg.disc_factor if self.discriminator_active(step) else 0.0),
+        }
         return loss, {k: v.detach() for k, v in logs.items()}
 
-    def discriminator_loss(self, inputs: torch.Tensor, reconstructions: torch.Tensor,
-                           step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def discriminator_loss(
+        self, inputs: torch.Tensor, reconstructions: torch.Tensor, step: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """disc_factor * hinge(D(x), D(x̂)) on detached images (0 before ``disc_start``)."""
         logits_real = self.discriminator(inputs.detach())
         logits_fake = self.discriminator(reconstructions.detach())
@@ -316,32 +351,47 @@ def packaged_lpips_weights() -> Path | None:
     return None
 
 
-def resolve_perceptual_weight_files(vgg_weights: str | os.PathLike | None = None,
-                                    lpips_weights: str | os.PathLike | None = None) -> tuple[Path, Path]:
+def resolve_perceptual_weight_files(
+    vgg_weights: str | os.PathLike | None = None, lpips_weights: str | os.PathLike | None = None
+) -> tuple[Path, Path]:
     """The VGG16 and LPIPS linear-layer files to read; a missing one is a UserError saying where to get it."""
     skip = "or pass --perceptual_weight 0 to train without the perceptual (LPIPS) term"
     vgg = Path(vgg_weights) if vgg_weights is not None else DEFAULT_VGG16_PATH
     if not vgg.is_file():
-        where = "given by --vgg_weights" if vgg_weights is not None else "the default location; --vgg_weights PATH sets another"
-        raise UserError(f"perceptual loss needs the torchvision VGG16 ImageNet weights {VGG16_FILE}: {vgg} not found "
-                        f"({where}). Download {VGG16_URL} to {vgg}, {skip}")
+        where = (
+            "given by --vgg_weights"
+            if vgg_weights is not None
+            else "the default location; --vgg_weights PATH sets another"
+        )
+        raise UserError(
+            f"perceptual loss needs the torchvision VGG16 ImageNet weights {VGG16_FILE}: {vgg} not found "
+            f"({where}). Download {VGG16_URL} to {vgg}, {skip}"
+        )
     if lpips_weights is not None:
         lin = Path(lpips_weights)
         if not lin.is_file():
-            raise UserError(f"LPIPS linear-layer weights {lin} not found (--lpips_weights); the lpips package ships "
-                            f"them as lpips/weights/v0.1/vgg.pth (pip install lpips) or get {LPIPS_LIN_URL}; {skip}")
+            raise UserError(
+                f"LPIPS linear-layer weights {lin} not found (--lpips_weights); the lpips package ships "
+                f"them as lpips/weights/v0.1/vgg.pth (pip install lpips) or get {LPIPS_LIN_URL}; {skip}"
+            )
         return vgg, lin
     lin = packaged_lpips_weights()
     if lin is None:
-        raise UserError("LPIPS linear-layer weights not found: looked for lpips/weights/v0.1/vgg.pth in the installed "
-                        f"lpips package (pip install lpips), or download {LPIPS_LIN_URL} and pass --lpips_weights PATH; "
-                        f"{skip}")
+        raise UserError(
+            "LPIPS linear-layer weights not found: looked for lpips/weights/v0.1/vgg.pth in the installed "
+            f"lpips package (pip install lpips), or download {LPIPS_LIN_URL} and pass --lpips_weights PATH; "
+            f"{skip}"
+        )
     return vgg, lin
 
 
-def vgg16_features_from_torchvision(sd: Mapping[str, torch.Tensor], path: str | os.PathLike = "VGG16 weights"
-                                    ) -> dict[str, torch.Tensor]:
-    """Rename torchvision VGG16 weights (``features.i.*``; ``classifier.*`` ignored) to :class:`VGG16Features`'s names."""
+def vgg16_features_from_torchvision(
+    sd: Mapping[str, torch.Tensor], path: str | os.PathLike = "VGG16 weights"
+) -> dict[str, torch.Tensor]:
+    """Rename torchvision VGG16 weights to :class:`VGG16Features`'s names.
+
+    ``features.i.*`` are renamed; ``classifier.*`` is ignored.
+    """
     slice_of = {}
     start = 0
     for k, end in enumerate(VGG16_SLICE_ENDS, 1):
@@ -358,8 +408,10 @@ def vgg16_features_from_torchvision(sd: Mapping[str, torch.Tensor], path: str | 
         elif not (len(parts) == 3 and parts[0] == "features" and parts[1] == "30"):
             stray.append(key)
     if stray:
-        raise UserError(f"{path}: not torchvision VGG16 weights (unexpected key '{stray[0]}'); expected {VGG16_FILE} "
-                        f"from {VGG16_URL}")
+        raise UserError(
+            f"{path}: not torchvision VGG16 weights (unexpected key '{stray[0]}'); expected {VGG16_FILE} "
+            f"from {VGG16_URL}"
+        )
     return out
 
 
@@ -369,10 +421,17 @@ def load_perceptual_weights(lpips: LPIPS, vgg_path: str | os.PathLike, lin_path:
     expected = {k: v.shape for k, v in lpips.net.state_dict().items()}
     problem = describe_mismatch(expected, vgg_sd)
     if problem:
-        raise UserError(f"{vgg_path}: not torchvision VGG16 weights ({problem}); expected {VGG16_FILE} from {VGG16_URL}")
+        raise UserError(
+            f"{vgg_path}: not torchvision VGG16 weights ({problem}); expected {VGG16_FILE} from {VGG16_URL}"
+        )
     load_into(lpips.net, vgg_sd, vgg_path)
     lins = nn.Module()
     for k, layer in enumerate(lpips.lin_layers()):
         lins.add_module(f"lin{k}", layer)
-    load_into(lins, load_state_dict(lin_path), lin_path, hint="expected the LPIPS v0.1 VGG linear layers (lpips/weights/v0.1/vgg.pth)")
+    load_into(
+        lins,
+        load_state_dict(lin_path),
+        lin_path,
+        hint="expected the LPIPS v0.1 VGG linear layers (lpips/weights/v0.1/vgg.pth)",
+    )
     log.info("LPIPS: VGG16 from %s, linear layers from %s", vgg_path, lin_path)

@@ -18,8 +18,9 @@ import json
 import logging
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,7 +55,7 @@ class TextEncoder(nn.Module):
     def hidden_size(self) -> int:
         return int(self.transformer.config.hidden_size)
 
-    def train(self, mode: bool = True) -> "TextEncoder":
+    def train(self, mode: bool = True) -> TextEncoder:
         super().train(mode)
         self.transformer.eval()  # frozen: never in training mode (no dropout)
         return self
@@ -90,7 +91,7 @@ def _clip_to_sd_names(module: TextEncoder, state_dict: dict, prefix: str, local_
     keys = [k for k in state_dict if k.startswith(tprefix)]
     if not module._native_has_text_model:
         for k in keys:
-            state_dict[tprefix + SD_CLIP_PREFIX + k[len(tprefix):]] = state_dict.pop(k)
+            state_dict[tprefix + SD_CLIP_PREFIX + k[len(tprefix) :]] = state_dict.pop(k)
     pos_key = tprefix + SD_CLIP_PREFIX + "embeddings.position_ids"
     if pos_key not in state_dict:
         emb = module.transformer.get_input_embeddings()
@@ -101,10 +102,13 @@ def _clip_to_sd_names(module: TextEncoder, state_dict: dict, prefix: str, local_
 def _clip_from_sd_names(module: TextEncoder, state_dict: dict, prefix: str, *args: Any) -> None:
     """Load pre-hook: accept SD-1.5 names or the installed transformers names; drop position_ids."""
     tprefix = prefix + "transformer."
-    native_pos = any(n.endswith("embeddings.position_ids") for n, _ in module.transformer.named_buffers()
-                     if _is_persistent(module.transformer, n))
+    native_pos = any(
+        n.endswith("embeddings.position_ids")
+        for n, _ in module.transformer.named_buffers()
+        if _is_persistent(module.transformer, n)
+    )
     for k in [k for k in state_dict if k.startswith(tprefix)]:
-        rest = k[len(tprefix):]
+        rest = k[len(tprefix) :]
         if rest.endswith("embeddings.position_ids") and not native_pos:
             pos = state_dict.pop(k)
             expected = torch.arange(pos.shape[-1])
@@ -113,7 +117,7 @@ def _clip_from_sd_names(module: TextEncoder, state_dict: dict, prefix: str, *arg
             continue
         has = rest.startswith(SD_CLIP_PREFIX)
         if has and not module._native_has_text_model:
-            state_dict[tprefix + rest[len(SD_CLIP_PREFIX):]] = state_dict.pop(k)
+            state_dict[tprefix + rest[len(SD_CLIP_PREFIX) :]] = state_dict.pop(k)
         elif not has and module._native_has_text_model:
             state_dict[tprefix + SD_CLIP_PREFIX + rest] = state_dict.pop(k)
 
@@ -123,8 +127,8 @@ def canonical_clip_names(sd: dict[str, torch.Tensor], prefix: str = "cond_stage_
     tprefix = prefix + "transformer."
     out = {}
     for k, v in sd.items():
-        if k.startswith(tprefix) and not k[len(tprefix):].startswith(SD_CLIP_PREFIX):
-            k = tprefix + SD_CLIP_PREFIX + k[len(tprefix):]
+        if k.startswith(tprefix) and not k[len(tprefix) :].startswith(SD_CLIP_PREFIX):
+            k = tprefix + SD_CLIP_PREFIX + k[len(tprefix) :]
         out[k] = v
     emb = out.get(tprefix + SD_CLIP_PREFIX + "embeddings.position_embedding.weight")
     pos_key = tprefix + SD_CLIP_PREFIX + "embeddings.position_ids"
@@ -147,8 +151,16 @@ def clip_bpe_tokenizer_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """
     from open_clip.tokenizer import bytes_to_unicode, default_bpe
 
-    folder = Path(cache_dir) if cache_dir else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vlmdiff" / "clip_tokenizer"
-    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file() and (folder / "tokenizer_config.json").is_file():
+    folder = (
+        Path(cache_dir)
+        if cache_dir
+        else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vlmdiff" / "clip_tokenizer"
+    )
+    if (
+        (folder / "vocab.json").is_file()
+        and (folder / "merges.txt").is_file()
+        and (folder / "tokenizer_config.json").is_file()
+    ):
         return folder
     lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
     merges = lines[1 : 49152 - 256 - 2 + 1]
@@ -158,10 +170,16 @@ def clip_bpe_tokenizer_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     files = {
         "vocab.json": json.dumps({t: i for i, t in enumerate(vocab)}),
         "merges.txt": "#version: 0.2\n" + "\n".join(merges) + "\n",
-        "tokenizer_config.json": json.dumps({
-            "model_max_length": 77, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-            "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "tokenizer_class": "CLIPTokenizer",
-        }),
+        "tokenizer_config.json": json.dumps(
+            {
+                "model_max_length": 77,
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "tokenizer_class": "CLIPTokenizer",
+            }
+        ),
     }
     for name, text in files.items():  # atomic per file: concurrent processes may race here
         try:
@@ -202,10 +220,15 @@ def build_text_encoder(cfg: TextEncoderConfig, load_pretrained: bool = True) -> 
         else:
             a = cfg.clip_arch
             hf_cfg = CLIPTextConfig(
-                vocab_size=a.vocab_size, hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
-                num_hidden_layers=a.num_hidden_layers, num_attention_heads=a.num_attention_heads,
-                max_position_embeddings=a.max_position_embeddings, hidden_act=a.hidden_act,
-                layer_norm_eps=a.layer_norm_eps, **_clip_special_ids(a.vocab_size),
+                vocab_size=a.vocab_size,
+                hidden_size=a.hidden_size,
+                intermediate_size=a.intermediate_size,
+                num_hidden_layers=a.num_hidden_layers,
+                num_attention_heads=a.num_attention_heads,
+                max_position_embeddings=a.max_position_embeddings,
+                hidden_act=a.hidden_act,
+                layer_norm_eps=a.layer_norm_eps,
+                **_clip_special_ids(a.vocab_size),
             )
             transformer = CLIPTextModel(hf_cfg)
         tokenizer = _load_tokenizer("clip", cfg.tokenizer if cfg.tokenizer else "bundled")
@@ -239,7 +262,10 @@ def resolve_source(source: str) -> str:
     package, _, sub = source[4:].partition("/")
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"text encoder source '{source}': package '{package}' is not installed (pip install {package.replace('_', '-')})")
+        raise UserError(
+            f"text encoder source '{source}': package '{package}' is not installed "
+            f"(pip install {package.replace('_', '-')})"
+        )
     return str(Path(list(spec.submodule_search_locations)[0]) / sub)
 
 

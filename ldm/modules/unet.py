@@ -9,7 +9,7 @@ so a model that adds control signals (``vlmdiff.model``) reuses both halves.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -57,15 +57,24 @@ class GroupNorm32(nn.GroupNorm):
 class ResBlock(nn.Module):
     """GN-SiLU-conv, plus a projection of the time embedding, GN-SiLU-dropout-conv; identity or 1x1 skip."""
 
-    def __init__(self, channels: int, emb_channels: int, out_channels: int, norm_groups: int,
-                 dropout: float = 0.0, use_checkpoint: bool = False):
+    def __init__(
+        self,
+        channels: int,
+        emb_channels: int,
+        out_channels: int,
+        norm_groups: int,
+        dropout: float = 0.0,
+        use_checkpoint: bool = False,
+    ):
         super().__init__()
         self.in_layers = nn.Sequential(
             GroupNorm32(norm_groups, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
-            GroupNorm32(norm_groups, out_channels), nn.SiLU(), nn.Dropout(dropout),
+            GroupNorm32(norm_groups, out_channels),
+            nn.SiLU(),
+            nn.Dropout(dropout),
             nn.Conv2d(out_channels, out_channels, 3, padding=1),
         )
         self.skip_connection = nn.Identity() if channels == out_channels else nn.Conv2d(channels, out_channels, 1)
@@ -180,8 +189,16 @@ def build_time_embed(model_channels: int) -> nn.Sequential:
 def _transformer(cfg: UNetConfig, ch: int) -> SpatialTransformer:
     heads, dim_head = attention_heads(cfg, ch)
     return SpatialTransformer(
-        ch, heads, dim_head, cfg.transformer_depth, cfg.context_dim, cfg.norm_groups, cfg.dropout,
-        cfg.use_linear_in_transformer, cfg.use_checkpoint, cfg.attention,
+        ch,
+        heads,
+        dim_head,
+        cfg.transformer_depth,
+        cfg.context_dim,
+        cfg.norm_groups,
+        cfg.dropout,
+        cfg.use_linear_in_transformer,
+        cfg.use_checkpoint,
+        cfg.attention,
     )
 
 
@@ -211,13 +228,17 @@ class UNetModel(nn.Module):
                     layers.append(Upsample(ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
-        self.out = nn.Sequential(GroupNorm32(cfg.norm_groups, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(
+            GroupNorm32(cfg.norm_groups, ch), nn.SiLU(), nn.Conv2d(mc, cfg.out_channels, 3, padding=1)
+        )
 
     def embed_time(self, timesteps: torch.Tensor) -> torch.Tensor:
         """(B,) integer timesteps -> (B or 1, 4*model_channels); see :func:`embed_timesteps`."""
         return embed_timesteps(self.time_embed, timesteps, self.cfg.model_channels)
 
-    def encode(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def encode(
+        self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Input blocks and middle block: returns the middle-block output and the 12 skip tensors."""
         hs = []
         h = x
@@ -226,8 +247,14 @@ class UNetModel(nn.Module):
             hs.append(h)
         return self.middle_block(h, emb, context), hs
 
-    def decode(self, h: torch.Tensor, hs: Sequence[torch.Tensor], emb: torch.Tensor, context: torch.Tensor,
-               skip_controls: Sequence[torch.Tensor | None] | None = None) -> torch.Tensor:
+    def decode(
+        self,
+        h: torch.Tensor,
+        hs: Sequence[torch.Tensor],
+        emb: torch.Tensor,
+        context: torch.Tensor,
+        skip_controls: Sequence[torch.Tensor | None] | None = None,
+    ) -> torch.Tensor:
         """Output blocks: block j concatenates [h, skip 11-j (+ control 11-j when given)]; then ``out``."""
         n = len(hs)
         for j, block in enumerate(self.output_blocks):

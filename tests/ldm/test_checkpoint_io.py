@@ -9,7 +9,14 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.checkpoint import (
-    OpaqueObject, drop_ema, ema_key, load_checkpoint, load_into, load_state_dict, save_checkpoint, use_ema_weights,
+    OpaqueObject,
+    drop_ema,
+    ema_key,
+    load_checkpoint,
+    load_into,
+    load_state_dict,
+    save_checkpoint,
+    use_ema_weights,
 )
 from ldm.config import LatentDiffusionConfig, load_config, to_dict
 from ldm.models.latent_diffusion import LatentDiffusion
@@ -66,7 +73,9 @@ def test_lightning1_pickle_loads_without_running_code(tmp_path, tiny_model):
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     ckpt = {
-        "epoch": 7, "global_step": 1234, "pytorch-lightning_version": "1.5.0",
+        "epoch": 7,
+        "global_step": 1234,
+        "pytorch-lightning_version": "1.5.0",
         "state_dict": tiny_model.state_dict(),
         "callbacks": {ModelCheckpoint: {"best_model_score": torch.tensor(0.5), "dirpath": "/x"}},
         "hyper_parameters": {"config": OmegaConf.create({"model": {"lr": 1e-5}})},
@@ -87,6 +96,7 @@ def test_lightning1_pickle_loads_without_running_code(tmp_path, tiny_model):
 class _Evil:
     def __reduce__(self):
         import os
+
         return (os.system, ("echo pwned > /dev/null",))
 
 

@@ -17,21 +17,67 @@ from vlmdiff.config import VLMDiffConfig, load_model_config
 # before configs went through OmegaConf: checkpoints made then must keep loading.
 STORED_TINY = {
     "image_size": 128,
-    "unet": {"in_channels": 4, "out_channels": 4, "model_channels": 32, "channel_mult": [1, 1, 1, 1],
-             "num_res_blocks": 2, "attention_resolutions": [4, 2, 1], "num_heads": 4, "num_head_channels": -1,
-             "transformer_depth": 1, "context_dim": 24, "norm_groups": 32, "dropout": 0.0,
-             "use_linear_in_transformer": False, "use_checkpoint": False, "attention": "sdpa"},
-    "autoencoder": {"embed_dim": 4, "z_channels": 4, "double_z": True, "resolution": 128, "in_channels": 3,
-                    "out_ch": 3, "ch": 32, "ch_mult": [1, 2, 1, 1], "num_res_blocks": 1, "attn_resolutions": [],
-                    "dropout": 0.0, "norm_groups": 32},
-    "text_encoder": {"kind": "clip", "pretrained": None, "tokenizer": "bundled", "max_length": 77,
-                     "clip_arch": {"vocab_size": 49408, "hidden_size": 24, "intermediate_size": 48,
-                                   "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": 77,
-                                   "hidden_act": "quick_gelu", "layer_norm_eps": 1e-05}},
-    "diffusion": {"timesteps": 1000, "linear_start": 0.00085, "linear_end": 0.012, "scale_factor": 0.18215,
-                  "logvar_init": 0.0},
-    "control": {"hint_channels": 3, "hint_block_channels": [16, 16, 32, 32, 96, 96, 256],
-                "hint_stride2_convs": [2, 4, 6], "only_mid_control": True, "use_sff": True},
+    "unet": {
+        "in_channels": 4,
+        "out_channels": 4,
+        "model_channels": 32,
+        "channel_mult": [1, 1, 1, 1],
+        "num_res_blocks": 2,
+        "attention_resolutions": [4, 2, 1],
+        "num_heads": 4,
+        "num_head_channels": -1,
+        "transformer_depth": 1,
+        "context_dim": 24,
+        "norm_groups": 32,
+        "dropout": 0.0,
+        "use_linear_in_transformer": False,
+        "use_checkpoint": False,
+        "attention": "sdpa",
+    },
+    "autoencoder": {
+        "embed_dim": 4,
+        "z_channels": 4,
+        "double_z": True,
+        "resolution": 128,
+        "in_channels": 3,
+        "out_ch": 3,
+        "ch": 32,
+        "ch_mult": [1, 2, 1, 1],
+        "num_res_blocks": 1,
+        "attn_resolutions": [],
+        "dropout": 0.0,
+        "norm_groups": 32,
+    },
+    "text_encoder": {
+        "kind": "clip",
+        "pretrained": None,
+        "tokenizer": "bundled",
+        "max_length": 77,
+        "clip_arch": {
+            "vocab_size": 49408,
+            "hidden_size": 24,
+            "intermediate_size": 48,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 77,
+            "hidden_act": "quick_gelu",
+            "layer_norm_eps": 1e-05,
+        },
+    },
+    "diffusion": {
+        "timesteps": 1000,
+        "linear_start": 0.00085,
+        "linear_end": 0.012,
+        "scale_factor": 0.18215,
+        "logvar_init": 0.0,
+    },
+    "control": {
+        "hint_channels": 3,
+        "hint_block_channels": [16, 16, 32, 32, 96, 96, 256],
+        "hint_stride2_convs": [2, 4, 6],
+        "only_mid_control": True,
+        "use_sff": True,
+    },
 }
 
 
@@ -52,7 +98,12 @@ def test_preset_sizes_and_base_chain():
     tiny = load_config("tiny", LatentDiffusionConfig, only_own_sections=True)
     assert (tiny.unet.model_channels, tiny.unet.channel_mult) == (32, (1, 1, 1, 1))
     demo = load_model_config("demo")  # demo -> tiny -> sd15: each level keeps what it does not override
-    assert (demo.image_size, demo.unet.model_channels, demo.unet.context_dim, demo.unet.num_res_blocks) == (64, 32, 384, 2)
+    assert (demo.image_size, demo.unet.model_channels, demo.unet.context_dim, demo.unet.num_res_blocks) == (
+        64,
+        32,
+        384,
+        2,
+    )
 
 
 def test_stored_config_dict_loads():
@@ -64,19 +115,26 @@ def test_stored_config_dict_loads():
 
 
 def test_dotlist_overrides():
-    cfg = load_config("tiny", LatentDiffusionConfig, ["unet.num_heads=2", "image_size=64", "unet.channel_mult=[1,2]",
-                                                      "text_encoder.pretrained=some/folder"], only_own_sections=True)
+    cfg = load_config(
+        "tiny",
+        LatentDiffusionConfig,
+        ["unet.num_heads=2", "image_size=64", "unet.channel_mult=[1,2]", "text_encoder.pretrained=some/folder"],
+        only_own_sections=True,
+    )
     assert (cfg.unet.num_heads, cfg.image_size, cfg.unet.channel_mult) == (2, 64, (1, 2))
     assert cfg.text_encoder.pretrained == "some/folder"
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("unet.num_head=2", "config override 'unet.num_head=2': unknown key 'unet.num_head' "),
-    ("unet.model_channels=wide", "config override 'unet.model_channels=wide': key 'unet.model_channels': "),
-    ("unet.channel_mult=[a]", "key 'unet.channel_mult'"),
-    ("unet.use_checkpoint=maybe", "key 'unet.use_checkpoint'"),
-    ("unet.num_heads", "config override 'unet.num_heads' must look like key.sub=value"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("unet.num_head=2", "config override 'unet.num_head=2': unknown key 'unet.num_head' "),
+        ("unet.model_channels=wide", "config override 'unet.model_channels=wide': key 'unet.model_channels': "),
+        ("unet.channel_mult=[a]", "key 'unet.channel_mult'"),
+        ("unet.use_checkpoint=maybe", "key 'unet.use_checkpoint'"),
+        ("unet.num_heads", "config override 'unet.num_heads' must look like key.sub=value"),
+    ],
+)
 def test_override_errors_are_one_line_naming_the_key(override, expected):
     with pytest.raises(UserError) as err:
         load_model_config("tiny", [override])

@@ -18,8 +18,15 @@ import torch
 from ldm.checkpoint import load_into
 from ldm.config import AutoencoderConfig, CLIPTextArch, LatentDiffusionConfig, UNetConfig, load_config
 from ldm.convert_diffusers import (
-    AE_PREFIX, CLIP_PREFIX, UNET_PREFIX, check_unet_folder_config, convert_clip_state_dict,
-    convert_unet_state_dict, convert_vae_state_dict, is_diffusers_folder, load_diffusers_folder,
+    AE_PREFIX,
+    CLIP_PREFIX,
+    UNET_PREFIX,
+    check_unet_folder_config,
+    convert_clip_state_dict,
+    convert_unet_state_dict,
+    convert_vae_state_dict,
+    is_diffusers_folder,
+    load_diffusers_folder,
 )
 from ldm.modules.autoencoder import AutoencoderKL
 from ldm.modules.text_encoder import TextEncoder
@@ -37,7 +44,8 @@ def diffusers_unet_kwargs(cfg: UNetConfig) -> dict:
     levels = range(len(cfg.channel_mult))
     attn = [2**lvl in cfg.attention_resolutions for lvl in levels]
     return dict(
-        in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_channels,
         block_out_channels=tuple(cfg.model_channels * m for m in cfg.channel_mult),
         layers_per_block=cfg.num_res_blocks,
         down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
@@ -45,26 +53,38 @@ def diffusers_unet_kwargs(cfg: UNetConfig) -> dict:
         cross_attention_dim=cfg.context_dim,
         # SD-1 configs of diffusers call the number of heads attention_head_dim
         attention_head_dim=attention_heads(cfg, cfg.model_channels * cfg.channel_mult[0])[0],
-        norm_num_groups=cfg.norm_groups, flip_sin_to_cos=True, freq_shift=0,
+        norm_num_groups=cfg.norm_groups,
+        flip_sin_to_cos=True,
+        freq_shift=0,
     )
 
 
 def diffusers_vae_kwargs(cfg: AutoencoderConfig) -> dict:
     return dict(
-        in_channels=cfg.in_channels, out_channels=cfg.out_ch,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.out_ch,
         block_out_channels=tuple(cfg.ch * m for m in cfg.ch_mult),
         down_block_types=("DownEncoderBlock2D",) * len(cfg.ch_mult),
         up_block_types=("UpDecoderBlock2D",) * len(cfg.ch_mult),
-        layers_per_block=cfg.num_res_blocks, latent_channels=cfg.z_channels, norm_num_groups=cfg.norm_groups,
+        layers_per_block=cfg.num_res_blocks,
+        latent_channels=cfg.z_channels,
+        norm_num_groups=cfg.norm_groups,
     )
 
 
 def clip_config(a: CLIPTextArch) -> CLIPTextConfig:
     return CLIPTextConfig(
-        vocab_size=a.vocab_size, hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
-        num_hidden_layers=a.num_hidden_layers, num_attention_heads=a.num_attention_heads,
-        max_position_embeddings=a.max_position_embeddings, hidden_act=a.hidden_act, layer_norm_eps=a.layer_norm_eps,
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        vocab_size=a.vocab_size,
+        hidden_size=a.hidden_size,
+        intermediate_size=a.intermediate_size,
+        num_hidden_layers=a.num_hidden_layers,
+        num_attention_heads=a.num_attention_heads,
+        max_position_embeddings=a.max_position_embeddings,
+        hidden_act=a.hidden_act,
+        layer_norm_eps=a.layer_norm_eps,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
     )
 
 
@@ -93,10 +113,16 @@ def tiny_folder(tmp_path_factory, tiny_cfg):
     unet.save_pretrained(folder / "unet")
     vae.save_pretrained(folder / "vae")
     clip.save_pretrained(folder / "text_encoder")
-    (folder / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-    }))
+    (folder / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+            }
+        )
+    )
     return folder, unet, vae, clip
 
 
@@ -106,7 +132,7 @@ def converted(tiny_folder, tiny_cfg) -> dict[str, torch.Tensor]:
 
 
 def part(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
 def test_detects_diffusers_folder(tiny_folder, tmp_path):
@@ -155,8 +181,12 @@ def test_text_encoder_equals_transformers(tiny_folder, tiny_cfg, converted):
     load_into(te, clip_sd, "converted text encoder")
     ids = torch.randint(0, 49406, (2, 77), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
-        torch.testing.assert_close(te.transformer(input_ids=ids).last_hidden_state,
-                                   ref_clip(input_ids=ids).last_hidden_state, atol=TOL, rtol=TOL)
+        torch.testing.assert_close(
+            te.transformer(input_ids=ids).last_hidden_state,
+            ref_clip(input_ids=ids).last_hidden_state,
+            atol=TOL,
+            rtol=TOL,
+        )
 
 
 def test_converted_dict_is_float32_and_complete(converted, tiny_cfg):
@@ -186,7 +216,9 @@ def test_fp16_variant_and_bin_files(tiny_folder, tiny_cfg, converted, tmp_path):
         want = converted[k].half().float() if k.startswith(UNET_PREFIX) else converted[k]  # rounded to fp16 and back
         assert torch.equal(v, want), k
     # an explicit variant is required of every component
-    with pytest.raises(UserError, match=r"vae: no weight file; expected one of diffusion_pytorch_model.fp16.safetensors"):
+    with pytest.raises(
+        UserError, match=r"vae: no weight file; expected one of diffusion_pytorch_model.fp16.safetensors"
+    ):
         load_diffusers_folder(other, unet_cfg=tiny_cfg.unet, ae_cfg=tiny_cfg.autoencoder, variant="fp16")
 
 
@@ -238,7 +270,9 @@ def test_foreign_weight_file_is_one_clear_error(tiny_folder, tiny_cfg, tmp_path)
     folder = tmp_path / "foreign"
     shutil.copytree(tiny_folder[0], folder)
     # the VAE's weights where the UNet's belong
-    shutil.copy(folder / "vae" / "diffusion_pytorch_model.safetensors", folder / "unet" / "diffusion_pytorch_model.safetensors")
+    shutil.copy(
+        folder / "vae" / "diffusion_pytorch_model.safetensors", folder / "unet" / "diffusion_pytorch_model.safetensors"
+    )
     with pytest.raises(UserError) as err:
         load_diffusers_folder(folder, unet_cfg=tiny_cfg.unet, ae_cfg=tiny_cfg.autoencoder)
     msg = str(err.value)
@@ -252,7 +286,9 @@ def test_wrong_structure_and_garbage_file(tiny_folder, tiny_cfg, tmp_path):
     shutil.copytree(tiny_folder[0], folder)
     sd15 = load_config("sd15", LatentDiffusionConfig, only_own_sections=True)
     with pytest.raises(UserError, match=r"unet.*cannot convert.*another shape"):
-        load_diffusers_folder(folder, unet_cfg=replace(sd15.unet, num_heads=4, context_dim=24), ae_cfg=tiny_cfg.autoencoder)
+        load_diffusers_folder(
+            folder, unet_cfg=replace(sd15.unet, num_heads=4, context_dim=24), ae_cfg=tiny_cfg.autoencoder
+        )
     (folder / "text_encoder" / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(UserError, match=r"text_encoder/model.safetensors is not a readable"):
         load_diffusers_folder(folder, unet_cfg=tiny_cfg.unet, ae_cfg=tiny_cfg.autoencoder)

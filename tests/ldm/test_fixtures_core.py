@@ -19,12 +19,18 @@ from tests.fixture_models import assert_close, build_autoencoder, build_unet
 
 @pytest.fixture(scope="module")
 def misc(fixtures_dir):
-    return torch.load(fixtures_dir / "schedule_and_misc.pt"), json.loads((fixtures_dir / "schedule_and_misc.json").read_text())
+    return torch.load(fixtures_dir / "schedule_and_misc.pt"), json.loads(
+        (fixtures_dir / "schedule_and_misc.json").read_text()
+    )
 
 
 def _diffusion_cfg(meta: dict) -> DiffusionConfig:
-    return DiffusionConfig(timesteps=meta["num_timesteps"], linear_start=meta["linear_start"],
-                           linear_end=meta["linear_end"], scale_factor=meta["scale_factor"])
+    return DiffusionConfig(
+        timesteps=meta["num_timesteps"],
+        linear_start=meta["linear_start"],
+        linear_end=meta["linear_end"],
+        scale_factor=meta["scale_factor"],
+    )
 
 
 def test_autoencoder_reproduces_fixture(fixtures_dir):
@@ -37,15 +43,24 @@ def test_autoencoder_reproduces_fixture(fixtures_dir):
         moments = ae.quant_conv(enc)
         assert_close(moments, ref["moments"], **tol, what="moments")
         post = ae.encode(ref["x"])
-        for name, ours in [("posterior_mean", post.mean), ("posterior_logvar", post.logvar),
-                           ("posterior_std", post.std), ("posterior_var", post.var), ("mode", post.mode())]:
+        for name, ours in [
+            ("posterior_mean", post.mean),
+            ("posterior_logvar", post.logvar),
+            ("posterior_std", post.std),
+            ("posterior_var", post.var),
+            ("mode", post.mode()),
+        ]:
             assert_close(ours, ref[name], **tol, what=name)
         assert_close(post.sample(noise=ref["sample_eps"]), ref["posterior_sample"], **tol, what="posterior_sample")
         assert_close(ae.decode(post.mean), ref["decoded_mean"], **tol, what="decoded_mean")
         assert_close(ae(ref["x"], sample_posterior=False)[0], ref["decoded_mean"], **tol, what="forward")
     clamp = DiagonalGaussian(ref["clamp_test_moments"])
-    for name, ours in [("clamp_test_mean", clamp.mean), ("clamp_test_logvar", clamp.logvar),
-                       ("clamp_test_std", clamp.std), ("clamp_test_var", clamp.var)]:
+    for name, ours in [
+        ("clamp_test_mean", clamp.mean),
+        ("clamp_test_logvar", clamp.logvar),
+        ("clamp_test_std", clamp.std),
+        ("clamp_test_var", clamp.var),
+    ]:
         assert_close(ours, ref[name], atol=1e-4, rtol=1e-4, what=name)
     assert clamp.logvar.min() >= -30 and clamp.logvar.max() <= 20
 
@@ -96,7 +111,7 @@ def test_schedule_buffers_exact(misc):
     holder = torch.nn.Module()
     register_schedule(holder, cfg)
     buffers = dict(holder.named_buffers())
-    expected = {k[len("buffer."):]: v for k, v in ref.items() if k.startswith("buffer.")}
+    expected = {k[len("buffer.") :]: v for k, v in ref.items() if k.startswith("buffer.")}
     assert set(buffers) == set(expected)
     for name, v in expected.items():
         assert buffers[name].dtype == v.dtype == torch.float32
@@ -109,8 +124,13 @@ def test_q_sample_and_scaling(misc):
     ref, meta = misc
     holder = torch.nn.Module()
     register_schedule(holder, _diffusion_cfg(meta))
-    out = q_sample(holder.sqrt_alphas_cumprod, holder.sqrt_one_minus_alphas_cumprod,
-                   ref["q_sample_x0"], ref["q_sample_t"], ref["q_sample_noise"])
+    out = q_sample(
+        holder.sqrt_alphas_cumprod,
+        holder.sqrt_one_minus_alphas_cumprod,
+        ref["q_sample_x0"],
+        ref["q_sample_t"],
+        ref["q_sample_noise"],
+    )
     assert_close(out, ref["q_sample_out"], atol=1e-7, rtol=0, what="q_sample")
     assert torch.equal(holder.sqrt_alphas_cumprod[ref["q_sample_t"]], ref["q_sample_coef_x0"])
     assert torch.equal(holder.sqrt_one_minus_alphas_cumprod[ref["q_sample_t"]], ref["q_sample_coef_noise"])
@@ -139,7 +159,10 @@ def test_timestep_embedding(misc):
         assert (err <= 1e-7 + slack).all(), f"{key}: max error {err.max():.3g}"
         small_t = ref["temb_t"] <= 1
         assert_close(ours[small_t], ref[key][small_t], atol=1e-7, rtol=0, what=f"{key} at t<=1")
-        assert torch.equal(ours[:, :half][ref["temb_t"] == 0], torch.ones_like(ours[:1, :half]).expand(int((ref["temb_t"] == 0).sum()), -1))
+        assert torch.equal(
+            ours[:, :half][ref["temb_t"] == 0],
+            torch.ones_like(ours[:1, :half]).expand(int((ref["temb_t"] == 0).sum()), -1),
+        )
 
 
 def test_ddim_timesteps_and_alphas(misc):
@@ -157,5 +180,6 @@ def test_ddim_timesteps_and_alphas(misc):
             # eta > 0 sigmas: the reference mixes numpy float64 and torch float32 in a way that leaves a
             # 1e-8 relative difference (eta is 0 everywhere in the method); everything else is exact.
             rtol = 1e-7 if (name == "sigmas" and eta > 0) else 0
-            np.testing.assert_allclose(p[name].numpy(), ref[f"{run}.{name}"].numpy(), rtol=rtol, atol=1e-12,
-                                       err_msg=f"{run}.{name}")
+            np.testing.assert_allclose(
+                p[name].numpy(), ref[f"{run}.{name}"].numpy(), rtol=rtol, atol=1e-12, err_msg=f"{run}.{name}"
+            )

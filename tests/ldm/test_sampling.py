@@ -34,16 +34,27 @@ def test_step_subset_and_explicit_grid():
     assert [grid[i] for i in steps_up_to(grid, 999)] == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
     assert [grid[i] for i in steps_up_to(grid, 500)] == [401, 301, 201, 101, 1]
     seen = []
-    ddim_sample(lambda x, t: (seen.append(int(t[0])), torch.zeros_like(x))[1], torch.zeros(1, 1), _alphas(),
-                [1, 251, 501, 751], steps=[3, 1])
+    ddim_sample(
+        lambda x, t: (seen.append(int(t[0])), torch.zeros_like(x))[1],
+        torch.zeros(1, 1),
+        _alphas(),
+        [1, 251, 501, 751],
+        steps=[3, 1],
+    )
     assert seen == [751, 251]
 
 
 def test_eta_noise_is_used():
     ac = _alphas()
     x = torch.zeros(1, 4, 2, 2)
-    a = ddim_sample(lambda x, t: torch.zeros_like(x), x, ac, ddim_timesteps(10), eta=1.0,
-                    noise_fn=lambda i, like: torch.ones_like(like))
+    a = ddim_sample(
+        lambda x, t: torch.zeros_like(x),
+        x,
+        ac,
+        ddim_timesteps(10),
+        eta=1.0,
+        noise_fn=lambda i, like: torch.ones_like(like),
+    )
     b = ddim_sample(lambda x, t: torch.zeros_like(x), x, ac, ddim_timesteps(10), eta=0.0)
     assert not torch.allclose(a, b)
 

@@ -30,7 +30,7 @@ def test_clip_tokenizer_cleans_text_as_sd15_did():
     """ftfy (quotes, ligatures, HTML entities), whitespace clean-up and lower case come before BPE."""
     enc = build_text_encoder(TextEncoderConfig(clip_arch=TINY_CLIP))
     messy = "  The \u201cﬁlled\u201d bottle\u2019s cap &amp;   its\tlabel\n are  OK  "
-    clean = "the \"filled\" bottle's cap & its label are ok"
+    clean = 'the "filled" bottle\'s cap & its label are ok'
     assert sd_clip_clean(messy) == clean
     ids = enc.tokenize([messy, clean])["input_ids"]
     assert ids.shape == (2, 77) and torch.equal(ids[0], ids[1])

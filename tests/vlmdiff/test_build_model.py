@@ -35,7 +35,7 @@ def test_assembly_rules(inputs, ext):
     for k in twins:
         assert torch.equal(w[k], sd["model.diffusion_model." + k[14:]]), k
     for k in [k for k in w if k.startswith("first_stage_model.")]:
-        assert torch.equal(w[k], ae[k[len("first_stage_model."):]]), k
+        assert torch.equal(w[k], ae[k[len("first_stage_model.") :]]), k
     assert torch.equal(w["model.diffusion_model.out.2.weight"], sd["model.diffusion_model.out.2.weight"])
     assert torch.equal(w["logvar"], torch.zeros(1000))
 
@@ -53,8 +53,9 @@ def test_assembly_rules(inputs, ext):
 def test_ema_weights_are_taken_when_asked(inputs):
     sd_path, ae_path, tmp = inputs
     out = tmp / "ema.ckpt"
-    build_model.main(["--sd_path", str(sd_path), "--ae_path", str(ae_path), "--output", str(out), "--config", "tiny",
-                      "--use_ema"])
+    build_model.main(
+        ["--sd_path", str(sd_path), "--ae_path", str(ae_path), "--output", str(out), "--config", "tiny", "--use_ema"]
+    )
     sd = torch.load(sd_path)["state_dict"]
     w = load_checkpoint(out)["state_dict"]
     k = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
@@ -76,8 +77,9 @@ def test_broken_sd_checkpoint_is_one_clear_line(inputs, damage, capsys):
     out = tmp / "never.ckpt"
     with pytest.raises(UserError, match=key.replace(".", r"\.")):
         build_model.main(["--sd_path", str(bad), "--ae_path", str(ae_path), "--output", str(out), "--config", "tiny"])
-    code = run_main(build_model.main, ["--sd_path", str(bad), "--ae_path", str(ae_path), "--output", str(out),
-                                       "--config", "tiny"])
+    code = run_main(
+        build_model.main, ["--sd_path", str(bad), "--ae_path", str(ae_path), "--output", str(out), "--config", "tiny"]
+    )
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(errors) == 1 and key in errors[0] and "Traceback" not in err
@@ -87,13 +89,36 @@ def test_broken_sd_checkpoint_is_one_clear_line(inputs, damage, capsys):
 def test_other_config_and_missing_files(inputs, tmp_path):
     sd_path, ae_path, _ = inputs
     with pytest.raises(UserError, match="shape"):  # tiny weights, SD-1.5-size config built on meta
-        build_model.main(["--sd_path", str(sd_path), "--ae_path", str(ae_path), "--output", str(tmp_path / "x.ckpt"),
-                          "--config", "tiny", "unet.model_channels=64"])
+        build_model.main(
+            [
+                "--sd_path",
+                str(sd_path),
+                "--ae_path",
+                str(ae_path),
+                "--output",
+                str(tmp_path / "x.ckpt"),
+                "--config",
+                "tiny",
+                "unet.model_channels=64",
+            ]
+        )
     with pytest.raises(UserError, match="--ae_path"):
-        build_model.main(["--sd_path", str(sd_path), "--ae_path", str(tmp_path / "none.ckpt"), "--config", "tiny",
-                          "--output", str(tmp_path / "x.ckpt")])
+        build_model.main(
+            [
+                "--sd_path",
+                str(sd_path),
+                "--ae_path",
+                str(tmp_path / "none.ckpt"),
+                "--config",
+                "tiny",
+                "--output",
+                str(tmp_path / "x.ckpt"),
+            ]
+        )
     with pytest.raises(UserError, match="does not exist"):
-        build_model.main(["--sd_path", str(tmp_path / "sd.ckpt"), "--config", "tiny", "--output", str(tmp_path / "x.ckpt")])
+        build_model.main(
+            ["--sd_path", str(tmp_path / "sd.ckpt"), "--config", "tiny", "--output", str(tmp_path / "x.ckpt")]
+        )
 
 
 def test_checkpoint_from_other_config_is_refused(inputs):

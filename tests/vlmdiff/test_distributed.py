@@ -21,20 +21,59 @@ from vlmdiff.data.captions import read_jsonl
 from vlmdiff.map_store import MapStore
 
 ROOT = Path(__file__).resolve().parents[2]
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                 "TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT")
+LAUNCHER_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "TORCHELASTIC_RUN_ID",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
 # what an sbatch script with --ntasks-per-node=2 sees when it runs `python ...` itself (no srun: no SLURM_STEP_ID)
-SLURM_BATCH = {"SLURM_JOB_ID": "4321", "SLURM_JOB_NAME": "vlmdiff", "SLURM_NTASKS": "2",
-               "SLURM_NTASKS_PER_NODE": "2", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
-               "SLURM_NNODES": "1", "SLURM_NODELIST": "node7"}
-TEST_ARGS = ["--data_set", "mvtec", "--feature_extractor", "efficientnet_lite0", "--ddim_steps", "3",
-             "--num_workers", "0", "--no_progress_bar", "--device", "cpu", "--batch_size", "2"]
+SLURM_BATCH = {
+    "SLURM_JOB_ID": "4321",
+    "SLURM_JOB_NAME": "vlmdiff",
+    "SLURM_NTASKS": "2",
+    "SLURM_NTASKS_PER_NODE": "2",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "0",
+    "SLURM_NNODES": "1",
+    "SLURM_NODELIST": "node7",
+}
+TEST_ARGS = [
+    "--data_set",
+    "mvtec",
+    "--feature_extractor",
+    "efficientnet_lite0",
+    "--ddim_steps",
+    "3",
+    "--num_workers",
+    "0",
+    "--no_progress_bar",
+    "--device",
+    "cpu",
+    "--batch_size",
+    "2",
+]
 
 
 def _torchrun(script: str, args: list[str]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           script, *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29517",
+        script,
+        *args,
+    ]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -52,12 +91,14 @@ def test_two_rank_test_inference_equals_one_process(setup):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        single = test_script.main([*TEST_ARGS, "--data_path", str(data), "--resume_path", str(ckpt),
-                                   "--output_dir", str(tmp / "one")])["official"]
+        single = test_script.main(
+            [*TEST_ARGS, "--data_path", str(data), "--resume_path", str(ckpt), "--output_dir", str(tmp / "one")]
+        )["official"]
     finally:
         torch.set_num_threads(threads)
-    _torchrun("test.py", [*TEST_ARGS, "--data_path", str(data), "--resume_path", str(ckpt),
-                          "--output_dir", str(tmp / "two")])
+    _torchrun(
+        "test.py", [*TEST_ARGS, "--data_path", str(data), "--resume_path", str(ckpt), "--output_dir", str(tmp / "two")]
+    )
     two = json.loads((tmp / "two" / "metrics.json").read_text())["metrics"]["official"]
     for cls in single["per_class"]:
         for k, v in single["per_class"][cls].items():
@@ -75,8 +116,10 @@ def test_two_rank_test_inference_equals_one_process(setup):
 def test_two_rank_captioning_captions_every_image_once(setup):
     tmp, data, _ = setup
     out = tmp / "captions"
-    _torchrun("captioner.py", ["--data_set", "mvtec", "--data_path", str(data), "--vlm_model", "template",
-                               "--output", str(out)])
+    _torchrun(
+        "captioner.py",
+        ["--data_set", "mvtec", "--data_path", str(data), "--vlm_model", "template", "--output", str(out)],
+    )
     records = [r for p in sorted((out / "progress").glob("*.jsonl")) for r in read_jsonl(p)]
     assert len(list((out / "progress").glob("*rank*of2.jsonl"))) == 2
     keys = [(r["split"], r["id"]) for r in records]
@@ -126,8 +169,16 @@ def test_rank_detection_follows_the_launcher(no_launcher, caplog):
     with pytest.raises(UserError, match="ntasks-per-node"):
         distributed.detect_ranks()
     # torchrun inside a SLURM job: torchrun's ranks win
-    for k, v in {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "GROUP_RANK": "1",
-                 "TORCHELASTIC_RUN_ID": "x", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+    for k, v in {
+        "RANK": "3",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "2",
+        "GROUP_RANK": "1",
+        "TORCHELASTIC_RUN_ID": "x",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29500",
+    }.items():
         no_launcher.setenv(k, v)
     assert distributed.detect_ranks() == distributed.Ranks(3, 4, 1)
 
@@ -151,21 +202,36 @@ def test_joining_a_group_whose_other_rank_never_comes_times_out(no_launcher):
 def _run_as_slurm_batch(script: str, args: list[str]) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in LAUNCHER_VARS}
     env.update(SLURM_BATCH, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.mark.slow
 def test_slurm_job_without_srun_runs_as_one_process(setup):
     tmp, data, ckpt = setup
-    done = _run_as_slurm_batch("test.py", [*TEST_ARGS, "--data_path", str(data), "--resume_path", str(ckpt),
-                                           "--classes", "brick", "--output_dir", str(tmp / "slurm_batch")])
+    done = _run_as_slurm_batch(
+        "test.py",
+        [
+            *TEST_ARGS,
+            "--data_path",
+            str(data),
+            "--resume_path",
+            str(ckpt),
+            "--classes",
+            "brick",
+            "--output_dir",
+            str(tmp / "slurm_batch"),
+        ],
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "not started by srun: running as one process" in done.stderr
     assert len(MapStore(tmp / "slurm_batch" / "maps").scored_ids()) == 5  # every brick test image, one process
     out = tmp / "slurm_captions"
-    done = _run_as_slurm_batch("captioner.py", ["--data_set", "mvtec", "--data_path", str(data), "--vlm_model",
-                                                "template", "--output", str(out)])
+    done = _run_as_slurm_batch(
+        "captioner.py",
+        ["--data_set", "mvtec", "--data_path", str(data), "--vlm_model", "template", "--output", str(out)],
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "not started by srun" in done.stderr
     assert [p.name for p in (out / "progress").glob("*.jsonl")] == ["mvtec_template_pd_0-end.jsonl"]

@@ -19,19 +19,58 @@ from utils.errors import UserError
 from vlmdiff import export
 from vlmdiff.map_store import MapStore
 
-FAST_TRAIN = ["--accelerator", "cpu", "--devices", "1", "--num_workers", "0", "--batch_size", "2",
-              "--accumulate_grad_batches", "1", "--no_progress_bar", "--max_steps", "2", "--lr", "1e-3",
-              "--save_every_n_steps", "2"]
-FAST_TEST = ["--feature_extractor", "efficientnet_lite0", "--ddim_steps", "2", "--num_workers", "0",
-             "--no_progress_bar", "--device", "cpu", "--batch_size", "4"]
+FAST_TRAIN = [
+    "--accelerator",
+    "cpu",
+    "--devices",
+    "1",
+    "--num_workers",
+    "0",
+    "--batch_size",
+    "2",
+    "--accumulate_grad_batches",
+    "1",
+    "--no_progress_bar",
+    "--max_steps",
+    "2",
+    "--lr",
+    "1e-3",
+    "--save_every_n_steps",
+    "2",
+]
+FAST_TEST = [
+    "--feature_extractor",
+    "efficientnet_lite0",
+    "--ddim_steps",
+    "2",
+    "--num_workers",
+    "0",
+    "--no_progress_bar",
+    "--device",
+    "cpu",
+    "--batch_size",
+    "4",
+]
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    tmp, data, start = demo_data_and_model(tmp_path_factory.mktemp("export"), n_train=2, n_test_good=1,
-                                           n_test_defect=1)
-    ckpt_dir = train.main(["--data_set", "mvtec", "--data_path", str(data), "--resume_path", str(start),
-                           "--output_root", str(tmp), "--exp_name", "run", *FAST_TRAIN])
+    tmp, data, start = demo_data_and_model(tmp_path_factory.mktemp("export"), n_train=2, n_test_good=1, n_test_defect=1)
+    ckpt_dir = train.main(
+        [
+            "--data_set",
+            "mvtec",
+            "--data_path",
+            str(data),
+            "--resume_path",
+            str(start),
+            "--output_root",
+            str(tmp),
+            "--exp_name",
+            "run",
+            *FAST_TRAIN,
+        ]
+    )
     return tmp, data, ckpt_dir / "last.ckpt"
 
 
@@ -41,7 +80,9 @@ def test_export_holds_weights_and_config_only(trained):
     full, weights = load_checkpoint(ckpt), load_checkpoint(out)
     assert set(weights["state_dict"]) == set(full["state_dict"])
     for k, v in full["state_dict"].items():
-        assert weights["state_dict"][k].dtype == v.dtype and np.array_equal(weights["state_dict"][k].numpy(), v.numpy()), k
+        assert weights["state_dict"][k].dtype == v.dtype and np.array_equal(
+            weights["state_dict"][k].numpy(), v.numpy()
+        ), k
     assert weights["config"] == full["config"]
     meta = weights["metadata"]
     assert json.loads(meta["format"]) == "vlmdiff-weights"
@@ -55,8 +96,19 @@ def test_test_py_gives_the_same_maps_from_the_export(trained):
     out = export.main([str(ckpt), str(tmp / "same.safetensors")])
     results = {}
     for name, weights in (("lightning", ckpt), ("export", out)):
-        results[name] = test_script.main(["--data_set", "mvtec", "--data_path", str(data), "--resume_path",
-                                          str(weights), "--output_dir", str(tmp / f"res_{name}"), *FAST_TEST])
+        results[name] = test_script.main(
+            [
+                "--data_set",
+                "mvtec",
+                "--data_path",
+                str(data),
+                "--resume_path",
+                str(weights),
+                "--output_dir",
+                str(tmp / f"res_{name}"),
+                *FAST_TEST,
+            ]
+        )
     assert results["lightning"] == results["export"]
     maps = {n: dict(MapStore(tmp / f"res_{n}" / "maps").iter_classes()) for n in results}
     assert set(maps["lightning"]) == {"brick", "coffee"}
@@ -82,8 +134,10 @@ def test_bad_export_arguments(trained, tmp_path):
 def _small_disk(folder: Path, monkeypatch):
     """A 1 MiB tmpfs at ``folder`` (root), else writes that fail with ENOSPC when flushed to disk."""
     folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)],
-                             capture_output=True).returncode == 0
+    mounted = (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)], capture_output=True).returncode
+        == 0
+    )
     if not mounted:
         import utils.io
 

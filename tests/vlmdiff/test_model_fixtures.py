@@ -37,8 +37,13 @@ def test_control_tensors_and_controlled_unet(fixtures_dir, tiny_nets):
         for only_mid, key in ((True, "eps_only_mid_control"), (False, "eps_all_control")):
             eps = unet(ref["x"], ref["timesteps"], ref["context"], list(control), only_mid)
             assert_close(eps, ref[key], atol=1e-4, rtol=1e-4, what=key)
-        assert_close(unet(ref["x"], ref["timesteps"], ref["context"]), ref["eps_no_control"], atol=1e-4, rtol=1e-4,
-                     what="eps_no_control")
+        assert_close(
+            unet(ref["x"], ref["timesteps"], ref["context"]),
+            ref["eps_no_control"],
+            atol=1e-4,
+            rtol=1e-4,
+            what="eps_no_control",
+        )
 
 
 def test_skipped_controls(fixtures_dir, tiny_nets):
@@ -50,7 +55,7 @@ def test_skipped_controls(fixtures_dir, tiny_nets):
         full = sgn(*args)
         part = sgn(*args, skip=range(6))
     assert [c is None for c in part] == [i < 6 for i in range(len(full))]
-    assert all(torch.equal(a, b) for a, b in zip(full[6:], part[6:]))
+    assert all(torch.equal(a, b) for a, b in zip(full[6:], part[6:], strict=True))
     with pytest.raises(ValueError, match="SFF"):
         sgn(*args, skip=[6])
 
@@ -74,8 +79,10 @@ def test_zero_init_and_trainable_split():
     assert all(c.weight.abs().sum() == 0 for c in convs)
     assert all(c.bias is None or c.bias.abs().sum() == 0 for c in convs)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(n.startswith(("control_model.", "model.diffusion_model.output_blocks.",
-                                           "model.diffusion_model.out.")) for n in trainable)
+    assert trainable and all(
+        n.startswith(("control_model.", "model.diffusion_model.output_blocks.", "model.diffusion_model.out."))
+        for n in trainable
+    )
     assert any(n.startswith("control_model.") for n in trainable)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert any(n.startswith("model.diffusion_model.input_blocks.") for n in frozen)

@@ -16,10 +16,36 @@ import train
 from tests import datagen
 from tests.tinyckpt import build_tiny_vlmdiff
 
-FAST_TRAIN = ["--accelerator", "cpu", "--devices", "1", "--num_workers", "0", "--batch_size", "2",
-              "--accumulate_grad_batches", "1", "--no_progress_bar", "--max_steps", "1", "--save_every_n_steps", "1"]
-FAST_TEST = ["--feature_extractor", "efficientnet_lite0", "--ddim_steps", "2", "--num_workers", "0",
-             "--no_progress_bar", "--device", "cpu", "--batch_size", "4"]
+FAST_TRAIN = [
+    "--accelerator",
+    "cpu",
+    "--devices",
+    "1",
+    "--num_workers",
+    "0",
+    "--batch_size",
+    "2",
+    "--accumulate_grad_batches",
+    "1",
+    "--no_progress_bar",
+    "--max_steps",
+    "1",
+    "--save_every_n_steps",
+    "1",
+]
+FAST_TEST = [
+    "--feature_extractor",
+    "efficientnet_lite0",
+    "--ddim_steps",
+    "2",
+    "--num_workers",
+    "0",
+    "--no_progress_bar",
+    "--device",
+    "cpu",
+    "--batch_size",
+    "4",
+]
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +70,28 @@ def test_stages_on_each_dataset_layout(dataset, ckpt, tmp_path):
         caption_flags = ["--use_captions", "--vlm_model", "template", "--caption_model", "_template"]
     else:
         name = "realiad" if dataset == "real_iad" else dataset
-        caption_flags = ["--use_captions", "--vlm_model", "template",
-                         "--caption_folder", str(root.resolve().parent / f"{name}_captions_template_pd")]
-    ckpt_dir = train.main([*data, *caption_flags, "--resume_path", str(ckpt), "--output_root", str(tmp_path),
-                           *FAST_TRAIN])
+        caption_flags = [
+            "--use_captions",
+            "--vlm_model",
+            "template",
+            "--caption_folder",
+            str(root.resolve().parent / f"{name}_captions_template_pd"),
+        ]
+    ckpt_dir = train.main(
+        [*data, *caption_flags, "--resume_path", str(ckpt), "--output_root", str(tmp_path), *FAST_TRAIN]
+    )
     test_flags = caption_flags if dataset == "coco" else []  # the paper's recipe: "" for the other test sets
-    result = test_script.main([*data, *test_flags, "--resume_path", str(ckpt_dir / "last.ckpt"),
-                               "--output_dir", str(tmp_path / "results"), *FAST_TEST])
+    result = test_script.main(
+        [
+            *data,
+            *test_flags,
+            "--resume_path",
+            str(ckpt_dir / "last.ckpt"),
+            "--output_dir",
+            str(tmp_path / "results"),
+            *FAST_TEST,
+        ]
+    )
     mean = result["official"]["mean"]
     assert set(mean) == {"auroc_image", "ap_image", "f1max_image", "auroc_pixel", "ap_pixel", "f1max_pixel", "aupro"}
     manifest = json.loads((tmp_path / "results" / "manifest.json").read_text())

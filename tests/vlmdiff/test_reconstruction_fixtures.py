@@ -31,19 +31,33 @@ def test_ddim_trajectory(fixtures_dir, model):
     assert torch.equal(p["alphas"], ref["ddim_alphas"]) and torch.equal(p["alphas_prev"], ref["ddim_alphas_prev"])
     assert torch.equal(p["sigmas"], ref["ddim_sigmas"])
     # one float32 ulp apart in one entry (rounding of the reference's mixed numpy/torch arithmetic)
-    assert_close(torch.sqrt(1 - p["alphas"].float()), ref["ddim_sqrt_one_minus_alphas"], atol=1e-7, rtol=0,
-                 what="sqrt(1 - alpha)")
+    assert_close(
+        torch.sqrt(1 - p["alphas"].float()),
+        ref["ddim_sqrt_one_minus_alphas"],
+        atol=1e-7,
+        rtol=0,
+        what="sqrt(1 - alpha)",
+    )
     assert torch.equal(model.alphas_cumprod, ref["alphas_cumprod_f32"])
     hint = ref["hint"]
     with torch.no_grad():
-        eps = model.apply_model(x_noisy, torch.full((1,), grid[steps[0]]), {"context": ref["context_cond"], "hint": hint})
+        eps = model.apply_model(
+            x_noisy, torch.full((1,), grid[steps[0]]), {"context": ref["context_cond"], "hint": hint}
+        )
     assert_close(eps, ref["eps_first_step_no_cfg"], atol=1e-4, rtol=1e-4, what="first eps")
     for run, uncond in (("same_uncond", ref["context_cond"]), ("diff_uncond", ref["context_uncond_diff"])):
         seq, x0s = [x_noisy], []
-        denoise = classifier_free_guidance(model.apply_model, {"context": ref["context_cond"], "hint": hint},
-                                           {"context": uncond, "hint": hint}, 9.0)
-        final = ddim_sample(denoise, x_noisy, model.alphas_cumprod, grid, steps,
-                            callback=lambda i, x, x0: (seq.append(x), x0s.append(x0)))
+        denoise = classifier_free_guidance(
+            model.apply_model, {"context": ref["context_cond"], "hint": hint}, {"context": uncond, "hint": hint}, 9.0
+        )
+        final = ddim_sample(
+            denoise,
+            x_noisy,
+            model.alphas_cumprod,
+            grid,
+            steps,
+            callback=lambda i, x, x0: (seq.append(x), x0s.append(x0)),  # noqa: B023 (called at once)
+        )
         assert_close(torch.stack(seq), ref[f"{run}.x_seq"], **LATENT_TOL, what=f"{run}.x_seq")
         assert_close(torch.stack(x0s), ref[f"{run}.pred_x0_seq"], **LATENT_TOL, what=f"{run}.pred_x0_seq")
         assert_close(final, ref[f"{run}.final"], **LATENT_TOL, what=f"{run}.final")
@@ -55,8 +69,15 @@ def test_end_to_end_reconstruction(fixtures_dir, model):
     empty, caption = ref["context_empty_prompt"][None], ref["context_caption"][None]
     settings = ReconstructionSettings()
     for run, context in (("empty", empty), ("caption", caption)):
-        out = reconstruct_latent(model, image, empty if run == "empty" else context, empty,
-                                 ref[f"{run}.posterior_eps"], ref[f"{run}.noise"], settings)
+        out = reconstruct_latent(
+            model,
+            image,
+            empty if run == "empty" else context,
+            empty,
+            ref[f"{run}.posterior_eps"],
+            ref[f"{run}.noise"],
+            settings,
+        )
         assert_close(out["z"], ref[f"{run}.z"], atol=1e-4, rtol=1e-4, what=f"{run}.z")
         assert_close(out["x_noisy"], ref[f"{run}.x_noisy"], atol=1e-4, rtol=1e-4, what=f"{run}.x_noisy")
         assert_close(out["final_latent"], ref[f"{run}.final_latent"], **LATENT_TOL, what=f"{run}.final_latent")
@@ -76,8 +97,8 @@ def test_batch_of_images_equals_one_by_one(model):
     settings = ReconstructionSettings(ddim_steps=4)
     batched = reconstruct(model, images, [""] * 3, ids, settings)["sample"]
     for i in (2, 0):
-        single = reconstruct(model, images[i:i + 1], [""], ids[i:i + 1], settings)["sample"]
-        assert torch.allclose(single, batched[i:i + 1], atol=1e-4, rtol=1e-4)
+        single = reconstruct(model, images[i : i + 1], [""], ids[i : i + 1], settings)["sample"]
+        assert torch.allclose(single, batched[i : i + 1], atol=1e-4, rtol=1e-4)
     eps1, _ = per_image_noise(ids, 1, (4, 2, 2))
     eps2, _ = per_image_noise(ids[::-1], 1, (4, 2, 2))
     assert torch.equal(eps1, eps2.flip(0))

@@ -27,18 +27,44 @@ from vlmdiff.thresholds import load_thresholds
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAST = ["--feature_extractor", "efficientnet_lite0", "--ddim_steps", "2", "--num_workers", "0", "--no_progress_bar",
-        "--device", "cpu", "--batch_size", "5"]
+FAST = [
+    "--feature_extractor",
+    "efficientnet_lite0",
+    "--ddim_steps",
+    "2",
+    "--num_workers",
+    "0",
+    "--no_progress_bar",
+    "--device",
+    "cpu",
+    "--batch_size",
+    "5",
+]
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A labelled tiny run (two classes, 2 normal + 3 anomalous test images each) with visuals, both protocols."""
-    tmp, data, ckpt = demo_data_and_model(tmp_path_factory.mktemp("report"), n_train=1, n_test_good=2,
-                                          n_test_defect=3)
+    tmp, data, ckpt = demo_data_and_model(tmp_path_factory.mktemp("report"), n_train=1, n_test_good=2, n_test_defect=3)
     out = tmp / "run"
-    test_script.main(["--data_set", "mvtec", "--data_path", str(data), "--resume_path", str(ckpt), "--output_dir",
-                      str(out), *FAST, "--save_visuals", "--metrics_protocol", "both", "--gallery_size", "2"])
+    test_script.main(
+        [
+            "--data_set",
+            "mvtec",
+            "--data_path",
+            str(data),
+            "--resume_path",
+            str(ckpt),
+            "--output_dir",
+            str(out),
+            *FAST,
+            "--save_visuals",
+            "--metrics_protocol",
+            "both",
+            "--gallery_size",
+            "2",
+        ]
+    )
     return tmp, data, ckpt, out
 
 
@@ -89,8 +115,18 @@ def _page(path: Path) -> _Page:
 
 def test_every_file_exists_and_every_reference_resolves(tiny_run):
     *_, run = tiny_run
-    for name in ("scores.csv", "curves.json", "thresholds.json", "metrics.json", "metrics.csv", "metrics.md",
-                 "report.html", "report/curves/mean.png", "report/curves/brick.png", "report/curves/coffee.png"):
+    for name in (
+        "scores.csv",
+        "curves.json",
+        "thresholds.json",
+        "metrics.json",
+        "metrics.csv",
+        "metrics.md",
+        "report.html",
+        "report/curves/mean.png",
+        "report/curves/brick.png",
+        "report/curves/coffee.png",
+    ):
         assert (run / name).is_file() and (run / name).stat().st_size > 0, name
     page = _page(run / "report.html")
     assert len(page.srcs) >= 3 + 2 * 3 * 2  # three curve figures and the galleries of two classes
@@ -121,7 +157,7 @@ def test_scores_csv_matches_the_stored_maps(tiny_run):
     assert len(rows) == 10
     for cls, arrays in MapStore(run / "maps").iter_classes():
         scores = image_score(torch.from_numpy(arrays["maps"].astype(np.float32)), "paper").numpy()
-        for image_id, mask, s in zip(arrays["ids"], arrays["masks"], scores):
+        for image_id, mask, s in zip(arrays["ids"], arrays["masks"], scores, strict=True):
             r = rows[str(image_id)]
             assert r["class"] == cls and r["label"] == str(int((mask > 0).any()))
             assert float(r["image_score"]) == pytest.approx(float(s), abs=1e-6)
@@ -168,9 +204,11 @@ def test_galleries_hold_the_right_images(tiny_run):
         mine = sorted((r for r in rows if r["class"] == cls), key=lambda r: float(r["image_score"]))
         normal = [r["id"] for r in mine if r["label"] == "0"]
         anomalous = [r["id"] for r in mine if r["label"] == "1"]
-        expected = {"false alarms (highest-scoring normal images)": normal[::-1][:2],
-                    "misses (lowest-scoring anomalous images)": anomalous[:2],
-                    "best detections (highest-scoring anomalous images)": anomalous[::-1][:2]}
+        expected = {
+            "false alarms (highest-scoring normal images)": normal[::-1][:2],
+            "misses (lowest-scoring anomalous images)": anomalous[:2],
+            "best detections (highest-scoring anomalous images)": anomalous[::-1][:2],
+        }
         for kind, ids in expected.items():
             shown = [c.split(":")[0] for c in page.captions[(cls, kind)]]
             assert shown == ids, (cls, kind)
@@ -200,14 +238,28 @@ def test_threshold_from_labels_unlabelled_images(tiny_run, tmp_path):
     for p in sorted((data / "brick" / "test").rglob("*.png"))[:4]:
         (folder / f"{p.parent.name} #{p.name}").write_bytes(p.read_bytes())  # '#' and ' ' must survive the links
     out = tmp_path / "unlabelled"
-    test_script.main(["--data_set", "folder", "--data_path", str(folder), "--resume_path", str(ckpt), "--output_dir",
-                      str(out), *FAST, "--save_visuals", "--threshold_from", str(run)])
+    test_script.main(
+        [
+            "--data_set",
+            "folder",
+            "--data_path",
+            str(folder),
+            "--resume_path",
+            str(ckpt),
+            "--output_dir",
+            str(out),
+            *FAST,
+            "--save_visuals",
+            "--threshold_from",
+            str(run),
+        ]
+    )
     recorded = json.loads((run / "thresholds.json").read_text())
     t_img, t_pix = recorded["image"]["overall"], recorded["pixel"]["overall"]  # class "folder" is not in the run
     rows = {r["id"]: r for r in _scores(out)}
     assert len(rows) == 4 and all(r["label"] == "" for r in rows.values())
-    for cls, arrays in MapStore(out / "maps").iter_classes():
-        for image_id, amap in zip(arrays["ids"], arrays["maps"]):
+    for _cls, arrays in MapStore(out / "maps").iter_classes():
+        for image_id, amap in zip(arrays["ids"], arrays["maps"], strict=True):
             r = rows[str(image_id)]
             assert r["decision"] == ("anomalous" if float(r["image_score"]) >= t_img else "normal")
             assert float(r["threshold"]) == pytest.approx(t_img)
@@ -233,12 +285,40 @@ def test_threshold_from_refuses_what_does_not_fit(tiny_run, tmp_path):
     (folder / "a.png").write_bytes(next((data / "brick" / "test").rglob("*.png")).read_bytes())
     out = tmp_path / "other_settings"
     with pytest.raises(UserError, match="reconstruction"):  # refused before any image is scored
-        test_script.main(["--data_set", "folder", "--data_path", str(folder), "--resume_path", str(ckpt),
-                          "--output_dir", str(out), *FAST, "--ddim_steps", "3", "--threshold_from", str(run)])
+        test_script.main(
+            [
+                "--data_set",
+                "folder",
+                "--data_path",
+                str(folder),
+                "--resume_path",
+                str(ckpt),
+                "--output_dir",
+                str(out),
+                *FAST,
+                "--ddim_steps",
+                "3",
+                "--threshold_from",
+                str(run),
+            ]
+        )
     assert not (out / "maps").exists()
     with pytest.raises(UserError, match="--threshold_from"):
-        test_script.main(["--data_set", "mvtec", "--data_path", str(data), "--resume_path", str(ckpt),
-                          "--output_dir", str(run), *FAST, "--threshold_from", str(run)])
+        test_script.main(
+            [
+                "--data_set",
+                "mvtec",
+                "--data_path",
+                str(data),
+                "--resume_path",
+                str(ckpt),
+                "--output_dir",
+                str(run),
+                *FAST,
+                "--threshold_from",
+                str(run),
+            ]
+        )
 
 
 # --------------------------------------------------------------------------- tables across runs
@@ -304,8 +384,14 @@ def test_report_loads_in_headless_chromium(request, tmp_path):
     *_, run = request.getfixturevalue("tiny_run")
     options = webdriver.ChromeOptions()
     options.binary_location = browser
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1600,1000"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1600,1000",
+    ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
@@ -313,7 +399,8 @@ def test_report_loads_in_headless_chromium(request, tmp_path):
         driver.set_page_load_timeout(60)
         driver.get((run / "report.html").resolve().as_uri())
         images = driver.execute_script(
-            "return Array.from(document.images).map(i => [i.getAttribute('src'), i.complete, i.naturalWidth]);")
+            "return Array.from(document.images).map(i => [i.getAttribute('src'), i.complete, i.naturalWidth]);"
+        )
         assert len(images) >= 3 + 2 * 3 * 2
         broken = [src for src, complete, width in images if not complete or width == 0]
         assert not broken, f"images that did not load: {broken}"
@@ -343,8 +430,9 @@ def test_handing_over_curves_changes_no_metric_value():
     maps[3:, 8:14, 8:14] += 0.3
     seen = {}
     plain = evaluate_stream([("a", maps, masks)], protocol="both")
-    with_curves = evaluate_stream([("a", maps, masks)], protocol="both",
-                                  on_curves=lambda name, c: seen.setdefault(name, plots.class_curves(c)))
+    with_curves = evaluate_stream(
+        [("a", maps, masks)], protocol="both", on_curves=lambda name, c: seen.setdefault(name, plots.class_curves(c))
+    )
     assert plain == with_curves and set(seen) == {"a"}
     pro = seen["a"]["pixel"]["pro"]
     assert plots.area_to_limit(pro["fpr"], pro["pro"]) == pytest.approx(plain["official"]["mean"]["aupro"], abs=1e-3)

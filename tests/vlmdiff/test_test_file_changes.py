@@ -18,8 +18,19 @@ from vlmdiff.data import index_dataset
 from vlmdiff.map_store import MapStore
 from vlmdiff.testing import check_manifest
 
-FAST = ["--feature_extractor", "efficientnet_lite0", "--ddim_steps", "3", "--no_progress_bar", "--device", "cpu",
-        "--batch_size", "2", "--num_workers", "2"]
+FAST = [
+    "--feature_extractor",
+    "efficientnet_lite0",
+    "--ddim_steps",
+    "3",
+    "--no_progress_bar",
+    "--device",
+    "cpu",
+    "--batch_size",
+    "2",
+    "--num_workers",
+    "2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +40,18 @@ def setup(tmp_path_factory):
 
 
 def _args(data: Path, ckpt: Path, out: Path, *extra: str) -> list[str]:
-    return ["--data_set", "mvtec", "--data_path", str(data), "--resume_path", str(ckpt), "--output_dir", str(out),
-            *FAST, *extra]
+    return [
+        "--data_set",
+        "mvtec",
+        "--data_path",
+        str(data),
+        "--resume_path",
+        str(ckpt),
+        "--output_dir",
+        str(out),
+        *FAST,
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +80,21 @@ def _same_maps(a: Path, b: Path) -> None:
 
 
 def _metric_values(result: dict) -> np.ndarray:
-    return np.array([v for p in sorted(result) for row in [*result[p]["per_class"].values(), result[p]["mean"]]
-                     for v in row.values()], dtype=float)
+    return np.array(
+        [
+            v
+            for p in sorted(result)
+            for row in [*result[p]["per_class"].values(), result[p]["mean"]]
+            for v in row.values()
+        ],
+        dtype=float,
+    )
 
 
 @pytest.mark.parametrize("which", ["image", "mask"])
-def test_truncated_file_in_a_middle_batch_stops_by_name_and_the_repaired_run_resumes(setup, clean, tmp_path, capsys,
-                                                                                     which):
+def test_truncated_file_in_a_middle_batch_stops_by_name_and_the_repaired_run_resumes(
+    setup, clean, tmp_path, capsys, which
+):
     _, data, ckpt = setup
     copy = Path(shutil.copytree(data, tmp_path / "data"))
     fourth = _records(copy)[3]  # in the second batch (images 2 and 3) of five
@@ -128,8 +157,9 @@ def test_a_mask_changed_after_its_map_was_stored_is_refused_by_name(scored_copy)
     Image.fromarray(255 - np.asarray(Image.open(mask))).save(mask)  # relabelled
     assert raw != mask.read_bytes()
     for argv in (_args(copy, ckpt, out), _args(copy, ckpt, out, "--run_eval_only")):
-        with pytest.raises(UserError, match=f"test image {record.id} changed since its map .*its mask file {mask} "
-                                            "has another content"):
+        with pytest.raises(
+            UserError, match=f"test image {record.id} changed since its map .*its mask file {mask} has another content"
+        ):
             test_script.main(argv)
 
 
@@ -155,8 +185,15 @@ def test_older_manifests_and_chunks_are_named_as_such(scored_copy, capsys):
     for cls, arrays in list(store.iter_classes()):
         for chunk in (out / "maps" / cls).glob("*.npz"):
             chunk.unlink()
-        store.write("00000000", arrays["ids"], [cls] * len(arrays["ids"]), arrays["maps"], arrays["masks"],
-                    arrays["labels"], arrays["image_scores"])
+        store.write(
+            "00000000",
+            arrays["ids"],
+            [cls] * len(arrays["ids"]),
+            arrays["maps"],
+            arrays["masks"],
+            arrays["labels"],
+            arrays["image_scores"],
+        )
     capsys.readouterr()
     test_script.main(_args(copy, ckpt, out, "--run_eval_only"))
     err = capsys.readouterr().err

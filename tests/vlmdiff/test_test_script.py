@@ -22,8 +22,19 @@ from vlmdiff.data.demo import generate_demo_dataset
 from vlmdiff.map_store import MapStore
 
 ROOT = Path(__file__).resolve().parents[2]
-FAST = ["--feature_extractor", "efficientnet_lite0", "--ddim_steps", "3", "--num_workers", "0", "--no_progress_bar",
-        "--device", "cpu", "--metrics_protocol", "both"]
+FAST = [
+    "--feature_extractor",
+    "efficientnet_lite0",
+    "--ddim_steps",
+    "3",
+    "--num_workers",
+    "0",
+    "--no_progress_bar",
+    "--device",
+    "cpu",
+    "--metrics_protocol",
+    "both",
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +43,32 @@ def setup(tmp_path_factory):
 
 
 def _run(data: Path, ckpt: Path, out: Path, *extra: str):
-    return test_script.main(["--data_set", "mvtec", "--data_path", str(data), "--resume_path", str(ckpt),
-                             "--output_dir", str(out), *FAST, *extra])
+    return test_script.main(
+        [
+            "--data_set",
+            "mvtec",
+            "--data_path",
+            str(data),
+            "--resume_path",
+            str(ckpt),
+            "--output_dir",
+            str(out),
+            *FAST,
+            *extra,
+        ]
+    )
 
 
 def _values(result: dict) -> np.ndarray:
-    return np.array([v for p in sorted(result) for row in [*result[p]["per_class"].values(), result[p]["mean"]]
-                     for v in row.values()], dtype=float)
+    return np.array(
+        [
+            v
+            for p in sorted(result)
+            for row in [*result[p]["per_class"].values(), result[p]["mean"]]
+            for v in row.values()
+        ],
+        dtype=float,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +82,29 @@ def test_output_that_is_not_a_terminal_gets_progress_lines_and_a_summary(setup, 
     tmp, data, ckpt = setup
     out = tmp / "lines"
     args = [a for a in FAST if a != "--no_progress_bar"]  # pytest captures stderr: not a terminal
-    test_script.main(["--data_set", "mvtec", "--data_path", str(data), "--resume_path", str(ckpt), "--output_dir",
-                      str(out), "--classes", "brick", "--batch_size", "2", "--log_interval", "0", *args])
+    test_script.main(
+        [
+            "--data_set",
+            "mvtec",
+            "--data_path",
+            str(data),
+            "--resume_path",
+            str(ckpt),
+            "--output_dir",
+            str(out),
+            "--classes",
+            "brick",
+            "--batch_size",
+            "2",
+            "--log_interval",
+            "0",
+            *args,
+        ]
+    )
     captured = capsys.readouterr()
-    counts = re.findall(r"test: img (\d)/5 \(\d+%\) \| [\d.]+ (?:img/s|s/img) \| elapsed [\d:]+ \| ETA [\d:]+",
-                        captured.err)
+    counts = re.findall(
+        r"test: img (\d)/5 \(\d+%\) \| [\d.]+ (?:img/s|s/img) \| elapsed [\d:]+ \| ETA [\d:]+", captured.err
+    )
     assert counts == ["2", "4", "5"]  # a line per batch at --log_interval 0
     assert "\r" not in captured.err
     assert f"metrics: {out / 'metrics.json'} (also metrics.csv, metrics.md)\nmaps: {out / 'maps'}" in captured.out
@@ -78,6 +126,7 @@ def test_full_run_writes_everything(reference):
     pngs = sorted((out / "visuals").rglob("*.png"))
     assert len(pngs) == 10
     from PIL import Image
+
     w, h = Image.open(pngs[0]).size
     assert w > 6 * 256 and h > 256  # titled 256-px panels: input | autoencoder | reconstruction | map | overlay | mask
     upstream = sorted(p.name for p in (out / "log_image_vlmdiff_mvtec").iterdir())  # upstream's files, too
@@ -96,7 +145,9 @@ def test_shards_merge_and_batch_size(setup, reference):
     np.testing.assert_allclose(_values(merged), ref, atol=1e-6, equal_nan=True)
     single = _run(data, ckpt, tmp / "bs1", "--batch_size", "1")
     np.testing.assert_allclose(_values(single), ref, atol=1e-6, equal_nan=True)
-    for (c1, a), (c2, b) in zip(MapStore(tmp / "bs1" / "maps").iter_classes(), MapStore(reference[0] / "maps").iter_classes()):
+    for (c1, a), (c2, b) in zip(
+        MapStore(tmp / "bs1" / "maps").iter_classes(), MapStore(reference[0] / "maps").iter_classes(), strict=True
+    ):
         assert c1 == c2 and np.array_equal(a["ids"], b["ids"])
         assert np.array_equal(a["maps"], b["maps"])  # bit-identical maps for batch sizes 1 and 4
 
@@ -114,9 +165,26 @@ def test_other_run_folder_and_bad_input(setup, reference, tmp_path):
     bad_weights = tmp_path / "resnet.pth"
     torch.save({"conv1.weight": torch.zeros(3, 3)}, bad_weights)
     with pytest.raises(UserError, match="resnet.pth"):
-        test_script.main(["--data_set", "mvtec", "--data_path", str(data), "--resume_path", str(ckpt), "--output_dir",
-                          str(tmp_path / "o2"), "--feature_extractor", "resnet50", "--feature_weights", str(bad_weights),
-                          "--num_workers", "0", "--device", "cpu"])
+        test_script.main(
+            [
+                "--data_set",
+                "mvtec",
+                "--data_path",
+                str(data),
+                "--resume_path",
+                str(ckpt),
+                "--output_dir",
+                str(tmp_path / "o2"),
+                "--feature_extractor",
+                "resnet50",
+                "--feature_weights",
+                str(bad_weights),
+                "--num_workers",
+                "0",
+                "--device",
+                "cpu",
+            ]
+        )
     no_masks = tmp_path / "nomask"
     generate_demo_dataset(no_masks, classes=("brick",), n_train=1, n_test_good=1, n_test_defect=1, image_size=64)
     for m in (no_masks / "brick" / "ground_truth").rglob("*.png"):
@@ -148,8 +216,22 @@ def test_folder_of_images_without_ground_truth(setup, tmp_path):
     for p in list((data / "brick" / "test").rglob("*.png"))[:3]:
         (folder / f"{p.parent.name}_{p.name}").write_bytes(p.read_bytes())
     out = tmp_path / "folder_run"
-    assert test_script.main(["--data_set", "folder", "--data_path", str(folder), "--resume_path", str(ckpt),
-                             "--output_dir", str(out), *FAST]) is None
+    assert (
+        test_script.main(
+            [
+                "--data_set",
+                "folder",
+                "--data_path",
+                str(folder),
+                "--resume_path",
+                str(ckpt),
+                "--output_dir",
+                str(out),
+                *FAST,
+            ]
+        )
+        is None
+    )
     rows = (out / "scores.csv").read_text().strip().splitlines()
     assert rows[0].startswith("id,class,label,image_score") and len(rows) == 4
     assert not (out / "metrics.json").exists()
@@ -159,8 +241,21 @@ def test_folder_of_images_without_ground_truth(setup, tmp_path):
 def test_killed_run_resumes_to_the_same_metrics(setup, reference):
     tmp, data, ckpt = setup
     out = tmp / "killed"
-    args = [sys.executable, "test.py", "--data_set", "mvtec", "--data_path", str(data), "--resume_path", str(ckpt),
-            "--output_dir", str(out), *FAST, "--batch_size", "1"]
+    args = [
+        sys.executable,
+        "test.py",
+        "--data_set",
+        "mvtec",
+        "--data_path",
+        str(data),
+        "--resume_path",
+        str(ckpt),
+        "--output_dir",
+        str(out),
+        *FAST,
+        "--batch_size",
+        "1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300

@@ -16,8 +16,21 @@ from utils.errors import UserError
 from vlmdiff.model import TRAINABLE
 from vlmdiff.training import AppendingCSVLogger
 
-FAST = ["--accelerator", "cpu", "--devices", "1", "--num_workers", "0", "--batch_size", "2",
-        "--accumulate_grad_batches", "1", "--no_progress_bar", "--log_every_n_steps", "1", ]
+FAST = [
+    "--accelerator",
+    "cpu",
+    "--devices",
+    "1",
+    "--num_workers",
+    "0",
+    "--batch_size",
+    "2",
+    "--accumulate_grad_batches",
+    "1",
+    "--no_progress_bar",
+    "--log_every_n_steps",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +45,29 @@ def _losses(ckpt_dir: Path) -> list[float]:
 
 def test_training_reduces_loss_and_touches_only_trainable(setup):
     tmp, data, start = setup
-    ckpt_dir = train.main(["--data_set", "mvtec", "--data_path", str(data), "--resume_path", str(start),
-                           "--output_root", str(tmp), "--exp_name", "fit", "--max_steps", "30", "--lr", "2e-3",
-                           "--save_every_n_steps", "30", "--seed", "3", *FAST])
+    ckpt_dir = train.main(
+        [
+            "--data_set",
+            "mvtec",
+            "--data_path",
+            str(data),
+            "--resume_path",
+            str(start),
+            "--output_root",
+            str(tmp),
+            "--exp_name",
+            "fit",
+            "--max_steps",
+            "30",
+            "--lr",
+            "2e-3",
+            "--save_every_n_steps",
+            "30",
+            "--seed",
+            "3",
+            *FAST,
+        ]
+    )
     losses = _losses(ckpt_dir)
     assert len(losses) == 30
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
@@ -47,8 +80,15 @@ def test_training_reduces_loss_and_touches_only_trainable(setup):
     assert any(k.startswith("control_model.") for k in changed)
     assert any(k.startswith("model.diffusion_model.output_blocks.") for k in changed)
     for k in before:
-        if k.startswith(("first_stage_model.", "cond_stage_model.", "model.diffusion_model.input_blocks.",
-                         "model.diffusion_model.middle_block.", "model.diffusion_model.time_embed.")):
+        if k.startswith(
+            (
+                "first_stage_model.",
+                "cond_stage_model.",
+                "model.diffusion_model.input_blocks.",
+                "model.diffusion_model.middle_block.",
+                "model.diffusion_model.time_embed.",
+            )
+        ):
             assert torch.equal(before[k], after[k]), k
     assert final["config"]["unet"]["model_channels"] == 32
     assert final["provenance"]["seed"] == 3 and "torch" in final["provenance"]["versions"]
@@ -73,8 +113,19 @@ def test_bad_inputs(setup, tmp_path):
     empty.mkdir(parents=True)
     (tmp_path / "empty" / "brick" / "test" / "good").mkdir(parents=True)
     with pytest.raises(UserError):
-        train.main(["--data_set", "mvtec", "--data_path", str(tmp_path / "empty"), "--output_root", str(tmp_path),
-                    "--resume_path", str(start), *FAST])
+        train.main(
+            [
+                "--data_set",
+                "mvtec",
+                "--data_path",
+                str(tmp_path / "empty"),
+                "--output_root",
+                str(tmp_path),
+                "--resume_path",
+                str(start),
+                *FAST,
+            ]
+        )
     with pytest.raises(UserError, match="--resume"):
         train.main(base + ["--resume", "--exp_name", "never_ran"])
 
@@ -85,9 +136,25 @@ def _periodic(ckpt_dir: Path) -> list[str]:
 
 def test_checkpoints_use_upstream_names_and_period(setup):
     tmp, data, start = setup
-    ckpt_dir = train.main(["--data_set", "mvtec", "--data_path", str(data), "--resume_path", str(start),
-                           "--output_root", str(tmp), "--exp_name", "names", "--max_epochs", "4",
-                           "--save_every_n_epochs", "2", *FAST])
+    ckpt_dir = train.main(
+        [
+            "--data_set",
+            "mvtec",
+            "--data_path",
+            str(data),
+            "--resume_path",
+            str(start),
+            "--output_root",
+            str(tmp),
+            "--exp_name",
+            "names",
+            "--max_epochs",
+            "4",
+            "--save_every_n_epochs",
+            "2",
+            *FAST,
+        ]
+    )
     assert ckpt_dir == tmp / "ckpt_names"
     assert _periodic(ckpt_dir) == ["model_epoch=001.ckpt", "model_epoch=003.ckpt"]  # 0-based epoch index
     assert (ckpt_dir / "last.ckpt").is_file()
@@ -116,37 +183,85 @@ def test_default_checkpoint_period_is_upstreams(dataset, every, setup, tmp_path,
     if dataset == "real_iad":
         data = datagen.make_realiad(tmp_path, classes=("toy",))
     made = []
-    monkeypatch.setattr(train, "make_trainer", lambda args, ckpt_dir, callbacks: made.append(_RecordingTrainer(callbacks))
-                        or made[-1])
-    train.main(["--data_set", dataset, "--data_path", str(data), "--resume_path", str(start),
-                "--output_root", str(tmp_path), *FAST])
+    monkeypatch.setattr(
+        train, "make_trainer", lambda args, ckpt_dir, callbacks: made.append(_RecordingTrainer(callbacks)) or made[-1]
+    )
+    train.main(
+        [
+            "--data_set",
+            dataset,
+            "--data_path",
+            str(data),
+            "--resume_path",
+            str(start),
+            "--output_root",
+            str(tmp_path),
+            *FAST,
+        ]
+    )
     (saver,) = [c for c in made[0].callbacks if isinstance(c, ModelCheckpoint)]
     assert saver._every_n_epochs == every and saver.save_top_k == -1 and saver.save_last
 
 
 def test_keep_last_n_keeps_the_newest_periodic_checkpoints_and_last(setup):
     tmp, data, start = setup
-    ckpt_dir = train.main(["--data_set", "mvtec", "--data_path", str(data), "--resume_path", str(start),
-                           "--output_root", str(tmp), "--exp_name", "keep", "--max_epochs", "5",
-                           "--save_every_n_epochs", "1", "--keep_last_n", "2", *FAST])
+    ckpt_dir = train.main(
+        [
+            "--data_set",
+            "mvtec",
+            "--data_path",
+            str(data),
+            "--resume_path",
+            str(start),
+            "--output_root",
+            str(tmp),
+            "--exp_name",
+            "keep",
+            "--max_epochs",
+            "5",
+            "--save_every_n_epochs",
+            "1",
+            "--keep_last_n",
+            "2",
+            *FAST,
+        ]
+    )
     assert _periodic(ckpt_dir) == ["model_epoch=003.ckpt", "model_epoch=004.ckpt"]
     last = load_checkpoint(ckpt_dir / "last.ckpt")
     assert last["epoch"] == 4 and last["optimizer_states"]
     assert not list(ckpt_dir.glob("*.tmp"))
     with pytest.raises(UserError, match="--keep_last_n 0 must be 1 or more"):
         train.main(["--data_set", "mvtec", "--data_path", str(data), "--keep_last_n", "0"])
+
+
 def test_resume_appends_to_the_logs_and_progress_is_plain_lines(setup, capsys):
     tmp, data, start = setup
     not_a_terminal = [a for a in FAST if a != "--no_progress_bar"]  # pytest captures stderr: no terminal
-    base = ["--data_set", "mvtec", "--data_path", str(data), "--output_root", str(tmp), "--exp_name", "resumed",
-            "--save_every_n_steps", "3", "--log_interval", "0", *not_a_terminal]
+    base = [
+        "--data_set",
+        "mvtec",
+        "--data_path",
+        str(data),
+        "--output_root",
+        str(tmp),
+        "--exp_name",
+        "resumed",
+        "--save_every_n_steps",
+        "3",
+        "--log_interval",
+        "0",
+        *not_a_terminal,
+    ]
     ckpt_dir = train.main(base + ["--resume_path", str(start), "--max_steps", "3"])
     first_rows = _losses(ckpt_dir)
     first_events = sorted(p.name for p in (ckpt_dir / "logs").glob("events.out.tfevents.*"))
     assert len(first_rows) == 3 and first_events
     err = capsys.readouterr().err
-    steps = re.findall(r"train epoch 1/300: step (\d)/3 \(\d+%\) \| loss ([\d.]+) \| [\d.]+ (?:step/s|s/step) \| "
-                       r"elapsed [\d:]+ \| ETA [\d:]+", err)
+    steps = re.findall(
+        r"train epoch 1/300: step (\d)/3 \(\d+%\) \| loss ([\d.]+) \| [\d.]+ (?:step/s|s/step) \| "
+        r"elapsed [\d:]+ \| ETA [\d:]+",
+        err,
+    )
     assert [s for s, _ in steps] == ["1", "2", "3"]  # a line per step at --log_interval 0
     assert float(steps[0][1]) == pytest.approx(first_rows[0], rel=1e-3)
     assert "━" not in err and "\r" not in err  # no bar

@@ -17,8 +17,21 @@ from ldm.checkpoint import load_checkpoint
 from tests.tinyckpt import demo_data_and_model
 
 ROOT = Path(__file__).resolve().parents[2]
-COMMON = ["--data_set", "mvtec", "--accelerator", "cpu", "--num_workers", "0", "--batch_size", "2",
-          "--accumulate_grad_batches", "1", "--no_progress_bar", "--log_every_n_steps", "1"]
+COMMON = [
+    "--data_set",
+    "mvtec",
+    "--accelerator",
+    "cpu",
+    "--num_workers",
+    "0",
+    "--batch_size",
+    "2",
+    "--accumulate_grad_batches",
+    "1",
+    "--no_progress_bar",
+    "--log_every_n_steps",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +52,25 @@ def _adam_step(ckpt: dict) -> int:
 def test_sigkill_then_resume_continues(setup):
     tmp, data, start = setup
     ckpt_dir = tmp / "ckpt_killed"
-    args = [sys.executable, "train.py", *COMMON, "--devices", "1", "--data_path", str(data), "--resume_path", str(start),
-            "--output_root", str(tmp), "--exp_name", "killed", "--max_steps", "500", "--save_every_n_steps", "2"]
+    args = [
+        sys.executable,
+        "train.py",
+        *COMMON,
+        "--devices",
+        "1",
+        "--data_path",
+        str(data),
+        "--resume_path",
+        str(start),
+        "--output_root",
+        str(tmp),
+        "--exp_name",
+        "killed",
+        "--max_steps",
+        "500",
+        "--save_every_n_steps",
+        "2",
+    ]
     proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     try:
@@ -55,8 +85,24 @@ def test_sigkill_then_resume_continues(setup):
     saved = load_checkpoint(ckpt_dir / "last.ckpt")  # intact despite the kill (atomic saves)
     k = saved["global_step"]
     assert k >= 4 and _adam_step(saved) == k
-    train.main([*COMMON, "--devices", "1", "--data_path", str(data), "--resume", "--output_root", str(tmp),
-                "--exp_name", "killed", "--max_steps", str(k + 2), "--save_every_n_steps", "2"])
+    train.main(
+        [
+            *COMMON,
+            "--devices",
+            "1",
+            "--data_path",
+            str(data),
+            "--resume",
+            "--output_root",
+            str(tmp),
+            "--exp_name",
+            "killed",
+            "--max_steps",
+            str(k + 2),
+            "--save_every_n_steps",
+            "2",
+        ]
+    )
     final = load_checkpoint(ckpt_dir / "last.ckpt")
     assert final["global_step"] == k + 2
     assert _adam_step(final) == k + 2  # the optimiser state was restored, not restarted
@@ -67,9 +113,27 @@ def test_sigkill_then_resume_continues(setup):
 @pytest.mark.slow
 def test_ddp_two_processes_on_cpu(setup):
     tmp, data, start = setup
-    args = [sys.executable, "train.py", *COMMON, "--devices", "2", "--strategy", "ddp", "--data_path", str(data),
-            "--resume_path", str(start), "--output_root", str(tmp), "--exp_name", "ddp", "--max_steps", "3",
-            "--save_every_n_steps", "3"]
+    args = [
+        sys.executable,
+        "train.py",
+        *COMMON,
+        "--devices",
+        "2",
+        "--strategy",
+        "ddp",
+        "--data_path",
+        str(data),
+        "--resume_path",
+        str(start),
+        "--output_root",
+        str(tmp),
+        "--exp_name",
+        "ddp",
+        "--max_steps",
+        "3",
+        "--save_every_n_steps",
+        "3",
+    ]
     done = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     final = load_checkpoint(tmp / "ckpt_ddp" / "last.ckpt")
@@ -78,7 +142,23 @@ def test_ddp_two_processes_on_cpu(setup):
     key = "control_model.middle_block_out.0.weight"
     assert not torch.equal(before[key], final["state_dict"][key])
     # the same run continues on another device count (here one process)
-    train.main([*COMMON, "--devices", "1", "--data_path", str(data), "--resume", "--output_root", str(tmp),
-                "--exp_name", "ddp", "--max_steps", "5", "--save_every_n_steps", "5"])
+    train.main(
+        [
+            *COMMON,
+            "--devices",
+            "1",
+            "--data_path",
+            str(data),
+            "--resume",
+            "--output_root",
+            str(tmp),
+            "--exp_name",
+            "ddp",
+            "--max_steps",
+            "5",
+            "--save_every_n_steps",
+            "5",
+        ]
+    )
     resumed = load_checkpoint(tmp / "ckpt_ddp" / "last.ckpt")
     assert resumed["global_step"] == 5 and _adam_step(resumed) == 5

@@ -18,12 +18,14 @@ def test_files_names_and_jet_overlay(tmp_path):
     size = 16
     image = _normalised(128 / 255, size)
     ramp = torch.linspace(2.0, 7.0, size).expand(size, size)[None]  # (1, H, W): min at x=0, max at x=15
-    write_upstream_visuals(tmp_path, ["bottle/test/broken/000.png"], image, _normalised(0.0, size),
-                           _normalised(1.0, size), ramp)
+    write_upstream_visuals(
+        tmp_path, ["bottle/test/broken/000.png"], image, _normalised(0.0, size), _normalised(1.0, size), ramp
+    )
     stem = "bottle__test__broken__000"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        f"{stem}-{k}" for k in ("input.jpg", "reconstruction.jpg", "samples.jpg", "features.jpg", "heatmap.png"))
-    read = {p.name[len(stem) + 1:]: np.asarray(Image.open(p).convert("RGB")).astype(int) for p in tmp_path.iterdir()}
+        f"{stem}-{k}" for k in ("input.jpg", "reconstruction.jpg", "samples.jpg", "features.jpg", "heatmap.png")
+    )
+    read = {p.name[len(stem) + 1 :]: np.asarray(Image.open(p).convert("RGB")).astype(int) for p in tmp_path.iterdir()}
     assert all(a.shape == (size, size, 3) for a in read.values())
     assert np.abs(read["input.jpg"] - 128).max() <= 2
     assert read["reconstruction.jpg"].max() <= 2 and read["samples.jpg"].min() >= 253

@@ -16,8 +16,19 @@ from vlmdiff.data.captions import load_captions, match_captions
 from vlmdiff.data.common import Record, load_mask, load_rgb
 from vlmdiff.data.registry import DATASET_NAMES, canonical_name, index_dataset
 
-__all__ = ["AnomalyDataset", "DATASET_NAMES", "ITEM_KEYS", "Record", "build_dataset", "canonical_name",
-           "index_dataset", "load_captions", "load_mask", "load_rgb", "match_captions"]
+__all__ = [
+    "AnomalyDataset",
+    "DATASET_NAMES",
+    "ITEM_KEYS",
+    "Record",
+    "build_dataset",
+    "canonical_name",
+    "index_dataset",
+    "load_captions",
+    "load_mask",
+    "load_rgb",
+    "match_captions",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -24,8 +24,8 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 from utils.errors import UserError
 from utils.io import read_json
@@ -40,9 +40,13 @@ class CaptionMap(dict):
     """``dict[id, caption]`` that also remembers, for messages, which file each caption came from
     (``sources``), the file or folder it was read from (``origin``) and the split (``split``)."""
 
-    def __init__(self, items: Mapping[str, str] | Iterable[tuple[str, str]] = (),
-                 sources: Mapping[str, str] | None = None, origin: str | None = None,
-                 split: str | None = None) -> None:
+    def __init__(
+        self,
+        items: Mapping[str, str] | Iterable[tuple[str, str]] = (),
+        sources: Mapping[str, str] | None = None,
+        origin: str | None = None,
+        split: str | None = None,
+    ) -> None:
         super().__init__(items)
         self.sources: dict[str, str] = dict(sources or {})
         self.origin = origin
@@ -101,8 +105,10 @@ def read_jsonl(path: Path) -> list[dict]:
 def _add(out: dict[str, str], sources: dict[str, str], key: str, caption: str, source: str) -> None:
     key = normalize_id(key)
     if key in out and out[key] != caption:
-        raise UserError(f"image id {key!r} has different captions in {sources[key]} and {source}; "
-                        "caption files of different models or prompts are mixed (pass the vlm/model name)")
+        raise UserError(
+            f"image id {key!r} has different captions in {sources[key]} and {source}; "
+            "caption files of different models or prompts are mixed (pass the vlm/model name)"
+        )
     out[key], sources[key] = caption, source
 
 
@@ -115,9 +121,11 @@ def _read_pair(captions_path: Path, labels_path: Path, out: dict[str, str], sour
     if not isinstance(ids, list) or not all(isinstance(i, (str, int)) for i in ids):
         raise UserError(f"{labels_path}: expected a JSON list of image ids")
     if len(caps) != len(ids):
-        raise UserError(f"{captions_path} has {len(caps)} captions but {labels_path} has {len(ids)} ids; "
-                        "the two files of a pair must have the same length")
-    for key, cap in zip(ids, caps):
+        raise UserError(
+            f"{captions_path} has {len(caps)} captions but {labels_path} has {len(ids)} ids; "
+            "the two files of a pair must have the same length"
+        )
+    for key, cap in zip(ids, caps, strict=True):
         _add(out, sources, str(key), cap, str(captions_path))
 
 
@@ -125,11 +133,14 @@ def _read_coco(path: Path, split: str, out: dict[str, str], sources: dict[str, s
     doc = read_json(path)
     anns = doc.get("annotations") if isinstance(doc, dict) else None
     if not isinstance(anns, list):
-        raise UserError(f"{path}: expected COCO caption format {{\"annotations\": [{{\"image_id\", \"caption\"}}]}}")
+        raise UserError(f'{path}: expected COCO caption format {{"annotations": [{{"image_id", "caption"}}]}}')
     m = re.search(r"captions_(train|val)2017", path.name)
     folder = f"{m.group(1)}2017" if m else coco_split_folder(split)
-    names = {img["id"]: os.path.basename(img["file_name"]) for img in doc.get("images") or []
-             if isinstance(img, dict) and "id" in img and "file_name" in img}
+    names = {
+        img["id"]: os.path.basename(img["file_name"])
+        for img in doc.get("images") or []
+        if isinstance(img, dict) and "id" in img and "file_name" in img
+    }
     joined: dict[str, list[str]] = {}
     for i, ann in enumerate(anns):
         if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(ann.get("caption"), str):
@@ -141,8 +152,9 @@ def _read_coco(path: Path, split: str, out: dict[str, str], sources: dict[str, s
         _add(out, sources, key, " ".join(caps), str(path))
 
 
-def _read_jsonl_files(paths: Sequence[Path], split: str, dataset: str, vlm: str | None,
-                      out: dict[str, str], sources: dict[str, str]) -> None:
+def _read_jsonl_files(
+    paths: Sequence[Path], split: str, dataset: str, vlm: str | None, out: dict[str, str], sources: dict[str, str]
+) -> None:
     for path in paths:
         for rec in read_jsonl(path):
             if rec.get("split", split) != split:
@@ -162,18 +174,23 @@ def _coco_files(folder: Path, split: str, caption_model: str | None) -> list[Pat
         tried = [b / f"{stem}{suffix}.json" for b in bases]
         found = [p for p in tried if p.is_file()]
         if not found:
-            raise UserError(f"COCO caption file not found: looked for {' and '.join(map(str, tried))} "
-                            f"(--caption_model {caption_model!r})")
+            raise UserError(
+                f"COCO caption file not found: looked for {' and '.join(map(str, tried))} "
+                f"(--caption_model {caption_model!r})"
+            )
         return found[:1]
     found = sorted({p for b in bases if b.is_dir() for p in b.glob(f"{stem}*.json")})
     if len(found) > 1:
-        raise UserError(f"several COCO caption files for {split} in {folder}: {', '.join(p.name for p in found)}; "
-                        "pick one with --caption_model (the suffix, e.g. _internvl)")
+        raise UserError(
+            f"several COCO caption files for {split} in {folder}: {', '.join(p.name for p in found)}; "
+            "pick one with --caption_model (the suffix, e.g. _internvl)"
+        )
     return found
 
 
-def load_captions(path: str | os.PathLike, split: str, dataset: str, *, vlm: str | None = None,
-                  caption_model: str | None = None) -> CaptionMap:
+def load_captions(
+    path: str | os.PathLike, split: str, dataset: str, *, vlm: str | None = None, caption_model: str | None = None
+) -> CaptionMap:
     """Read the ``split`` captions of ``dataset`` from a caption file or folder: ``{id: caption}``.
 
     ``vlm`` restricts a folder to files/records of that model token; ``caption_model`` is the COCO
@@ -211,8 +228,10 @@ def load_captions(path: str | os.PathLike, split: str, dataset: str, *, vlm: str
                 tried = [path / f"{prefix}*.json", path / "*.jsonl", path / "progress" / "*.jsonl"]
                 if dataset == "coco":
                     tried += [b / f"captions_{coco_split_folder(split)}*.json" for b in (path / "annotations", path)]
-                raise UserError(f"no {split} captions for {dataset} in {path}: looked for {', '.join(map(str, tried))} "
-                                f"(upstream's {prefix}*.json needs its {split}_labels_{dataset}_* twin)")
+                raise UserError(
+                    f"no {split} captions for {dataset} in {path}: looked for {', '.join(map(str, tried))} "
+                    f"(upstream's {prefix}*.json needs its {split}_labels_{dataset}_* twin)"
+                )
     else:
         raise UserError(f"caption file or folder {path} not found")
     logger.info("read %d %s captions for %s from %s", len(out), split, dataset, path)
@@ -239,8 +258,13 @@ def _exists_under(root: Path, key: str, top: set[str]) -> bool:
     return False
 
 
-def match_captions(records_or_ids: Sequence[Record] | Sequence[str], captions: Mapping[str, str], *,
-                   root: str | os.PathLike | None = None, require: bool = False) -> dict[str, str]:
+def match_captions(
+    records_or_ids: Sequence[Record] | Sequence[str],
+    captions: Mapping[str, str],
+    *,
+    root: str | os.PathLike | None = None,
+    require: bool = False,
+) -> dict[str, str]:
     """Captions of the given images, keyed by image id.
 
     A caption id that matches none of the images is an error unless it names an existing file below
@@ -257,10 +281,12 @@ def match_captions(records_or_ids: Sequence[Record] | Sequence[str], captions: M
     origin = getattr(captions, "origin", None)
     images = f"{split} images" if split else "images"
     where = f" in {origin}" if origin else ""
-    fix = (f" (caption them with captioner.py{f' --split {split}' if split else ''}, or run without --use_captions)")
+    fix = f" (caption them with captioner.py{f' --split {split}' if split else ''}, or run without --use_captions)"
     if require and ids and not captions:
-        raise UserError(f"{origin or 'the given captions'}: no {split + ' ' if split else ''}captions in it, but "
-                        f"--use_captions needs one for each of the {len(ids)} {images}" + fix)
+        raise UserError(
+            f"{origin or 'the given captions'}: no {split + ' ' if split else ''}captions in it, but "
+            f"--use_captions needs one for each of the {len(ids)} {images}" + fix
+        )
     matched: dict[str, str] = {}
     matched_from: dict[str, str] = {}
     root_path = Path(root) if root is not None else None
@@ -273,17 +299,23 @@ def match_captions(records_or_ids: Sequence[Record] | Sequence[str], captions: M
             if root_path is None or not _exists_under(root_path, norm, top):
                 below = f" below {root_path}" if root_path is not None else ""
                 example = f"; image ids look like {ids[0]!r}" if ids else ""
-                raise UserError(f"{src}: caption id {key!r} matches no image{below}{example}; "
-                                "is this caption file for another dataset or root?")
+                raise UserError(
+                    f"{src}: caption id {key!r} matches no image{below}{example}; "
+                    "is this caption file for another dataset or root?"
+                )
             continue
         if hit in matched and matched[hit] != cap:
-            raise UserError(f"image {hit!r} matches two different caption ids ({matched_from[hit]!r} and {key!r}) in {src}")
+            raise UserError(
+                f"image {hit!r} matches two different caption ids ({matched_from[hit]!r} and {key!r}) in {src}"
+            )
         matched[hit], matched_from[hit] = cap, key
     if captions and ids and not matched:
         example = next(iter(captions))
-        raise UserError(f"none of the {len(captions)} captions in {sorted(set(sources.values())) or 'the given captions'} "
-                        f"matches an image of this split (caption id {example!r}, image id {ids[0]!r}); "
-                        "a caption file of another split or dataset?")
+        raise UserError(
+            f"none of the {len(captions)} captions in {sorted(set(sources.values())) or 'the given captions'} "
+            f"matches an image of this split (caption id {example!r}, image id {ids[0]!r}); "
+            "a caption file of another split or dataset?"
+        )
     missing = [i for i in ids if i not in matched]
     blank = [i for i in ids if i in matched and not matched[i].strip()]
     for bad, what in ((missing, "have no caption"), (blank, "have an empty caption")):

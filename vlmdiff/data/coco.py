@@ -8,8 +8,8 @@ id is ``img_path`` as written in the meta file. ``utils/prepare_coco_ad.py`` mak
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from utils.errors import UserError
 from utils.io import read_json
@@ -45,7 +45,7 @@ def index_coco(root: str | Path, split: str, part: int | None, classes: Sequence
     try:
         items = doc[split][COCO_CLASS]
     except (KeyError, TypeError):
-        raise UserError(f"{path}: expected {{\"{split}\": {{\"{COCO_CLASS}\": [...]}}}}") from None
+        raise UserError(f'{path}: expected {{"{split}": {{"{COCO_CLASS}": [...]}}}}') from None
     if not isinstance(items, list) or not items:
         raise UserError(f"{path}: no {split} images listed")
     records = []

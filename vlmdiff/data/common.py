@@ -8,9 +8,9 @@ machines and are what caption files and result files are keyed by.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
@@ -70,8 +70,9 @@ def list_images(folder: Path, recursive: bool = False) -> list[Path]:
             seen.add(real)
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             candidates.extend(Path(dirpath) / f for f in filenames)
-    return sorted(p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                  and not p.name.startswith("."))
+    return sorted(
+        p for p in candidates if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    )
 
 
 def check_utf8_names(records: Sequence[Record], root: Path) -> None:
@@ -84,8 +85,10 @@ def check_utf8_names(records: Sequence[Record], root: Path) -> None:
             bad.append(r.id)
     if bad:
         example = os.fsencode(bad[0]).decode("utf-8", "backslashreplace")
-        raise UserError(f"{len(bad)} file name(s) under {root} are not valid UTF-8, e.g. {example}; rename them "
-                        "to UTF-8 (e.g. convmv -f latin1 -t utf8 -r --notest DIR)")
+        raise UserError(
+            f"{len(bad)} file name(s) under {root} are not valid UTF-8, e.g. {example}; rename them "
+            "to UTF-8 (e.g. convmv -f latin1 -t utf8 -r --notest DIR)"
+        )
 
 
 def check_files_exist(paths: Iterable[Path], what: str, source: str) -> None:
@@ -93,8 +96,10 @@ def check_files_exist(paths: Iterable[Path], what: str, source: str) -> None:
     missing = [p for p in paths if not p.is_file()]
     if missing:
         examples = ", ".join(str(p) for p in missing[:3])
-        raise UserError(f"{len(missing)} {what} listed by {source} not found, e.g. {examples} "
-                        "(incomplete download or wrong --data_path?)")
+        raise UserError(
+            f"{len(missing)} {what} listed by {source} not found, e.g. {examples} "
+            "(incomplete download or wrong --data_path?)"
+        )
 
 
 def select_classes(available: Sequence[str], wanted: Sequence[str] | None, root: Path, expected: str) -> list[str]:
@@ -105,8 +110,10 @@ def select_classes(available: Sequence[str], wanted: Sequence[str] | None, root:
         return list(available)
     unknown = [c for c in wanted if c not in available]
     if unknown:
-        raise UserError(f"class(es) {', '.join(unknown)} not found in {root} (expected {expected}); "
-                        f"available: {', '.join(available)}")
+        raise UserError(
+            f"class(es) {', '.join(unknown)} not found in {root} (expected {expected}); "
+            f"available: {', '.join(available)}"
+        )
     return list(dict.fromkeys(wanted))
 
 
@@ -162,8 +169,9 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     return _to_rgb(_open(Path(path), "image"))
 
 
-def load_mask(path: str | os.PathLike, image_size: tuple[int, int] | None = None,
-              image_path: str | os.PathLike | None = None) -> Image.Image:
+def load_mask(
+    path: str | os.PathLike, image_size: tuple[int, int] | None = None, image_path: str | os.PathLike | None = None
+) -> Image.Image:
     """Decode a ground-truth mask to an 8-bit "L" image (0..255, 16-bit scaled, 1-bit -> 0/255).
 
     With ``image_size`` (width, height), a mask of another size is a UserError naming both files.
@@ -174,8 +182,10 @@ def load_mask(path: str | os.PathLike, image_size: tuple[int, int] | None = None
     elif img.mode != "L":
         img = img.convert("L")
     if image_size is not None and img.size != tuple(image_size):
-        raise UserError(f"mask {path} is {img.size[0]}x{img.size[1]} but its image {image_path} is "
-                        f"{image_size[0]}x{image_size[1]}; masks must have the size of their image")
+        raise UserError(
+            f"mask {path} is {img.size[0]}x{img.size[1]} but its image {image_path} is "
+            f"{image_size[0]}x{image_size[1]}; masks must have the size of their image"
+        )
     return img
 
 

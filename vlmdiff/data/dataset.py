@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -40,8 +40,13 @@ ITEM_KEYS = ("image", "hint", "caption", "mask", "filename", "class_name", "labe
 class AnomalyDataset(Dataset):
     """Images of an index as model inputs; decoding errors are UserErrors naming the file."""
 
-    def __init__(self, records: Sequence[Record], image_size: int = 256,
-                 captions: Mapping[str, str] | None = None, mask_order: str = MASK_ORDERS[0]) -> None:
+    def __init__(
+        self,
+        records: Sequence[Record],
+        image_size: int = 256,
+        captions: Mapping[str, str] | None = None,
+        mask_order: str = MASK_ORDERS[0],
+    ) -> None:
         if mask_order not in MASK_ORDERS:
             raise UserError(f"mask order {mask_order!r} is not one of {', '.join(MASK_ORDERS)}")
         self.records = list(records)
@@ -49,11 +54,13 @@ class AnomalyDataset(Dataset):
         self.captions = dict(captions or {})
         self.mask_order = mask_order
         size = (self.image_size, self.image_size)
-        self._image_tf = transforms.Compose([
-            transforms.Resize(size, interpolation=InterpolationMode.BILINEAR, antialias=True),
-            transforms.ToTensor(),
-            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ])
+        self._image_tf = transforms.Compose(
+            [
+                transforms.Resize(size, interpolation=InterpolationMode.BILINEAR, antialias=True),
+                transforms.ToTensor(),
+                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
 
     @property
     def class_names(self) -> list[str]:
@@ -83,10 +90,18 @@ class AnomalyDataset(Dataset):
         }
 
 
-def build_dataset(name: str, root: str | os.PathLike, split: str, *, classes: Sequence[str] | None = None,
-                  image_size: int = 256, captions: Mapping[str, str] | str | os.PathLike | None = None,
-                  require_captions: bool = False, coco_part: int | None = None,
-                  mask_order: str = MASK_ORDERS[0]) -> AnomalyDataset:
+def build_dataset(
+    name: str,
+    root: str | os.PathLike,
+    split: str,
+    *,
+    classes: Sequence[str] | None = None,
+    image_size: int = 256,
+    captions: Mapping[str, str] | str | os.PathLike | None = None,
+    require_captions: bool = False,
+    coco_part: int | None = None,
+    mask_order: str = MASK_ORDERS[0],
+) -> AnomalyDataset:
     """Index ``split`` of dataset ``name`` at ``root`` and wrap it as an :class:`AnomalyDataset`.
 
     ``captions`` is a mapping id -> caption (e.g. from :func:`load_captions`) or a caption file /
@@ -104,6 +119,12 @@ def build_dataset(name: str, root: str | os.PathLike, split: str, *, classes: Se
         matched = match_captions(records, captions, root=Path(root), require=require_captions)
     elif require_captions:
         raise UserError("captions are required (--use_captions) but no caption file or folder was given")
-    logger.info("%s %s: %d images, %d classes, %d with captions", key, split, len(records),
-                len({r.class_name for r in records}), len(matched))
+    logger.info(
+        "%s %s: %d images, %d classes, %d with captions",
+        key,
+        split,
+        len(records),
+        len({r.class_name for r in records}),
+        len(matched),
+    )
     return AnomalyDataset(records, image_size=image_size, captions=matched, mask_order=mask_order)

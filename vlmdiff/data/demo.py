@@ -28,9 +28,9 @@ import logging
 import shutil
 import sys
 import zlib
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -41,17 +41,19 @@ from utils.io import read_json, write_bytes, write_json
 logger = logging.getLogger(__name__)
 
 # name -> (source, is_texture); source "skimage:<fn>" or "sklearn:<file>"
-SOURCES: Mapping[str, tuple[str, bool]] = MappingProxyType({
-    "brick": ("skimage:brick", True),
-    "grass": ("skimage:grass", True),
-    "gravel": ("skimage:gravel", True),
-    "coffee": ("skimage:coffee", False),
-    "chelsea": ("skimage:chelsea", False),
-    "rocket": ("skimage:rocket", False),
-    "astronaut": ("skimage:astronaut", False),
-    "china": ("sklearn:china.jpg", False),
-    "flower": ("sklearn:flower.jpg", False),
-})
+SOURCES: Mapping[str, tuple[str, bool]] = MappingProxyType(
+    {
+        "brick": ("skimage:brick", True),
+        "grass": ("skimage:grass", True),
+        "gravel": ("skimage:gravel", True),
+        "coffee": ("skimage:coffee", False),
+        "chelsea": ("skimage:chelsea", False),
+        "rocket": ("skimage:rocket", False),
+        "astronaut": ("skimage:astronaut", False),
+        "china": ("sklearn:china.jpg", False),
+        "flower": ("sklearn:flower.jpg", False),
+    }
+)
 DEFAULT_CLASSES: tuple[str, ...] = ("brick", "gravel", "coffee", "chelsea")
 DEFECTS: tuple[str, ...] = ("scratch", "stain", "hole", "patch")
 MARKER = "demo_dataset.json"
@@ -119,11 +121,15 @@ def _blob(size: int, rng: np.random.Generator, rmin: float, rmax: float) -> np.n
     angles = np.sort(rng.uniform(0, 2 * np.pi, size=12))
     radii = r * rng.uniform(0.6, 1.0, size=12)
     aspect = rng.uniform(0.6, 1.0)
-    pts = [(float(cx + rr * np.cos(a)), float(cy + aspect * rr * np.sin(a))) for a, rr in zip(angles, radii)]
+    pts = [
+        (float(cx + rr * np.cos(a)), float(cy + aspect * rr * np.sin(a))) for a, rr in zip(angles, radii, strict=True)
+    ]
     return _draw_mask(size, lambda d: d.polygon(pts, fill=255))
 
 
-def _add_defect(img: np.ndarray, defect: str, rng: np.random.Generator, other: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _add_defect(
+    img: np.ndarray, defect: str, rng: np.random.Generator, other: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Return (defective image, boolean mask); only pixels under the mask differ from ``img``."""
     size = img.shape[0]
     gray = img.ndim == 2
@@ -134,7 +140,7 @@ def _add_defect(img: np.ndarray, defect: str, rng: np.random.Generator, other: n
             n = int(rng.integers(2, 5))
             pts = [tuple(float(v) for v in rng.uniform(0.1 * size, 0.9 * size, size=2)) for _ in range(n)]
             width = max(1, size // 64)
-            mask = _draw_mask(size, lambda d: d.line(pts, fill=255, width=width))
+            mask = _draw_mask(size, lambda d: d.line(pts, fill=255, width=width))  # noqa: B023 (called at once)
         elif defect in ("stain", "hole"):
             mask = _blob(size, rng, 0.06, 0.12)
         else:  # patch
@@ -174,9 +180,17 @@ def _png_bytes(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _params(classes: Sequence[str], n_train: int, n_test_good: int, n_test_defect: int, image_size: int, seed: int) -> dict:
-    return {"classes": list(classes), "n_train": n_train, "n_test_good": n_test_good,
-            "n_test_defect": n_test_defect, "image_size": image_size, "seed": seed}
+def _params(
+    classes: Sequence[str], n_train: int, n_test_good: int, n_test_defect: int, image_size: int, seed: int
+) -> dict:
+    return {
+        "classes": list(classes),
+        "n_train": n_train,
+        "n_test_good": n_test_good,
+        "n_test_defect": n_test_defect,
+        "image_size": image_size,
+        "seed": seed,
+    }
 
 
 def _check_output(root: Path, params: dict, overwrite: bool) -> bool:
@@ -187,8 +201,10 @@ def _check_output(root: Path, params: dict, overwrite: bool) -> bool:
         if old.get("params") == params:
             return bool(old.get("complete"))
         if not overwrite:
-            raise UserError(f"{root} holds a demo dataset made with other parameters ({marker}); "
-                            "choose another folder or pass --overwrite")
+            raise UserError(
+                f"{root} holds a demo dataset made with other parameters ({marker}); "
+                "choose another folder or pass --overwrite"
+            )
         for cls in set(old.get("params", {}).get("classes", [])) | set(params["classes"]):
             if cls in SOURCES:
                 shutil.rmtree(root / cls, ignore_errors=True)
@@ -201,9 +217,16 @@ def _check_output(root: Path, params: dict, overwrite: bool) -> bool:
     return False
 
 
-def generate_demo_dataset(root: str | Path, classes: Sequence[str] = DEFAULT_CLASSES, n_train: int = 16,
-                          n_test_good: int = 4, n_test_defect: int = 8, image_size: int = 256, seed: int = 0,
-                          overwrite: bool = False) -> Path:
+def generate_demo_dataset(
+    root: str | Path,
+    classes: Sequence[str] = DEFAULT_CLASSES,
+    n_train: int = 16,
+    n_test_good: int = 4,
+    n_test_defect: int = 8,
+    image_size: int = 256,
+    seed: int = 0,
+    overwrite: bool = False,
+) -> Path:
     """Write an MVTec-AD-layout demo dataset under ``root`` and return ``root``.
 
     Per class: ``n_train`` normal train images, ``n_test_good`` normal test images and
@@ -241,11 +264,13 @@ def generate_demo_dataset(root: str | Path, classes: Sequence[str] = DEFAULT_CLA
             stem = f"{i // len(DEFECTS):03d}"
             img, mask = _add_defect(_normal_crop(photo, texture, image_size, rng), defect, rng, other)
             write_bytes(root / cls / "test" / defect / f"{stem}.png", _png_bytes(img))
-            write_bytes(root / cls / "ground_truth" / defect / f"{stem}_mask.png",
-                        _png_bytes(mask.astype(np.uint8) * 255))
-        logger.info("demo class %s: %d train, %d test good, %d test defective", cls, n_train, n_test_good, n_test_defect)
-    write_json(root / MARKER, {"params": params, "complete": True,
-                               "sources": {c: SOURCES[c][0] for c in classes}})
+            write_bytes(
+                root / cls / "ground_truth" / defect / f"{stem}_mask.png", _png_bytes(mask.astype(np.uint8) * 255)
+            )
+        logger.info(
+            "demo class %s: %d train, %d test good, %d test defective", cls, n_train, n_test_good, n_test_defect
+        )
+    write_json(root / MARKER, {"params": params, "complete": True, "sources": {c: SOURCES[c][0] for c in classes}})
     return root
 
 
@@ -269,8 +294,16 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     args = parse_args(argv)
     setup_logging(args.verbose)
-    generate_demo_dataset(args.output, args.classes, args.n_train, args.n_test_good, args.n_test_defect,
-                          args.image_size, args.seed, args.overwrite)
+    generate_demo_dataset(
+        args.output,
+        args.classes,
+        args.n_train,
+        args.n_test_good,
+        args.n_test_defect,
+        args.image_size,
+        args.seed,
+        args.overwrite,
+    )
 
 
 if __name__ == "__main__":

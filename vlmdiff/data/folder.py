@@ -8,8 +8,8 @@ per-class results. The split is ignored: train and test list the same images.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from utils.errors import UserError
 from vlmdiff.data.common import Record, list_images, relative_id, require_dir, select_classes
@@ -21,8 +21,11 @@ def index_folder(root: str | Path, split: str, classes: Sequence[str] | None = N
     """Index all images below ``root`` (``split`` is accepted for symmetry and ignored)."""
     root = Path(root)
     require_dir(root, f"a folder of images ({root}/*.png, *.jpg, ... or in sub-folders)")
-    images = [p for p in list_images(root, recursive=True)
-              if not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    images = [
+        p
+        for p in list_images(root, recursive=True)
+        if not any(part.startswith(".") for part in p.relative_to(root).parts)
+    ]
     if not images:
         raise UserError(f"no images found below {root}; expected *.png, *.jpg, *.jpeg, *.bmp, *.tif or *.webp files")
     records = []

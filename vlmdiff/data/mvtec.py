@@ -9,11 +9,19 @@ or defect folders in ``train/`` are layout errors, not silently skipped.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from utils.errors import UserError
-from vlmdiff.data.common import NORMAL_DEFECT, Record, check_files_exist, list_images, relative_id, require_dir, select_classes
+from vlmdiff.data.common import (
+    NORMAL_DEFECT,
+    Record,
+    check_files_exist,
+    list_images,
+    relative_id,
+    require_dir,
+    select_classes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,17 +49,22 @@ def _split_images(root: Path, cls: str, split: str) -> list[tuple[str, Path]]:
     require_dir(split_dir, _expected(root, cls))
     stray = list_images(split_dir)
     if stray:
-        raise UserError(f"{stray[0]} lies directly in {split_dir}; expected {split_dir}/{{defect}}/*.png "
-                        f"(normal images in {split_dir}/good/)")
+        raise UserError(
+            f"{stray[0]} lies directly in {split_dir}; expected {split_dir}/{{defect}}/*.png "
+            f"(normal images in {split_dir}/good/)"
+        )
     defects = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     if split == "train" and defects != [NORMAL_DEFECT]:
         other = [d for d in defects if d != NORMAL_DEFECT]
         if other:
-            raise UserError(f"{split_dir}/{other[0]}: MVTec-AD train images are all normal; "
-                            f"expected only {split_dir}/good/")
+            raise UserError(
+                f"{split_dir}/{other[0]}: MVTec-AD train images are all normal; expected only {split_dir}/good/"
+            )
     pairs = [(d, p) for d in defects for p in list_images(split_dir / d)]
     if not pairs:
-        raise UserError(f"no images in {split_dir}; expected {split_dir}/{'good' if split == 'train' else '{defect}'}/*.png")
+        raise UserError(
+            f"no images in {split_dir}; expected {split_dir}/{'good' if split == 'train' else '{defect}'}/*.png"
+        )
     return pairs
 
 
@@ -66,6 +79,9 @@ def index_mvtec(root: str | Path, split: str, classes: Sequence[str] | None = No
             if defect != NORMAL_DEFECT:
                 mask = root / cls / "ground_truth" / defect / f"{image.stem}_mask.png"
             records.append(Record(image, mask, cls, int(defect != NORMAL_DEFECT), relative_id(image, root), defect))
-    check_files_exist((r.mask_path for r in records if r.mask_path is not None), "masks (ground_truth/{defect}/{stem}_mask.png)",
-                      f"the anomalous test images of {root}")
+    check_files_exist(
+        (r.mask_path for r in records if r.mask_path is not None),
+        "masks (ground_truth/{defect}/{stem}_mask.png)",
+        f"the anomalous test images of {root}",
+    )
     return records

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from utils.errors import UserError
 from utils.io import read_json
@@ -87,11 +87,14 @@ def index_realiad(root: str | Path, split: str, classes: Sequence[str] | None = 
             mask = None
             if anomalous:
                 if not item.get("mask_path"):
-                    raise UserError(f"{json_path}: {split}[{i}] ({item['image_path']}) is anomalous but has no mask_path")
+                    raise UserError(
+                        f"{json_path}: {split}[{i}] ({item['image_path']}) is anomalous but has no mask_path"
+                    )
                 mask = base / item["mask_path"]
             defect = str(item["anomaly_class"]) if anomalous else NORMAL_DEFECT
             records.append(Record(image, mask, cls, int(anomalous), relative_id(image, root), defect))
         check_files_exist((r.image_path for r in records if r.class_name == cls), "images", str(json_path))
-        check_files_exist((r.mask_path for r in records if r.class_name == cls and r.mask_path is not None),
-                          "masks", str(json_path))
+        check_files_exist(
+            (r.mask_path for r in records if r.class_name == cls and r.mask_path is not None), "masks", str(json_path)
+        )
     return records

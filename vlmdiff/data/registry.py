@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from utils.errors import UserError
 from vlmdiff.data.coco import index_coco
@@ -34,8 +34,9 @@ def check_split(split: str) -> str:
     return split
 
 
-def index_dataset(name: str, root: str | Path, split: str, *, classes: Sequence[str] | None = None,
-                  coco_part: int | None = None) -> list[Record]:
+def index_dataset(
+    name: str, root: str | Path, split: str, *, classes: Sequence[str] | None = None, coco_part: int | None = None
+) -> list[Record]:
     """Index ``split`` of dataset ``name`` at ``root`` into records (see each dataset module)."""
     key = canonical_name(name)
     check_split(split)

@@ -8,8 +8,8 @@ to the root (images ``{class}/Data/Images/{Normal,Anomaly}/*.JPG``, masks
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from utils.errors import UserError
 from vlmdiff.data.common import NORMAL_DEFECT, Record, check_files_exist, require_dir, select_classes
@@ -29,8 +29,10 @@ def read_visa_csv(root: str | Path) -> list[dict[str, str]]:
     require_dir(root, _expected(root))
     path = root / SPLIT_CSV
     if not path.is_file():
-        raise UserError(f"VisA split csv not found: expected {path} (the official 1cls split shipped with VisA "
-                        "as split_csv/1cls.csv)")
+        raise UserError(
+            f"VisA split csv not found: expected {path} (the official 1cls split shipped with VisA "
+            "as split_csv/1cls.csv)"
+        )
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
