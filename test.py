@@ -20,7 +20,7 @@ one, or a weights-only export (python -m vlmdiff.export CKPT OUT.safetensors).
   python test.py --data_set folder ... --threshold_from results/vlmdiff_mvtec  # ... labelled normal/anomalous
 
 Each evaluation ends with report.html in the output folder (curves, galleries, the paper's row);
-python -m vlmdiff.report RUN rebuilds it.
+python -m vlmdiff.evaluation.report RUN rebuilds it.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ from vlmdiff.cli import (
     short_precision,
 )
 from vlmdiff.data.common import MASK_ORDERS
-from vlmdiff.map_store import MapStore
+from vlmdiff.evaluation.map_store import MapStore
 from vlmdiff.reconstruction import BATCH_SIZE, ReconstructionSettings
 
 log = logging.getLogger("test")
@@ -266,7 +267,7 @@ def _check_args(args: argparse.Namespace) -> None:
             "truth, so its run records thresholds itself"
         )
     if args.threshold_from:
-        from vlmdiff.thresholds import THRESHOLDS
+        from vlmdiff.evaluation.thresholds import THRESHOLDS
 
         given = Path(args.threshold_from)
         if not (given / THRESHOLDS if given.is_dir() else given).is_file():
@@ -284,9 +285,10 @@ def _output_dir(args: argparse.Namespace) -> Path:
 
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
     """Score (unless --run_eval_only) and evaluate, in the output folder main() holds."""
-    from vlmdiff.report import build_report
-    from vlmdiff.testing import check_coverage, check_data, evaluate_run, label_run
-    from vlmdiff.thresholds import load_thresholds
+    from vlmdiff.evaluation.evaluate import evaluate_run, label_run
+    from vlmdiff.evaluation.report import build_report
+    from vlmdiff.evaluation.run_inputs import check_coverage, check_data
+    from vlmdiff.evaluation.thresholds import load_thresholds
 
     dataset_name = canonical_dataset(args.data_set)
     exp_name = args.exp_name or f"vlmdiff_{dataset_name}"
@@ -393,15 +395,9 @@ def _score(
 ) -> None:
     from vlmdiff.checkpoint import load_vlmdiff
     from vlmdiff.data import AnomalyDataset, match_captions
+    from vlmdiff.evaluation.run_inputs import check_manifest, data_fingerprint, manifest_for, source_files
     from vlmdiff.features import build_feature_extractor, resolve_extractor_name
-    from vlmdiff.testing import (
-        check_manifest,
-        data_fingerprint,
-        manifest_for,
-        score_images,
-        shard_indices,
-        source_files,
-    )
+    from vlmdiff.inference import score_images, shard_indices
 
     if not args.resume_path:
         raise UserError("--resume_path (the trained checkpoint) is required unless --run_eval_only")
@@ -433,7 +429,7 @@ def _score(
     manifest = manifest_for(
         checkpoint=args.resume_path,
         config=to_dict(model.cfg),
-        settings=settings,
+        reconstruction=asdict(settings),
         extractor=extractor_name,
         extractor_weights=args.feature_weights,
         extractor_input_size=args.feature_input_size,
@@ -443,7 +439,7 @@ def _score(
         precision=args.precision,
     )
     if args.threshold_from:  # refuse thresholds of another model or settings before scoring, not after
-        from vlmdiff.thresholds import load_thresholds
+        from vlmdiff.evaluation.thresholds import load_thresholds
 
         load_thresholds(args.threshold_from, args.image_pooling, manifest)
     if ranks.is_main:

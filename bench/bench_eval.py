@@ -4,7 +4,7 @@
 pixel AUROC/AP/F1-max in the same pass) against two 200-threshold legacy loops that give the same
 legacy value: the upstream-style loop (per threshold: binarise every map, label each image's
 ground-truth regions with scikit-image, measure the overlap region by region -- the way the
-DiAD/VLMDiff metric code works) and the vectorised legacy loop of vlmdiff.metrics (regions labelled
+DiAD/VLMDiff metric code works) and the vectorised legacy loop of vlmdiff.evaluation.metrics (regions labelled
 once, overlaps by bincount). The three are run in turn, ``--repeats`` times, so a change of machine
 load hits all of them; the best time of each is reported, with the 1-minute load average.
 (b) Write synthetic float16 maps to a temporary MapStore and run a full seven-metric evaluation
@@ -13,7 +13,7 @@ wait4) and time. The class size is fixed while the number of classes grows, so a
 shows that memory does not follow the total; one extra single-class store of twice the class size
 shows that it does not follow the class size either.
 (c) One class of ``--big_class`` maps (default 20,000, float32 as test.py stores them) evaluated the
-way test.py evaluates a run (vlmdiff.testing.evaluate_run: metrics, curves, thresholds, scores.csv),
+way test.py evaluates a run (vlmdiff.evaluation.evaluate.evaluate_run: metrics, curves, thresholds, scores.csv),
 in a child process, against the previous in-memory code (the whole class loaded, its negative pixels
 sorted: tests/reference_metrics.py) in another child of the same run: peak RSS, seconds and the largest
 difference between the two sets of metric values. The in-memory child is skipped when the machine's
@@ -44,8 +44,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench import common  # noqa: E402
 from bench.common import load_average, table, write_results  # noqa: E402
-from vlmdiff import metrics  # noqa: E402
-from vlmdiff.map_store import MapStore  # noqa: E402
+from vlmdiff.evaluation import metrics  # noqa: E402
+from vlmdiff.evaluation.map_store import MapStore  # noqa: E402
 
 SIZE = 256
 
@@ -76,7 +76,7 @@ def upstream_style_legacy_aupro(
     ``skimage.measure.label`` and add (predicted pixels in region) / area for each region found by
     ``regionprops``; FPR = predicted GT-negative pixels / GT-negative pixels of the class. Keep the
     points with FPR < ``fpr_limit``, divide FPR by the largest kept one, trapezoid area. The
-    labelling is redone at every threshold, as there. Equals :func:`vlmdiff.metrics.legacy_aupro`.
+    labelling is redone at every threshold, as there. Equals :func:`vlmdiff.evaluation.metrics.legacy_aupro`.
     """
     from skimage import measure
 
@@ -192,7 +192,7 @@ def child_eval(store_dir: str) -> None:
 
 def child_run(run_dir: str, protocol: str) -> None:
     """Child mode: evaluate the run folder as test.py does (streamed), print JSON on stdout."""
-    from vlmdiff.testing import evaluate_run
+    from vlmdiff.evaluation.evaluate import evaluate_run
 
     t0 = time.perf_counter()
     res = evaluate_run(Path(run_dir), protocol, "paper")
@@ -246,7 +246,7 @@ def bench_big_class(args: argparse.Namespace) -> dict:
         out = {"maps": args.big_class, "store_dtype": args.big_dtype, "store_gib": size_gib, "protocol": args.protocol}
         res, rss = run_child(["--_child_run", str(run), "--protocol", args.protocol])
         out["streamed"] = {"seconds": res["seconds"], "peak_rss_mib": rss, "load_average_1min": load_average()}
-        rows = [["streamed (vlmdiff.testing.evaluate_run)", f"{rss:.0f}", f"{res['seconds']:.0f}"]]
+        rows = [["streamed (vlmdiff.evaluation.evaluate.evaluate_run)", f"{rss:.0f}", f"{res['seconds']:.0f}"]]
         # the in-memory code holds maps, masks, ground truth and the sorted negatives: ~0.75 MiB a 256x256 map
         need = 0.75 * args.big_class * (1.0 if args.big_dtype == "float32" else 0.75) + 1024
         if args.no_in_memory or available_mib() < need:
@@ -361,7 +361,7 @@ def part_aupro(args: argparse.Namespace) -> dict:
     rows = [
         ["exact (all 4 pixel metrics)", a["exact_s"], "1x", f"{a['aupro_exact']:.4f} (official)"],
         [
-            "legacy, one pass (vlmdiff.metrics.legacy_aupro)",
+            "legacy, one pass (vlmdiff.evaluation.metrics.legacy_aupro)",
             a["legacy_s"],
             f"{a['speedup']:.1f}x",
             f"{a['aupro_legacy']:.4f}",

@@ -4,9 +4,9 @@ A synthetic test run of ``--n_images`` 256x256 maps (float16, ``--class_size`` p
 synthetic maps of bench_eval.py) is written to a temporary folder. Then, each in a fresh child
 process (peak RSS from wait4):
 
-1. the evaluation as test.py runs it (``vlmdiff.testing.evaluate_run``: metrics, curves.json,
+1. the evaluation as test.py runs it (``vlmdiff.evaluation.evaluate.evaluate_run``: metrics, curves.json,
    thresholds.json, scores.csv, class by class), for the memory bound the report must stay within;
-2. ``python -m vlmdiff.report RUN``: the curve figures, the galleries (no strips in this run, so
+2. ``python -m vlmdiff.evaluation.report RUN``: the curve figures, the galleries (no strips in this run, so
    every gallery picture is drawn from its stored map) and the page.
 
 Prints a table and writes JSON to bench/results/report.json.
@@ -33,7 +33,7 @@ from bench.common import load_average, table, write_results  # noqa: E402
 
 def child_evaluate(run: str) -> None:
     """Child mode: evaluate the run as test.py does; print JSON on stdout."""
-    from vlmdiff.testing import evaluate_run
+    from vlmdiff.evaluation.evaluate import evaluate_run
 
     t0 = time.perf_counter()
     evaluate_run(Path(run), "official", "paper")
@@ -42,7 +42,7 @@ def child_evaluate(run: str) -> None:
 
 def child_report(run: str, gallery_size: int) -> None:
     """Child mode: build the run's report.html; print JSON on stdout."""
-    from vlmdiff import report
+    from vlmdiff.evaluation import report
 
     t0 = time.perf_counter()
     report.build_report(Path(run), gallery_size=gallery_size)
@@ -70,8 +70,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         child_report(args._run, args.gallery_size)
         return {}
     if args._child == "idle":  # imports only: the RSS floor of a child
-        import vlmdiff.report  # noqa: F401
-        import vlmdiff.testing  # noqa: F401
+        import vlmdiff.evaluation.evaluate  # noqa: F401
+        import vlmdiff.evaluation.report  # noqa: F401
 
         print(json.dumps({"seconds": 0.0}))
         return {}

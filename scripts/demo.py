@@ -471,7 +471,7 @@ def run(settings: DemoSettings, output: Path, keep: bool = False) -> dict[str, A
 def _report(results: Path, times: dict[str, float]) -> dict[str, Any]:
     import json
 
-    from vlmdiff.metrics import format_table
+    from vlmdiff.evaluation.metrics import format_table
 
     metrics = json.loads((results / "metrics.json").read_text())["metrics"]["official"]
     metrics = {"per_class": metrics["per_class"], "mean": metrics["mean"]}

@@ -1,6 +1,6 @@
-"""The in-memory exact metrics (and curve points) that the streamed evaluation of :mod:`vlmdiff.metrics` replaced.
+"""The in-memory exact metrics (and curve points) that the streamed evaluation of :mod:`metrics` replaced.
 
-Kept verbatim (apart from imports) as the oracle of tests/test_metrics_streaming.py and as the baseline
+Kept verbatim (apart from imports) as the oracle of tests/vlmdiff/evaluation/test_metrics_streaming.py and as the baseline
 that bench/bench_eval.py times in the same run: it holds a whole class in memory (its GT-negative scores
 sorted, about 13 bytes per pixel), which is what the streamed evaluation avoids.
 """
@@ -18,8 +18,8 @@ from scipy import ndimage
 
 from utils.errors import UserError
 from vlmdiff import scoring
-from vlmdiff.curves import thin
-from vlmdiff.metrics import FPR_LIMIT, LEGACY_NUM_THRESHOLDS, _protocols, _to_numpy, binarize_masks
+from vlmdiff.evaluation.curves import thin
+from vlmdiff.evaluation.metrics import FPR_LIMIT, LEGACY_NUM_THRESHOLDS, _protocols, _to_numpy, binarize_masks
 
 logger = logging.getLogger(__name__)
 _BATCH = 64
@@ -329,8 +329,8 @@ def evaluate_class(
     return out
 
 
-# The report's curve points as they were made from the curves above (vlmdiff/plots.py before streaming;
-# thin() itself is unchanged and lives in vlmdiff.curves).
+# The report's curve points as they were made from the curves above (vlmdiff/evaluation/plots.py before streaming;
+# thin() itself is unchanged and lives in vlmdiff.evaluation.curves).
 def _list(a: np.ndarray, digits: int | None = 7) -> list[float]:
     """Plain floats (rounded to ``digits``; None: exact, for thresholds)."""
     return [float(v) if digits is None else round(float(v), digits) for v in a]

@@ -169,7 +169,7 @@ def test_fixture_tests_build_models_only_from_the_folder() -> None:
     )
     assert {"tiny_nets", "test_vlmdiff_apply_model_matches_fixture"} <= set(checked["vlmdiff/test_model_fixtures.py"])
     assert "model" in checked["vlmdiff/test_reconstruction_fixtures.py"]
-    assert "test_run_with_perceptual_weights_from_local_files" in checked["test_finetune_autoencoder.py"]
+    assert "test_run_with_perceptual_weights_from_local_files" in checked["scripts/test_finetune_autoencoder.py"]
 
 
 def test_the_static_check_catches_preset_sizes() -> None:

@@ -63,7 +63,7 @@ def _run(python: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_modules_run_from_another_folder(installed_python: Path, tmp_path: Path) -> None:
-    for module, expected in (("vlmdiff.report", "--protocol"), ("vlmdiff.metrics", "--protocol")):
+    for module, expected in (("vlmdiff.evaluation.report", "--protocol"), ("vlmdiff.evaluation.metrics", "--protocol")):
         out = _run(installed_python, "-m", module, "--help", cwd=tmp_path)
         assert out.returncode == 0, out.stderr
         assert expected in out.stdout and "usage:" in out.stdout

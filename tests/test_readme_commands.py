@@ -31,8 +31,8 @@ SCRIPTS = {
     "bench/bench_report.py",
 }
 MODULES = {
-    "-m vlmdiff.report": "vlmdiff.report",
-    "-m vlmdiff.metrics": "vlmdiff.metrics",
+    "-m vlmdiff.evaluation.report": "vlmdiff.evaluation.report",
+    "-m vlmdiff.evaluation.metrics": "vlmdiff.evaluation.metrics",
     "-m vlmdiff.export": "vlmdiff.export",
 }
 

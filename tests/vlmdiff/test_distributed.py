@@ -18,7 +18,7 @@ from tests.tinyckpt import demo_data_and_model
 from utils.errors import UserError
 from vlmdiff import distributed
 from vlmdiff.data.captions import read_jsonl
-from vlmdiff.map_store import MapStore
+from vlmdiff.evaluation.map_store import MapStore
 
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCHER_VARS = (

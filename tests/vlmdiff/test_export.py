@@ -17,7 +17,7 @@ from ldm.checkpoint import load_checkpoint
 from tests.tinyckpt import demo_data_and_model
 from utils.errors import UserError
 from vlmdiff import export
-from vlmdiff.map_store import MapStore
+from vlmdiff.evaluation.map_store import MapStore
 
 FAST_TRAIN = [
     "--accelerator",

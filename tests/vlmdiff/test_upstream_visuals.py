@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vlmdiff.visuals import IMAGENET_MEAN, IMAGENET_STD, write_upstream_visuals
+from vlmdiff.evaluation.visuals import IMAGENET_MEAN, IMAGENET_STD, write_upstream_visuals
 
 
 def _normalised(grey: float, size: int) -> torch.Tensor:

@@ -19,11 +19,11 @@ from PIL import Image
 import test as test_script
 from tests.tinyckpt import demo_data_and_model
 from utils.errors import UserError
-from vlmdiff import plots, report
-from vlmdiff.map_store import MapStore
-from vlmdiff.metrics import METRICS
+from vlmdiff.evaluation import plots, report
+from vlmdiff.evaluation.map_store import MapStore
+from vlmdiff.evaluation.metrics import METRICS
+from vlmdiff.evaluation.thresholds import load_thresholds
 from vlmdiff.scoring import image_score
-from vlmdiff.thresholds import load_thresholds
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -421,7 +421,7 @@ def test_nan_metric_values_read_back(tmp_path):
 
 
 def test_handing_over_curves_changes_no_metric_value():
-    from vlmdiff.metrics import evaluate_stream
+    from vlmdiff.evaluation.metrics import evaluate_stream
 
     rng = np.random.default_rng(3)
     maps = rng.random((6, 64, 64)).astype(np.float32)

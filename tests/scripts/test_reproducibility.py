@@ -24,7 +24,7 @@ from ldm.checkpoint import load_checkpoint
 from tests import datagen
 from tests.tinyckpt import write_sd_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SEEDS = {"build": 5, "train": 7, "test": 3, "finetune": 11}
 
 

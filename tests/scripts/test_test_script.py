@@ -19,7 +19,7 @@ import test as test_script
 from tests.tinyckpt import demo_data_and_model
 from utils.errors import UserError
 from vlmdiff.data.demo import generate_demo_dataset
-from vlmdiff.map_store import MapStore
+from vlmdiff.evaluation.map_store import MapStore
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = [

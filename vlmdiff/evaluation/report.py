@@ -1,8 +1,8 @@
 """The report of a test run (report.html) and tables across runs (the paper's row, COCO-AD's four parts).
 
-  python -m vlmdiff.report results/vlmdiff_mvtec                  # (re)build results/vlmdiff_mvtec/report.html
-  python -m vlmdiff.report results/run_a results/run_b --compare results/a_vs_b.html   # side by side
-  python -m vlmdiff.report results/coco_p0 results/coco_p1 results/coco_p2 results/coco_p3 --dataset coco \\
+  python -m vlmdiff.evaluation.report results/vlmdiff_mvtec          # (re)build results/vlmdiff_mvtec/report.html
+  python -m vlmdiff.evaluation.report results/run_a results/run_b --compare results/a_vs_b.html   # side by side
+  python -m vlmdiff.evaluation.report results/coco_p0 results/coco_p1 results/coco_p2 results/coco_p3 --dataset coco \\
       --average --output results/coco_mean.json
 
 Each run folder comes from test.py (which builds its report at the end of an evaluation). The page
@@ -35,10 +35,10 @@ from PIL import Image
 from utils.cli import HelpFormatter, run_main, setup_logging
 from utils.errors import UserError
 from utils.io import atomic_open, read_json, write_json, write_text
-from vlmdiff import plots
-from vlmdiff.map_store import MapStore
-from vlmdiff.metrics import METRICS, PAPER_RESULTS, format_table, paper_comparison, paper_means
-from vlmdiff.visuals import PANEL_SIZE, class_range, colormap, overlay, visual_path
+from vlmdiff.evaluation import plots
+from vlmdiff.evaluation.map_store import MapStore
+from vlmdiff.evaluation.metrics import METRICS, PAPER_RESULTS, format_table, paper_comparison, paper_means
+from vlmdiff.evaluation.visuals import PANEL_SIZE, class_range, colormap, overlay, visual_path
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def _run_dir(run: str | Path) -> Path:
 
 
 def read_scores(run: Path) -> list[dict[str, str]]:
-    """The rows of a run's scores.csv (see :data:`vlmdiff.testing.SCORES_COLUMNS`)."""
+    """The rows of a run's scores.csv (see :data:`evaluate.SCORES_COLUMNS`)."""
     path = run / "scores.csv"
     if not path.is_file():
         raise UserError(f"{path}: file not found; re-evaluate the run (test.py ... --run_eval_only)")
@@ -227,7 +227,7 @@ def _url(path: str | Path) -> str:
 
 
 def _md_table_html(md: str) -> str:
-    """A markdown table (as :mod:`vlmdiff.metrics` writes them) as an HTML table; '### ' lines become captions."""
+    """A markdown table (as :mod:`metrics` writes them) as an HTML table; '### ' lines become captions."""
     out, rows = [], []
     for line in md.splitlines():
         if line.startswith("### "):
@@ -340,7 +340,7 @@ def build_report(
         )
         scores = np.array([float(r["image_score"]) for r in rows])
         labels = np.array([int(r["label"]) if r["label"] in ("0", "1") else -1 for r in rows])
-        from vlmdiff.thresholds import THRESHOLDS
+        from vlmdiff.evaluation.thresholds import THRESHOLDS
 
         overall = read_json(run / THRESHOLDS)["image"]["overall"] if (run / THRESHOLDS).is_file() else None
         mean_row = metrics.get("official", next(iter(metrics.values())))["mean"] if metrics else {}
@@ -438,7 +438,9 @@ def _relpath(target: Path, start: Path) -> str:
 
 # --------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vlmdiff.report", description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m vlmdiff.evaluation.report", description=__doc__, formatter_class=HelpFormatter
+    )
     p.add_argument("runs", nargs="+", help="test.py output folders (or their metrics.json files)")
     p.add_argument(
         "--dataset",

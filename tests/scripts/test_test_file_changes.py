@@ -15,8 +15,8 @@ from tests.tinyckpt import demo_data_and_model
 from utils.cli import run_main
 from utils.errors import UserError
 from vlmdiff.data import index_dataset
-from vlmdiff.map_store import MapStore
-from vlmdiff.testing import check_manifest
+from vlmdiff.evaluation.map_store import MapStore
+from vlmdiff.evaluation.run_inputs import check_manifest
 
 FAST = [
     "--feature_extractor",

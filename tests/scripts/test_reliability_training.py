@@ -24,7 +24,7 @@ from tests.tinyckpt import demo_data_and_model
 from utils.errors import UserError
 from vlmdiff.training import EXIT_PREEMPTED
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TRAIN = [
     "--data_set",
     "mvtec",

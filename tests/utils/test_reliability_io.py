@@ -1,6 +1,6 @@
 """Reliability of runs and inputs: file modes, write failures, folder locks, fingerprints, images, honest means.
 
-The one-line errors of the scripts are cases of tests/test_bad_input.py; this module tests the parts
+The one-line errors of the scripts are cases of tests/scripts/test_bad_input.py; this module tests the parts
 underneath and the behaviours that take more than one run (a second process, a rerun).
 """
 
@@ -27,7 +27,7 @@ from utils.errors import UserError
 from utils.io import atomic_open, torch_save, write_bytes, write_json
 from utils.lock import claim_folder
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FAST = [
     "--feature_extractor",
     "efficientnet_lite0",
@@ -394,7 +394,7 @@ def test_folder_dataset_follows_symlinked_sub_folders_without_looping(tmp_path: 
 
 
 def test_images_with_one_stem_and_different_extensions_get_distinct_visuals(tmp_path: Path) -> None:
-    from vlmdiff.visuals import write_strips
+    from vlmdiff.evaluation.visuals import write_strips
 
     x = torch.zeros(2, 3, 8, 8)
     write_strips(tmp_path, ["good/a.png", "good/a.jpg"], ["c", "c"], x, x, x)
@@ -405,8 +405,8 @@ def test_images_with_one_stem_and_different_extensions_get_distinct_visuals(tmp_
 
 
 def test_undefined_class_metrics_are_null_and_the_mean_row_says_over_how_many_classes(tmp_path: Path) -> None:
-    from vlmdiff.map_store import MapStore
-    from vlmdiff.testing import evaluate_run
+    from vlmdiff.evaluation.evaluate import evaluate_run
+    from vlmdiff.evaluation.map_store import MapStore
 
     rng = np.random.default_rng(0)
     masks = np.zeros((5, 16, 16), dtype=np.uint8)

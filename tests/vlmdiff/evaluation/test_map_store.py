@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from utils.errors import UserError
-from vlmdiff import metrics
-from vlmdiff.map_store import MapStore, SourceFiles, masks_to_uint8, original_name, safe_name
+from vlmdiff.evaluation import metrics
+from vlmdiff.evaluation.map_store import MapStore, SourceFiles, masks_to_uint8, original_name, safe_name
 
 
 @pytest.fixture(scope="module")

@@ -658,7 +658,7 @@ def _(ws: Workspace, tmp: Path) -> Run:
     out = tmp / "out"
 
     def check() -> None:
-        from vlmdiff.map_store import MapStore
+        from vlmdiff.evaluation.map_store import MapStore
 
         arrays = dict(MapStore(out / "maps").iter_classes())["bottle"]
         row = list(arrays["ids"]).index("bottle/test/crack/000.png")
@@ -672,7 +672,7 @@ def _(ws: Workspace, tmp: Path) -> Run:
 
 @case("test: an --output_dir that holds another run's maps")
 def _(ws: Workspace, tmp: Path) -> Run:
-    from vlmdiff.map_store import MapStore
+    from vlmdiff.evaluation.map_store import MapStore
 
     out = tmp / "out"
     out.mkdir()
@@ -736,7 +736,7 @@ def _(ws: Workspace, tmp: Path) -> Run:
 def _(ws: Workspace, tmp: Path) -> Run:
     import test as script
     from vlmdiff.data import index_dataset
-    from vlmdiff.map_store import MapStore
+    from vlmdiff.evaluation.map_store import MapStore
 
     out = tmp / "out"
     records = sorted(index_dataset("mvtec", ws.mvtec, "test"), key=lambda r: r.id)
@@ -1010,8 +1010,8 @@ def _(ws: Workspace, tmp: Path) -> Run:
 @case("test: --run_eval_only after the ground-truth masks changed (stored masks are stale)")
 def _(ws: Workspace, tmp: Path) -> Run:
     from vlmdiff.data import index_dataset
-    from vlmdiff.map_store import MapStore
-    from vlmdiff.testing import data_fingerprint, source_files
+    from vlmdiff.evaluation.map_store import MapStore
+    from vlmdiff.evaluation.run_inputs import data_fingerprint, source_files
 
     root = ws.mvtec_copy(tmp / "mvtec")
     out = tmp / "out"

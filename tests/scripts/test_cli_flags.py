@@ -15,7 +15,7 @@ from utils.errors import UserError
 from vlmdiff.config import load_model_config
 
 SCRIPTS = ["captioner", "finetune_autoencoder", "build_model", "train", "test"]
-MODULES = SCRIPTS + ["vlmdiff.report", "vlmdiff.metrics", "utils.prepare_coco_ad"]
+MODULES = SCRIPTS + ["vlmdiff.evaluation.report", "vlmdiff.evaluation.metrics", "utils.prepare_coco_ad"]
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -62,8 +62,8 @@ def test_precision_aliases_parse_to_the_same_value(name, spellings, value):
 def test_protocol_aliases_parse_to_the_same_value():
     for flag in ("--protocol", "--metrics_protocol"):
         assert _parse("test", *DATA, flag, "legacy").metrics_protocol == "legacy"
-        assert _parse("vlmdiff.report", "run", flag, "legacy").protocol == "legacy"
-        assert _parse("vlmdiff.metrics", "x.npz", flag, "both").protocol == "both"
+        assert _parse("vlmdiff.evaluation.report", "run", flag, "legacy").protocol == "legacy"
+        assert _parse("vlmdiff.evaluation.metrics", "x.npz", flag, "both").protocol == "both"
 
 
 def _run_file(tmp_path, text: str):

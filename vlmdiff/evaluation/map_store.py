@@ -18,8 +18,8 @@ replaced by ``%XX`` per UTF-8 byte, so the mapping is reversible and no name can
 or become hidden; the original name is also kept inside each file. A resumed run asks
 :meth:`MapStore.scored_ids` which images are done and :meth:`MapStore.sources` which files their maps
 were made from (so a changed image or mask is caught per image); :meth:`MapStore.class_sources` feeds
-:func:`vlmdiff.metrics.evaluate_stream` a class at a time, chunk file by chunk file, so that memory does
-not grow with the size of a class (:mod:`vlmdiff.class_metrics`).
+:func:`metrics.evaluate_stream` a class at a time, chunk file by chunk file, so that memory does
+not grow with the size of a class (:mod:`class_metrics`).
 """
 
 from __future__ import annotations
@@ -252,7 +252,7 @@ class MapStore:
 
     def class_sources(self) -> Iterator[tuple[str, StoredClass]]:
         """Yield ``(class_name, StoredClass)`` in name order: each class as a
-        :class:`vlmdiff.class_metrics.ClassSource` that reads its chunk files one at a time, as often as asked."""
+        :class:`class_metrics.ClassSource` that reads its chunk files one at a time, as often as asked."""
         index = self._index()
         for cls, d in self._class_dirs().items():
             files = [p for p in index if p.parent == d]
@@ -303,7 +303,7 @@ class MapStore:
 
 
 class StoredClass:
-    """One class of a :class:`MapStore` as a :class:`vlmdiff.class_metrics.ClassSource`: its chunk files,
+    """One class of a :class:`MapStore` as a :class:`class_metrics.ClassSource`: its chunk files,
     read one at a time in file order each time :meth:`chunks` is called (images in id order within a file)."""
 
     def __init__(self, name: str, files: Sequence[Path], ids: Sequence[np.ndarray]) -> None:

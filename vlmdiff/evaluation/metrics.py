@@ -27,7 +27,7 @@ from utils.cli import HelpFormatter, run_main, setup_logging
 from utils.errors import UserError
 from utils.io import write_json
 from vlmdiff import scoring
-from vlmdiff.class_metrics import (  # noqa: F401  (public here too)
+from vlmdiff.evaluation.class_metrics import (  # noqa: F401  (public here too)
     LEGACY_NUM_THRESHOLDS,
     POSITIVE_BUDGET,
     ArrayClass,
@@ -39,7 +39,7 @@ from vlmdiff.class_metrics import (  # noqa: F401  (public here too)
     ranking,
     scan,
 )
-from vlmdiff.curves import RESOLUTION
+from vlmdiff.evaluation.curves import RESOLUTION
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def ranking_metrics(scores: Any, labels: Any, keep_curves: bool = False) -> dict
     """AUROC, AP and F1-max of 1-D ``scores`` against binary ``labels`` (equal to scikit-learn).
 
     All three are NaN (undefined) unless both labels occur. ``keep_curves``: also ``"curves"`` (the ROC
-    and PR points at :data:`vlmdiff.curves.RESOLUTION`) and ``"f1max_threshold"`` (positive = score >= it).
+    and PR points at :data:`curves.RESOLUTION`) and ``"f1max_threshold"`` (positive = score >= it).
     """
     s = np.asarray(_to_numpy(scores), dtype=np.float64).ravel()
     y = np.asarray(_to_numpy(labels)).ravel().astype(bool)
@@ -63,13 +63,13 @@ def ranking_metrics(scores: Any, labels: Any, keep_curves: bool = False) -> dict
 def pixel_metrics(
     maps: Any, gt: np.ndarray, fpr_limit: float = FPR_LIMIT, keep_curves: bool = False, budget: int = POSITIVE_BUDGET
 ) -> dict[str, Any]:
-    """Pixel AUROC, AP, F1-max and the exact AU-PRO of one class (:mod:`vlmdiff.class_metrics`).
+    """Pixel AUROC, AP, F1-max and the exact AU-PRO of one class (:mod:`class_metrics`).
 
     Args:
         maps: ``(N, H, W)`` float scores of every image of the class.
         gt: ``(N, H, W)`` bool ground truth.
         fpr_limit: upper FPR limit of the AU-PRO integral (0.3 in the paper), in (0, 1].
-        budget: positive pixels held at once (see :data:`vlmdiff.class_metrics.POSITIVE_BUDGET`).
+        budget: positive pixels held at once (see :data:`class_metrics.POSITIVE_BUDGET`).
 
     AU-PRO follows the MVTec AD evaluation: 8-connected GT components per image, every distinct
     score a threshold, PRO = overlap averaged over all components of the class, FPR over every
@@ -110,7 +110,7 @@ def legacy_aupro(maps: Any, gt: np.ndarray) -> float:
     (positive pixels in region) / (region area); FPR = positive GT-negative pixels / all GT-negative
     pixels; rows with FPR < 0.3 are kept, their FPR divided by the largest kept FPR, and the area
     computed as ``sklearn.metrics.auc`` does (trapezoid; FPR decreases along the rows). Counted for all
-    thresholds in one pass over the pixels (:class:`vlmdiff.class_metrics`). NaN where undefined.
+    thresholds in one pass over the pixels (:class:`class_metrics`). NaN where undefined.
     """
     m = _to_numpy(maps)
     if np.shape(gt) != m.shape:
@@ -157,11 +157,11 @@ def _evaluate_class(
     on_chunk: Callable[[dict[str, np.ndarray]], None] | None = None,
     budget: int = POSITIVE_BUDGET,
 ) -> dict[str, dict[str, float]]:
-    """:func:`evaluate_class` over a :class:`vlmdiff.class_metrics.ClassSource`. ``on_curves(name, curves)``
+    """:func:`evaluate_class` over a :class:`class_metrics.ClassSource`. ``on_curves(name, curves)``
     also receives ``{"image": ranking_metrics(..., keep_curves=True), "pixel": pixel_metrics(...,
     keep_curves=True), "image_scores": (N,), "labels": (N,) bool, "map_max": (N,), "ids": (N,) or None}``
     (per-image arrays in chunk order); ``on_chunk(chunk)`` sees each chunk once (see
-    :func:`vlmdiff.class_metrics.evaluate_source`)."""
+    :func:`class_metrics.evaluate_source`)."""
     protocols = _protocols(protocol)
     res = evaluate_source(
         name,
@@ -239,10 +239,10 @@ def evaluate_stream(
     budget: int = POSITIVE_BUDGET,
 ) -> dict[str, Any]:
     """Evaluate class by class from ``(class_name, maps (N,H,W), masks (N,H,W))`` or
-    ``(class_name, ClassSource)`` items (:class:`vlmdiff.class_metrics.ClassSource`: chunks read again as needed).
+    ``(class_name, ClassSource)`` items (:class:`class_metrics.ClassSource`: chunks read again as needed).
 
     Peak memory does not grow with the number of classes nor with the size of a class read from a
-    source: one chunk's work and at most ``budget`` positive pixels (:mod:`vlmdiff.class_metrics`).
+    source: one chunk's work and at most ``budget`` positive pixels (:mod:`class_metrics`).
     Returns ``{"per_class": {cls: {metric: value}}, "mean": {metric: value}, "mean_over": {metric: n}}``
     with fractions as Python floats: NaN where a metric is undefined for a class (no normal or no
     anomalous image / pixel); mean = arithmetic mean over the ``n`` classes where a metric is defined; for
@@ -446,7 +446,9 @@ def load_inputs(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vlmdiff.metrics", description=__doc__, formatter_class=HelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m vlmdiff.evaluation.metrics", description=__doc__, formatter_class=HelpFormatter
+    )
     p.add_argument("file", help=".npz with maps (or preds), masks, class_names (or clsname)")
     p.add_argument(
         "--protocol",

@@ -20,7 +20,7 @@ from utils.errors import UserError
 from vlmdiff.captioning import PROMPTS, derive_vlm_name, prompt_for
 from vlmdiff.data import build_dataset, index_dataset, load_captions
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _progress_lines(folder: Path) -> list[dict]:

@@ -13,7 +13,7 @@ once; nothing of the class is held but per-image numbers (scores, labels) and on
    histogram (refined 16 bits at a time where one bucket holds more; a single value with more is
    summed, not stored), and the stretches are taken from the top, one more pass each.
 3. A pass sorts each chunk's negative scores and counts them into the table's gaps and ties
-   (:func:`vlmdiff.curves.bin_negatives`); the table then goes to a :class:`vlmdiff.curves.CurveAccumulator`
+   (:func:`curves.bin_negatives`); the table then goes to a :class:`curves.CurveAccumulator`
    and is dropped. The legacy AU-PRO's 200 thresholds are counted in the same pass.
 
 Every count is exact, so the results equal those of sorting the whole class at once (AU-PRO and AP up
@@ -38,7 +38,7 @@ from scipy import ndimage
 from utils.errors import UserError
 from utils.memory import release_free_memory
 from vlmdiff import scoring
-from vlmdiff.curves import CurveAccumulator, bin_negatives, descending_table, table_from_sorted
+from vlmdiff.evaluation.curves import CurveAccumulator, bin_negatives, descending_table, table_from_sorted
 
 logger = logging.getLogger(__name__)
 
@@ -314,7 +314,7 @@ class _Table:
     values: np.ndarray
     counts: np.ndarray
     sums: np.ndarray
-    binned: np.ndarray  # (2 m + 2,) see vlmdiff.curves.bin_negatives
+    binned: np.ndarray  # (2 m + 2,) see vlmdiff.evaluation.curves.bin_negatives
 
     def bin(self, chunk_neg: np.ndarray, keys: np.ndarray | None) -> None:
         bin_negatives(

@@ -36,7 +36,7 @@ def thresholds_record(
     pooling: str,
     manifest: dict[str, Any],
 ) -> dict[str, Any]:
-    """The ``thresholds.json`` record from the class curves of a run (see :mod:`vlmdiff.plots`)."""
+    """The ``thresholds.json`` record from the class curves of a run (see :mod:`plots`)."""
 
     def per_class(kind: str) -> dict[str, float]:
         return {cls: c[kind]["f1max_threshold"] for cls, c in curves.items() if c.get(kind)}

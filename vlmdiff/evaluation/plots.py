@@ -2,7 +2,7 @@
 
 Evaluation hands every class's curve points to :func:`class_curves`: the points of the exact curves
 the metrics are computed from, kept at a resolution of ``RESOLUTION`` along the curve while they are
-computed (:func:`vlmdiff.curves.thin`, piece by piece; see :func:`vlmdiff.metrics.evaluate_stream`); on
+computed (:func:`curves.thin`, piece by piece; see :func:`metrics.evaluate_stream`); on
 the monotone ROC and PRO curves this moves an area by less than ``RESOLUTION / 4``. The result is plain
 JSON (``curves.json`` of a run) that the report draws without reading a pixel again.
 
@@ -23,8 +23,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from utils.io import atomic_open
-from vlmdiff.curves import RESOLUTION, thin  # noqa: F401  (the resolution and thinning of the kept points)
-from vlmdiff.metrics import FPR_LIMIT
+from vlmdiff.evaluation.curves import RESOLUTION, thin  # noqa: F401  (the resolution and thinning of the kept points)
+from vlmdiff.evaluation.metrics import FPR_LIMIT
 
 _GRID = np.linspace(0.0, 1.0, 501)  # common x axis of the mean curves
 
@@ -68,7 +68,7 @@ def _ranking_curves(res: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def class_curves(curves: dict[str, Any], display_range: tuple[float, float] | None = None) -> dict[str, Any]:
-    """The JSON record of one class from the ``curves`` of :func:`vlmdiff.metrics.evaluate_stream`.
+    """The JSON record of one class from the ``curves`` of :func:`metrics.evaluate_stream`.
 
     ``{"image": {roc, pr, f1max_threshold, ...} | None, "pixel": {roc, pr, pro, ...} | None,
     "display_range": [lo, hi]}``; ``None`` where the class has no anomalous image / pixel.
@@ -90,7 +90,7 @@ def area_to_limit(fpr: Sequence[float], pro: Sequence[float], limit: float = FPR
 
 def f1max_threshold(scores: np.ndarray, labels: np.ndarray) -> float | None:
     """The image score with the largest F1 (anomalous = score >= it); None without an anomalous image."""
-    from vlmdiff.metrics import ranking_metrics
+    from vlmdiff.evaluation.metrics import ranking_metrics
 
     labels = np.asarray(labels, bool)
     if not labels.any():

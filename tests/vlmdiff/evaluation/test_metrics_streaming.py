@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 
 from tests import reference_metrics as R
-from vlmdiff import class_metrics as CM
-from vlmdiff import curves as C
-from vlmdiff import metrics as M
-from vlmdiff import plots
-from vlmdiff.map_store import MapStore
+from vlmdiff.evaluation import class_metrics as CM
+from vlmdiff.evaluation import curves as C
+from vlmdiff.evaluation import metrics as M
+from vlmdiff.evaluation import plots
+from vlmdiff.evaluation.map_store import MapStore
 
 
 def _budgets(gt: np.ndarray, few_values: bool) -> list[int]:
@@ -200,7 +200,7 @@ def test_order_keys_sort_like_the_floats() -> None:
 
 def test_display_range_from_chunks() -> None:
     """The display range gathered chunk by chunk equals the one of the whole class, and holds a bounded sample."""
-    from vlmdiff.visuals import DisplaySample, class_range
+    from vlmdiff.evaluation.visuals import DisplaySample, class_range
 
     rng = np.random.default_rng(2)
     maps = rng.random((50, 32, 32)).astype(np.float32)
@@ -217,8 +217,8 @@ def test_display_range_from_chunks() -> None:
 
 
 def test_tables_and_negatives_cut_in_slices_give_the_same_results(monkeypatch) -> None:
-    """Tables are fed to the accumulator, and negatives counted, :data:`vlmdiff.curves.SLICE` values at a time,
-    negatives sorted :data:`vlmdiff.curves.SORT_SLICE` at a time (both ways of counting them)."""
+    """Tables are fed to the accumulator, and negatives counted, :data:`curves.SLICE` values at a time,
+    negatives sorted :data:`curves.SORT_SLICE` at a time (both ways of counting them)."""
     rng = np.random.default_rng(4)
     maps = rng.integers(0, 60, (3, 24, 24)).astype(np.float32) / 7
     gt = rng.random((3, 24, 24)) < 0.3

@@ -16,7 +16,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 from utils.cli import run_main
 from utils.errors import UserError
-from vlmdiff import metrics
+from vlmdiff.evaluation import metrics
 
 LEGACY_KEYS = {
     "max": "auroc_image",
@@ -250,7 +250,7 @@ def test_class_without_anomalies_is_nan_with_warning(
     anomalous = ~normal
     assert normal.sum() >= 1 and anomalous.sum() >= 2
     items = [("normal_only", maps[normal], masks[normal]), ("anomalous_only", maps[anomalous], masks[anomalous])]
-    with caplog.at_level(logging.WARNING, logger="vlmdiff.metrics"):
+    with caplog.at_level(logging.WARNING, logger="vlmdiff.evaluation.metrics"):
         res = metrics.evaluate_stream(items)
     assert all(math.isnan(v) for v in res["per_class"]["normal_only"].values())
     only = res["per_class"]["anomalous_only"]
