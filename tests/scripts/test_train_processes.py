@@ -74,11 +74,12 @@ def test_sigkill_then_resume_continues(setup):
     proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     try:
-        while not (ckpt_dir / "step=0000004.ckpt").exists():
+        # last.ckpt is written after each periodic file, so once step 6's file exists last.ckpt holds step 4 or later
+        while not (ckpt_dir / "step=0000006.ckpt").exists():
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
             assert time.time() < deadline, "no checkpoint within 5 minutes"
             time.sleep(0.5)
-        time.sleep(1.0)  # kill somewhere after step 4, possibly in the middle of a later save
+        time.sleep(1.0)  # kill somewhere after step 6, possibly in the middle of a later save
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
