@@ -4,6 +4,8 @@
 #   bash bench/gpu.sh                                        # a CUDA GPU: sd15, writes bench/results/gpu_sd15.json
 #   BENCH_PRESET=tiny BENCH_DEVICE=cpu bash bench/gpu.sh     # dry run of the same steps on a CPU
 #
+# Without a CUDA GPU (and BENCH_DEVICE left at cuda) it stops at once with one error line, exit 2.
+#
 # Environment: BENCH_PRESET (sd15), BENCH_DEVICE (cuda), BENCH_IMAGES (16), BENCH_BATCH (8),
 # BENCH_TRAIN_BATCHES (4,12), BENCH_COMPILE (1: also time ours with torch.compile; a failure there is
 # reported, not fatal), BENCH_OUT (bench/results/gpu_${BENCH_PRESET}.json).
@@ -17,6 +19,27 @@ TRAIN_BATCHES=${BENCH_TRAIN_BATCHES:-4,12}
 COMPILE=${BENCH_COMPILE:-1}
 OUT=${BENCH_OUT:-bench/results/gpu_${PRESET}.json}
 PYTHON=${PYTHON:-python}
+
+# Before any work: a CUDA device needs a GPU that torch can see (one line and exit 2 otherwise). No GPU
+# device node at all answers at once; otherwise torch is asked (CUDA_VISIBLE_DEVICES, driver, build).
+if [[ $DEVICE == cuda* ]]; then
+    NO_GPU="error: bench/gpu.sh: BENCH_DEVICE=$DEVICE needs a CUDA GPU and none is visible; on a CPU run the same steps small with BENCH_PRESET=tiny BENCH_DEVICE=cpu (see bench/README.md)"
+    if ! compgen -G "/dev/nvidia[0-9]*" >/dev/null && [ ! -e /dev/kfd ]; then
+        echo "$NO_GPU" >&2
+        exit 2
+    fi
+    $PYTHON - "$NO_GPU" <<'PY' || exit 2
+import sys
+
+try:
+    import torch
+except ImportError as e:
+    sys.exit(f"error: bench/gpu.sh: cannot import torch with {sys.executable} ({e}); set PYTHON to your environment's python")
+if not torch.cuda.is_available():
+    sys.exit(f"{sys.argv[1]} (torch {torch.__version__})")
+PY
+fi
+
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
 

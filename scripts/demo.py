@@ -1,17 +1,17 @@
 """The VLMDiff pipeline end to end on a small generated dataset, on a CPU, with nothing downloaded.
 
 Runs the five stages through the real scripts (each script's ``main`` is called in this process;
-the equivalent command line is printed first so that it can be copied):
+the equivalent command line is printed first so that it can be copied), in seven numbered steps:
 
-  0. a demo dataset in MVTec-AD layout: crops of real photographs shipped with scikit-image and
+  1. a demo dataset in MVTec-AD layout: crops of real photographs shipped with scikit-image and
      scikit-learn, with synthetic defects (scratch, stain, hole, patch) and exact masks;
-  1. captioner.py with the offline ``template`` backend (stands in for the VLM);
-  2. finetune_autoencoder.py: the demo's KL autoencoder, trained from a random start;
-  3. a tiny "base" latent diffusion model, pretrained here for a few minutes on the demo's normal
-     training images (it stands in for Stable Diffusion 1.5, which was pretrained on images), then
-     build_model.py assembles it with the autoencoder into the starting VLMDiff checkpoint;
-  4. train.py with the captions (encoded by a real sentence encoder shipped as a pip package);
-  5. test.py with the ImageNet EfficientNet-Lite0 backbone for the anomaly maps and --save_visuals,
+  2. captioner.py with the offline ``template`` backend (stands in for the VLM);
+  3. finetune_autoencoder.py: the demo's KL autoencoder, trained from a random start;
+  4. a tiny "base" latent diffusion model, pretrained here for a few minutes on the demo's normal
+     training images (it stands in for Stable Diffusion 1.5, which was pretrained on images);
+  5. build_model.py assembles it with the autoencoder into the starting VLMDiff checkpoint;
+  6. train.py with the captions (encoded by a real sentence encoder shipped as a pip package);
+  7. test.py with the ImageNet EfficientNet-Lite0 backbone for the anomaly maps and --save_visuals,
 
 then prints the seven metrics (official protocol) and where the heatmaps are.
 
@@ -142,9 +142,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------
 # Stages
 
+# The demo's steps in the order they run; their printed numbers ("3/7") come from this tuple.
+STEPS: tuple[str, ...] = ("data", "captions", "autoencoder", "base", "build", "train", "test")
+
 
 class Runner:
-    """Runs named stages in order, prints their command lines, times them and remembers finished ones."""
+    """Runs named stages in order, prints their number and command line, times them and remembers finished ones."""
 
     def __init__(self, output: Path, keep: bool, settings: DemoSettings):
         self.output = output
@@ -160,7 +163,7 @@ class Runner:
 
     def stage(self, name: str, title: str, command: list[str] | None, fn: Callable[[], Any]) -> None:
         mark = self.marks / f"{name}.done"
-        print(f"\n=== {title} ===", flush=True)
+        print(f"\n=== {STEPS.index(name) + 1}/{len(STEPS)} {title} ===", flush=True)
         if command is not None:
             print("$ " + " ".join(shlex.quote(c) for c in command), flush=True)
         if mark.is_file():
@@ -292,7 +295,7 @@ def run(settings: DemoSettings, output: Path, keep: bool = False) -> dict[str, A
     ]
     runner.stage(
         "data",
-        "0/5 demo dataset (MVTec-AD layout)",
+        "demo dataset (MVTec-AD layout)",
         [py, "-m", "vlmdiff.data.demo", *gen_args],
         lambda: generate_demo_dataset(
             data, s.classes, s.n_train, s.n_test_good, s.n_test_defect, s.data_image_size, s.data_seed
@@ -313,7 +316,7 @@ def run(settings: DemoSettings, output: Path, keep: bool = False) -> dict[str, A
     ]
     runner.stage(
         "captions",
-        "1/5 captions (template backend standing in for a VLM)",
+        "captions (template backend standing in for a VLM)",
         [py, "captioner.py", *cap_args],
         lambda: _script("captioner").main(cap_args),
     )
@@ -353,14 +356,14 @@ def run(settings: DemoSettings, output: Path, keep: bool = False) -> dict[str, A
     ]
     runner.stage(
         "autoencoder",
-        "2/5 autoencoder (random start; no LPIPS: no VGG weights offline)",
+        "autoencoder (random start; no LPIPS: no VGG weights offline)",
         [py, "finetune_autoencoder.py", *ae_args],
         lambda: _script("finetune_autoencoder").main(ae_args),
     )
 
     runner.stage(
         "base",
-        "3/5 a tiny base model standing in for Stable Diffusion 1.5 (pretrained here)",
+        "a tiny base model standing in for Stable Diffusion 1.5 (pretrained here)",
         None,
         lambda: pretrain_base(s, data, captions, ae_ckpt, base_ckpt, models),
     )
@@ -378,7 +381,7 @@ def run(settings: DemoSettings, output: Path, keep: bool = False) -> dict[str, A
     ]
     runner.stage(
         "build",
-        "3/5 assemble the starting VLMDiff checkpoint",
+        "assemble the starting VLMDiff checkpoint",
         [py, "build_model.py", *build_args],
         lambda: _script("build_model").main(build_args),
     )
@@ -423,7 +426,7 @@ def run(settings: DemoSettings, output: Path, keep: bool = False) -> dict[str, A
     ]
     runner.stage(
         "train",
-        "4/5 train VLMDiff (SG network + UNet decoder) with the captions",
+        "train VLMDiff (SG network + UNet decoder) with the captions",
         [py, "train.py", *train_args],
         lambda: _script("train").main(train_args),
     )
@@ -461,7 +464,7 @@ def run(settings: DemoSettings, output: Path, keep: bool = False) -> dict[str, A
     ]
     runner.stage(
         "test",
-        "5/5 test: reconstructions, anomaly maps, metrics",
+        "test: reconstructions, anomaly maps, metrics",
         [py, "test.py", *test_args],
         lambda: _script("test").main(test_args),
     )

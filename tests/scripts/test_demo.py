@@ -75,11 +75,19 @@ def test_quick_demo_runs_every_stage_and_prints_the_table(quick_run, demo):
     assert (out / "models" / "vlmdiff_init.ckpt").is_file() and (out / "train" / "ckpt_demo" / "last.ckpt").is_file()
 
 
+def test_each_step_is_numbered_once_in_order(quick_run, demo):
+    _, _, printed = quick_run
+    headers = re.findall(r"^=== (\d+)/(\d+) (.+) ===$", printed, re.M)
+    assert [int(n) for n, _, _ in headers] == list(range(1, len(demo.STEPS) + 1))
+    assert {int(total) for _, total, _ in headers} == {len(demo.STEPS)}
+    assert len({title for _, _, title in headers}) == len(headers)
+
+
 def test_keep_reuses_finished_stages(quick_run, demo):
     out, result, _ = quick_run
     lines: list[str] = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("builtins.print", lambda *a, **k: lines.append(" ".join(str(x) for x in a)))
         again = demo.main(["--quick", "--keep", "--output", str(out)])
-    assert "\n".join(lines).count("already done by an earlier run") == 7
+    assert "\n".join(lines).count("already done by an earlier run") == len(demo.STEPS)
     assert again["mean"] == pytest.approx(result["mean"], nan_ok=True)
