@@ -1,8 +1,8 @@
 """The in-memory exact metrics (and curve points) that the streamed evaluation of :mod:`metrics` replaced.
 
-Kept verbatim (apart from imports) as the oracle of tests/vlmdiff/evaluation/test_metrics_streaming.py and as the baseline
-that bench/bench_eval.py times in the same run: it holds a whole class in memory (its GT-negative scores
-sorted, about 13 bytes per pixel), which is what the streamed evaluation avoids.
+Kept verbatim (apart from imports) as the oracle of tests/vlmdiff/evaluation/test_metrics_streaming.py
+and as the baseline that bench/bench_eval.py times in the same run: it holds a whole class in memory (its
+GT-negative scores sorted, about 13 bytes per pixel), which is what the streamed evaluation avoids.
 """
 
 from __future__ import annotations
