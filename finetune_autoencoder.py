@@ -433,8 +433,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _load_starting_weights(module: Any, args: argparse.Namespace) -> None:
     """Starting weights from --resume_path, then the LPIPS weights (from files unless the checkpoint had them)."""
     from ldm.checkpoint import load_checkpoint
-    from ldm.modules.losses import load_perceptual_weights
-    from ldm.modules.losses import resolve_perceptual_weight_files as resolve_files
+    from ldm.modules.lpips import load_perceptual_weights
+    from ldm.modules.lpips import resolve_perceptual_weight_files as resolve_files
 
     lpips = module.loss.perceptual_loss
     explicit_files = args.vgg_weights is not None or args.lpips_weights is not None

@@ -17,16 +17,14 @@ import torch
 
 from ldm.checkpoint import load_into
 from ldm.config import AutoencoderConfig, CLIPTextArch, LatentDiffusionConfig, UNetConfig, load_config
-from ldm.convert_diffusers import (
+from ldm.convert_diffusers import check_unet_folder_config, is_diffusers_folder, load_diffusers_folder
+from ldm.diffusers_names import (
     AE_PREFIX,
     CLIP_PREFIX,
     UNET_PREFIX,
-    check_unet_folder_config,
     convert_clip_state_dict,
     convert_unet_state_dict,
     convert_vae_state_dict,
-    is_diffusers_folder,
-    load_diffusers_folder,
 )
 from ldm.modules.autoencoder import AutoencoderKL
 from ldm.modules.text_encoder import TextEncoder

@@ -23,16 +23,8 @@ from ldm.checkpoint import load_checkpoint, load_into, save_checkpoint
 from ldm.config import AutoencoderConfig, LatentDiffusionConfig, load_config
 from ldm.models.autoencoder import AutoencoderTrainConfig, AutoencoderTraining, autoencoder_state_dict, loss_state_dict
 from ldm.modules.autoencoder import AutoencoderKL, DiagonalGaussian
-from ldm.modules.losses import (
-    LPIPS,
-    AutoencoderLossConfig,
-    LPIPSWithDiscriminator,
-    NLayerDiscriminator,
-    hinge_d_loss,
-    load_perceptual_weights,
-    packaged_lpips_weights,
-    vgg16_features_from_torchvision,
-)
+from ldm.modules.losses import AutoencoderLossConfig, LPIPSWithDiscriminator, NLayerDiscriminator, hinge_d_loss
+from ldm.modules.lpips import LPIPS, load_perceptual_weights, packaged_lpips_weights, vgg16_features_from_torchvision
 from tests.fixture_models import autoencoder_weights_path, model_config, write_model_config
 from utils.errors import UserError
 from vlmdiff.data.demo import generate_demo_dataset
