@@ -54,9 +54,18 @@ def test_dry_run_prints_the_papers_settings_and_writes_nothing(capsys, tmp_path,
     plan = dry_run(capsys, "--recipe", recipe, "--launcher", "slurm", "--run_dir", str(run))
     assert not run.exists()
     stages = [s for _, s in jobs_of(plan)]
-    assert stages == ["captions", "autoencoder", "build", "train", "test", "merge"]
-    (cap,) = commands(plan, "captioner.py")
-    assert "--vlm_model internvl --prompt_type pd --split both" in cap
+    sharded_captions = recipe == "realiad"  # 150k images: a job array, then a merge job
+    assert stages == ["captions"] + ["captions_merge"] * sharded_captions + [
+        "autoencoder",
+        "build",
+        "train",
+        "test",
+        "merge",
+    ]
+    cap = commands(plan, "captioner.py")
+    assert all("--vlm_model internvl --prompt_type pd --split both" in c for c in cap)
+    if sharded_captions:
+        assert cap[0].endswith("--start_ind {start} --end_ind {end}") and cap[1].endswith("--merge")
     (ae,) = commands(plan, "finetune_autoencoder.py")
     assert f"--data_set {recipe}" in ae and "--resume_path models/autoencoders.ckpt" in ae
     assert "--max_steps 60001 --batch_size 1 --accumulate_grad_batches 8 --base_lr 4.5e-05" in ae
@@ -74,14 +83,13 @@ def test_dry_run_prints_the_papers_settings_and_writes_nothing(capsys, tmp_path,
         assert "--metrics_protocol both" in test and "--precision 32" in test
     assert "--start_ind {start} --end_ind {end}" in shard and merge.endswith("--run_eval_only")
     # the shards cover the test set: the last one runs to the end
-    bounds = re.search(r"shards \(start, end\): (.*)", plan).group(1).split(", ")
+    bounds = re.findall(r"shards \(start, end\): (.*)", plan)[-1].split(", ")
     assert bounds[0].startswith("0:") and bounds[-1].endswith(":-1")
     assert int(bounds[-1].split(":")[0]) < test_images <= int(bounds[-1].split(":")[0]) + math.ceil(test_images / 4)
     assert "python -m vlmdiff.evaluation.paper_table --dataset" in plan
     assert "sbatch --gres=gpu:1" in plan and "--requeue" in plan
-    assert (
-        "[04_train] train (to run); after: 03_build, 01_captions" in plan
-    )  # train waits for its model and the captions
+    captions = "02_captions_merge" if sharded_captions else "01_captions"  # train waits for its model and the captions
+    assert re.search(rf"\[\d\d_train\] train \(to run\); after: \d\d_build, {captions}$", plan, re.M)
     assert "Estimated GPU-hours" in plan and "ESTIMATE" in plan
     for stage in ("captions", "autoencoder", "train", "test"):
         assert re.search(rf"^{stage}\s+[\d,]+\s+[\d.]+\s+\w+\s+[\d.]+\s+[\d.]+$", plan, re.M), stage
@@ -95,7 +103,7 @@ def test_coco_plan_has_one_autoencoder_model_training_and_test_per_part(capsys, 
     assert per_part == {"autoencoder": 4, "build": 4, "train": 4, "test": 4, "merge": 4}
     # the count: 4 autoencoders, 4 builds, 4 trainings, 4 tests (each an array and its merge)
     assert sum(per_part[s] for s in ("autoencoder", "build", "train", "test")) == 16
-    assert stages.count("captions") == 1 and stages[-1] == "report"
+    assert stages.count("captions") == 1 and stages.count("captions_merge") == 1 and stages[-1] == "report"
     for p in range(4):
         (ae,) = [c for c in commands(plan, "finetune_autoencoder.py") if f"--coco_part {p} " in c]
         assert f"--output_dir {run}/autoencoder_part{p} " in ae

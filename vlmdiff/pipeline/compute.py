@@ -146,7 +146,7 @@ def estimate(recipe: Recipe) -> list[Estimate]:
     data = recipe.data
     parts: list[int | None] = list(data.coco_parts) or [None]
     out: list[Estimate] = []
-    total_images = sum(data.train_images) + sum(data.test_images)
+    total_images = recipe.captions.images or sum(data.train_images) + sum(data.test_images)
     vlm = (2 * VLM_PARAMS * VLM_TOKENS) * total_images
     cap_hours = {g: h + total_images * VLM_DECODE_S / 3600 for g, h in _hours(vlm, "bf16").items()}
     out.append(Estimate("captions", None, total_images, vlm / 1e12, cap_hours, "bf16"))

@@ -159,8 +159,18 @@ def submit_slurm(jobs: list[Job], run: Path, recipe_name: str, done_keys: set[st
         raise UserError("--launcher slurm: sbatch not found on this machine (run on a SLURM login node)")
     for sub in ("jobs", "logs", "status"):
         (run / sub).mkdir(parents=True, exist_ok=True)
+    active = [e for e in job_states(run) if e["state"].split()[0] in ("pending", "running", "requeued", "configuring")]
+    if active:
+        ids = " ".join(e["job_id"] for e in active)
+        raise UserError(
+            f"{run}: jobs of an earlier submission are still queued or running ({ids}); wait for them "
+            f"(python scripts/reproduce.py --status {run}) or cancel them (scancel {ids}) before submitting again"
+        )
+    earlier = read_json(run / JOBS_FILE) if (run / JOBS_FILE).is_file() else None
     ids: dict[str, str] = {}
     record: dict[str, Any] = {"submitted": time.strftime("%Y-%m-%dT%H:%M:%S"), "jobs": []}
+    if earlier:
+        record["earlier"] = [*earlier.get("earlier", []), {k: v for k, v in earlier.items() if k != "earlier"}]
     for job in jobs:
         script = run / "jobs" / f"{job.key}.sbatch"
         write_text(script, job_script(job, run, recipe_name, threads))

@@ -29,7 +29,7 @@ from vlmdiff.pipeline.recipe import Recipe, Resources, accumulation
 
 log = logging.getLogger(__name__)
 
-STAGES = ("demo", "captions", "autoencoder", "build", "train", "test", "merge", "report")
+STAGES = ("demo", "captions", "captions_merge", "autoencoder", "build", "train", "test", "merge", "report")
 
 
 @dataclass
@@ -137,16 +137,24 @@ def build_plan(recipe: Recipe, run: Path, launcher: str) -> list[Job]:
     argv += ["--device", c.device, "--no_progress_bar"]
     if cap_folder and ds != "coco":
         argv += ["--output", cap_folder]
-    captions = add(
-        "captions",
-        None,
-        [argv + list(c.extra_args)],
-        c.resources,
-        first,
-        check=lambda: checks.captions_done(
-            ds, Path(data_path), c.vlm_model, c.prompt_type, cap_folder, c.caption_model
-        ),
+    argv += list(c.extra_args)
+    cap_done = lambda: checks.captions_done(  # noqa: E731
+        ds, Path(data_path), c.vlm_model, c.prompt_type, cap_folder, c.caption_model
     )
+    if launcher == "slurm" and c.shards > 1:
+        n_images = c.images or sum(data.train_images) + sum(data.test_images)
+        shard_job = add(
+            "captions",
+            None,
+            [argv + ["--start_ind", "{start}", "--end_ind", "{end}"]],
+            c.resources,
+            first,
+            shards=_shards(n_images, c.shards),
+            check=cap_done,
+        )
+        captions = add("captions_merge", None, [argv + ["--merge"]], c.merge_resources, [shard_job], check=cap_done)
+    else:
+        captions = add("captions", None, [argv], c.resources, first, check=cap_done)
 
     caption_args = ["--vlm_model", c.vlm_model, "--prompt_type", c.prompt_type]
     caption_args += ["--caption_model", c.caption_model] if ds == "coco" else []
@@ -218,8 +226,7 @@ def build_plan(recipe: Recipe, run: Path, launcher: str) -> list[Job]:
         done = lambda d=res_dir, p=final: checks.test_done(d, p)  # noqa: E731
         n_test = data.test_images[parts.index(part)]
         if launcher == "slurm" and s.shards > 1:
-            size = math.ceil(n_test / s.shards)
-            shards = [(i * size, (i + 1) * size if i < s.shards - 1 else -1) for i in range(s.shards)]
+            shards = _shards(n_test, s.shards)
             shard_job = add(
                 "test",
                 part,
@@ -247,6 +254,12 @@ def build_plan(recipe: Recipe, run: Path, launcher: str) -> list[Job]:
     else:
         add("report", None, report, recipe.report_resources, tests, check=check)
     return jobs
+
+
+def _shards(n: int, count: int) -> list[tuple[int, int]]:
+    """``count`` (start, end) ranges over ``n`` items; the last one runs to the end (-1), whatever the real count."""
+    size = math.ceil(n / count)
+    return [(i * size, (i + 1) * size if i < count - 1 else -1) for i in range(count)]
 
 
 def pending(jobs: list[Job]) -> list[Job]:

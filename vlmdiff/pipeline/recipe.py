@@ -67,8 +67,11 @@ class CaptionsStage:
     caption_model: str = "_internvl"  # COCO-AD: suffix of annotations/captions_{train,val}2017{suffix}.json
     batch_size: int = 1
     device: str = "auto"
+    shards: int = 1  # SLURM: a job array of this many shards (train then test images), then one merge job
+    images: int = 0  # images to caption, for the shard bounds (0: the data set's train + test counts)
     extra_args: list[str] = field(default_factory=list)
     resources: Resources = field(default_factory=Resources)
+    merge_resources: Resources = field(default_factory=Resources)
 
 
 @dataclass
@@ -186,8 +189,9 @@ def check_recipe(recipe: Recipe, where: str) -> None:
         if len(counts) != n_runs:
             raise UserError(f"{where}: key 'data.{key}': give {n_runs} count(s) (one per run/part), got {counts}")
     accumulation(recipe.train, where)
-    if recipe.test.shards < 1:
-        raise UserError(f"{where}: key 'test.shards': must be >= 1")
+    for key in ("test", "captions"):
+        if getattr(recipe, key).shards < 1:
+            raise UserError(f"{where}: key '{key}.shards': must be >= 1")
     if recipe.train.epochs < 1 or recipe.train.save_every_n_epochs < 1:
         raise UserError(f"{where}: keys 'train.epochs' and 'train.save_every_n_epochs' must be >= 1")
 
