@@ -56,6 +56,7 @@ def test_job_scripts_are_valid_bash_with_the_resources_and_status_files(tmp_path
     assert "#SBATCH --gres=gpu:2" in train and "#SBATCH --requeue" in train and "#SBATCH --time=2-00:00:00" in train
     assert "--accumulate_grad_batches 2" in train and "--kill-on-invalid-dep=yes" in train
     assert "export OMP_NUM_THREADS=8" in train
+    assert "#SBATCH --ntasks-per-node=2" in train and "srun /" in train  # one task per GPU, ranks from SLURM
     test = launchers.job_script(jobs["test"], tmp_path, "mvtec")
     assert "#SBATCH --array=0-3" in test and "3) START=1296; END=-1 ;;" in test
     assert "--start_ind $START --end_ind $END" in test and "_${SLURM_ARRAY_TASK_ID}" in test
@@ -63,6 +64,7 @@ def test_job_scripts_are_valid_bash_with_the_resources_and_status_files(tmp_path
     assert f"RESUME=(); [ -f {tmp_path}/autoencoder/checkpoints/last.ckpt ] && RESUME=(--resume)" in ae
     merge = launchers.job_script(jobs["merge"], tmp_path, "mvtec")
     assert "--run_eval_only" in merge and "vlmdiff.evaluation.paper_table" in merge
+    assert "#SBATCH --ntasks-per-node=1" in merge and "srun" not in merge
     for text in (train, test, ae, merge):
         script = tmp_path / "x.sbatch"
         script.write_text(text)

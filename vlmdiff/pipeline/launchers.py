@@ -97,6 +97,9 @@ def job_script(job: Job, run: Path, recipe_name: str, threads: int = 0, python: 
     """The sbatch script of ``job``: #SBATCH resources, the commands, the status file with the exit code."""
     r = job.resources
     array = bool(job.shards)
+    # several GPUs: one task per GPU started by srun, as Lightning's SLURM environment expects (ranks from SLURM)
+    tasks = r.gpus if job.stage == "train" and r.gpus > 1 else 1
+    launch = "srun " if tasks > 1 else ""
     log_name = f"{job.key}_%A_%a.log" if array else f"{job.key}_%j.log"
     lines = [
         "#!/bin/bash",
@@ -107,7 +110,7 @@ def job_script(job: Job, run: Path, recipe_name: str, threads: int = 0, python: 
         "#SBATCH --open-mode=append",
         f"#SBATCH --time={r.time}",
         "#SBATCH --nodes=1",
-        "#SBATCH --ntasks=1",
+        f"#SBATCH --ntasks-per-node={tasks}",
         f"#SBATCH --cpus-per-task={r.cpus}",
         f"#SBATCH --mem={r.mem_gb}G",
         "#SBATCH --kill-on-invalid-dep=yes",
@@ -144,7 +147,7 @@ def job_script(job: Job, run: Path, recipe_name: str, threads: int = 0, python: 
             path, flag = job.resume_if
             lines.append(f"RESUME=(); [ -f {shlex.quote(path)} ] && RESUME=({flag})")
             text += ' "${RESUME[@]}"'
-        lines.append(f'[ "$rc" = 0 ] && {{ {shlex.quote(python)} {text}; rc=$?; }}')
+        lines.append(f'[ "$rc" = 0 ] && {{ {launch}{shlex.quote(python)} {text}; rc=$?; }}')
     lines += [
         'if [ "$rc" = 0 ]; then echo 0 > "$STATUS.ok"; else echo "$rc" > "$STATUS.failed"; fi',
         'exit "$rc"',
@@ -274,6 +277,7 @@ def status_line(run: Path) -> str:
                 f"FAILED: stage {e['stage']}"
                 + (f" (part {e['part']})" if e.get("part") is not None else "")
                 + f", job {e['job_id']}, exit code {e['exit_code']}, log {e['failed_log']}"
+                + _last_error(Path(e["failed_log"]))
             )
     for e in states:
         if e["state"].split()[0] in ("failed", "cancelled", "timeout", "out_of_memory", "node_fail"):
@@ -282,6 +286,16 @@ def status_line(run: Path) -> str:
         return f"{run}: all {len(states)} jobs finished; paper table: {run / 'paper_table.md'}"
     running = [f"{e['stage']} {e['job_id']} {e['state']}" for e in states if e["state"] != "ok"]
     return f"{run}: {len(states) - len(running)} of {len(states)} jobs finished; " + "; ".join(running)
+
+
+def _last_error(log_file: Path, limit: int = 300) -> str:
+    """`` -- `` and the log's last ``error:`` line (the scripts' one-line errors), else its last line; or ""."""
+    if not log_file.is_file():
+        return ""
+    lines = [line.strip() for line in log_file.read_text(errors="replace").splitlines()[-200:] if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    last = (errors or lines or [""])[-1]
+    return f" -- {last[:limit]}" if last else ""
 
 
 def status_of_local(run: Path) -> str | None:
