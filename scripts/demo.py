@@ -188,84 +188,18 @@ def _script(name: str) -> Any:
     return importlib.import_module(name)
 
 
-def pretrain_base(settings: DemoSettings, data: Path, captions: Path, ae_ckpt: Path, out: Path, workdir: Path) -> Path:
-    """Pretrain a plain latent diffusion model (the whole UNet) on the normal training images.
-
-    It stands in for Stable Diffusion 1.5 (pretrained on images, with captions) and is written as an
-    SD-style checkpoint (``model.diffusion_model.*``, ``first_stage_model.*``, ``cond_stage_model.*``,
-    schedule buffers, no ``logvar``), so build_model.py reads it exactly as it reads SD-1.5. The
-    autoencoder inside is the finetuned one; ``base_steps`` 0 leaves the UNet at its random start.
-    """
-    import lightning.pytorch as pl
-
-    from ldm.checkpoint import load_checkpoint, load_into, save_checkpoint
-    from ldm.config import LatentDiffusionConfig, load_config, to_dict
-    from ldm.models.autoencoder import autoencoder_state_dict
-    from ldm.models.latent_diffusion import LatentDiffusion
-
-    pl.seed_everything(settings.seed, workers=True, verbose=False)
-    cfg = load_config(settings.config, LatentDiffusionConfig, only_own_sections=True)
-    model = LatentDiffusion(cfg, learning_rate=settings.base_lr)
-    load_into(model.first_stage_model, autoencoder_state_dict(load_checkpoint(ae_ckpt), ae_ckpt), str(ae_ckpt))
-    if settings.base_steps > 0:
-        _fit(model, settings, data, captions, workdir)
-    sd = {k: v for k, v in model.state_dict().items() if k != "logvar"}
-    save_checkpoint(
-        out,
-        sd,
-        config=to_dict(cfg),
-        extra={
-            "demo_base": {
-                "steps": settings.base_steps,
-                "lr": settings.base_lr,
-                "batch_size": settings.base_batch_size,
-                "seed": settings.seed,
-            }
-        },
-    )
-    log.info("wrote the base model %s", out)
-    return out
-
-
-def _fit(model: Any, settings: DemoSettings, data: Path, captions: Path, workdir: Path) -> None:
-    """``base_steps`` AdamW steps of the plain eps-prediction loss over the captioned training images."""
-    import lightning.pytorch as pl
-    import torch
-    from torch.utils.data import DataLoader
-
-    from vlmdiff.data import build_dataset, load_captions
-
-    caps = load_captions(captions, "train", "mvtec", vlm="template")
-    dataset = build_dataset(
-        "mvtec", data, "train", image_size=model.cfg.image_size, captions=caps, require_captions=True
-    )
-    loader = DataLoader(
-        dataset,
-        batch_size=settings.base_batch_size,
-        shuffle=True,
-        num_workers=0,
-        generator=torch.Generator().manual_seed(settings.seed),
-    )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=settings.base_steps,
-        max_epochs=-1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=str(workdir),
-    )
-    torch.manual_seed(settings.seed)
-    trainer.fit(model, train_dataloaders=loader)
+def _flags(*switches: str, **values: Any) -> list[str]:
+    """A command line's flags: ``--key value`` per keyword (a list gives several values), ``--switch`` per switch."""
+    out = []
+    for key, value in values.items():
+        out += [f"--{key}", *(str(v) for v in (value if isinstance(value, (list, tuple)) else [value]))]
+    return out + [f"--{switch}" for switch in switches]
 
 
 def run(settings: DemoSettings, output: Path, keep: bool = False) -> dict[str, Any]:
     """Run the whole demo into ``output``; returns test.py's metrics (official protocol)."""
     from vlmdiff.data.demo import generate_demo_dataset
+    from vlmdiff.pipeline.demo_assets import pretrain_base
 
     output = Path(output)
     runner = Runner(output, keep, settings)
@@ -274,25 +208,17 @@ def run(settings: DemoSettings, output: Path, keep: bool = False) -> dict[str, A
     ae_dir, models, results = output / "autoencoder", output / "models", output / "results"
     ae_ckpt, base_ckpt, init_ckpt = ae_dir / "autoencoder.ckpt", models / "base_sd.ckpt", models / "vlmdiff_init.ckpt"
     ckpt_dir = output / "train" / "ckpt_demo"
-    common_cpu = ["--num_workers", "0", "--no_progress_bar"]
     s = settings
 
-    gen_args = [
-        "--output",
-        str(data),
-        "--classes",
-        *s.classes,
-        "--n_train",
-        str(s.n_train),
-        "--n_test_good",
-        str(s.n_test_good),
-        "--n_test_defect",
-        str(s.n_test_defect),
-        "--image_size",
-        str(s.data_image_size),
-        "--seed",
-        str(s.data_seed),
-    ]
+    gen_args = _flags(
+        output=data,
+        classes=s.classes,
+        n_train=s.n_train,
+        n_test_good=s.n_test_good,
+        n_test_defect=s.n_test_defect,
+        image_size=s.data_image_size,
+        seed=s.data_seed,
+    )
     runner.stage(
         "data",
         "demo dataset (MVTec-AD layout)",
@@ -302,18 +228,7 @@ def run(settings: DemoSettings, output: Path, keep: bool = False) -> dict[str, A
         ),
     )
 
-    cap_args = [
-        "--data_set",
-        "mvtec",
-        "--data_path",
-        str(data),
-        "--vlm_model",
-        "template",
-        "--prompt_type",
-        "pd",
-        "--output",
-        str(captions),
-    ]
+    cap_args = _flags(data_set="mvtec", data_path=data, vlm_model="template", prompt_type="pd", output=captions)
     runner.stage(
         "captions",
         "captions (template backend standing in for a VLM)",
@@ -321,39 +236,25 @@ def run(settings: DemoSettings, output: Path, keep: bool = False) -> dict[str, A
         lambda: _script("captioner").main(cap_args),
     )
 
-    ae_args = [
-        "--data_set",
-        "mvtec",
-        "--data_path",
-        str(data),
-        "--config",
-        s.config,
-        "--resume_path",
-        "none",
-        "--perceptual_weight",
-        "0",
-        "--batch_size",
-        str(s.ae_batch_size),
-        "--accumulate_grad_batches",
-        "1",
-        "--base_lr",
-        str(s.ae_base_lr),
-        "--max_steps",
-        str(s.ae_steps),
-        "--output_dir",
-        str(ae_dir),
-        "--accelerator",
-        "cpu",
-        "--log_images_every_n_steps",
-        str(max(1, s.ae_steps)),
-        "--save_every_n_steps",
-        "0",
-        "--log_every_n_steps",
-        "10",
-        "--seed",
-        str(s.seed),
-        *common_cpu,
-    ]
+    ae_args = _flags(
+        "no_progress_bar",
+        data_set="mvtec",
+        data_path=data,
+        config=s.config,
+        resume_path="none",
+        perceptual_weight=0,
+        batch_size=s.ae_batch_size,
+        accumulate_grad_batches=1,
+        base_lr=s.ae_base_lr,
+        max_steps=s.ae_steps,
+        output_dir=ae_dir,
+        accelerator="cpu",
+        log_images_every_n_steps=max(1, s.ae_steps),
+        save_every_n_steps=0,
+        log_every_n_steps=10,
+        seed=s.seed,
+        num_workers=0,
+    )
     runner.stage(
         "autoencoder",
         "autoencoder (random start; no LPIPS: no VGG weights offline)",
@@ -365,20 +266,11 @@ def run(settings: DemoSettings, output: Path, keep: bool = False) -> dict[str, A
         "base",
         "a tiny base model standing in for Stable Diffusion 1.5 (pretrained here)",
         None,
-        lambda: pretrain_base(s, data, captions, ae_ckpt, base_ckpt, models),
+        lambda: pretrain_base(
+            base_ckpt, s.config, s.seed, ae_ckpt, data, captions, models, s.base_steps, s.base_lr, s.base_batch_size
+        ),
     )
-    build_args = [
-        "--sd_path",
-        str(base_ckpt),
-        "--ae_path",
-        str(ae_ckpt),
-        "--output",
-        str(init_ckpt),
-        "--config",
-        s.config,
-        "--seed",
-        str(s.seed),
-    ]
+    build_args = _flags(sd_path=base_ckpt, ae_path=ae_ckpt, output=init_ckpt, config=s.config, seed=s.seed)
     runner.stage(
         "build",
         "assemble the starting VLMDiff checkpoint",
@@ -386,44 +278,28 @@ def run(settings: DemoSettings, output: Path, keep: bool = False) -> dict[str, A
         lambda: _script("build_model").main(build_args),
     )
 
-    train_args = [
-        "--data_set",
-        "mvtec",
-        "--data_path",
-        str(data),
-        "--resume_path",
-        str(init_ckpt),
-        "--use_captions",
-        "--caption_folder",
-        str(captions),
-        "--vlm_model",
-        "template",
-        "--output_root",
-        str(output / "train"),
-        "--exp_name",
-        "demo",
-        "--max_steps",
-        str(s.train_steps),
-        "--max_epochs",
-        "-1",
-        "--batch_size",
-        str(s.train_batch_size),
-        "--accumulate_grad_batches",
-        "1",
-        "--lr",
-        str(s.train_lr),
-        "--save_every_n_steps",
-        str(max(1, s.train_steps)),
-        "--log_every_n_steps",
-        "10",
-        "--accelerator",
-        "cpu",
-        "--devices",
-        "1",
-        "--seed",
-        str(s.seed),
-        *common_cpu,
-    ]
+    train_args = _flags(
+        "use_captions",
+        "no_progress_bar",
+        data_set="mvtec",
+        data_path=data,
+        resume_path=init_ckpt,
+        caption_folder=captions,
+        vlm_model="template",
+        output_root=output / "train",
+        exp_name="demo",
+        max_steps=s.train_steps,
+        max_epochs=-1,
+        batch_size=s.train_batch_size,
+        accumulate_grad_batches=1,
+        lr=s.train_lr,
+        save_every_n_steps=max(1, s.train_steps),
+        log_every_n_steps=10,
+        accelerator="cpu",
+        devices=1,
+        seed=s.seed,
+        num_workers=0,
+    )
     runner.stage(
         "train",
         "train VLMDiff (SG network + UNet decoder) with the captions",
@@ -432,36 +308,24 @@ def run(settings: DemoSettings, output: Path, keep: bool = False) -> dict[str, A
     )
 
     # tested with the empty caption, the paper's recipe for MVTec-AD (--use_captions would guide by test captions)
-    test_args = [
-        "--data_set",
-        "mvtec",
-        "--data_path",
-        str(data),
-        "--resume_path",
-        str(ckpt_dir / "last.ckpt"),
-        "--feature_extractor",
-        "efficientnet_lite0",
-        "--ddim_steps",
-        str(s.ddim_steps),
-        "--noise_t",
-        str(s.noise_t),
-        "--sigma",
-        str(s.sigma),
-        "--feature_input_size",
-        str(s.feature_input_size),
-        "--image_pooling",
-        s.image_pooling,
-        "--batch_size",
-        str(s.test_batch_size),
-        "--device",
-        "cpu",
-        "--seed",
-        str(s.seed),
-        "--output_dir",
-        str(results),
-        "--save_visuals",
-        *common_cpu,
-    ]
+    test_args = _flags(
+        "save_visuals",
+        "no_progress_bar",
+        data_set="mvtec",
+        data_path=data,
+        resume_path=ckpt_dir / "last.ckpt",
+        feature_extractor="efficientnet_lite0",
+        ddim_steps=s.ddim_steps,
+        noise_t=s.noise_t,
+        sigma=s.sigma,
+        feature_input_size=s.feature_input_size,
+        image_pooling=s.image_pooling,
+        batch_size=s.test_batch_size,
+        device="cpu",
+        seed=s.seed,
+        output_dir=results,
+        num_workers=0,
+    )
     runner.stage(
         "test",
         "test: reconstructions, anomaly maps, metrics",
