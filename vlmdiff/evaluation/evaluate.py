@@ -72,12 +72,12 @@ def _score_rows(
                 image_id,
                 cls,
                 "" if labels is None else str(int(labels[i])),
-                f"{scores[i]:.6f}",
-                f"{float(map_max[i]):.6f}",
+                repr(float(scores[i])),  # full precision: score >= threshold gives the run's decisions
+                repr(float(map_max[i])),
                 (image_paths or {}).get(image_id, ""),
                 visual.as_posix() if (output_dir / visual).is_file() else "",
                 "" if decided is None else ("anomalous" if decided[i] else "normal"),
-                "" if threshold is None else f"{threshold:.6f}",
+                "" if threshold is None else repr(float(threshold)),
                 mask.as_posix() if masks_written else "",
             ]
         )

@@ -38,6 +38,7 @@ from utils.io import atomic_open, read_json, write_json, write_text
 from vlmdiff.evaluation import plots
 from vlmdiff.evaluation.map_store import MapStore
 from vlmdiff.evaluation.metrics import METRICS, PAPER_RESULTS, format_table, paper_comparison, paper_means
+from vlmdiff.evaluation.thresholds import THRESHOLDS
 from vlmdiff.evaluation.visuals import PANEL_SIZE, class_range, colormap, overlay, visual_path
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ REPORT = "report.html"
 ASSETS = "report"  # folder of the page's figures and gallery images, beside report.html
 _HEADERS = ("AU-ROC_I", "AP_I", "F1max_I", "AU-ROC_P", "AP_P", "F1max_P", "AU-PRO")
 _DATASETS = sorted(PAPER_RESULTS) + ["real_iad"]
+MISSES = "misses (anomalous images scored below the image threshold, lowest first)"
 
 
 # --------------------------------------------------------------------------- reading a run
@@ -112,10 +114,13 @@ def _dataset_of(run: Path) -> str | None:
 
 
 # --------------------------------------------------------------------------- galleries
-def galleries(rows: list[dict[str, str]], size: int) -> dict[str, dict[str, list[dict[str, str]]]]:
-    """Per class: the ``size`` highest-scoring normal images (false alarms), lowest-scoring anomalous
-    images (misses) and highest-scoring anomalous images (best detections); for unlabelled images the
-    highest and lowest scores. Ties are broken by image id.
+def galleries(
+    rows: list[dict[str, str]], size: int, thresholds: dict[str, float] | None = None
+) -> dict[str, dict[str, list[dict[str, str]]]]:
+    """Per class: the ``size`` highest-scoring normal images (false alarms), the lowest-scoring anomalous
+    images scored below the class's image threshold (misses: ``thresholds[class]``, the run's F1-max
+    threshold; anomalous = score >= it) and the highest-scoring anomalous images (best detections); for
+    unlabelled images the highest and lowest scores. Ties are broken by image id.
     """
     out: dict[str, dict[str, list[dict[str, str]]]] = {}
     for cls in dict.fromkeys(r["class"] for r in rows):
@@ -124,9 +129,11 @@ def galleries(rows: list[dict[str, str]], size: int) -> dict[str, dict[str, list
         anomalous = [r for r in mine if r["label"] == "1"]
         score = lambda r: float(r["image_score"])  # noqa: E731
         if normal or anomalous:
+            t = (thresholds or {}).get(cls)
+            missed = [] if t is None else [r for r in anomalous if score(r) < t]
             out[cls] = {
                 "false alarms (highest-scoring normal images)": sorted(normal, key=score, reverse=True)[:size],
-                "misses (lowest-scoring anomalous images)": sorted(anomalous, key=score)[:size],
+                MISSES: sorted(missed, key=score)[:size],
                 "best detections (highest-scoring anomalous images)": sorted(anomalous, key=score, reverse=True)[:size],
             }
         else:
@@ -340,8 +347,6 @@ def build_report(
         )
         scores = np.array([float(r["image_score"]) for r in rows])
         labels = np.array([int(r["label"]) if r["label"] in ("0", "1") else -1 for r in rows])
-        from vlmdiff.evaluation.thresholds import THRESHOLDS
-
         overall = read_json(run / THRESHOLDS)["image"]["overall"] if (run / THRESHOLDS).is_file() else None
         mean_row = metrics.get("official", next(iter(metrics.values())))["mean"] if metrics else {}
         if "official" not in (metrics or {}):
@@ -362,7 +367,9 @@ def build_report(
 
     body.append(_thresholds_html(run))
     body.append(f"<h2>Galleries ({gallery_size} per kind and class)</h2>")
-    for cls, kinds in galleries(rows, gallery_size).items():
+    record = read_json(run / THRESHOLDS) if (run / THRESHOLDS).is_file() else None
+    image_thresholds = record["image"]["per_class"] if record else {}
+    for cls, kinds in galleries(rows, gallery_size, image_thresholds).items():
         wanted = list({r["id"]: r for g in kinds.values() for r in g}.values())
         display = (curves.get(cls) or {}).get("display_range")
         pictures, display = _gallery_pictures(run, cls, wanted, tuple(display) if display else None)
