@@ -84,7 +84,7 @@ def pixel_metrics(
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
     source = ArrayClass(m, np.asarray(gt, bool))
-    s = scan(source, "pixel_metrics", "max", 0.0, budget)
+    s = scan(source, "pixel_metrics", None, 0.0, budget)
     return pixel_passes(
         s,
         source,
@@ -116,7 +116,7 @@ def legacy_aupro(maps: Any, gt: np.ndarray) -> float:
     if np.shape(gt) != m.shape:
         raise UserError(f"maps {m.shape} and ground truth {np.shape(gt)} differ in shape")
     source = ArrayClass(m, np.asarray(gt, bool))
-    s = scan(source, "legacy_aupro", "max", 0.0, budget=0)
+    s = scan(source, "legacy_aupro", None, 0.0, budget=0)
     return pixel_passes(
         s, source, "legacy_aupro", 0.0, budget=0, legacy=True, fpr_limit=FPR_LIMIT, resolution=None, official=False
     )[1]
