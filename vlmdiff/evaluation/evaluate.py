@@ -28,6 +28,7 @@ from utils.io import atomic_open, read_json, write_json, write_text
 from vlmdiff.evaluation import metrics as M
 from vlmdiff.evaluation import plots as P
 from vlmdiff.evaluation.map_store import MapStore
+from vlmdiff.evaluation.metric_table import METRICS
 from vlmdiff.evaluation.run_inputs import MANIFEST
 from vlmdiff.evaluation.thresholds import class_thresholds, decide, thresholds_record, write_thresholds
 from vlmdiff.evaluation.visuals import DisplaySample, finish_class, save_png, visual_path
@@ -247,9 +248,9 @@ def label_run(
 def metrics_csv(by_protocol: dict[str, Any]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["protocol", "class", *M.METRICS])
+    w.writerow(["protocol", "class", *METRICS])
     for protocol, res in by_protocol.items():
         for cls, row in [*res["per_class"].items(), ("mean", res["mean"])]:
-            w.writerow([protocol, cls, *("" if math.isnan(row[k]) else f"{row[k]:.6f}" for k in M.METRICS)])
-        w.writerow([protocol, "classes in mean", *(res["mean_over"][k] for k in M.METRICS)])
+            w.writerow([protocol, cls, *("" if math.isnan(row[k]) else f"{row[k]:.6f}" for k in METRICS)])
+        w.writerow([protocol, "classes in mean", *(res["mean_over"][k] for k in METRICS)])
     return buf.getvalue()

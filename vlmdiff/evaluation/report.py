@@ -37,7 +37,14 @@ from utils.errors import UserError
 from utils.io import atomic_open, read_json, write_json, write_text
 from vlmdiff.evaluation import plots
 from vlmdiff.evaluation.map_store import MapStore
-from vlmdiff.evaluation.metrics import METRICS, PAPER_RESULTS, format_table, paper_comparison, paper_means
+from vlmdiff.evaluation.metric_table import (
+    HEADERS,
+    METRICS,
+    PAPER_RESULTS,
+    format_table,
+    paper_comparison,
+    paper_means,
+)
 from vlmdiff.evaluation.thresholds import THRESHOLDS
 from vlmdiff.evaluation.visuals import PANEL_SIZE, class_range, colormap, overlay, visual_path
 
@@ -45,7 +52,6 @@ log = logging.getLogger(__name__)
 
 REPORT = "report.html"
 ASSETS = "report"  # folder of the page's figures and gallery images, beside report.html
-_HEADERS = ("AU-ROC_I", "AP_I", "F1max_I", "AU-ROC_P", "AP_P", "F1max_P", "AU-PRO")
 _DATASETS = sorted(PAPER_RESULTS) + ["real_iad"]
 MISSES = "misses (anomalous images scored below the image threshold, lowest first)"
 
@@ -408,11 +414,11 @@ def build_report(
 
 def comparison_table(runs: Sequence[Path], protocol: str | None) -> str:
     """Markdown table: one row per run and protocol (the mean over classes), side by side."""
-    lines = ["| run | protocol | " + " | ".join(_HEADERS) + " |", "|---|---|" + "---:|" * len(_HEADERS)]
+    lines = ["| run | protocol | " + " | ".join(HEADERS) + " |", "|---|---|" + "---:|" * len(HEADERS)]
     for run in runs:
         metrics = read_metrics(run)
         if metrics is None:
-            lines.append(f"| {run} | (no metrics: unlabelled) |" + " |" * len(_HEADERS))
+            lines.append(f"| {run} | (no metrics: unlabelled) |" + " |" * len(HEADERS))
             continue
         for p, row in paper_means(metrics, protocol).items():
             lines.append(
