@@ -1,20 +1,22 @@
 """The seven metrics of one class, streamed from its maps chunk by chunk in memory that does not grow with it.
 
 A class is read through a :class:`ClassSource`, which can hand out its ``(maps, masks)`` chunks more than
-once; nothing of the class is held but per-image numbers (scores, labels) and one bounded table.
+once; of a class larger than :data:`CLASS_BUDGET` nothing is held but per-image numbers (scores, labels)
+and one bounded table.
 
 1. The *scan* reads every chunk once: finite maps, image scores and labels, the number of positive
    (ground-truth) and negative pixels, the ground-truth regions (8-connected, per image) and the area of
    each, the lowest and highest score, and a histogram of the positive scores over the top 16 bits of an
    order-preserving integer key (once they outgrow ``budget``, :data:`POSITIVE_BUDGET`; until then the
    positive scores and their region areas are kept). While the class's scores take at most
-   :data:`CLASS_BUDGET` bytes (~2,000 float32 maps of 256x256) they are all kept, negatives too, and the
+   :data:`CLASS_BUDGET` bytes (~1,000 maps of 256x256) they are all kept, negatives too, and the
    steps below work on them: such a class is read once.
 2. The positive scores are sorted into a table of distinct values (count, sum of ``1 / area``). When
    they did not fit, the score axis is cut into stretches of at most ``budget`` positives from the
    histogram (refined 16 bits at a time where one bucket holds more; a single value with more is
    summed, not stored), and the stretches are taken from the top, one more pass each.
-3. A pass sorts each chunk's negative scores and counts them into the table's gaps and ties
+3. A pass sorts each chunk's negative scores (of a stretch: those between its bounds) and counts them
+   into the table's gaps and ties
    (:func:`curves.bin_negatives`); the table then goes to a :class:`curves.CurveAccumulator`
    and is dropped. The legacy AU-PRO's 200 thresholds are counted in the same pass.
 
@@ -45,7 +47,7 @@ from vlmdiff.evaluation.curves import CurveAccumulator, bin_negatives, descendin
 logger = logging.getLogger(__name__)
 
 POSITIVE_BUDGET = 1 << 23  # positive pixels held at once, ~24 bytes each while their table is built
-CLASS_BUDGET = 1 << 29  # bytes of scores (and region areas) of a class kept from its one read: it is not read again
+CLASS_BUDGET = 1 << 28  # bytes of scores (and region areas) of a class kept from its one read: it is not read again
 LEGACY_NUM_THRESHOLDS = 200
 _REGION_STRUCTURE = np.zeros((3, 3, 3), dtype=bool)
 _REGION_STRUCTURE[1] = True  # 8-connected inside one image, never across images
