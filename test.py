@@ -267,12 +267,12 @@ def _check_args(args: argparse.Namespace) -> None:
             "truth, so its run records thresholds itself"
         )
     if args.threshold_from:
-        from vlmdiff.evaluation.thresholds import THRESHOLDS
+        from vlmdiff.evaluation.run_folder import RunFolder
 
         given = Path(args.threshold_from)
-        if not (given / THRESHOLDS if given.is_dir() else given).is_file():
+        if not (RunFolder(given).thresholds if given.is_dir() else given).is_file():
             raise UserError(
-                f"--threshold_from {given}: no {THRESHOLDS} there; evaluate a labelled test run first "
+                f"--threshold_from {given}: no {RunFolder.THRESHOLDS} there; evaluate a labelled test run first "
                 "(test.py on mvtec/visa/... writes it)"
             )
     if not args.run_eval_only:
@@ -287,12 +287,14 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     """Score (unless --run_eval_only) and evaluate, in the output folder main() holds."""
     from vlmdiff.evaluation.evaluate import evaluate_run, label_run
     from vlmdiff.evaluation.report import build_report
+    from vlmdiff.evaluation.run_folder import RunFolder
     from vlmdiff.evaluation.run_inputs import check_coverage, check_data
     from vlmdiff.evaluation.thresholds import load_thresholds
 
     dataset_name = canonical_dataset(args.data_set)
     exp_name = args.exp_name or f"vlmdiff_{dataset_name}"
     output_dir = _output_dir(args)
+    folder = RunFolder(output_dir)
     has_truth = dataset_name != "folder"
     ranks = distributed.detect_ranks()
     records = _index(args, dataset_name)
@@ -312,21 +314,23 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
                 "end" if args.end_ind < 0 else args.end_ind,
             )
             return None
-    elif not (output_dir / "manifest.json").is_file():
-        raise UserError(f"--run_eval_only: {output_dir} holds no test run (no manifest.json); check --output_dir")
+    elif not folder.manifest.is_file():
+        raise UserError(
+            f"--run_eval_only: {output_dir} holds no test run (no {RunFolder.MANIFEST}); check --output_dir"
+        )
     else:
         check_data(output_dir, records)
-    check_coverage(MapStore(output_dir / "maps"), [r.id for r in records], output_dir)
-    visuals = (output_dir / "panels").is_dir()
+    check_coverage(MapStore(folder.maps), [r.id for r in records], output_dir)
+    visuals = folder.panels.is_dir()
     image_paths = {r.id: str(r.image_path) for r in records}
-    made_by = read_json(output_dir / "manifest.json")  # the scoring run's settings (also for --run_eval_only)
+    made_by = read_json(folder.manifest)  # the scoring run's settings (also for --run_eval_only)
     if not has_truth:
         thresholds = load_thresholds(args.threshold_from, args.image_pooling, made_by) if args.threshold_from else None
         path = label_run(output_dir, args.image_pooling, image_paths, visuals, thresholds)
         report = None if args.no_report else build_report(output_dir, gallery_size=args.gallery_size)
         print(
-            f"image scores: {path}\nmaps: {output_dir / 'maps'}"
-            + (f"\nvisuals: {output_dir / 'visuals'}" if visuals else "")
+            f"image scores: {path}\nmaps: {folder.maps}"
+            + (f"\nvisuals: {folder.visuals}" if visuals else "")
             + (f"\nreport: {report}" if report else "")
         )
         distributed.finish()
@@ -363,10 +367,10 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             output_dir, "both" if args.metrics_protocol == "both" else None, gallery_size=args.gallery_size
         )
     )
-    print((output_dir / "metrics.md").read_text())
+    print(folder.metrics_md.read_text())
     print(
-        f"metrics: {output_dir / 'metrics.json'} (also metrics.csv, metrics.md)\nmaps: {output_dir / 'maps'}"
-        + (f"\nvisuals: {output_dir / 'visuals'}" if visuals else "")
+        f"metrics: {folder.metrics_json} (also metrics.csv, metrics.md)\nmaps: {folder.maps}"
+        + (f"\nvisuals: {folder.visuals}" if visuals else "")
         + (f"\nreport: {report}" if report else "")
     )
     distributed.finish()
@@ -395,6 +399,7 @@ def _score(
 ) -> None:
     from vlmdiff.checkpoint import load_vlmdiff
     from vlmdiff.data import AnomalyDataset, match_captions
+    from vlmdiff.evaluation.run_folder import RunFolder
     from vlmdiff.evaluation.run_inputs import check_manifest, data_fingerprint, manifest_for, source_files
     from vlmdiff.features import build_feature_extractor, resolve_extractor_name
     from vlmdiff.inference import score_images, shard_indices
@@ -451,9 +456,10 @@ def _score(
         len(records), args.start_ind, None if args.end_ind < 0 else args.end_ind, ranks.rank, ranks.world
     )
     autocast = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}[args.precision]
-    store = MapStore(output_dir / "maps", dtype=args.map_dtype)
-    visuals = output_dir / "panels" if args.save_visuals else None
-    upstream_visuals = output_dir / f"log_image_{exp_name}" if args.save_visuals else None
+    folder = RunFolder(output_dir)
+    store = MapStore(folder.maps, dtype=args.map_dtype)
+    visuals = folder.panels if args.save_visuals else None
+    upstream_visuals = folder.log_images(exp_name) if args.save_visuals else None
     n = score_images(
         model,
         extractor,

@@ -19,9 +19,12 @@ sorted: tests/reference_metrics.py) in another child of the same run: peak RSS, 
 difference between the two sets of metric values. The in-memory child is skipped when the machine's
 available memory is short of its estimate (``--no_in_memory`` skips it always).
 
-    python bench/bench_eval.py                          # all three, about 25 minutes on 2 cores
+    python bench/bench_eval.py             # all three: ~15 GiB of memory, ~8 GiB of temporary disk, ~25 min on 2 cores
     python bench/bench_eval.py --only big_class         # (c) only
-    python bench/bench_eval.py --quick                  # a smoke run
+    python bench/bench_eval.py --big_class 2000 --sizes 1000,2000   # smaller: ~2 GiB, ~1 GiB of disk, minutes
+    python bench/bench_eval.py --quick                  # a smoke run (seconds)
+
+It prints what the chosen sizes need (memory, temporary disk, rough time) before it starts.
 
 Prints tables and writes JSON to bench/results/eval.json.
 """
@@ -46,6 +49,7 @@ from bench import common  # noqa: E402
 from bench.common import load_average, table, write_results  # noqa: E402
 from vlmdiff.evaluation import metrics  # noqa: E402
 from vlmdiff.evaluation.map_store import MapStore  # noqa: E402
+from vlmdiff.evaluation.run_folder import RunFolder  # noqa: E402
 
 SIZE = 256
 
@@ -167,6 +171,35 @@ def linked_store(master: Path, root: Path, n_classes: int) -> Path:
     return root
 
 
+MIB_PER_MAP = {"float32": 320 / 1024, "float16": 192 / 1024}  # one stored 256x256 map with its mask, on disk
+IN_MEMORY_MIB_PER_MAP = 0.75  # the in-memory baseline of (c): maps, masks, ground truth, sorted negatives
+STREAMED_MIB = 1536  # the streamed evaluation stays below this whatever the size
+
+
+def needs(args: argparse.Namespace, parts: list[str], sizes: list[int]) -> str:
+    """What the run will take: peak memory, temporary disk and a rough time (2 cores, measured once)."""
+    disk, memory, seconds = 0.0, float(STREAMED_MIB), 30.0
+    if "aupro" in parts:
+        seconds += sum(n * (0.005 if args.no_upstream_loop else 0.11) for n in args.n_images) * args.repeats
+    if "memory_curve" in parts:
+        maps = max(sizes) + 2 * args.class_size
+        disk = max(disk, maps * MIB_PER_MAP["float16"])
+        seconds += maps * 0.005 + sum(sizes) * 0.004
+    if "big_class" in parts:
+        disk = max(disk, args.big_class * MIB_PER_MAP[args.big_dtype])
+        seconds += args.big_class * 0.012  # writing the maps, evaluating them streamed
+        if not args.no_in_memory:
+            memory = max(
+                memory, IN_MEMORY_MIB_PER_MAP * args.big_class * (1.0 if args.big_dtype == "float32" else 0.75)
+            )
+            seconds += args.big_class * 0.005
+    return (
+        f"this run needs about {memory / 1024:.1f} GiB of memory, {disk / 1024:.1f} GiB of temporary disk "
+        f"(in {args.tmp or tempfile.gettempdir()}) and roughly {seconds / 60:.0f} minutes on 2 cores; "
+        "smaller: --big_class 2000 --sizes 1000,2000, --no_in_memory, --only PART, or --quick"
+    )
+
+
 def run_child(args: list[str]) -> tuple[dict, float]:
     """Run this script in a child process; return its JSON answer and peak RSS in MiB."""
     return common.run_child(Path(__file__).resolve(), args)
@@ -205,7 +238,7 @@ def child_in_memory(run_dir: str, protocol: str) -> None:
 
     t0 = time.perf_counter()
     out: dict = {}
-    for cls, arrays in MapStore(Path(run_dir) / "maps").iter_classes():
+    for cls, arrays in MapStore(RunFolder(run_dir).maps).iter_classes():
         rows = reference_metrics.evaluate_class(cls, arrays["maps"], arrays["masks"], protocol, "paper", 0.0)
         for p, row in rows.items():
             out.setdefault(p, {"per_class": {}})["per_class"][cls] = row
@@ -215,14 +248,15 @@ def child_in_memory(run_dir: str, protocol: str) -> None:
 
 def write_run(root: Path, n_maps: int, dtype: str, seed: int, batch: int = 100) -> Path:
     """A run folder holding one class of ``n_maps`` synthetic maps, as test.py leaves it after scoring."""
-    store = MapStore(root / "maps", dtype=dtype)
+    run = RunFolder(root)
+    store = MapStore(run.maps, dtype=dtype)
     rng = np.random.default_rng(seed)
     for b in range(0, n_maps, batch):
         n = min(batch, n_maps - b)
         maps, masks = synthetic_batch(rng, n)
         ids = [f"big/img{b + i:06d}" for i in range(n)]
         store.write(f"{b:08d}", ids, ["big"] * n, maps, masks, masks.reshape(n, -1).max(axis=1) > 0, np.zeros(n))
-    (root / "manifest.json").write_text(json.dumps({"data": {}, "map_dtype": dtype}))
+    run.manifest.write_text(json.dumps({"data": {}, "map_dtype": dtype}))
     return root
 
 
@@ -237,7 +271,7 @@ def bench_big_class(args: argparse.Namespace) -> dict:
     try:
         t0 = time.perf_counter()
         run = write_run(tmp / "run", args.big_class, args.big_dtype, seed=3)
-        size_gib = sum(f.stat().st_size for f in (run / "maps").rglob("*.npz")) / 2**30
+        size_gib = sum(f.stat().st_size for f in RunFolder(run).maps.rglob("*.npz")) / 2**30
         print(
             f"\n(c) one class of {args.big_class} {args.big_dtype} maps of {SIZE}x{SIZE} ({size_gib:.1f} GiB on disk, "
             f"written in {time.perf_counter() - t0:.0f} s), protocol {args.protocol}",
@@ -285,7 +319,12 @@ def bench_big_class(args: argparse.Namespace) -> dict:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n_images", type=int, default=500, help="images for the AU-PRO timing (a)")
+    p.add_argument(
+        "--n_images",
+        type=lambda s: [int(n) for n in s.split(",")],
+        default=[40, 500],
+        help="images for the AU-PRO timing (a), comma-separated sizes",
+    )
     p.add_argument("--repeats", type=int, default=1, help="interleaved repeats of the AU-PRO timing (a)")
     p.add_argument("--no_upstream_loop", action="store_true", help="skip the (slow) upstream-style legacy loop in (a)")
     p.add_argument("--sizes", default="1000,5000,20000", help="total map counts for the memory curve (b)")
@@ -320,17 +359,18 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(json.dumps({"seconds": 0.0}))
         return {}
     if args.quick:
-        args.n_images, args.sizes, args.class_size, args.big_class = 20, "100,300", 100, 300
+        args.n_images, args.sizes, args.class_size, args.big_class = [20], "100,300", 100, 300
     sizes = [int(s) for s in args.sizes.split(",")]
     if any(s % args.class_size for s in sizes):
         raise SystemExit(f"--sizes must be multiples of --class_size {args.class_size}")
     parts = [args.only] if args.only else ["aupro", "memory_curve", "big_class"]
+    print(needs(args, parts, sizes), flush=True)
     _, idle_rss = run_child(["--_child_idle"])
     print(f"child RSS after imports alone: {idle_rss:.0f} MiB", flush=True)
     result: dict = {
         "child_idle_rss_mib": idle_rss,
         "settings": {
-            "n_images": args.n_images,
+            "n_images": args.n_images,  # sizes of (a)
             "sizes": sizes,
             "class_size": args.class_size,
             "map_size": SIZE,
@@ -340,7 +380,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         },
     }
     if "aupro" in parts:
-        result["aupro_timing"] = part_aupro(args)
+        timings = [part_aupro(args, n) for n in args.n_images]
+        result["aupro_timing"] = timings[-1]  # the largest size
+        result["aupro_timing_by_size"] = {str(t["n_images"]): t for t in timings}
     if "memory_curve" in parts:
         result["memory_curve"] = part_memory_curve(args, sizes)
     if "big_class" in parts:
@@ -350,14 +392,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return result
 
 
-def part_aupro(args: argparse.Namespace) -> dict:
-    """(a)."""
+def part_aupro(args: argparse.Namespace, n_images: int) -> dict:
+    """(a) at ``n_images`` maps."""
     print(
-        f"(a) exact AU-PRO vs 200-threshold legacy loops, {args.n_images} maps of {SIZE}x{SIZE}, "
+        f"\n(a) exact AU-PRO vs 200-threshold legacy loops, {n_images} maps of {SIZE}x{SIZE}, "
         f"best of {args.repeats}, load {load_average():.2f}",
         flush=True,
     )
-    a = bench_aupro(args.n_images, repeats=args.repeats, upstream_loop=not args.no_upstream_loop)
+    a = bench_aupro(n_images, repeats=args.repeats, upstream_loop=not args.no_upstream_loop)
     rows = [
         ["exact (all 4 pixel metrics)", a["exact_s"], "1x", f"{a['aupro_exact']:.4f} (official)"],
         [

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 from bench import common  # noqa: E402
 from bench.bench_eval import write_store  # noqa: E402
 from bench.common import load_average, table, write_results  # noqa: E402
+from vlmdiff.evaluation.run_folder import RunFolder  # noqa: E402
 
 
 def child_evaluate(run: str) -> None:
@@ -80,11 +81,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     script = Path(__file__).resolve()
     _, idle_rss = common.run_child(script, ["--_child", "idle"])
     tmp = Path(tempfile.mkdtemp(prefix="bench_report_", dir=args.tmp))
-    run = tmp / "run"
+    run = RunFolder(tmp / "run")
     try:
         t0 = time.perf_counter()
-        write_store(run / "maps", args.n_images // args.class_size, args.class_size, seed=1)
-        (run / "manifest.json").write_text(json.dumps({"checkpoint": None, "note": "synthetic maps"}))
+        write_store(run.maps, args.n_images // args.class_size, args.class_size, seed=1)
+        run.manifest.write_text(json.dumps({"checkpoint": None, "note": "synthetic maps"}))
         print(
             f"wrote {args.n_images} float16 maps in {time.perf_counter() - t0:.0f} s; child RSS after imports "
             f"alone: {idle_rss:.0f} MiB; load {load_average():.2f}",
@@ -94,8 +95,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         rep, rep_rss = common.run_child(
             script, ["--_child", "report", "--_run", str(run), "--gallery_size", str(args.gallery_size)]
         )
-        sizes = {name: (run / name).stat().st_size for name in ("curves.json", "scores.csv", "report.html")}
-        pictures = len([p for p in (run / "report").rglob("*") if p.suffix in (".png", ".jpg")])
+        sizes = {path.name: path.stat().st_size for path in (run.curves, run.scores, run.report)}
+        pictures = len([p for p in run.report_assets.rglob("*") if p.suffix in (".png", ".jpg")])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rows = [

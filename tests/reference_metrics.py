@@ -1,7 +1,8 @@
 """The in-memory exact metrics (and curve points) that the streamed evaluation of :mod:`metrics` replaced.
 
-Kept verbatim (apart from imports) as the oracle of tests/vlmdiff/evaluation/test_metrics_streaming.py and as
-the baseline that bench/bench_eval.py times in the same run: it holds a whole class in memory (its GT-negative scores
+Kept verbatim (apart from imports, and the rows built from the metric table) as the oracle of
+tests/vlmdiff/evaluation/test_metrics_streaming.py and as the baseline
+that bench/bench_eval.py times in the same run: it holds a whole class in memory (its GT-negative scores
 sorted, about 13 bytes per pixel), which is what the streamed evaluation avoids.
 """
 
@@ -19,6 +20,7 @@ from scipy import ndimage
 from utils.errors import UserError
 from vlmdiff import scoring
 from vlmdiff.evaluation.curves import thin
+from vlmdiff.evaluation.metric_table import legacy_row, official_row
 from vlmdiff.evaluation.metrics import FPR_LIMIT, LEGACY_NUM_THRESHOLDS, _protocols, _to_numpy, binarize_masks
 
 logger = logging.getLogger(__name__)
@@ -296,15 +298,7 @@ def evaluate_class(
     scores = _image_scores(m, image_pooling)
     img = ranking_metrics(scores, labels, keep_curves)
     pix = pixel_metrics(m, gt, keep_curves=keep_curves)
-    official = {
-        "auroc_image": img["auroc"],
-        "ap_image": img["ap"],
-        "f1max_image": img["f1max"],
-        "auroc_pixel": pix["auroc"],
-        "ap_pixel": pix["ap"],
-        "f1max_pixel": pix["f1max"],
-        "aupro": pix["aupro"],
-    }
+    official = official_row({"image": img, "pixel": pix})
     undefined = [k for k, v in official.items() if math.isnan(v)]
     if undefined:
         logger.warning(
@@ -324,8 +318,7 @@ def evaluate_class(
     if "official" in protocols:
         out["official"] = official
     if "legacy" in protocols:
-        flip = {k: (1.0 - v if v < 0.5 else v) for k, v in official.items() if k.startswith("auroc")}
-        out["legacy"] = {**official, **flip, "aupro": legacy_aupro(m, gt)}
+        out["legacy"] = legacy_row(official, {"legacy_aupro": legacy_aupro(m, gt)})
     return out
 
 

@@ -10,8 +10,8 @@ or the pid now belongs to a younger process) is stale and taken over with a warn
 another host cannot be checked from here: the message says to delete it if that job is gone.
 The check-and-write runs under ``fcntl.flock`` on the folder itself where the file system
 supports it, so two jobs started at once cannot both pass it. The lock is removed when the
-job's ``with`` block ends, however it ends (with the folder, if the job made it and left it empty);
-a killed job leaves it behind, stale.
+job's ``with`` block ends, however it ends (with the folder and the parents the job made, if it left
+them empty); a killed job leaves it behind, stale.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def claim_folder(
         "command": " ".join(sys.argv),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    created = not folder.exists()
+    created = [p for p in (folder, *folder.parents) if not p.exists()]  # made by this job, deepest first
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with _mutex(folder):
@@ -141,8 +141,8 @@ def claim_folder(
     finally:
         with contextlib.suppress(OSError):
             mine.unlink()
-            if created:
-                folder.rmdir()  # only if the job wrote nothing else (rmdir refuses a non-empty folder)
+            for made in created:  # a job that wrote nothing leaves no empty folder behind (results/ too)
+                made.rmdir()  # only if empty: rmdir refuses a folder the job wrote into, and stops here
 
 
 def _refuse_if_live(path: Path, claim: dict[str, Any], hint: str) -> None:

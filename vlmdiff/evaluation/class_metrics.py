@@ -1,18 +1,22 @@
 """The seven metrics of one class, streamed from its maps chunk by chunk in memory that does not grow with it.
 
 A class is read through a :class:`ClassSource`, which can hand out its ``(maps, masks)`` chunks more than
-once; nothing of the class is held but per-image numbers (scores, labels) and one bounded table.
+once; of a class larger than :data:`CLASS_BUDGET` nothing is held but per-image numbers (scores, labels)
+and one bounded table.
 
 1. The *scan* reads every chunk once: finite maps, image scores and labels, the number of positive
    (ground-truth) and negative pixels, the ground-truth regions (8-connected, per image) and the area of
    each, the lowest and highest score, and a histogram of the positive scores over the top 16 bits of an
-   order-preserving integer key. While they fit in ``budget`` (:data:`POSITIVE_BUDGET`), the positive
-   scores and their region areas are kept.
+   order-preserving integer key (once they outgrow ``budget``, :data:`POSITIVE_BUDGET`; until then the
+   positive scores and their region areas are kept). While the class's scores take at most
+   :data:`CLASS_BUDGET` bytes (~1,000 maps of 256x256) they are all kept, negatives too, and the
+   steps below work on them: such a class is read once.
 2. The positive scores are sorted into a table of distinct values (count, sum of ``1 / area``). When
    they did not fit, the score axis is cut into stretches of at most ``budget`` positives from the
    histogram (refined 16 bits at a time where one bucket holds more; a single value with more is
    summed, not stored), and the stretches are taken from the top, one more pass each.
-3. A pass sorts each chunk's negative scores and counts them into the table's gaps and ties
+3. A pass sorts each chunk's negative scores (of a stretch: those between its bounds) and counts them
+   into the table's gaps and ties
    (:func:`curves.bin_negatives`); the table then goes to a :class:`curves.CurveAccumulator`
    and is dropped. The legacy AU-PRO's 200 thresholds are counted in the same pass.
 
@@ -43,6 +47,7 @@ from vlmdiff.evaluation.curves import CurveAccumulator, bin_negatives, descendin
 logger = logging.getLogger(__name__)
 
 POSITIVE_BUDGET = 1 << 23  # positive pixels held at once, ~24 bytes each while their table is built
+CLASS_BUDGET = 1 << 28  # bytes of scores (and region areas) of a class kept from its one read: it is not read again
 LEGACY_NUM_THRESHOLDS = 200
 _REGION_STRUCTURE = np.zeros((3, 3, 3), dtype=bool)
 _REGION_STRUCTURE[1] = True  # 8-connected inside one image, never across images
@@ -146,8 +151,9 @@ class _Chunk:
 
     def regions(self) -> tuple[np.ndarray, int]:
         """Area of the region of every GT pixel (C order, as ``maps[gt]``) and how many regions the chunk has."""
-        lab, n = ndimage.label(self.gt, structure=_REGION_STRUCTURE)
-        r = lab[self.gt]
+        gt = self.gt[self.gt.reshape(len(self.gt), -1).any(axis=1)]  # images without GT have no region
+        lab, n = ndimage.label(gt, structure=_REGION_STRUCTURE)
+        r = lab[gt]
         return np.bincount(r, minlength=n + 1)[r].astype(np.int32), n
 
 
@@ -197,12 +203,14 @@ class Scan:
     n_regions: int = 0
     lo: float = math.inf
     hi: float = -math.inf
-    hist: np.ndarray = field(default_factory=lambda: np.zeros(1 << _DIGIT, np.int64))
+    hist: np.ndarray | None = None  # of the positives' keys, made when they outgrow the budget
     scores: list[np.ndarray] = field(default_factory=list)
     labels: list[np.ndarray] = field(default_factory=list)
     map_max: list[np.ndarray] = field(default_factory=list)
     ids: list[np.ndarray] = field(default_factory=list)
     held: list[tuple[np.ndarray, np.ndarray]] | None = field(default_factory=list)  # (scores, areas) of positives
+    whole: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = field(default_factory=list)  # see _pieces
+    whole_bytes: int = 0
 
     @property
     def bits(self) -> int:
@@ -212,18 +220,22 @@ class Scan:
 def scan(
     source: ClassSource,
     name: str,
-    pooling: str,
+    pooling: str | None,
     mask_threshold: float,
     budget: int,
     on_chunk: Callable[[dict[str, np.ndarray]], None] | None = None,
 ) -> Scan:
-    """Step 1 of the module docstring; ``on_chunk`` sees each chunk (maps in the work dtype, bool masks, ids)."""
+    """Step 1 of the module docstring; ``on_chunk`` sees each chunk (maps in the work dtype, bool masks, ids).
+
+    ``pooling`` None: no image scores. While the class's scores (and region areas) take at most
+    :data:`CLASS_BUDGET` bytes they are all kept (``Scan.whole``), so the passes need no second read."""
     s = Scan()
     for chunk in _read(source, name, mask_threshold, None, check=True):
         s.dtype = chunk.maps.dtype
         m, gt = chunk.maps, chunk.gt
         s.labels.append(gt.reshape(len(gt), -1).any(axis=1))
-        s.scores.append(scoring.image_score(torch.from_numpy(np.ascontiguousarray(m)), pooling).numpy())
+        if pooling is not None:
+            s.scores.append(scoring.image_score(torch.from_numpy(np.ascontiguousarray(m)), pooling).numpy())
         s.map_max.append(m.reshape(len(m), -1).max(axis=1))
         if chunk.ids is not None:
             s.ids.append(chunk.ids)
@@ -231,19 +243,55 @@ def scan(
         pos = m[gt]
         s.n_pos += len(pos)
         s.n_neg += gt.size - len(pos)
+        areas = np.zeros(0, np.int32)
         if len(pos):
             areas, n = chunk.regions()
             s.n_regions += n
-            s.hist += np.bincount((order_keys(pos) >> (s.bits - _DIGIT)).astype(np.intp), minlength=1 << _DIGIT)
-            if s.held is not None and s.n_pos <= budget:
+        if s.held is not None and s.n_pos > budget:  # more positives than fit: from now on a histogram of them
+            s.hist = _histogram([p for p, _ in s.held], s.bits)
+            s.held = None
+        if s.held is not None:
+            if len(pos):
                 s.held.append((pos, areas))
+        elif len(pos):
+            s.hist += _histogram([pos], s.bits)
+        if s.whole is not None:
+            s.whole_bytes += m.nbytes + areas.nbytes
+            if s.whole_bytes <= CLASS_BUDGET:
+                s.whole.append((m[~gt], pos, areas))
             else:
-                s.held = None  # more positives than fit: they are read again, stretch by stretch
+                s.whole = None  # too large to keep: the passes read the class again
         if on_chunk is not None:
             on_chunk({"maps": m, "masks": gt, "ids": chunk.ids})
     if s.dtype is None:
         raise UserError(f"class {name!r} has no images; drop it or fix the class names")
     return s
+
+
+def _histogram(positives: list[np.ndarray], bits: int) -> np.ndarray:
+    """Counts of the scores ``positives`` over the top 16 bits of their keys."""
+    hist = np.zeros(1 << _DIGIT, np.int64)
+    for pos in positives:
+        hist += np.bincount((order_keys(pos) >> (bits - _DIGIT)).astype(np.intp), minlength=1 << _DIGIT)
+    return hist
+
+
+def _pieces(
+    s: Scan, source: ClassSource, name: str, mask_threshold: float, need: str = "all"
+) -> Iterator[tuple[Any, Any, Any]]:
+    """``(negative scores, positive scores, their region areas)`` of each chunk: kept by the scan where the
+    class fitted :data:`CLASS_BUDGET`, else read again; when read, only what ``need`` says is computed
+    ("negatives", "positives": the scores only, "all"), the rest is None."""
+    if s.whole is not None:
+        yield from s.whole
+        return
+    for chunk in _read(source, name, mask_threshold, s.dtype):
+        neg = chunk.maps[~chunk.gt] if need != "positives" else None
+        pos = chunk.maps[chunk.gt] if need != "negatives" else None
+        areas = None
+        if need == "all":
+            areas = chunk.regions()[0] if len(pos) else np.zeros(0, np.int32)
+        yield neg, pos, areas
 
 
 # --------------------------------------------------------------------------- stretches of the score axis
@@ -290,8 +338,8 @@ def plan(s: Scan, source: ClassSource, name: str, mask_threshold: float, budget:
     while any(st.refine for st in stretches):  # one more read per 16 bits, only where a bucket is too full
         todo = [st for st in stretches if st.refine]
         hists = [np.zeros(1 << _DIGIT, np.int64) for _ in todo]
-        for chunk in _read(source, name, mask_threshold, s.dtype):
-            keys = order_keys(chunk.maps[chunk.gt])
+        for _, pos, _ in _pieces(s, source, name, mask_threshold, "positives"):
+            keys = order_keys(pos)
             for st, h in zip(todo, hists, strict=True):
                 shift = (st.hi - st.lo).bit_length() - 1 - _DIGIT  # widths are powers of two >= 2
                 offset = keys[_inside(keys, st.lo, st.hi)] - st.lo
@@ -316,10 +364,25 @@ class _Table:
     sums: np.ndarray
     binned: np.ndarray  # (2 m + 2,) see vlmdiff.evaluation.curves.bin_negatives
 
-    def bin(self, chunk_neg: np.ndarray, keys: np.ndarray | None) -> None:
-        bin_negatives(
-            self.values, chunk_neg if keys is None else chunk_neg[_inside(keys, self.lo, self.hi)], self.binned
-        )
+    def bin(self, chunk_neg: np.ndarray, full_axis: bool) -> None:
+        """Count the negatives of one chunk that lie in the table's stretch (all of them for the whole axis)."""
+        if full_axis:
+            bin_negatives(self.values, chunk_neg, self.binned)
+            return
+        lo, hi = _value_bounds(self.lo, self.hi, chunk_neg.dtype)  # compared as scores: no key per negative
+        inside = np.ones(len(chunk_neg), bool) if lo is None else chunk_neg >= lo
+        if hi is not None:
+            inside &= chunk_neg < hi
+        bin_negatives(self.values, chunk_neg[inside], self.binned)
+
+
+def _value_bounds(lo: int, hi: int, dtype: np.dtype) -> tuple[Any, Any]:
+    """Keys ``[lo, hi)`` as scores: finite scores ``x`` have keys in it iff ``a <= x < b`` (None: no bound)."""
+    inf = np.array([np.inf], dtype)
+    lowest, highest = int(order_keys(-inf)[0]), int(order_keys(inf)[0])
+    a = None if lo <= lowest else key_values(np.array([lo]), dtype)[0]
+    b = None if hi > highest else key_values(np.array([hi]), dtype)[0]
+    return a, b
 
 
 def _table(
@@ -424,18 +487,19 @@ def pixel_passes(
             logger.warning("legacy AU-PRO undefined: every score of the class is %s", s.hi)
     if not official:
         if legacy_counts is not None:
-            for chunk in _read(source, name, mask_threshold, s.dtype):
-                pos = chunk.maps[chunk.gt]
-                legacy_counts.add(chunk.maps[~chunk.gt], pos, chunk.regions()[0] if len(pos) else np.zeros(0, np.int32))
+            for neg, pos, areas in _pieces(s, source, name, mask_threshold):
+                legacy_counts.add(neg, pos, areas)
             legacy_aupro = legacy_counts.aupro(s.n_neg, s.n_regions, fpr_limit)
+        s.whole = None
         return None, legacy_aupro
     if s.n_pos == 0:
+        s.whole = None
         return {"auroc": math.nan, "ap": math.nan, "f1max": math.nan, "aupro": math.nan}, legacy_aupro
     acc = CurveAccumulator(s.n_pos, s.n_neg, s.n_regions, fpr_limit, resolution)
-    whole = (0, 1 << s.bits)
+    full_axis = (0, 1 << s.bits)
     if s.held is not None:  # the scan kept every positive: one table, one more pass
         table: _Table | None = _table(
-            np.concatenate([p for p, _ in s.held]), np.concatenate([a for _, a in s.held]), *whole
+            np.concatenate([p for p, _ in s.held]), np.concatenate([a for _, a in s.held]), *full_axis
         )
         s.held, groups = None, []
     else:  # stretch by stretch from the top; pass k bins the negatives of table k - 1 and collects group k
@@ -443,14 +507,12 @@ def pixel_passes(
         logger.info("class %s: %d positive pixels, taken in %d stretches", name, s.n_pos, len(groups))
     while table is not None or groups:
         collector = _Collector(groups.pop(0), s.dtype) if groups else None
-        for chunk in _read(source, name, mask_threshold, s.dtype):
-            neg = chunk.maps[~chunk.gt]
+        need = "negatives" if collector is None and legacy_counts is None else "all"
+        for neg, pos, areas in _pieces(s, source, name, mask_threshold, need):
             if table is not None:
-                table.bin(neg, None if (table.lo, table.hi) == whole else order_keys(neg))
-            if collector is None and legacy_counts is None:
+                table.bin(neg, (table.lo, table.hi) == full_axis)
+            if need == "negatives":
                 continue
-            pos = chunk.maps[chunk.gt]
-            areas = chunk.regions()[0] if len(pos) else np.zeros(0, np.int32)
             if collector is not None:
                 collector.add(pos, areas, order_keys(pos))
             if legacy_counts is not None:
@@ -464,6 +526,7 @@ def pixel_passes(
         table = None  # freed before the next table is built
         table = collector.table() if collector is not None else None
         release_free_memory()
+    s.whole = None
     return acc.finish(), legacy_aupro
 
 

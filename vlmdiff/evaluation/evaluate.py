@@ -1,17 +1,5 @@
-"""Evaluating a run folder: metrics, curves, thresholds, scores.csv and strips from the stored maps.
-
-Output folder::
-
-    manifest.json            what the maps depend on (vlmdiff.evaluation.run_inputs)
-    maps/{class}/{chunk}.npz per-image anomaly maps, masks, labels, image scores (vlmdiff.evaluation.map_store)
-    panels/{class}/*.png     with --save_visuals: input | autoencoder | sample, written while scoring
-    visuals/{class}/*.png    with --save_visuals: the finished, titled strips (vlmdiff.evaluation.visuals)
-    log_image_{exp_name}/    with --save_visuals: upstream's per-image files
-    metrics.json / .csv / .md, curves.json, thresholds.json   (labelled data)
-    scores.csv               one row per image: label, score, paths (and decision with --threshold_from)
-    masks/{class}/*.png      with --threshold_from: map >= the pixel threshold
-    report.html, report/     the report page (vlmdiff.evaluation.report)
-"""
+"""Evaluating a run folder (:mod:`run_folder`): metrics, curves, thresholds, scores.csv and strips from the
+stored maps."""
 
 from __future__ import annotations
 
@@ -28,12 +16,11 @@ from utils.io import atomic_open, read_json, write_json, write_text
 from vlmdiff.evaluation import metrics as M
 from vlmdiff.evaluation import plots as P
 from vlmdiff.evaluation.map_store import MapStore
-from vlmdiff.evaluation.run_inputs import MANIFEST
+from vlmdiff.evaluation.metric_table import METRICS
+from vlmdiff.evaluation.run_folder import RunFolder
 from vlmdiff.evaluation.thresholds import class_thresholds, decide, thresholds_record, write_thresholds
-from vlmdiff.evaluation.visuals import DisplaySample, finish_class, save_png, visual_path
+from vlmdiff.evaluation.visuals import DisplaySample, finish_class, save_png
 from vlmdiff.scoring import image_score
-
-CURVES = "curves.json"
 
 SCORES_COLUMNS = (
     "id",
@@ -50,7 +37,7 @@ SCORES_COLUMNS = (
 
 
 def _score_rows(
-    output_dir: Path,
+    run: RunFolder,
     cls: str,
     ids: np.ndarray,
     labels: np.ndarray | None,
@@ -61,32 +48,32 @@ def _score_rows(
     threshold: float | None = None,
     masks_written: bool = False,
 ) -> list[list[str]]:
-    """Rows of scores.csv for one class, sorted by id (``labels`` None: unknown; ``decided``: True = anomalous)."""
+    """Rows of scores.csv for one class, sorted by id (``labels`` None: unknown; ``decided``: True = anomalous).
+    Scores and thresholds are written in full (``repr``), so ``score >= threshold`` gives the run's decisions."""
     rows = []
     for i in np.argsort(ids, kind="stable").tolist():
         image_id = str(ids[i])
-        visual = "visuals" / visual_path(cls, image_id)
-        mask = "masks" / visual_path(cls, image_id)
+        visual = run.visual(cls, image_id)
         rows.append(
             [
                 image_id,
                 cls,
                 "" if labels is None else str(int(labels[i])),
-                f"{scores[i]:.6f}",
-                f"{float(map_max[i]):.6f}",
+                repr(float(scores[i])),  # full precision: score >= threshold gives the run's decisions
+                repr(float(map_max[i])),
                 (image_paths or {}).get(image_id, ""),
-                visual.as_posix() if (output_dir / visual).is_file() else "",
+                run.relative(visual) if visual.is_file() else "",
                 "" if decided is None else ("anomalous" if decided[i] else "normal"),
-                "" if threshold is None else f"{threshold:.6f}",
-                mask.as_posix() if masks_written else "",
+                "" if threshold is None else repr(float(threshold)),
+                run.relative(run.mask(cls, image_id)) if masks_written else "",
             ]
         )
     return rows
 
 
-def write_scores(output_dir: Path, rows: list[list[str]]) -> Path:
+def write_scores(run: RunFolder, rows: list[list[str]]) -> Path:
     """scores.csv: one row per image (:data:`SCORES_COLUMNS`; empty where unknown), sorted by class and id."""
-    path = output_dir / "scores.csv"
+    path = run.scores
     with atomic_open(path, "w") as f:
         w = csv.writer(f)
         w.writerow(SCORES_COLUMNS)
@@ -112,8 +99,9 @@ def evaluate_run(
     (:meth:`MapStore.class_sources`), so memory does not grow with the size of a class.
     ``image_paths``: {image id: image file} for scores.csv.
     """
-    store = MapStore(output_dir / "maps")
-    manifest = read_json(output_dir / MANIFEST)
+    run = RunFolder(output_dir)
+    store = MapStore(run.maps)
+    manifest = read_json(run.manifest)
     sources = dict(store.class_sources())
     samples = {cls: DisplaySample(len(source)) for cls, source in sources.items()}
     curves: dict[str, dict[str, Any]] = {}
@@ -126,14 +114,14 @@ def evaluate_run(
         scores, labels, ids = c["image_scores"], c["labels"], c["ids"]
         if visuals:
             finish_class(
-                output_dir / "panels",
-                output_dir / "visuals",
+                run.panels,
+                run.visuals,
                 cls,
                 sources[cls].chunks(),
                 display,
                 dict(zip(ids.tolist(), scores.tolist(), strict=True)),
             )
-        rows.extend(_score_rows(output_dir, cls, ids, labels, scores, c["map_max"], image_paths))
+        rows.extend(_score_rows(run, cls, ids, labels, scores, c["map_max"], image_paths))
         pooled.append((scores, labels))
 
     result = M.evaluate_stream(
@@ -146,33 +134,31 @@ def evaluate_run(
     )
     by_protocol = result if protocol == "both" else {protocol: result}
     write_json(
-        output_dir / "metrics.json",
+        run.metrics_json,
         {
             "metrics": M._nan_to_none(by_protocol),
             "settings": {"protocol": protocol, "image_pooling": pooling, "mask_threshold": mask_threshold},
             **(extra or {}),
         },
     )
-    write_text(output_dir / "metrics.csv", metrics_csv(by_protocol))
+    write_text(run.metrics_csv, metrics_csv(by_protocol))
     md = [M.format_table(sub, f"{protocol_name} protocol") for protocol_name, sub in by_protocol.items()]
     if dataset_name and dataset_name in M.PAPER_RESULTS:
         md.append(
             f"### mean vs the paper ({dataset_name})\n\n"
             + M.paper_comparison(M.paper_means(by_protocol, "both" if protocol == "both" else None), dataset_name)
         )
-    write_text(output_dir / "metrics.md", "\n\n".join(md) + "\n")
+    write_text(run.metrics_md, "\n\n".join(md) + "\n")
     write_json(
-        output_dir / CURVES,
+        run.curves,
         M._nan_to_none(
             {"fpr_limit": M.FPR_LIMIT, "resolution": P.RESOLUTION, "image_pooling": pooling, "classes": curves}
         ),
         indent=None,
     )
     image_overall = P.f1max_threshold(np.concatenate([s for s, _ in pooled]), np.concatenate([y for _, y in pooled]))
-    write_thresholds(
-        output_dir, thresholds_record(curves, image_overall, P.pooled_pixel_threshold(curves), pooling, manifest)
-    )
-    write_scores(output_dir, rows)
+    write_thresholds(run, thresholds_record(curves, image_overall, P.pooled_pixel_threshold(curves), pooling, manifest))
+    write_scores(run, rows)
     return by_protocol
 
 
@@ -188,7 +174,8 @@ def label_run(
     PNG (map >= pixel threshold) per image under ``masks/{class}/``. Returns the scores.csv path.
     Each class is read chunk by chunk: once for the scores, again for the masks and strips.
     """
-    store = MapStore(output_dir / "maps")
+    run = RunFolder(output_dir)
+    store = MapStore(run.maps)
     rows: list[list[str]] = []
     for cls, source in store.class_sources():
         sample = DisplaySample(len(source))
@@ -213,13 +200,13 @@ def label_run(
                 for chunk in source.chunks(("ids", "maps")):
                     for image_id, amap in zip(chunk["ids"].tolist(), chunk["maps"], strict=True):
                         save_png(
-                            output_dir / "masks" / visual_path(cls, image_id),
+                            run.mask(cls, image_id),
                             ((amap >= pixel_t) * 255).astype(np.uint8),
                         )
         if visuals:
             finish_class(
-                output_dir / "panels",
-                output_dir / "visuals",
+                run.panels,
+                run.visuals,
                 cls,
                 source.chunks(),
                 display,
@@ -229,7 +216,7 @@ def label_run(
             )
         rows.extend(
             _score_rows(
-                output_dir,
+                run,
                 cls,
                 ids_a,
                 None,
@@ -241,15 +228,15 @@ def label_run(
                 masks_written=decisions is not None and decisions["pixel_threshold"] is not None,
             )
         )
-    return write_scores(output_dir, rows)
+    return write_scores(run, rows)
 
 
 def metrics_csv(by_protocol: dict[str, Any]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["protocol", "class", *M.METRICS])
+    w.writerow(["protocol", "class", *METRICS])
     for protocol, res in by_protocol.items():
         for cls, row in [*res["per_class"].items(), ("mean", res["mean"])]:
-            w.writerow([protocol, cls, *("" if math.isnan(row[k]) else f"{row[k]:.6f}" for k in M.METRICS)])
-        w.writerow([protocol, "classes in mean", *(res["mean_over"][k] for k in M.METRICS)])
+            w.writerow([protocol, cls, *("" if math.isnan(row[k]) else f"{row[k]:.6f}" for k in METRICS)])
+        w.writerow([protocol, "classes in mean", *(res["mean_over"][k] for k in METRICS)])
     return buf.getvalue()

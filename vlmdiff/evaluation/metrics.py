@@ -40,10 +40,19 @@ from vlmdiff.evaluation.class_metrics import (  # noqa: F401  (public here too)
     scan,
 )
 from vlmdiff.evaluation.curves import RESOLUTION
+from vlmdiff.evaluation.metric_table import (  # noqa: F401  (public here too)
+    METRICS,
+    PAPER_RESULTS,
+    compare_to_paper,
+    format_table,
+    legacy_row,
+    official_row,
+    paper_comparison,
+    paper_means,
+)
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("auroc_image", "ap_image", "f1max_image", "auroc_pixel", "ap_pixel", "f1max_pixel", "aupro")
 PROTOCOLS = ("official", "legacy", "both")
 FPR_LIMIT = 0.3
 
@@ -84,7 +93,7 @@ def pixel_metrics(
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
     source = ArrayClass(m, np.asarray(gt, bool))
-    s = scan(source, "pixel_metrics", "max", 0.0, budget)
+    s = scan(source, "pixel_metrics", None, 0.0, budget)
     return pixel_passes(
         s,
         source,
@@ -116,7 +125,7 @@ def legacy_aupro(maps: Any, gt: np.ndarray) -> float:
     if np.shape(gt) != m.shape:
         raise UserError(f"maps {m.shape} and ground truth {np.shape(gt)} differ in shape")
     source = ArrayClass(m, np.asarray(gt, bool))
-    s = scan(source, "legacy_aupro", "max", 0.0, budget=0)
+    s = scan(source, "legacy_aupro", None, 0.0, budget=0)
     return pixel_passes(
         s, source, "legacy_aupro", 0.0, budget=0, legacy=True, fpr_limit=FPR_LIMIT, resolution=None, official=False
     )[1]
@@ -175,15 +184,7 @@ def _evaluate_class(
         on_chunk=on_chunk,
     )
     img, pix, labels = res["image"], res["pixel"], res["labels"]
-    official = {
-        "auroc_image": img["auroc"],
-        "ap_image": img["ap"],
-        "f1max_image": img["f1max"],
-        "auroc_pixel": pix["auroc"],
-        "ap_pixel": pix["ap"],
-        "f1max_pixel": pix["f1max"],
-        "aupro": pix["aupro"],
-    }
+    official = official_row(res)
     undefined = [k for k, v in official.items() if math.isnan(v)]
     if undefined:
         logger.warning(
@@ -211,8 +212,7 @@ def _evaluate_class(
     if "official" in protocols:
         out["official"] = official
     if "legacy" in protocols:
-        flip = {k: (1.0 - v if v < 0.5 else v) for k, v in official.items() if k.startswith("auroc")}
-        out["legacy"] = {**official, **flip, "aupro": res["legacy_aupro"]}
+        out["legacy"] = legacy_row(official, res)
     return out
 
 
@@ -308,103 +308,6 @@ def evaluate(
             yield str(cls), ArrayClass(m[sel], k[sel])
 
     return evaluate_stream(items(), protocol, image_pooling, mask_threshold)
-
-
-# --------------------------------------------------------------------------- reporting
-_HEADERS = ("AU-ROC_I", "AP_I", "F1max_I", "AU-ROC_P", "AP_P", "F1max_P", "AU-PRO")
-
-PAPER_RESULTS: dict[str, dict[str, float]] = {  # the VLMDiff paper (WACV 2026), mean over classes
-    name: dict(zip(METRICS, (v / 100.0 for v in vals), strict=True))
-    for name, vals in {
-        "realiad": (78.0, 73.2, 69.8, 97.1, 25.5, 32.3, 87.7),
-        "coco": (59.1, 51.2, 62.9, 69.0, 15.3, 22.4, 38.8),
-        "mvtec": (90.6, 95.7, 94.2, 95.9, 51.8, 53.6, 89.4),
-        "visa": (80.9, 83.9, 80.7, 97.0, 28.3, 33.6, 81.0),
-    }.items()
-}
-_DATASET_ALIASES = {"real_iad": "realiad", "mvtec_ad": "mvtec", "coco_ad": "coco"}
-
-
-def _pct(v: float) -> str:
-    return "n/a" if math.isnan(v) else f"{100.0 * v:.1f}"
-
-
-def format_table(result: dict[str, Any], title: str | None = None) -> str:
-    """Markdown table of a result of :func:`evaluate` (percent, one decimal; classes, then "mean").
-
-    A ``protocol="both"`` result gives one table per protocol. With ``mean_over`` in the result a last
-    row says over how many classes each column's mean is taken; "n/a" marks an undefined metric.
-    """
-    if "per_class" not in result:
-        return "\n\n".join(format_table(sub, f"{title} ({p})" if title else p) for p, sub in result.items())
-    lines = [f"### {title}", ""] if title else []
-    lines.append("| class | " + " | ".join(_HEADERS) + " |")
-    lines.append("|---|" + "---:|" * len(_HEADERS))
-    for name, row in [*result["per_class"].items(), ("mean", result["mean"])]:
-        lines.append(f"| {name} | " + " | ".join(_pct(row[k]) for k in METRICS) + " |")
-    if "mean_over" in result:
-        n = len(result["per_class"])
-        lines.append("| classes in mean | " + " | ".join(f"{result['mean_over'][k]} of {n}" for k in METRICS) + " |")
-    return "\n".join(lines)
-
-
-def compare_to_paper(mean_row: dict[str, float], dataset: str) -> str:
-    """Markdown table of our mean row, the paper's and the difference, in points."""
-    return paper_comparison({None: mean_row}, dataset)
-
-
-def paper_means(by_protocol: dict[str, Any], which: str | None = None) -> dict[str, dict[str, float]]:
-    """The mean rows to set beside the paper's: ``{protocol: mean row}``.
-
-    ``which`` None: the paper's protocol (legacy) where the result has it, else the official row (then
-    labelled as such); "legacy"/"official": that one; "both": every protocol the result has, legacy first.
-    """
-    have = [p for p in ("legacy", "official") if p in by_protocol]
-    if not have:
-        raise UserError(f"no metrics of a known protocol (found: {', '.join(by_protocol) or 'none'})")
-    if which == "both":
-        chosen = have
-    elif which is None:
-        chosen = have[:1]
-    elif which in have:
-        chosen = [which]
-    else:
-        raise UserError(f"no '{which}' metrics in this run; evaluate it with --metrics_protocol {which} or both")
-    return {p: by_protocol[p]["mean"] for p in chosen}
-
-
-def paper_comparison(means: dict[str | None, dict[str, float]], dataset: str) -> str:
-    """Markdown table: our mean row per protocol, the paper's row (legacy protocol) and the differences.
-
-    ``means``: ``{protocol: mean row}`` (a ``None`` key is an unlabelled row "ours"). Every row says
-    its protocol; the paper's numbers come from the DiAD/VLMDiff metric code (the legacy protocol), so
-    only a legacy row is a like-for-like comparison.
-    """
-    key = _DATASET_ALIASES.get(dataset, dataset)
-    if key not in PAPER_RESULTS:
-        raise UserError(f"no published results for dataset {dataset!r}; known: {', '.join(PAPER_RESULTS)}")
-    paper = PAPER_RESULTS[key]
-    labelled = [p is not None for p in means]
-    lines = ["| | " + " | ".join(_HEADERS) + " |", "|---|" + "---:|" * len(_HEADERS)]
-    for protocol, row in means.items():
-        lines.append(
-            f"| ours{f' ({protocol} protocol)' if protocol else ''} | "
-            + " | ".join(_pct(row[k]) for k in METRICS)
-            + " |"
-        )
-    lines.append(
-        f"| paper ({key}{', legacy protocol' if any(labelled) else ''}) | "
-        + " | ".join(_pct(paper[k]) for k in METRICS)
-        + " |"
-    )
-    for protocol, row in means.items():
-        diff = {k: row[k] - paper[k] for k in METRICS}
-        lines.append(
-            f"| difference{f' ({protocol})' if protocol else ''} | "
-            + " | ".join("n/a" if math.isnan(diff[k]) else f"{100.0 * diff[k]:+.1f}" for k in METRICS)
-            + " |"
-        )
-    return "\n".join(lines)
 
 
 def _nan_to_none(obj: Any) -> Any:

@@ -37,30 +37,39 @@ from utils.errors import UserError
 from utils.io import atomic_open, read_json, write_json, write_text
 from vlmdiff.evaluation import plots
 from vlmdiff.evaluation.map_store import MapStore
-from vlmdiff.evaluation.metrics import METRICS, PAPER_RESULTS, format_table, paper_comparison, paper_means
-from vlmdiff.evaluation.visuals import PANEL_SIZE, class_range, colormap, overlay, visual_path
+from vlmdiff.evaluation.metric_table import (
+    HEADERS,
+    METRICS,
+    PAPER_RESULTS,
+    format_table,
+    paper_comparison,
+    paper_means,
+)
+from vlmdiff.evaluation.run_folder import RunFolder
+from vlmdiff.evaluation.visuals import PANEL_SIZE, class_range, colormap, overlay
 
 log = logging.getLogger(__name__)
 
-REPORT = "report.html"
-ASSETS = "report"  # folder of the page's figures and gallery images, beside report.html
-_HEADERS = ("AU-ROC_I", "AP_I", "F1max_I", "AU-ROC_P", "AP_P", "F1max_P", "AU-PRO")
 _DATASETS = sorted(PAPER_RESULTS) + ["real_iad"]
+MISSES = "misses (anomalous images scored below the image threshold, lowest first)"
 
 
 # --------------------------------------------------------------------------- reading a run
-def _run_dir(run: str | Path) -> Path:
+def _run_dir(run: str | Path) -> RunFolder:
     path = Path(run)
-    if path.is_file() and path.name == "metrics.json":
+    if path.is_file() and path.name == RunFolder.METRICS:
         path = path.parent
-    if not (path / "scores.csv").is_file() and not (path / "metrics.json").is_file():
-        raise UserError(f"{run}: not a test run folder (no scores.csv or metrics.json); give test.py's --output_dir")
-    return path
+    folder = RunFolder(path)
+    if not folder.scores.is_file() and not folder.metrics_json.is_file():
+        raise UserError(
+            f"{run}: not a test run folder (no {RunFolder.SCORES} or {RunFolder.METRICS}); give test.py's --output_dir"
+        )
+    return folder
 
 
-def read_scores(run: Path) -> list[dict[str, str]]:
+def read_scores(run: RunFolder) -> list[dict[str, str]]:
     """The rows of a run's scores.csv (see :data:`evaluate.SCORES_COLUMNS`)."""
-    path = run / "scores.csv"
+    path = run.scores
     if not path.is_file():
         raise UserError(f"{path}: file not found; re-evaluate the run (test.py ... --run_eval_only)")
     with open(path, newline="", encoding="utf-8") as f:
@@ -73,10 +82,10 @@ def read_scores(run: Path) -> list[dict[str, str]]:
     return rows
 
 
-def read_metrics(run: str | Path) -> dict[str, Any] | None:
+def read_metrics(run: str | Path | RunFolder) -> dict[str, Any] | None:
     """``{protocol: {"per_class", "mean"}}`` of a run (None values as NaN), or None for a run without metrics."""
-    path = Path(run)
-    path = path / "metrics.json" if path.is_dir() else path
+    path = run.metrics_json if isinstance(run, RunFolder) else Path(run)
+    path = RunFolder(path).metrics_json if path.is_dir() else path
     if not path.is_file():
         return None
     data = read_json(path)
@@ -92,7 +101,7 @@ def read_metrics(run: str | Path) -> dict[str, Any] | None:
     }
 
 
-def read_mean(run: str | Path, protocol: str) -> dict[str, float]:
+def read_mean(run: str | Path | RunFolder, protocol: str) -> dict[str, float]:
     """The mean row of ``protocol`` of a run (folder or metrics.json)."""
     metrics = read_metrics(run)
     if metrics is None or protocol not in metrics:
@@ -104,18 +113,21 @@ def average(rows: Sequence[dict[str, float]]) -> dict[str, float]:
     return {k: sum(r[k] for r in rows) / len(rows) for k in METRICS}
 
 
-def _dataset_of(run: Path) -> str | None:
-    path = run / "metrics.json"
+def _dataset_of(run: RunFolder) -> str | None:
+    path = run.metrics_json
     if not path.is_file():
         return None
     return read_json(path).get("provenance", {}).get("data_set")
 
 
 # --------------------------------------------------------------------------- galleries
-def galleries(rows: list[dict[str, str]], size: int) -> dict[str, dict[str, list[dict[str, str]]]]:
-    """Per class: the ``size`` highest-scoring normal images (false alarms), lowest-scoring anomalous
-    images (misses) and highest-scoring anomalous images (best detections); for unlabelled images the
-    highest and lowest scores. Ties are broken by image id.
+def galleries(
+    rows: list[dict[str, str]], size: int, thresholds: dict[str, float] | None = None
+) -> dict[str, dict[str, list[dict[str, str]]]]:
+    """Per class: the ``size`` highest-scoring normal images (false alarms), the lowest-scoring anomalous
+    images scored below the class's image threshold (misses: ``thresholds[class]``, the run's F1-max
+    threshold; anomalous = score >= it) and the highest-scoring anomalous images (best detections); for
+    unlabelled images the highest and lowest scores. Ties are broken by image id.
     """
     out: dict[str, dict[str, list[dict[str, str]]]] = {}
     for cls in dict.fromkeys(r["class"] for r in rows):
@@ -124,9 +136,11 @@ def galleries(rows: list[dict[str, str]], size: int) -> dict[str, dict[str, list
         anomalous = [r for r in mine if r["label"] == "1"]
         score = lambda r: float(r["image_score"])  # noqa: E731
         if normal or anomalous:
+            t = (thresholds or {}).get(cls)
+            missed = [] if t is None else [r for r in anomalous if score(r) < t]
             out[cls] = {
                 "false alarms (highest-scoring normal images)": sorted(normal, key=score, reverse=True)[:size],
-                "misses (lowest-scoring anomalous images)": sorted(anomalous, key=score)[:size],
+                MISSES: sorted(missed, key=score)[:size],
                 "best detections (highest-scoring anomalous images)": sorted(anomalous, key=score, reverse=True)[:size],
             }
         else:
@@ -138,19 +152,19 @@ def galleries(rows: list[dict[str, str]], size: int) -> dict[str, dict[str, list
 
 
 def _gallery_pictures(
-    run: Path, cls: str, wanted: list[dict[str, str]], display_range: tuple[float, float] | None
+    run: RunFolder, cls: str, wanted: list[dict[str, str]], display_range: tuple[float, float] | None
 ) -> tuple[dict[str, str], tuple[float, float] | None]:
     """``{id: path relative to run}`` of the picture of each gallery image: its strip when the run has one,
     else panels ``input | anomaly map | overlay [| ground truth]`` put together here from its stored map
     (plain image panels in a JPEG, no matplotlib: a large run draws hundreds). Also returns the colour range
     used."""
     pictures = {
-        r["id"]: r["visual_path"] for r in wanted if r.get("visual_path") and (run / r["visual_path"]).is_file()
+        r["id"]: r["visual_path"] for r in wanted if r.get("visual_path") and run.resolve(r["visual_path"]).is_file()
     }
     missing = [r for r in wanted if r["id"] not in pictures]
     if not missing:
         return pictures, display_range
-    stored = MapStore(run / "maps").read_images(cls, [r["id"] for r in missing])
+    stored = MapStore(run.maps).read_images(cls, [r["id"] for r in missing])
     if not stored:
         return pictures, display_range
     if display_range is None:
@@ -168,10 +182,10 @@ def _gallery_pictures(
         panels = [image, colormap((amap - lo) / (hi - lo)), overlay(image, amap, display_range)]
         if r["label"] in ("0", "1"):
             panels.append(np.repeat(mask[..., None], 3, axis=-1))
-        rel = Path(ASSETS) / "gallery" / visual_path(cls, r["id"]).with_suffix(".jpg")
-        with atomic_open(run / rel, "wb") as f:  # JPEG: encoded several times faster than PNG, and smaller
+        path = run.gallery_picture(cls, r["id"])
+        with atomic_open(path, "wb") as f:  # JPEG: encoded several times faster than PNG, and smaller
             Image.fromarray(_side_by_side(panels)).save(f, format="JPEG", quality=90)
-        pictures[r["id"]] = rel.as_posix()
+        pictures[r["id"]] = run.relative(path)
     if no_input:
         log.warning(
             "class %s: %d gallery images have no readable image file (image_path in scores.csv); "
@@ -244,9 +258,9 @@ def _md_table_html(md: str) -> str:
     return "\n".join(out)
 
 
-def _provenance(run: Path) -> str:
-    manifest = read_json(run / "manifest.json") if (run / "manifest.json").is_file() else {}
-    prov = read_json(run / "metrics.json").get("provenance", {}) if (run / "metrics.json").is_file() else {}
+def _provenance(run: RunFolder) -> str:
+    manifest = read_json(run.manifest) if run.manifest.is_file() else {}
+    prov = read_json(run.metrics_json).get("provenance", {}) if run.metrics_json.is_file() else {}
     ckpt = manifest.get("checkpoint") or {}
     items = [
         (
@@ -269,8 +283,8 @@ def _provenance(run: Path) -> str:
     return f"<table>{rows}</table><details><summary>model config</summary><pre>{_e(config)}</pre></details>"
 
 
-def _thresholds_html(run: Path) -> str:
-    path = run / "thresholds.json"
+def _thresholds_html(run: RunFolder) -> str:
+    path = run.thresholds
     if not path.is_file():
         return ""
     t = read_json(path)
@@ -306,15 +320,13 @@ def build_report(
         raise UserError(f"--gallery_size {gallery_size}: must be at least 1")
     rows = read_scores(run)
     metrics = read_metrics(run)
-    curves_path = run / "curves.json"
-    curves = read_json(curves_path)["classes"] if curves_path.is_file() else {}
+    curves = read_json(run.curves)["classes"] if run.curves.is_file() else {}
     dataset = dataset or _dataset_of(run)
-    assets = run / ASSETS
     body = [
-        f"<h1>Test run {_e(run.resolve().name)}</h1>",
+        f"<h1>Test run {_e(run.root.resolve().name)}</h1>",
         f"<p class='note'>{len(rows)} images in {len({r['class'] for r in rows})} classes; "
-        f"per-image scores: <a href='scores.csv'>scores.csv</a>"
-        + (", metrics: <a href='metrics.json'>metrics.json</a>" if metrics else "")
+        f"per-image scores: <a href='{_url(run.relative(run.scores))}'>{_e(run.SCORES)}</a>"
+        + (f", metrics: <a href='{_url(run.relative(run.metrics_json))}'>{_e(run.METRICS)}</a>" if metrics else "")
         + ".</p>",
     ]
 
@@ -340,34 +352,33 @@ def build_report(
         )
         scores = np.array([float(r["image_score"]) for r in rows])
         labels = np.array([int(r["label"]) if r["label"] in ("0", "1") else -1 for r in rows])
-        from vlmdiff.evaluation.thresholds import THRESHOLDS
-
-        overall = read_json(run / THRESHOLDS)["image"]["overall"] if (run / THRESHOLDS).is_file() else None
+        overall = read_json(run.thresholds)["image"]["overall"] if run.thresholds.is_file() else None
         mean_row = metrics.get("official", next(iter(metrics.values())))["mean"] if metrics else {}
         if "official" not in (metrics or {}):
             mean_row = {k: None for k in METRICS}  # the curves are official; legacy values would mislabel them
-        fig = plots.save_figure(
-            plots.mean_figure(curves, mean_row, scores, labels, overall), assets / "curves" / "mean.png"
-        )
+        fig = plots.save_figure(plots.mean_figure(curves, mean_row, scores, labels, overall), run.curves_figure("mean"))
         body.append(
-            f"<h3>mean</h3><img class='curves' src='{_url(fig.relative_to(run))}' alt='curves, mean over classes'>"
+            f"<h3>mean</h3><img class='curves' src='{_url(run.relative(fig))}' alt='curves, mean over classes'>"
         )
         for cls, c in curves.items():
             sel = np.array([r["class"] == cls for r in rows])
-            path = assets / "curves" / visual_path(cls, cls).name
+            path = run.curves_figure(cls)
             plots.save_figure(plots.class_figure(cls, c, scores[sel], labels[sel]), path)
             body.append(
-                f"<h3>{_e(cls)}</h3><img class='curves' src='{_url(path.relative_to(run))}' alt='curves of {_e(cls)}'>"
+                f"<h3>{_e(cls)}</h3><img class='curves' src='{_url(run.relative(path))}' alt='curves of {_e(cls)}'>"
             )
 
     body.append(_thresholds_html(run))
     body.append(f"<h2>Galleries ({gallery_size} per kind and class)</h2>")
-    for cls, kinds in galleries(rows, gallery_size).items():
+    record = read_json(run.thresholds) if run.thresholds.is_file() else None
+    image_thresholds = record["image"]["per_class"] if record else {}
+    for cls, kinds in galleries(rows, gallery_size, image_thresholds).items():
         wanted = list({r["id"]: r for g in kinds.values() for r in g}.values())
         display = (curves.get(cls) or {}).get("display_range")
         pictures, display = _gallery_pictures(run, cls, wanted, tuple(display) if display else None)
         body.append(f"<h3>{_e(cls)}</h3>")
-        if any(p.startswith(ASSETS) for p in pictures.values()):
+        assets = run.relative(run.report_assets) + "/"
+        if any(p.startswith(assets) for p in pictures.values()):
             lo, hi = display
             body.append(
                 f"<p class='note'>Pictures drawn from the stored maps: input | anomaly map | overlay "
@@ -391,21 +402,21 @@ def build_report(
     body.append("<h2>Provenance</h2>" + _provenance(run))
     page = (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
-        f"<title>VLMDiff test run {_e(run.resolve().name)}</title><style>{_CSS}</style></head><body>\n"
+        f"<title>VLMDiff test run {_e(run.root.resolve().name)}</title><style>{_CSS}</style></head><body>\n"
         + "\n".join(b for b in body if b)
         + "\n</body></html>\n"
     )
-    write_text(run / REPORT, page)
-    return run / REPORT
+    write_text(run.report, page)
+    return run.report
 
 
-def comparison_table(runs: Sequence[Path], protocol: str | None) -> str:
+def comparison_table(runs: Sequence[RunFolder | Path], protocol: str | None) -> str:
     """Markdown table: one row per run and protocol (the mean over classes), side by side."""
-    lines = ["| run | protocol | " + " | ".join(_HEADERS) + " |", "|---|---|" + "---:|" * len(_HEADERS)]
+    lines = ["| run | protocol | " + " | ".join(HEADERS) + " |", "|---|---|" + "---:|" * len(HEADERS)]
     for run in runs:
         metrics = read_metrics(run)
         if metrics is None:
-            lines.append(f"| {run} | (no metrics: unlabelled) |" + " |" * len(_HEADERS))
+            lines.append(f"| {run} | (no metrics: unlabelled) |" + " |" * len(HEADERS))
             continue
         for p, row in paper_means(metrics, protocol).items():
             lines.append(
@@ -416,11 +427,9 @@ def comparison_table(runs: Sequence[Path], protocol: str | None) -> str:
     return "\n".join(lines)
 
 
-def _compare_page(path: Path, runs: Sequence[Path], table: str) -> None:
+def _compare_page(path: Path, runs: Sequence[RunFolder], table: str) -> None:
     links = "".join(
-        f"<li><a href='{_url(_relpath(r / REPORT, path.parent))}'>{_e(r)}</a></li>"
-        for r in runs
-        if (r / REPORT).is_file()
+        f"<li><a href='{_url(_relpath(r.report, path.parent))}'>{_e(r)}</a></li>" for r in runs if r.report.is_file()
     )
     write_text(
         path,

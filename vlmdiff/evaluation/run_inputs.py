@@ -23,10 +23,11 @@ from typing import Any
 from utils.errors import UserError
 from utils.io import read_json, write_json
 from vlmdiff.evaluation.map_store import MapStore, SourceFiles
+from vlmdiff.evaluation.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
+MANIFEST = RunFolder.MANIFEST
 LOCATION_KEYS = frozenset({"path", "data_path"})  # where the files were: recorded, never compared
 
 
@@ -82,25 +83,26 @@ def source_files(records: Sequence[Any]) -> dict[str, SourceFiles]:
 
 def check_manifest(output_dir: Path, manifest: dict[str, Any]) -> None:
     """Write the run's manifest, or check that the folder's existing one describes the same run."""
-    path = output_dir / MANIFEST
+    run = RunFolder(output_dir)
+    path = run.manifest
     if path.is_file():
         old = read_json(path)
         diff = _first_difference(old, manifest)
-        if diff and not MapStore(output_dir / "maps").classes():
+        if diff and not MapStore(run.maps).classes():
             log.info("%s holds no map yet: replacing its manifest (%s)", output_dir, diff)
             write_json(path, manifest)
         elif diff:
             raise UserError(_stale_message(output_dir, diff, old))
         return
-    if (output_dir / "maps").exists() and any((output_dir / "maps").iterdir()):
-        raise UserError(f"{output_dir}/maps holds maps without a {MANIFEST}: use another --output_dir")
+    if run.maps.exists() and any(run.maps.iterdir()):
+        raise UserError(f"{run.maps} holds maps without a {MANIFEST}: use another --output_dir")
     write_json(path, manifest)
 
 
 def check_data(output_dir: Path, records: Sequence[Any]) -> None:
     """Before evaluating stored maps: the test set is the one the maps were stored for, and the images
     and masks of the stored maps are unchanged (:func:`check_sources`)."""
-    old = read_json(output_dir / MANIFEST)
+    old = read_json(RunFolder(output_dir).manifest)
     stored = old.get("data", {}).get("fingerprint")
     if stored is None:
         log.warning(
@@ -119,7 +121,7 @@ def check_data(output_dir: Path, records: Sequence[Any]) -> None:
         )
         if diff:
             raise UserError(_stale_message(output_dir, diff, old))
-    check_sources(MapStore(output_dir / "maps"), records, source_files(records))
+    check_sources(MapStore(RunFolder(output_dir).maps), records, source_files(records))
 
 
 def check_sources(store: MapStore, records: Sequence[Any], now: Mapping[str, SourceFiles]) -> None:
@@ -168,16 +170,17 @@ def _old_fingerprint(fingerprint: Any) -> bool:
 
 
 def _stale_message(output_dir: Path, diff: str, old: dict[str, Any]) -> str:
+    run = RunFolder(output_dir)
     if diff.startswith("data.fingerprint") and _old_fingerprint(old.get("data", {}).get("fingerprint")):
         return (
-            f"{output_dir / MANIFEST} was written by an older version of test.py, whose data fingerprint "
+            f"{run.manifest} was written by an older version of test.py, whose data fingerprint "
             f"cannot be checked by this one; finish that run with the older version, or remove "
-            f"{output_dir / 'maps'} and score again, or use another --output_dir"
+            f"{run.maps} and score again, or use another --output_dir"
         )
     if diff.startswith("data.fingerprint.ids_labels"):
         return (
             f"the test set changed since the maps in {output_dir} were stored (image ids or labels differ); "
-            f"remove {output_dir / 'maps'} and score again, or use another --output_dir"
+            f"remove {run.maps} and score again, or use another --output_dir"
         )
     return f"{output_dir} holds maps of another run ({diff}); use another --output_dir or remove that folder"
 

@@ -17,8 +17,9 @@ import numpy as np
 
 from utils.errors import UserError
 from utils.io import read_json, write_json
+from vlmdiff.evaluation.run_folder import RunFolder
 
-THRESHOLDS = "thresholds.json"
+THRESHOLDS = RunFolder.THRESHOLDS
 _SCORES_DEPEND_ON = ("checkpoint", "reconstruction", "feature_extractor", "sigma", "precision")
 
 
@@ -50,15 +51,15 @@ def thresholds_record(
     }
 
 
-def write_thresholds(output_dir: Path, record: dict[str, Any]) -> Path:
-    write_json(output_dir / THRESHOLDS, record)
-    return output_dir / THRESHOLDS
+def write_thresholds(run: RunFolder, record: dict[str, Any]) -> Path:
+    write_json(run.thresholds, record)
+    return run.thresholds
 
 
 def load_thresholds(run: str | Path, pooling: str, manifest: dict[str, Any]) -> dict[str, Any]:
     """The thresholds of the labelled run ``run``, checked against this run's ``manifest`` and ``pooling``."""
     run = Path(run)
-    path = run / THRESHOLDS if run.is_dir() else run
+    path = RunFolder(run).thresholds if run.is_dir() else run
     if not path.is_file():
         raise UserError(
             f"--threshold_from {run}: no {THRESHOLDS} there; evaluate a labelled test run first "

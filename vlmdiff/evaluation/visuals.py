@@ -26,6 +26,7 @@ from PIL import Image
 from utils.io import atomic_open
 from vlmdiff.data.common import IMAGENET_MEAN as _MEAN  # no torchvision: evaluation needs none
 from vlmdiff.data.common import IMAGENET_STD as _STD
+from vlmdiff.evaluation.run_folder import visual_name, visual_path
 
 IMAGENET_MEAN = torch.tensor(_MEAN).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor(_STD).view(1, 3, 1, 1)
@@ -38,18 +39,6 @@ def to_uint8_images(x: torch.Tensor) -> np.ndarray:
     """ImageNet-normalised (B,3,H,W) -> (B,H,W,3) uint8, clipped to the displayable range."""
     x = x.detach().float().cpu() * IMAGENET_STD + IMAGENET_MEAN
     return (x.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-def visual_name(image_id: str) -> str:
-    """A file name for an image id: path separators become '__'; a PNG keeps its name, any other file gets
-    ``.png`` appended to its whole name (``a.jpg`` -> ``a.jpg.png``), so ``a.png`` and ``a.jpg`` stay apart."""
-    flat = image_id.replace("/", "__").replace("\\", "__")
-    return flat if flat.lower().endswith(".png") else f"{flat}.png"
-
-
-def visual_path(class_name: str, image_id: str) -> Path:
-    """Where an image's strip lies below a run's ``visuals/`` (and its mask below ``masks/``): ``{class}/{name}``."""
-    return Path(_safe(class_name)) / visual_name(image_id)
 
 
 def save_png(path: Path, array: np.ndarray) -> None:
@@ -68,11 +57,7 @@ def write_strips(
     """One ``input | autoencoder | sample`` strip per image under ``folder/{class}/``."""
     panels = [to_uint8_images(t) for t in (image, autoencoder, sample)]
     for i, (image_id, cls) in enumerate(zip(ids, class_names, strict=True)):
-        save_png(folder / _safe(cls) / visual_name(image_id), np.concatenate([p[i] for p in panels], axis=1))
-
-
-def _safe(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name) or "_"
+        save_png(folder / visual_path(cls, image_id), np.concatenate([p[i] for p in panels], axis=1))
 
 
 def colormap(values: np.ndarray) -> np.ndarray:

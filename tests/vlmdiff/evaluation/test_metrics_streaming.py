@@ -3,7 +3,8 @@
 Random maps and adversarial ones (ties, constant maps, scores in one narrow band, empty and full masks,
 float16/32/64, -0.0), each at budgets that take the class in one table or in several stretches of the score
 axis, with full histogram buckets refined and single values summed instead of held; classes read from a
-MapStore chunk by chunk; curve points.
+MapStore chunk by chunk; curve points. Every test runs twice: with the class kept from its one read
+(:data:`class_metrics.CLASS_BUDGET`) and read again for each pass (a budget of 0 bytes).
 """
 
 from __future__ import annotations
@@ -20,6 +21,42 @@ from vlmdiff.evaluation import curves as C
 from vlmdiff.evaluation import metrics as M
 from vlmdiff.evaluation import plots
 from vlmdiff.evaluation.map_store import MapStore
+
+
+@pytest.fixture(autouse=True, params=["kept", "read_again"])
+def class_budget(request, monkeypatch) -> str:
+    if request.param == "read_again":
+        monkeypatch.setattr(CM, "CLASS_BUDGET", 0)
+    return request.param
+
+
+class _Counted:
+    """A class source that counts how often it is read."""
+
+    def __init__(self, source: CM.ClassSource) -> None:
+        self.source, self.reads = source, 0
+
+    def chunks(self):
+        self.reads += 1
+        yield from self.source.chunks()
+
+
+@pytest.mark.parametrize("protocol", ["official", "legacy", "both"])
+def test_a_class_that_fits_is_read_once(class_budget: str, protocol: str) -> None:
+    rng = np.random.default_rng(5)
+    maps = rng.random((9, 64, 64)).astype(np.float32)
+    masks = np.zeros((9, 64, 64), np.uint8)
+    masks[::2, 4:12, 6:9] = 255
+    source = _Counted(CM.ArrayClass(maps, masks, batch=4))
+    ours = M.evaluate_stream([("c", source)], protocol=protocol)
+    ref = R.evaluate_class("c", maps, masks, protocol, "paper", 0.0)
+    for p in ref:
+        row = ours[p]["per_class"]["c"] if protocol == "both" else ours["per_class"]["c"]
+        assert all(_same(v, row[k]) for k, v in ref[p].items())
+    assert source.reads == (1 if class_budget == "kept" else 2)
+    small = _Counted(CM.ArrayClass(maps, masks, batch=4))  # positives in stretches: still one read when kept
+    M.evaluate_stream([("c", small)], protocol=protocol, budget=20)
+    assert small.reads == 1 if class_budget == "kept" else small.reads > 2
 
 
 def _budgets(gt: np.ndarray, few_values: bool) -> list[int]:
@@ -249,3 +286,23 @@ def test_both_ways_of_counting_negatives_agree(monkeypatch) -> None:
             monkeypatch.setattr(C, "SORT_SLICE", sort_slice)
             C.bin_negatives(table, negatives, got)
             np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_stretch_of_keys_is_a_stretch_of_scores(dtype) -> None:
+    """:func:`class_metrics._value_bounds`: the scores whose keys lie in ``[lo, hi)``, by comparison alone."""
+    rng = np.random.default_rng(3)
+    bits = 32 if dtype == np.float32 else 64
+    values = np.concatenate(
+        [(rng.standard_normal(2000) * 10.0 ** rng.integers(-30, 30, 2000)).astype(dtype), [-0.0, 0.0, -np.inf, np.inf]]
+    ).astype(dtype)
+    values = values[np.isfinite(values)]
+    keys = CM.order_keys(values)
+    edges = [0, 1 << bits, *(int(k) for k in rng.choice(keys, 20)), *(int(k) + 1 for k in rng.choice(keys, 10))]
+    edges += [int(CM.order_keys(np.array([v], dtype))[0]) for v in (0.0, -np.inf, np.inf)]
+    for lo, hi in itertools.combinations(sorted(set(edges)), 2):
+        a, b = CM._value_bounds(lo, hi, np.dtype(dtype))
+        by_value = (values >= (-np.inf if a is None else a)) & (values < (np.inf if b is None else b))
+        if b is None:
+            by_value |= values == np.inf
+        assert np.array_equal(by_value, CM._inside(keys, lo, hi)), (lo, hi)
