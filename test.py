@@ -31,11 +31,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ldm.config import to_dict
 from utils.cli import (
     HelpFormatter,
     add_run_file_args,
@@ -49,13 +46,12 @@ from utils.errors import UserError
 from utils.io import read_json
 from utils.lock import claim_folder
 from utils.progress import add_progress_args
-from utils.provenance import provenance
 from vlmdiff import distributed
 from vlmdiff.cli import (
+    BATCH_SIZE,
     add_caption_args,
     add_config_args,
     add_data_args,
-    canonical_dataset,
     check_numbers,
     coco_part,
     load_split_captions,
@@ -63,8 +59,10 @@ from vlmdiff.cli import (
     short_precision,
 )
 from vlmdiff.data.common import MASK_ORDERS
-from vlmdiff.evaluation.map_store import MapStore
-from vlmdiff.reconstruction import BATCH_SIZE, ReconstructionSettings
+from vlmdiff.data.registry import canonical_name
+
+if TYPE_CHECKING:  # torch and the model stack are imported after parsing: --help needs neither
+    import torch
 
 log = logging.getLogger("test")
 
@@ -212,6 +210,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _device(name: str, local_rank: int) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     try:
@@ -246,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
 
 def _check_args(args: argparse.Namespace) -> None:
     """Flags that can be checked before any work."""
-    if canonical_dataset(args.data_set) == "coco" and args.coco_part < 0:
+    if canonical_name(args.data_set) == "coco" and args.coco_part < 0:
         raise UserError("--data_set coco needs --coco_part 0..3")
     check_numbers(
         args,
@@ -260,7 +260,7 @@ def _check_args(args: argparse.Namespace) -> None:
             "gallery_size": ">= 1",
         },
     )
-    dataset_name = canonical_dataset(args.data_set)
+    dataset_name = canonical_name(args.data_set)
     if args.threshold_from and dataset_name != "folder":
         raise UserError(
             f"--threshold_from is for unlabelled images (--data_set folder); {dataset_name} has ground "
@@ -280,17 +280,19 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _output_dir(args: argparse.Namespace) -> Path:
-    return Path(args.output_dir or Path("results") / (args.exp_name or f"vlmdiff_{canonical_dataset(args.data_set)}"))
+    return Path(args.output_dir or Path("results") / (args.exp_name or f"vlmdiff_{canonical_name(args.data_set)}"))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
     """Score (unless --run_eval_only) and evaluate, in the output folder main() holds."""
+    from utils.provenance import provenance
     from vlmdiff.evaluation.evaluate import evaluate_run, label_run
+    from vlmdiff.evaluation.map_store import MapStore
     from vlmdiff.evaluation.report import build_report
     from vlmdiff.evaluation.run_inputs import check_coverage, check_data
     from vlmdiff.evaluation.thresholds import load_thresholds
 
-    dataset_name = canonical_dataset(args.data_set)
+    dataset_name = canonical_name(args.data_set)
     exp_name = args.exp_name or f"vlmdiff_{dataset_name}"
     output_dir = _output_dir(args)
     has_truth = dataset_name != "folder"
@@ -393,11 +395,16 @@ def _score(
     ranks: distributed.Ranks,
     records: list,
 ) -> None:
+    import torch
+
+    from ldm.config import to_dict
     from vlmdiff.checkpoint import load_vlmdiff
     from vlmdiff.data import AnomalyDataset, match_captions
+    from vlmdiff.evaluation.map_store import MapStore
     from vlmdiff.evaluation.run_inputs import check_manifest, data_fingerprint, manifest_for, source_files
     from vlmdiff.features import build_feature_extractor, resolve_extractor_name
     from vlmdiff.inference import score_images, shard_indices
+    from vlmdiff.reconstruction import ReconstructionSettings
 
     if not args.resume_path:
         raise UserError("--resume_path (the trained checkpoint) is required unless --run_eval_only")

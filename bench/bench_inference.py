@@ -48,11 +48,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.common import MemoryMeter, load_average, table, write_results  # noqa: E402
+from vlmdiff.cli import BATCH_SIZE  # noqa: E402
 from vlmdiff.config import VLMDiffConfig, load_model_config  # noqa: E402
 from vlmdiff.data.dataset import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from vlmdiff.features import FeatureExtractor, build_feature_extractor  # noqa: E402
 from vlmdiff.model import VLMDiff  # noqa: E402
-from vlmdiff.reconstruction import BATCH_SIZE, ReconstructionSettings, reconstruct  # noqa: E402
+from vlmdiff.reconstruction import ReconstructionSettings, reconstruct  # noqa: E402
 from vlmdiff.scoring import anomaly_map, image_score  # noqa: E402
 from vlmdiff.sg_network import zero_initialised_modules  # noqa: E402
 
