@@ -206,7 +206,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The flags as given; :func:`resolve_defaults` fills in those worked out from the others."""
     return parse_with_run_file(build_parser(), argv)
+
+
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill in the run name, the output folder and (unless --run_eval_only) the feature extractor, in place."""
+    args.exp_name = args.exp_name or f"vlmdiff_{canonical_name(args.data_set)}"
+    args.output_dir = str(Path(args.output_dir or Path("results") / args.exp_name))
+    if not args.run_eval_only:
+        from vlmdiff.features import resolve_extractor_name
+
+        args.feature_extractor = resolve_extractor_name(args.feature_extractor, args.use_dino, args.dino_version)
+    return args
 
 
 def _device(name: str, local_rank: int) -> torch.device:
@@ -232,7 +244,7 @@ def _device(name: str, local_rank: int) -> torch.device:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
-    args = parse_args(argv)
+    args = resolve_defaults(parse_args(argv))
     if args.print_config:
         print_config(args, model=model_config_to_print(args, args.resume_path))
         return None
@@ -403,7 +415,7 @@ def _score(
     from vlmdiff.evaluation.map_store import MapStore
     from vlmdiff.evaluation.run_inputs import check_manifest, data_fingerprint, manifest_for, source_files
     from vlmdiff.features import build_feature_extractor, resolve_extractor_name
-    from vlmdiff.inference import score_images, shard_indices
+    from vlmdiff.inference import ScoringOptions, score_images, shard_indices
     from vlmdiff.reconstruction import ReconstructionSettings
 
     if not args.resume_path:
@@ -461,26 +473,20 @@ def _score(
     store = MapStore(output_dir / "maps", dtype=args.map_dtype)
     visuals = output_dir / "panels" if args.save_visuals else None
     upstream_visuals = output_dir / f"log_image_{exp_name}" if args.save_visuals else None
-    n = score_images(
-        model,
-        extractor,
-        dataset,
-        indices,
-        store,
-        settings,
+    options = ScoringOptions(
         batch_size=args.batch_size,
         num_workers=data_workers(args.num_workers, 4),
         device=device,
         sigma=args.sigma,
-        visuals=visuals,
-        autocast_dtype=autocast,
         pooling=args.image_pooling,
+        autocast_dtype=autocast,
+        visuals=visuals,
+        upstream_visuals=upstream_visuals,
         progress=ranks.is_main,
         bar=not args.no_progress_bar,
         log_interval=args.log_interval,
-        upstream_visuals=upstream_visuals,
-        sources=sources,
     )
+    n = score_images(model, extractor, dataset, indices, store, settings, options, sources=sources)
     log.info("rank %d scored %d images with %s features", ranks.rank, n, extractor_name)
 
 

@@ -39,7 +39,9 @@ def setup_logging(verbose: bool = False) -> None:
 
 # Lightning notices that help nobody running these scripts: its advertisements, the note that our one-line
 # model summary replaces its table, the eval-mode count (the frozen parts are in eval mode on purpose), the
-# run folder that holds logs before the first checkpoint.
+# run folder that holds logs before the first checkpoint, the advice to run under srun whenever an srun
+# program exists (vlmdiff.distributed says so itself inside a SLURM job), the DataLoader worker count (ours
+# is chosen from the CPUs available, utils.cli.data_workers).
 _LIGHTNING_NOISE = ("💡 Tip", "litlogger", "litmodels", "Skipping setting a default `ModelSummary`")
 # rank_zero_info logs to whichever of these imported last (the standalone pytorch_lightning package too)
 _RANK_ZERO_LOGGERS = (
@@ -47,7 +49,12 @@ _RANK_ZERO_LOGGERS = (
     "lightning.fabric.utilities.rank_zero",
     "pytorch_lightning.utilities.rank_zero",
 )
-_NOISE_WARNINGS = (r"Found \d+ module\(s\) in eval mode", r"Checkpoint directory .* exists and is not empty")
+_NOISE_WARNINGS = (
+    r"Found \d+ module\(s\) in eval mode",
+    r"Checkpoint directory .* exists and is not empty",
+    r"The `srun` command is available on your system but is not used",
+    r"The '\w+_dataloader' does not have many workers",
+)
 
 
 def _not_noise(record: logging.LogRecord) -> bool:
@@ -55,7 +62,19 @@ def _not_noise(record: logging.LogRecord) -> bool:
 
 
 def quiet_dependencies() -> None:
-    """Hide dependencies' deprecation warnings and Lightning's tips; our own modules' warnings stay."""
+    """Hide dependencies' deprecation warnings and Lightning's tips; our own modules' warnings stay.
+
+    In a batch job (standard error not a terminal) the Hugging Face loading and download bars are off too:
+    a log keeps each of their redraws. Lightning's messages are printed once (its package logger has a
+    console handler of its own; it does not pass them on to ours as well).
+    """
+    logging.getLogger("lightning").propagate = False
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when huggingface_hub is imported
+        if "huggingface_hub" in sys.modules:
+            sys.modules["huggingface_hub"].utils.disable_progress_bars()
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
     for name in _RANK_ZERO_LOGGERS:
         rank_zero = logging.getLogger(name)
         if _not_noise not in rank_zero.filters:
