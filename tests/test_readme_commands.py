@@ -101,8 +101,9 @@ def readme_files() -> dict[str, str]:
     "source,target,argv", commands(), ids=[f"{s}: {t} {' '.join(a[:4])}" for s, t, a in commands()]
 )
 def test_command_parses(source, target, argv, monkeypatch, tmp_path):
-    if "--config_file" in argv:  # the README's run file, written where the command expects it
-        name = argv[argv.index("--config_file") + 1]
+    flag = next((f for f in ("--run_file", "--config_file") if f in argv), None)  # the old spelling works too
+    if flag:  # the README's run file, written where the command expects it
+        name = argv[argv.index(flag) + 1]
         assert name in readme_files(), f"{source}: the README does not show {name}"
         (tmp_path / name).write_text(readme_files()[name])
         monkeypatch.chdir(tmp_path)

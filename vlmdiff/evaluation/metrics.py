@@ -27,6 +27,7 @@ from utils.cli import HelpFormatter, run_main, setup_logging
 from utils.errors import UserError
 from utils.io import write_json
 from vlmdiff import scoring
+from vlmdiff.data.registry import ALIASES
 from vlmdiff.evaluation.class_metrics import (  # noqa: F401  (public here too)
     LEGACY_NUM_THRESHOLDS,
     POSITIVE_BUDGET,
@@ -322,7 +323,7 @@ PAPER_RESULTS: dict[str, dict[str, float]] = {  # the VLMDiff paper (WACV 2026),
         "visa": (80.9, 83.9, 80.7, 97.0, 28.3, 33.6, 81.0),
     }.items()
 }
-_DATASET_ALIASES = {"real_iad": "realiad", "mvtec_ad": "mvtec", "coco_ad": "coco"}
+_DATASET_ALIASES = {**dict(ALIASES), "mvtec_ad": "mvtec", "coco_ad": "coco"}  # also the paper's names
 
 
 def _pct(v: float) -> str:

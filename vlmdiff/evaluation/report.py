@@ -35,6 +35,7 @@ from PIL import Image
 from utils.cli import HelpFormatter, run_main, setup_logging
 from utils.errors import UserError
 from utils.io import atomic_open, read_json, write_json, write_text
+from vlmdiff.data.registry import ALIASES, dataset_choices
 from vlmdiff.evaluation import plots
 from vlmdiff.evaluation.map_store import MapStore
 from vlmdiff.evaluation.metrics import METRICS, PAPER_RESULTS, format_table, paper_comparison, paper_means
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 REPORT = "report.html"
 ASSETS = "report"  # folder of the page's figures and gallery images, beside report.html
 _HEADERS = ("AU-ROC_I", "AP_I", "F1max_I", "AU-ROC_P", "AP_P", "F1max_P", "AU-PRO")
-_DATASETS = sorted(PAPER_RESULTS) + ["real_iad"]
+_DATASETS = dataset_choices(folder=False)  # the paper's datasets and their aliases (real_iad)
 
 
 # --------------------------------------------------------------------------- reading a run
@@ -322,7 +323,7 @@ def build_report(
         body.append("<h2>Metrics (percent)</h2>")
         for p, res in metrics.items():
             body.append(_md_table_html(format_table(res, f"{p} protocol")))
-        key = {"real_iad": "realiad"}.get(dataset or "", dataset)
+        key = dict(ALIASES).get(dataset or "", dataset)
         if key in PAPER_RESULTS:
             means = paper_means(metrics, protocol)
             body.append(f"<h3>Mean beside the paper's row ({_e(key)})</h3>")
@@ -508,10 +509,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         out["mean"] = mean
         if args.output:
             write_json(args.output, {"protocol": p, "runs": [str(r) for r in runs], "mean": mean})
-        if dataset in PAPER_RESULTS or dataset == "real_iad":
+        if dict(ALIASES).get(dataset, dataset) in PAPER_RESULTS:
             print()
             print(paper_comparison({p: mean}, dataset))
-    elif dataset in PAPER_RESULTS or dataset == "real_iad":
+    elif dict(ALIASES).get(dataset, dataset) in PAPER_RESULTS:
         for run in runs:
             metrics = read_metrics(run)
             if metrics:
