@@ -19,28 +19,17 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from ldm.checkpoint import (
-    cast_to_model_dtypes,
-    drop_ema,
-    load_checkpoint,
-    load_state_dict,
-    save_checkpoint,
-    use_ema_weights,
-)
-from ldm.config import to_dict
-from ldm.diffusion.schedule import SCHEDULE_BUFFERS, register_schedule
-from ldm.models.autoencoder import autoencoder_state_dict
 from utils.cli import HelpFormatter, add_run_file_args, parse_with_run_file, print_config, run_main, setup_logging
 from utils.errors import UserError
-from utils.provenance import provenance
-from vlmdiff.checkpoint import CONTROL, UNET, assemble_state_dict, checkpoint_kind
-from vlmdiff.cli import DATASETS, add_config_args, canonical_dataset
-from vlmdiff.config import VLMDiffConfig, load_model_config
-from vlmdiff.model import VLMDiff
-from vlmdiff.sg_network import fresh_new_layers
+from vlmdiff.cli import add_config_args
+from vlmdiff.data.registry import canonical_name, dataset_choices
+
+if TYPE_CHECKING:  # the model stack is imported after parsing: --help needs none of it
+    import torch
+
+    from vlmdiff.config import VLMDiffConfig
 
 log = logging.getLogger("build_model")
 
@@ -53,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ae_path", default=None, help="finetuned autoencoder checkpoint (default: models/{data_set}_ae.ckpt)"
     )
-    p.add_argument("--data_set", default="mvtec", choices=DATASETS, help="names the default --ae_path")
+    p.add_argument(
+        "--data_set", default="mvtec", choices=dataset_choices(folder=False), help="names the default --ae_path"
+    )
     p.add_argument(
         "--output", default="models/vlmdiff.ckpt", help="where to write the assembled model (.ckpt or .safetensors)"
     )
@@ -77,6 +68,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def read_sd(path: Path, cfg: VLMDiffConfig, use_ema: bool, unsafe: bool) -> dict[str, torch.Tensor]:
+    import torch
+
+    from ldm.checkpoint import drop_ema, load_state_dict, use_ema_weights
+    from ldm.diffusion.schedule import SCHEDULE_BUFFERS
+    from vlmdiff.checkpoint import CONTROL, UNET, checkpoint_kind
+
     if path.is_dir():
         from ldm.convert_diffusers import is_diffusers_folder, load_diffusers_folder
 
@@ -104,6 +101,11 @@ def read_sd(path: Path, cfg: VLMDiffConfig, use_ema: bool, unsafe: bool) -> dict
 
 def fresh_weights(cfg: VLMDiffConfig, text_from_sd: bool) -> dict[str, torch.Tensor]:
     """Initial values of everything without a pretrained source: new SG layers, schedule, (text)."""
+    import torch
+
+    from ldm.diffusion.schedule import register_schedule
+    from vlmdiff.sg_network import fresh_new_layers
+
     fresh = {f"control_model.{k}": v for k, v in fresh_new_layers(cfg.unet, cfg.control).items()}
     holder = torch.nn.Module()
     register_schedule(holder, cfg.diffusion)
@@ -118,9 +120,19 @@ def fresh_weights(cfg: VLMDiffConfig, text_from_sd: bool) -> dict[str, torch.Ten
 
 
 def build(args: argparse.Namespace) -> Path:
+    import torch
+
+    from ldm.checkpoint import cast_to_model_dtypes, load_checkpoint, save_checkpoint
+    from ldm.config import to_dict
+    from ldm.models.autoencoder import autoencoder_state_dict
+    from utils.provenance import provenance
+    from vlmdiff.checkpoint import assemble_state_dict
+    from vlmdiff.config import load_model_config
+    from vlmdiff.model import VLMDiff
+
     cfg = load_model_config(args.config, args.overrides)
     sd_path = Path(args.sd_path)
-    ae_path = Path(args.ae_path or f"models/{canonical_dataset(args.data_set)}_ae.ckpt")
+    ae_path = Path(args.ae_path or f"models/{canonical_name(args.data_set)}_ae.ckpt")
     output = Path(args.output)
     if output.suffix not in (".ckpt", ".safetensors"):
         raise UserError(f"--output {output} must end in .ckpt or .safetensors")
@@ -164,6 +176,9 @@ def build(args: argparse.Namespace) -> Path:
 def main(argv: Sequence[str] | None = None) -> Path | None:
     args = parse_args(argv)
     if args.print_config:
+        from ldm.config import to_dict
+        from vlmdiff.config import load_model_config
+
         print_config(args, model=to_dict(load_model_config(args.config, args.overrides)))
         return None
     setup_logging(args.verbose)

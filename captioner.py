@@ -43,26 +43,20 @@ from pathlib import Path
 from utils.cli import HelpFormatter, add_run_file_args, parse_with_run_file, print_config, run_main, setup_logging
 from utils.errors import UserError
 from utils.progress import add_progress_args
+from vlmdiff.cli import add_data_args
 from vlmdiff.distributed import detect_ranks
+from vlmdiff.vlm_backends import BACKENDS
 
 logger = logging.getLogger("captioner")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument(
-        "--data_set",
+    add_data_args(
+        p,
         required=True,
-        choices=["mvtec", "visa", "realiad", "real_iad", "coco"],
-        help="dataset layout (real_iad is accepted for realiad)",
-    )
-    p.add_argument("--data_path", required=True, help="dataset root")
-    p.add_argument(
-        "--coco_part",
-        type=int,
-        default=-1,
-        choices=[-1, 0, 1, 2, 3],
-        help="COCO-AD part whose images to caption (-1: every meta_20_*.json present)",
+        coco_part_help="COCO-AD part whose images to caption (-1: every meta_20_*.json present)",
+        classes=False,
     )
     p.add_argument(
         "--vlm_model",
@@ -90,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--backend",
         default=None,
-        choices=["hf", "internvl", "blip", "deepseekvl", "template"],
+        choices=tuple(BACKENDS),
         help="caption backend (default: the paper's backend for internvl/blip/deepseekvl, template for "
         "--vlm_model template, else hf)",
     )
@@ -174,11 +168,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     n = 0
     if todo:
         prompt = cap.prompt_for(dataset, args.prompt_type)
-        if backend_name == "template":
-            backend = cap.TemplateBackend(args.prompt_type)
-        else:
-            device = f"cuda:{ranks.local_rank}" if args.device == "auto" and ranks.world > 1 else args.device
-            backend = build_backend(backend_name, args.vlm_model, prompt, args.dtype, device, args.max_new_tokens)
+        device = f"cuda:{ranks.local_rank}" if args.device == "auto" and ranks.world > 1 else args.device
+        backend = build_backend(
+            backend_name, args.vlm_model, prompt, args.dtype, device, args.max_new_tokens, args.prompt_type
+        )
         writer = cap.ProgressWriter(
             cap.progress_file(
                 output, dataset, vlm, args.prompt_type, args.start_ind, args.end_ind, ranks.rank, ranks.world

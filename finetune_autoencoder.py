@@ -7,7 +7,7 @@ trains it with upstream's loss: L1 + LPIPS reconstruction NLL, KL (weight 1e-6) 
 update ``disc_start`` (50001) on, a PatchGAN hinge loss with adaptive weight x 0.5. Adam betas
 (0.5, 0.9), lr = base_lr (4.5e-5) x batch size (1), gradient accumulation 8. The images are
 ImageNet-normalised, as upstream feeds them. Training hyper-parameters come from
-``configs/autoencoder.yaml`` (``--train_config``); flags override them. The default budget is that
+``configs/autoencoder.yaml`` (``--recipe``); flags override them. The default budget is that
 file's ``max_steps: 60001`` generator updates (480,008 images at batch 1 x accumulation 8): updates
 0..50000 train with L1 + LPIPS + KL, updates 50001..60000 with the PatchGAN loss too, so the GAN
 phase is reached as in upstream's run (whose implicit 1000 epochs passed disc_start). A budget of
@@ -46,6 +46,7 @@ from typing import Any
 
 from utils.cli import (
     HelpFormatter,
+    add_old_spelling,
     add_run_file_args,
     data_workers,
     parse_with_run_file,
@@ -63,31 +64,22 @@ KL_F8_URL = "https://ommer-lab.com/files/latent-diffusion/kl-f8.zip"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vlmdiff.cli import lightning_precision
+    from vlmdiff.cli import add_data_args, lightning_precision, parse_devices
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    p.add_argument(
-        "--data_set",
-        required=True,
-        choices=["mvtec", "visa", "realiad", "real_iad", "coco", "folder"],
-        help="dataset layout (real_iad is accepted for realiad; folder = any folder of images)",
-    )
-    p.add_argument("--data_path", required=True, help="dataset root")
-    p.add_argument(
-        "--coco_part", type=int, default=-1, choices=[-1, 0, 1, 2, 3], help="COCO-AD part (0..3) to train on; -1: none"
-    )
-    p.add_argument("--classes", nargs="+", default=None, help="only these classes (default: all)")
+    add_data_args(p, folder=True, required=True, coco_part_help="COCO-AD part (0..3) to train on; -1: none")
     p.add_argument(
         "--config",
         default="sd15",
         help="model preset (sd15, mid, tiny, demo) or YAML whose autoencoder: section is trained",
     )
     p.add_argument(
-        "--train_config",
+        "--recipe",
         default="autoencoder",
-        help="finetuning hyper-parameters: a preset in configs/ "
+        help="the finetuning recipe (hyper-parameters): a name in configs/ "
         "(autoencoder = configs/autoencoder.yaml) or a YAML file",
     )
+    add_old_spelling(p, "--train_config", "--recipe")
     p.add_argument(
         "--resume_path",
         default=DEFAULT_RESUME_PATH,
@@ -161,7 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exp_name", default=None, help="appended to the default run folder name (default: nothing)")
     p.add_argument("--seed", type=int, default=1, help="seed of the run (data order, initialisation)")
     p.add_argument("--accelerator", default="auto", help="auto, cpu, gpu, ...")
-    p.add_argument("--devices", default="1", help="number of devices, a list like 0,1, or auto")
+    p.add_argument(
+        "--devices",
+        default="1",
+        type=parse_devices,
+        help="number of devices (-1: all), a comma list of indices like 0,1, or auto",
+    )
     p.add_argument(
         "--precision",
         default="32",
@@ -191,10 +188,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def train_config_from_args(args: argparse.Namespace) -> Any:
-    """configs/autoencoder.yaml (or --train_config) with the flags that were given applied."""
+    """configs/autoencoder.yaml (or --recipe) with the flags that were given applied."""
     from ldm.models.autoencoder import load_train_config, validate_train_config
 
-    cfg = load_train_config(args.train_config)
+    cfg = load_train_config(args.recipe)
     top = {
         k: getattr(args, k)
         for k in ("batch_size", "accumulate_grad_batches", "base_lr", "max_steps", "max_epochs")
@@ -240,15 +237,8 @@ def run_folder(args: argparse.Namespace, dataset: str) -> Path:
     return Path("runs") / (name + (f"_{args.exp_name}" if args.exp_name else ""))
 
 
-def _devices(value: str) -> int | str | list[int]:
-    if value.isdigit():
-        return int(value)
-    if "," in value:
-        return [int(v) for v in value.split(",") if v.strip()]
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)  # before the heavy imports: --help and bad flags answer at once
     import lightning.pytorch as pl
     import torch
     import yaml
@@ -272,9 +262,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         run_loggers,
     )
 
-    args = parse_args(argv)
     setup_logging(args.verbose)
-    check_devices(args.accelerator, _devices(args.devices))
+    devices = args.devices
+    check_devices(args.accelerator, devices)
     dataset = canonical_name(args.data_set)
     model_cfg = load_config(args.config, LatentDiffusionConfig, only_own_sections=True)
     ae_cfg = model_cfg.autoencoder
@@ -285,10 +275,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             f"--image_size {image_size} is not a multiple of the autoencoder's down-sampling factor {factor}"
         )
     train_cfg = train_config_from_args(args)
+    folder = run_folder(args, dataset)
+    args.output_dir = str(folder)  # the run folder is resolved, also in --print_config
     if args.print_config:
         print_config(args, autoencoder=to_dict(ae_cfg), finetune=to_dict(train_cfg), image_size=image_size)
         return
-    folder = run_folder(args, dataset)
     last = folder / "checkpoints" / "last.ckpt"
     if args.resume and not last.is_file():
         raise UserError(f"--resume: no checkpoint to continue from at {last}")
@@ -314,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     module = AutoencoderTraining(ae_cfg, train_cfg, run_config)
     if not args.resume:
         _load_starting_weights(module, args)
-    elif args.resume_path != DEFAULT_RESUME_PATH:
+    elif Path(args.resume_path) != Path(DEFAULT_RESUME_PATH):
         logger.info("--resume: weights come from %s, --resume_path is ignored", last)
 
     data = build_dataset(
@@ -346,7 +337,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         data_set=dataset,
         data_path=str(args.data_path),
     )
-    devices = _devices(args.devices)
     multi = not (devices == 1 or (isinstance(devices, list) and len(devices) == 1))
     accumulate = train_cfg.accumulate_grad_batches
     bar, progress = progress_callbacks(  # progress lines count generator updates, the budget's unit
@@ -445,15 +435,11 @@ def _load_starting_weights(module: Any, args: argparse.Namespace) -> None:
             resolve_files(args.vgg_weights, args.lpips_weights)  # fail before anything slow
     else:
         path = Path(args.resume_path)
-        if not path.is_file():
-            hint = (
-                f"download {KL_F8_URL} and put its model.ckpt there, "
-                if args.resume_path == DEFAULT_RESUME_PATH
-                else ""
-            )
+        if not path.is_file():  # the download address whatever the path's spelling (upstream's ./models/...)
             raise UserError(
-                f"starting weights {path} not found: {hint}give --resume_path (kl-f8 model.ckpt, an SD-1.5 "
-                "checkpoint or a finetuned autoencoder), or --resume_path none for a random start"
+                f"starting weights {path} not found: download {KL_F8_URL} and put its model.ckpt there, or give "
+                "--resume_path (kl-f8 model.ckpt, an SD-1.5 checkpoint or a finetuned autoencoder), or "
+                "--resume_path none for a random start"
             )
         ckpt = load_checkpoint(path, allow_unsafe_pickle=args.unsafe_legacy_pickle)
         loaded = module.load_starting_weights(ckpt, path, use_file_perceptual=not explicit_files)

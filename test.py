@@ -31,11 +31,8 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ldm.config import to_dict
 from utils.cli import (
     HelpFormatter,
     add_run_file_args,
@@ -49,13 +46,12 @@ from utils.errors import UserError
 from utils.io import read_json
 from utils.lock import claim_folder
 from utils.progress import add_progress_args
-from utils.provenance import provenance
 from vlmdiff import distributed
 from vlmdiff.cli import (
+    BATCH_SIZE,
     add_caption_args,
     add_config_args,
     add_data_args,
-    canonical_dataset,
     check_numbers,
     coco_part,
     load_split_captions,
@@ -63,8 +59,10 @@ from vlmdiff.cli import (
     short_precision,
 )
 from vlmdiff.data.common import MASK_ORDERS
-from vlmdiff.evaluation.map_store import MapStore
-from vlmdiff.reconstruction import BATCH_SIZE, ReconstructionSettings
+from vlmdiff.data.registry import canonical_name
+
+if TYPE_CHECKING:  # torch and the model stack are imported after parsing: --help needs neither
+    import torch
 
 log = logging.getLogger("test")
 
@@ -208,10 +206,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The flags as given; :func:`resolve_defaults` fills in those worked out from the others."""
     return parse_with_run_file(build_parser(), argv)
 
 
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill in the run name, the output folder and (unless --run_eval_only) the feature extractor, in place."""
+    args.exp_name = args.exp_name or f"vlmdiff_{canonical_name(args.data_set)}"
+    args.output_dir = str(Path(args.output_dir or Path("results") / args.exp_name))
+    if not args.run_eval_only:
+        from vlmdiff.features import resolve_extractor_name
+
+        args.feature_extractor = resolve_extractor_name(args.feature_extractor, args.use_dino, args.dino_version)
+    return args
+
+
 def _device(name: str, local_rank: int) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     try:
@@ -232,7 +244,7 @@ def _device(name: str, local_rank: int) -> torch.device:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
-    args = parse_args(argv)
+    args = resolve_defaults(parse_args(argv))
     if args.print_config:
         print_config(args, model=model_config_to_print(args, args.resume_path))
         return None
@@ -246,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any] | None:
 
 def _check_args(args: argparse.Namespace) -> None:
     """Flags that can be checked before any work."""
-    if canonical_dataset(args.data_set) == "coco" and args.coco_part < 0:
+    if canonical_name(args.data_set) == "coco" and args.coco_part < 0:
         raise UserError("--data_set coco needs --coco_part 0..3")
     check_numbers(
         args,
@@ -260,7 +272,7 @@ def _check_args(args: argparse.Namespace) -> None:
             "gallery_size": ">= 1",
         },
     )
-    dataset_name = canonical_dataset(args.data_set)
+    dataset_name = canonical_name(args.data_set)
     if args.threshold_from and dataset_name != "folder":
         raise UserError(
             f"--threshold_from is for unlabelled images (--data_set folder); {dataset_name} has ground "
@@ -280,18 +292,20 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def _output_dir(args: argparse.Namespace) -> Path:
-    return Path(args.output_dir or Path("results") / (args.exp_name or f"vlmdiff_{canonical_dataset(args.data_set)}"))
+    return Path(args.output_dir or Path("results") / (args.exp_name or f"vlmdiff_{canonical_name(args.data_set)}"))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
     """Score (unless --run_eval_only) and evaluate, in the output folder main() holds."""
+    from utils.provenance import provenance
     from vlmdiff.evaluation.evaluate import evaluate_run, label_run
+    from vlmdiff.evaluation.map_store import MapStore
     from vlmdiff.evaluation.report import build_report
     from vlmdiff.evaluation.run_folder import RunFolder
     from vlmdiff.evaluation.run_inputs import check_coverage, check_data
     from vlmdiff.evaluation.thresholds import load_thresholds
 
-    dataset_name = canonical_dataset(args.data_set)
+    dataset_name = canonical_name(args.data_set)
     exp_name = args.exp_name or f"vlmdiff_{dataset_name}"
     output_dir = _output_dir(args)
     folder = RunFolder(output_dir)
@@ -397,12 +411,17 @@ def _score(
     ranks: distributed.Ranks,
     records: list,
 ) -> None:
+    import torch
+
+    from ldm.config import to_dict
     from vlmdiff.checkpoint import load_vlmdiff
     from vlmdiff.data import AnomalyDataset, match_captions
+    from vlmdiff.evaluation.map_store import MapStore
     from vlmdiff.evaluation.run_folder import RunFolder
     from vlmdiff.evaluation.run_inputs import check_manifest, data_fingerprint, manifest_for, source_files
     from vlmdiff.features import build_feature_extractor, resolve_extractor_name
-    from vlmdiff.inference import score_images, shard_indices
+    from vlmdiff.inference import ScoringOptions, score_images, shard_indices
+    from vlmdiff.reconstruction import ReconstructionSettings
 
     if not args.resume_path:
         raise UserError("--resume_path (the trained checkpoint) is required unless --run_eval_only")
@@ -460,26 +479,20 @@ def _score(
     store = MapStore(folder.maps, dtype=args.map_dtype)
     visuals = folder.panels if args.save_visuals else None
     upstream_visuals = folder.log_images(exp_name) if args.save_visuals else None
-    n = score_images(
-        model,
-        extractor,
-        dataset,
-        indices,
-        store,
-        settings,
+    options = ScoringOptions(
         batch_size=args.batch_size,
         num_workers=data_workers(args.num_workers, 4),
         device=device,
         sigma=args.sigma,
-        visuals=visuals,
-        autocast_dtype=autocast,
         pooling=args.image_pooling,
+        autocast_dtype=autocast,
+        visuals=visuals,
+        upstream_visuals=upstream_visuals,
         progress=ranks.is_main,
         bar=not args.no_progress_bar,
         log_interval=args.log_interval,
-        upstream_visuals=upstream_visuals,
-        sources=sources,
     )
+    n = score_images(model, extractor, dataset, indices, store, settings, options, sources=sources)
     log.info("rank %d scored %d images with %s features", ranks.rank, n, extractor_name)
 
 

@@ -2,7 +2,8 @@
 
 Starts from an assembled checkpoint (build_model.py) or continues an interrupted run. Trainable: the
 SG network, the UNet output blocks and its final layer; AdamW (lr 1e-5, weight decay 0.01), batch 12,
-gradient accumulation 4, seed 1 -- the paper's settings. Checkpoints, TensorBoard and CSV logs go to
+gradient accumulation 4, seed 1 -- the paper's settings, read from the recipe configs/train.yaml (the flags
+of the same names override it). Checkpoints, TensorBoard and CSV logs go to
 {output_root}/ckpt_{exp_name}/: model_epoch=NNN.ckpt every 25 epochs (20 for Real-IAD and COCO-AD; NNN is
 the 0-based epoch, so the 100th epoch is model_epoch=099.ckpt) and last.ckpt. A relative --caption_folder
 that does not exist in the working folder is looked up beside the dataset root ({data_path}/..).
@@ -27,11 +28,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-from ldm.config import to_dict
 from utils.cli import (
     HelpFormatter,
     add_run_file_args,
@@ -44,39 +40,27 @@ from utils.cli import (
 from utils.errors import UserError
 from utils.lock import claim_folder
 from utils.progress import add_progress_args
-from utils.provenance import provenance
-from vlmdiff.checkpoint import load_vlmdiff
 from vlmdiff.cli import (
-    PAPER_EPOCHS,
-    SAVE_EVERY_N_EPOCHS,
+    PRECISIONS,
+    TRAIN_RECIPE,
     add_caption_args,
     add_config_args,
     add_data_args,
-    canonical_dataset,
     check_numbers,
     coco_part,
     lightning_precision,
     load_split_captions,
+    load_train_recipe,
     model_config_to_print,
+    parse_devices,
 )
-from vlmdiff.training import (
-    PRECISIONS,
-    FiniteTraining,
-    PerRankSeed,
-    Preempted,
-    SaveOnSigterm,
-    SaveProvenance,
-    check_devices,
-    checkpoint_callback,
-    last_checkpoint,
-    make_trainer,
-    train_loader,
-)
+from vlmdiff.data.registry import canonical_name
 
 log = logging.getLogger("train")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    recipe = load_train_recipe()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_data_args(p)
     add_caption_args(p)
@@ -95,24 +79,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--exp_name", default=None, help="run name (default: vlmdiff_{data_set}); checkpoints in ckpt_{exp_name}/"
     )
     g.add_argument("--output_root", default=".", help="folder that holds ckpt_{exp_name}/")
-    g.add_argument("--seed", type=int, default=1, help="global seed; each rank derives its own from it")
+    g.add_argument("--seed", type=int, default=recipe.seed, help="global seed; each rank derives its own from it")
     g.add_argument(
         "--unsafe_legacy_pickle",
         action="store_true",
         help="allow arbitrary pickles in --resume_path (trusted files only)",
     )
-    o = p.add_argument_group("optimisation")
+    o = p.add_argument_group(f"optimisation (defaults: the recipe in configs/{TRAIN_RECIPE}.yaml)")
     o.add_argument(
         "--max_epochs",
         type=int,
         default=None,
-        help="epochs (default: the paper's, 300 for MVTec-AD/VisA and 100 for Real-IAD/COCO-AD)",
+        help=f"epochs (default: the recipe's per dataset, the paper's: {_per_dataset(recipe.max_epochs)})",
     )
     o.add_argument("--max_steps", type=int, default=-1, help="stop after this many optimiser steps (-1: no limit)")
-    o.add_argument("--batch_size", type=int, default=12, help="images per device and step")
-    o.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate")
-    o.add_argument("--weight_decay", type=float, default=0.01, help="AdamW weight decay")
-    o.add_argument("--accumulate_grad_batches", type=int, default=4, help="batches per optimiser step")
+    o.add_argument("--batch_size", type=int, default=recipe.batch_size, help="images per device and step")
+    o.add_argument("--lr", type=float, default=recipe.lr, help="AdamW learning rate")
+    o.add_argument("--weight_decay", type=float, default=recipe.weight_decay, help="AdamW weight decay")
+    o.add_argument(
+        "--accumulate_grad_batches",
+        type=int,
+        default=recipe.accumulate_grad_batches,
+        help="batches per optimiser step",
+    )
     o.add_argument("--fused_adamw", action="store_true", help="fused AdamW kernel (GPU)")
     o.add_argument(
         "--gradient_checkpointing",
@@ -121,7 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     h = p.add_argument_group("hardware")
     h.add_argument("--accelerator", default="auto", help="cpu, gpu, auto")
-    h.add_argument("--devices", default="auto", help="number of devices, a list, or auto")
+    h.add_argument(
+        "--devices",
+        default="auto",
+        type=parse_devices,
+        help="number of devices (-1: all), a comma list of indices like 0,1, or auto",
+    )
     h.add_argument("--num_nodes", type=int, default=1, help="machines taking part")
     h.add_argument("--strategy", default="auto", help="auto, ddp, ddp_find_unused_parameters_true, ...")
     h.add_argument(
@@ -143,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--save_every_n_epochs",
         type=int,
         default=None,
-        help="write model_epoch=NNN.ckpt every this many epochs (default: upstream's 25; 20 for Real-IAD and COCO-AD)",
+        help="write model_epoch=NNN.ckpt every this many epochs (default: the recipe's per dataset, "
+        f"upstream's: {_per_dataset(recipe.save_every_n_epochs)})",
     )
     s.add_argument(
         "--save_every_n_steps",
@@ -165,30 +160,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _per_dataset(values: dict[str, int]) -> str:
+    return ", ".join(f"{dataset} {value}" for dataset, value in values.items())
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    args = parse_with_run_file(build_parser(), argv)
-    args.devices = _devices(args.devices)
+    """The flags as given; :func:`resolve_defaults` fills in what depends on the dataset."""
+    return parse_with_run_file(build_parser(), argv)
+
+
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill in the flags left to their dataset's default (run name, epochs, checkpoint period) in place."""
+    dataset = canonical_name(args.data_set)
+    recipe = load_train_recipe()
+    args.exp_name = args.exp_name or f"vlmdiff_{dataset}"
+    if args.max_epochs is None:
+        args.max_epochs = recipe.for_dataset("max_epochs", dataset)
+    if args.save_every_n_epochs is None and args.save_every_n_steps is None:
+        args.save_every_n_epochs = recipe.for_dataset("save_every_n_epochs", dataset)
     return args
 
 
-def _devices(value: str) -> int | str | list[int]:
-    if value == "auto":
-        return value
-    try:
-        if "," in value:
-            return [int(v) for v in value.split(",") if v.strip()]
-        return int(value)
-    except ValueError:
-        raise UserError(f"--devices must be a number, a comma list of device indices or auto, got {value!r}") from None
-
-
 def main(argv: Sequence[str] | None = None) -> Path | None:
-    args = parse_args(argv)
+    args = resolve_defaults(parse_args(argv))
     if args.print_config:
         print_config(args, model=model_config_to_print(args, args.resume_path))
         return None
     setup_logging(args.verbose)
     _check_args(args)
+    from lightning.pytorch.utilities import rank_zero_only
+
     first_process = rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0"  # of a DDP job
     with claim_folder(_ckpt_dir(args), "train.py", "--exp_name or --output_root", holder=first_process):
         return run(args)
@@ -196,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> Path | None:
 
 def _check_args(args: argparse.Namespace) -> None:
     """Flags that can be checked before any work."""
-    if canonical_dataset(args.data_set) == "coco" and args.coco_part < 0:
+    if canonical_name(args.data_set) == "coco" and args.coco_part < 0:
         raise UserError("--data_set coco needs --coco_part 0..3")
     check_numbers(
         args,
@@ -222,17 +223,38 @@ def _check_args(args: argparse.Namespace) -> None:
             if args.max_steps > 0
             else "--max_epochs 0 trains nothing; give a positive --max_epochs"
         )
+    from vlmdiff.training import check_devices
+
     check_devices(args.accelerator, args.devices)
 
 
 def _ckpt_dir(args: argparse.Namespace) -> Path:
-    return Path(args.output_root) / f"ckpt_{args.exp_name or f'vlmdiff_{canonical_dataset(args.data_set)}'}"
+    return Path(args.output_root) / f"ckpt_{args.exp_name}"
 
 
 def run(args: argparse.Namespace) -> Path:
-    """Train in the checkpoint folder main() holds."""
-    dataset = canonical_dataset(args.data_set)
-    args.max_epochs = args.max_epochs if args.max_epochs is not None else PAPER_EPOCHS[dataset]
+    """Train in the checkpoint folder main() holds (``args`` as :func:`resolve_defaults` left them)."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from ldm.config import to_dict
+    from utils.provenance import provenance
+    from vlmdiff.checkpoint import load_vlmdiff
+    from vlmdiff.data import build_dataset
+    from vlmdiff.training import (
+        FiniteTraining,
+        PerRankSeed,
+        Preempted,
+        SaveOnSigterm,
+        SaveProvenance,
+        TrainerOptions,
+        checkpoint_callback,
+        last_checkpoint,
+        make_trainer,
+        train_loader,
+    )
+
+    dataset = canonical_name(args.data_set)
     ckpt_dir = _ckpt_dir(args)
     resume_from = last_checkpoint(ckpt_dir) if args.resume else None
     if args.resume and resume_from is None and args.resume_path is None:
@@ -256,8 +278,6 @@ def run(args: argparse.Namespace) -> Path:
         weight_decay=args.weight_decay,
         fused_optimizer=args.fused_adamw,
     )
-    from vlmdiff.data import build_dataset
-
     data = build_dataset(
         dataset,
         args.data_path,
@@ -277,15 +297,27 @@ def run(args: argparse.Namespace) -> Path:
         data_path=str(args.data_path),
         use_captions=args.use_captions,
     )
-    every_n_epochs = args.save_every_n_epochs or SAVE_EVERY_N_EPOCHS[dataset]
     callbacks = [
         FiniteTraining(),
-        checkpoint_callback(ckpt_dir, every_n_epochs, args.save_every_n_steps, args.keep_last_n),
+        checkpoint_callback(ckpt_dir, args.save_every_n_epochs, args.save_every_n_steps, args.keep_last_n),
         PerRankSeed(args.seed),
         SaveProvenance(info),
         SaveOnSigterm(ckpt_dir / "last.ckpt"),
     ]
-    trainer = make_trainer(args, ckpt_dir, callbacks)
+    options = TrainerOptions(
+        max_epochs=args.max_epochs,
+        max_steps=args.max_steps,
+        accumulate_grad_batches=args.accumulate_grad_batches,
+        accelerator=args.accelerator,
+        devices=args.devices,
+        num_nodes=args.num_nodes,
+        strategy=args.strategy,
+        precision=args.precision,
+        log_every_n_steps=args.log_every_n_steps,
+        progress_bar=not args.no_progress_bar,
+        log_interval=args.log_interval,
+    )
+    trainer = make_trainer(options, ckpt_dir, callbacks)
     log.info(
         "training %d images of %d classes; %s",
         len(data),

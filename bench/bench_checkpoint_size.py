@@ -27,7 +27,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.common import table, write_results  # noqa: E402
-from vlmdiff.cli import PAPER_EPOCHS, SAVE_EVERY_N_EPOCHS  # noqa: E402
+from vlmdiff.cli import load_train_recipe  # noqa: E402
 from vlmdiff.config import load_model_config  # noqa: E402
 from vlmdiff.model import VLMDiff  # noqa: E402
 
@@ -51,8 +51,9 @@ def computed_sizes(config: str) -> dict[str, Any]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     adamw = sum(2 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     runs = {}
+    recipe = load_train_recipe()  # configs/train.yaml: epochs and checkpoint period per dataset
     for dataset in ("realiad", "mvtec"):
-        periodic = PAPER_EPOCHS[dataset] // SAVE_EVERY_N_EPOCHS[dataset]
+        periodic = recipe.max_epochs[dataset] // recipe.save_every_n_epochs[dataset]
         runs[dataset] = {"periodic_checkpoints": periodic, "run_bytes": (periodic + 1) * (weights + adamw)}
     return {
         "parameters": sum(p.numel() for p in model.parameters()),

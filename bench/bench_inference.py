@@ -55,9 +55,10 @@ from bench.inference_pipeline import (  # noqa: E402
     synthetic_images,
     variants,
 )
+from vlmdiff.cli import BATCH_SIZE  # noqa: E402
 from vlmdiff.config import load_model_config  # noqa: E402
 from vlmdiff.features import build_feature_extractor  # noqa: E402
-from vlmdiff.reconstruction import BATCH_SIZE, ReconstructionSettings  # noqa: E402
+from vlmdiff.reconstruction import ReconstructionSettings  # noqa: E402
 
 # Largest |map difference| to upstream's way accepted, per compute precision (maps lie in [0, 6]).
 TOLERANCE = {"fp32": 1e-3, "bf16": 5e-2}

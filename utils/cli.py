@@ -1,10 +1,10 @@
 """Plumbing every script shares: logging set-up, worker counts, bad input as one line and exit code 2, and the
 argument-parser pieces that read the same in every script (help with defaults, run files, --print_config).
 
-A run file (``--config_file run.yaml``) is a YAML mapping of a script's flag names (without ``--``) to
-values. Its values become the parser's defaults before the command line is parsed, so the command
-line wins; each value goes through the flag's own type and choices, as if typed on the command line.
-argparse has no hook for this, hence the small reader here.
+A run file (``--run_file run.yaml``; ``--config_file`` is its older spelling) is a YAML mapping of a
+script's flag names (without ``--``) to values. Its values become the parser's defaults before the command
+line is parsed, so the command line wins; each value goes through the flag's own type and choices, as if
+typed on the command line. argparse has no hook for this, hence the small reader here.
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ def setup_logging(verbose: bool = False) -> None:
 
 # Lightning notices that help nobody running these scripts: its advertisements, the note that our one-line
 # model summary replaces its table, the eval-mode count (the frozen parts are in eval mode on purpose), the
-# run folder that holds logs before the first checkpoint.
+# run folder that holds logs before the first checkpoint, the advice to run under srun whenever an srun
+# program exists (vlmdiff.distributed says so itself inside a SLURM job), the DataLoader worker count (ours
+# is chosen from the CPUs available, utils.cli.data_workers).
 _LIGHTNING_NOISE = ("💡 Tip", "litlogger", "litmodels", "Skipping setting a default `ModelSummary`")
 # rank_zero_info logs to whichever of these imported last (the standalone pytorch_lightning package too)
 _RANK_ZERO_LOGGERS = (
@@ -47,7 +49,12 @@ _RANK_ZERO_LOGGERS = (
     "lightning.fabric.utilities.rank_zero",
     "pytorch_lightning.utilities.rank_zero",
 )
-_NOISE_WARNINGS = (r"Found \d+ module\(s\) in eval mode", r"Checkpoint directory .* exists and is not empty")
+_NOISE_WARNINGS = (
+    r"Found \d+ module\(s\) in eval mode",
+    r"Checkpoint directory .* exists and is not empty",
+    r"The `srun` command is available on your system but is not used",
+    r"The '\w+_dataloader' does not have many workers",
+)
 
 
 def _not_noise(record: logging.LogRecord) -> bool:
@@ -55,7 +62,19 @@ def _not_noise(record: logging.LogRecord) -> bool:
 
 
 def quiet_dependencies() -> None:
-    """Hide dependencies' deprecation warnings and Lightning's tips; our own modules' warnings stay."""
+    """Hide dependencies' deprecation warnings and Lightning's tips; our own modules' warnings stay.
+
+    In a batch job (standard error not a terminal) the Hugging Face loading and download bars are off too:
+    a log keeps each of their redraws. Lightning's messages are printed once (its package logger has a
+    console handler of its own; it does not pass them on to ours as well).
+    """
+    logging.getLogger("lightning").propagate = False
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when huggingface_hub is imported
+        if "huggingface_hub" in sys.modules:
+            sys.modules["huggingface_hub"].utils.disable_progress_bars()
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
     for name in _RANK_ZERO_LOGGERS:
         rank_zero = logging.getLogger(name)
         if _not_noise not in rank_zero.filters:
@@ -124,19 +143,29 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
-RUN_FILE_FLAGS = ("config_file", "print_config")
+RUN_FILE_FLAGS = ("run_file", "print_config")
+
+
+def add_old_spelling(p: argparse.ArgumentParser | argparse._ArgumentGroup, old: str, new: str) -> None:
+    """Accept ``old`` (a flag's former name, still in users' command lines and run files) for ``new``.
+
+    The old spelling stores into the same destination and is left out of ``--help``, which shows the new name.
+    """
+    dest = new.lstrip("-")
+    p.add_argument(old, dest=dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def add_run_file_args(p: argparse.ArgumentParser) -> None:
-    """``--config_file`` and ``--print_config``; parse with :func:`parse_with_run_file`."""
+    """``--run_file`` (also spelt ``--config_file``) and ``--print_config``; parse with :func:`parse_with_run_file`."""
     g = p.add_argument_group("run file")
     g.add_argument(
-        "--config_file",
+        "--run_file",
         default=None,
         metavar="RUN_YAML",
         help="YAML mapping of this script's flag names (without --) to values, used as defaults; "
-        "flags on the command line win (default: none)",
+        "flags on the command line win; --print_config writes one (default: none)",
     )
+    add_old_spelling(g, "--config_file", "--run_file")
     g.add_argument(
         "--print_config",
         action="store_true",
@@ -145,12 +174,12 @@ def add_run_file_args(p: argparse.ArgumentParser) -> None:
 
 
 def parse_with_run_file(p: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """``p.parse_args(argv)`` with the values of ``--config_file`` (if given) as the parser's defaults."""
+    """``p.parse_args(argv)`` with the values of ``--run_file`` (if given) as the parser's defaults."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)  # --config must not pass for --config_file
-    pre.add_argument("--config_file", default=None)
+    pre.add_argument("--run_file", "--config_file", dest="run_file", default=None)
     known, _ = pre.parse_known_args(argv)
-    if known.config_file:
-        apply_run_file(p, Path(known.config_file))
+    if known.run_file:
+        apply_run_file(p, Path(known.run_file))
     return p.parse_args(argv)
 
 
@@ -191,6 +220,8 @@ def _flag_value(action: argparse.Action, value: Any, where: str) -> Any:
 
 
 def _scalar(action: argparse.Action, value: Any, where: str) -> Any:
+    if isinstance(value, list) and getattr(action.type, "comma_list", False):  # --devices 0,1 prints as [0, 1]
+        value = ",".join(map(str, value))
     if isinstance(value, (list, dict)):
         raise UserError(f"{where}: expected a single value, got {value!r}")
     text = str(value).lower() if isinstance(value, bool) else str(value)

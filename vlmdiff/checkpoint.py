@@ -176,6 +176,7 @@ def resolve_checkpoint_config(ckpt: Mapping, path: str, config: str | None, over
         else:
             cfg = from_dict(VLMDiffConfig, stored, f"{path} (stored config)", overrides)
             check_image_size(cfg, f"{path} with {' '.join(overrides)}" if overrides else path)
+            _check_overrides_keep_architecture(to_dict(cfg), stored, path, overrides)
     else:
         cfg = load_model_config(config, overrides)
         if stored is not None:
@@ -186,6 +187,21 @@ def resolve_checkpoint_config(ckpt: Mapping, path: str, config: str | None, over
                     "checkpoint's own, or pass the config it was built with"
                 )
     return cfg
+
+
+def _check_overrides_keep_architecture(cfg: Mapping, stored: Mapping, path: str, overrides: Sequence[str]) -> None:
+    """A config override on a checkpoint may change how it runs, never a weight's shape: name the one that does."""
+    diff = config_difference(cfg, stored) if overrides else None
+    if diff is None:
+        return
+    now, before = _flatten(cfg), _flatten(stored)
+    keys = {item: item.split("=", 1)[0].strip() for item in overrides}
+    changing = [item for item, key in keys.items() if now.get(key) != before.get(key)] or list(overrides)
+    raise UserError(
+        f"the override {' '.join(changing)} changes the architecture {path} was built with ({diff}), so its "
+        "weights cannot fit: drop the override (overrides that keep every weight's shape, such as "
+        "unet.use_checkpoint=true, are fine)"
+    )
 
 
 # Entries of a Lightning checkpoint that only a resumed fit needs (Lightning reads them from the file itself).

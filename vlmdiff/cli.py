@@ -1,43 +1,101 @@
-"""Command-line pieces the stage scripts share: dataset, caption, model-config and precision flags."""
+"""Command-line pieces the stage scripts share: dataset, caption, model-config, device and precision flags.
+
+Nothing here imports torch, Lightning or transformers: a script's ``--help`` is answered before they load.
+"""
 
 from __future__ import annotations
 
 import argparse
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from utils.errors import UserError
 from vlmdiff.data.captions import caption_folder_name
+from vlmdiff.data.registry import aliases_note, canonical_name, dataset_choices
 
-DATASETS = ("mvtec", "visa", "realiad", "real_iad", "coco")
-PAPER_EPOCHS = {"mvtec": 300, "visa": 300, "realiad": 100, "coco": 100}
-SAVE_EVERY_N_EPOCHS = {"mvtec": 25, "visa": 25, "realiad": 20, "coco": 20}  # upstream's checkpoint period
-
-
-def canonical_dataset(name: str) -> str:
-    return "realiad" if name == "real_iad" else name
+BATCH_SIZE = 8  # test.py's images per forward pass (bench/bench_inference.py times "ours" at it)
+TRAIN_RECIPE = "train"  # configs/train.yaml
 
 
-def add_data_args(p: argparse.ArgumentParser, folder: bool = False) -> None:
-    choices = DATASETS + (("folder",) if folder else ())
+@dataclass(frozen=True)
+class TrainRecipe:
+    """train.py's training recipe, read from configs/train.yaml (every field has to be there).
+
+    ``max_epochs`` and ``save_every_n_epochs`` are per dataset (canonical names); the flags of the same
+    names override all of them.
+    """
+
+    lr: float
+    weight_decay: float
+    batch_size: int
+    accumulate_grad_batches: int
+    seed: int
+    max_epochs: dict[str, int] = field(default_factory=dict)
+    save_every_n_epochs: dict[str, int] = field(default_factory=dict)
+
+    def for_dataset(self, key: str, dataset: str) -> int:
+        """``max_epochs`` or ``save_every_n_epochs`` of ``dataset``; a dataset the recipe lacks is a UserError."""
+        table = getattr(self, key)
+        if dataset not in table:
+            raise UserError(
+                f"the training recipe (configs/{TRAIN_RECIPE}.yaml) has no {key} for {dataset}: give --{key}"
+            )
+        return table[dataset]
+
+
+def load_train_recipe(name: str = TRAIN_RECIPE) -> TrainRecipe:
+    """configs/train.yaml (or the preset/YAML ``name``) as a :class:`TrainRecipe`; a missing key is a UserError."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    from ldm.config import load_config
+
+    try:
+        return load_config(name, TrainRecipe)
+    except MissingMandatoryValue as e:
+        raise UserError(f"training recipe {name}: key '{e.full_key}' is missing") from None
+
+
+def add_data_args(
+    p: argparse.ArgumentParser,
+    folder: bool = False,
+    required: bool = False,
+    coco_part_help: str = "COCO-AD part (0..3; required for --data_set coco; -1: none)",
+    classes: bool = True,
+) -> None:
+    """``--data_set`` (the registry's names and aliases), ``--data_path``, ``--coco_part``, ``--classes``.
+
+    ``folder``: also offer the ``folder`` layout; ``required``: no default dataset.
+    """
     p.add_argument(
         "--data_set",
-        default="mvtec",
-        choices=choices,
-        help="dataset layout (real_iad is accepted for realiad)"
-        + ("; folder = any images, no ground truth" if folder else ""),
+        required=required,
+        default=None if required else "mvtec",
+        choices=dataset_choices(folder),
+        help=f"dataset layout ({aliases_note()})" + ("; folder = any images, no ground truth" if folder else ""),
     )
     p.add_argument("--data_path", required=True, help="dataset root folder")
-    p.add_argument(
-        "--coco_part",
-        type=int,
-        default=-1,
-        choices=(-1, 0, 1, 2, 3),
-        help="COCO-AD part (0..3; required for --data_set coco; -1: none)",
-    )
-    p.add_argument("--classes", nargs="+", default=None, help="only these classes (default: all)")
+    p.add_argument("--coco_part", type=int, default=-1, choices=(-1, 0, 1, 2, 3), help=coco_part_help)
+    if classes:
+        p.add_argument("--classes", nargs="+", default=None, help="only these classes (default: all)")
+
+
+def parse_devices(value: str) -> int | str | list[int]:
+    """``--devices`` (its argparse type) as Lightning takes it: ``auto``, a count (``-1``: all), or a comma list
+    of indices (``0,1``)."""
+    if value == "auto":
+        return value
+    try:
+        if "," in value:
+            return [int(v) for v in value.split(",") if v.strip()]
+        return int(value)
+    except ValueError:
+        raise UserError(f"--devices must be a number, a comma list of device indices or auto, got {value!r}") from None
+
+
+parse_devices.comma_list = True  # a run file may give the list as YAML ([0, 1]): utils.cli joins it with commas
 
 
 def add_caption_args(p: argparse.ArgumentParser, split: str = "train") -> None:
@@ -97,7 +155,7 @@ def caption_source(args: argparse.Namespace) -> Path:
     A relative ``--caption_folder`` that does not exist from the working folder is taken from beside the
     dataset root (``{data_path}/..``), where upstream's ``get_captions`` and its README put caption folders.
     """
-    dataset = canonical_dataset(args.data_set)
+    dataset = canonical_name(args.data_set)
     if args.caption_folder:
         given = Path(args.caption_folder)
         beside_root = Path(args.data_path).resolve().parent / given
@@ -122,7 +180,7 @@ def load_split_captions(args: argparse.Namespace, split: str) -> dict[str, str] 
         return None
     from vlmdiff.data import load_captions
 
-    dataset = canonical_dataset(args.data_set)
+    dataset = canonical_name(args.data_set)
     vlm = None if dataset == "coco" else vlm_token(args.vlm_model)
     return load_captions(caption_source(args), split, dataset, vlm=vlm, caption_model=args.caption_model)
 
@@ -157,6 +215,8 @@ def model_config_to_print(args: argparse.Namespace, checkpoint: str | None) -> d
         return to_dict(resolve_checkpoint_config(ckpt, checkpoint, args.config, args.overrides))
     return to_dict(load_model_config(args.config, args.overrides)) if args.config else None
 
+
+PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed", "bf16-true")  # train.py's --precision (Lightning's)
 
 # --precision: Lightning's names in the training scripts, autocast's short names in test.py; each
 # script accepts the other spelling of the same setting.

@@ -15,17 +15,13 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass, field
-
-import torch
-import torch.distributed as dist
-from lightning.fabric.plugins.environments import (
-    ClusterEnvironment,
-    LightningEnvironment,
-    SLURMEnvironment,
-    TorchElasticEnvironment,
-)
+from typing import TYPE_CHECKING
 
 from utils.errors import UserError
+
+if TYPE_CHECKING:  # torch and Lightning are imported on first use: a script's --help needs neither
+    import torch
+    from lightning.fabric.plugins.environments import ClusterEnvironment
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +47,8 @@ def detect_ranks() -> Ranks:
 
 
 def _cluster_environment() -> ClusterEnvironment:
+    from lightning.fabric.plugins.environments import LightningEnvironment, SLURMEnvironment, TorchElasticEnvironment
+
     if TorchElasticEnvironment.detect():
         return TorchElasticEnvironment()
     if SLURMEnvironment.detect():
@@ -75,6 +73,9 @@ def init(ranks: Ranks, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_
 
     ``timeout_s`` bounds the wait for the other ranks, when joining and at every later barrier.
     """
+    import torch.distributed as dist
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
     if ranks.world == 1 or dist.is_initialized():
         return
     if timeout_s <= 0:
@@ -98,10 +99,14 @@ def init(ranks: Ranks, device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_
 
 
 def barrier() -> None:
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.barrier()
 
 
 def finish() -> None:
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.destroy_process_group()

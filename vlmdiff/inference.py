@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +26,28 @@ from vlmdiff.reconstruction import ReconstructionSettings, reconstruct
 from vlmdiff.scoring import anomaly_map, image_score
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    """How :func:`score_images` runs: batching, device and precision, map smoothing and pooling, outputs.
+
+    ``visuals`` gets our strips, ``upstream_visuals`` upstream's per-image files (both need the autoencoder
+    pass). ``progress``: show it at all (a bar on a terminal when ``bar``, else a log line every
+    ``log_interval`` s).
+    """
+
+    batch_size: int  # images per forward pass (test.py's default: vlmdiff.cli.BATCH_SIZE)
+    num_workers: int = 0
+    device: torch.device = torch.device("cpu")
+    sigma: float = 5.0
+    pooling: str = "paper"
+    autocast_dtype: torch.dtype | None = None
+    visuals: Path | None = None
+    upstream_visuals: Path | None = None
+    progress: bool = True
+    bar: bool = True
+    log_interval: float = DEFAULT_INTERVAL_S
 
 
 def shard_indices(n: int, start: int, end: int | None, rank: int = 0, world: int = 1) -> list[int]:
@@ -47,29 +70,22 @@ def score_images(
     indices: Sequence[int],
     store: MapStore,
     settings: ReconstructionSettings,
-    *,
-    batch_size: int,
-    num_workers: int,
-    device: torch.device,
-    sigma: float = 5.0,
-    visuals: Path | None = None,
-    autocast_dtype: torch.dtype | None = None,
-    pooling: str = "paper",
-    progress: bool = True,
-    bar: bool = True,
-    log_interval: float = DEFAULT_INTERVAL_S,
-    upstream_visuals: Path | None = None,
+    options: ScoringOptions,
     sources: Mapping[str, SourceFiles] | None = None,
 ) -> int:
     """Reconstruct, extract features, map and store the images ``indices`` of ``dataset`` not yet stored.
 
-    ``visuals`` gets our strips, ``upstream_visuals`` upstream's per-image files (both need the autoencoder pass).
     ``sources``: :func:`source_files` of ``dataset.records``; the images already stored are checked
     against it before anything is scored (:func:`check_sources`), and each chunk records it.
 
     Returns the number of images scored now. Chunks are named by the global index of their first image.
-    ``progress``: show it at all (a bar on a terminal when ``bar``, else a log line every ``log_interval`` s).
     """
+    batch_size, device, visuals, upstream_visuals = (
+        options.batch_size,
+        options.device,
+        options.visuals,
+        options.upstream_visuals,
+    )
     done = store.scored_ids()
     if done and sources is not None:
         check_sources(store, dataset.records, sources)
@@ -82,11 +98,19 @@ def score_images(
         Subset(dataset, todo),
         batch_size=batch_size,
         shuffle=False,
-        num_workers=num_workers,
+        num_workers=options.num_workers,
         pin_memory=device.type == "cuda",
     )
     firsts = todo[::batch_size]
-    meter = progress_meter(len(todo), "test", "img", enabled=progress, bar=bar, interval_s=log_interval, logger=log)
+    meter = progress_meter(
+        len(todo),
+        "test",
+        "img",
+        enabled=options.progress,
+        bar=options.bar,
+        interval_s=options.log_interval,
+        logger=log,
+    )
     for first, batch in zip(firsts, loader, strict=True):
         image = batch["image"].to(device)
         maps, rec = _maps(
@@ -96,11 +120,11 @@ def score_images(
             list(batch["caption"]),
             list(batch["filename"]),
             settings,
-            sigma,
-            autocast_dtype,
+            options.sigma,
+            options.autocast_dtype,
             decode_autoencoder=visuals is not None or upstream_visuals is not None,
         )
-        scores = image_score(maps, pooling)
+        scores = image_score(maps, options.pooling)
         store.write(
             f"{first:08d}",
             batch["filename"],

@@ -21,8 +21,6 @@ from ldm.diffusion.ddim import ddim_sample, ddim_timesteps, steps_up_to
 from ldm.diffusion.guidance import classifier_free_guidance
 from utils.errors import UserError
 
-BATCH_SIZE = 8  # test.py's default images per forward pass (bench/bench_inference.py times "ours" at it)
-
 
 @dataclass(frozen=True)
 class ReconstructionSettings:

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,6 @@ from utils.progress import DEFAULT_INTERVAL_S, ProgressLines, is_terminal
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("32", "32-true", "bf16-mixed", "16-mixed", "bf16-true")
 EXIT_PREEMPTED = 128 + 15  # what a process killed by SIGTERM reports; schedulers read it as "terminated"
 
 
@@ -314,29 +314,46 @@ def run_loggers(folder: Path, csv_dir: str = "logs", tensorboard_dir: str = "log
     ]
 
 
-def make_trainer(args: Any, ckpt_dir: Path, callbacks: list[Callback]) -> pl.Trainer:
-    precision = "32-true" if args.precision == "32" else args.precision
+@dataclass(frozen=True)
+class TrainerOptions:
+    """What the Lightning Trainer of a VLMDiff training run is built with: budget, hardware, logging."""
+
+    max_epochs: int
+    max_steps: int = -1
+    accumulate_grad_batches: int = 1
+    accelerator: str = "auto"
+    devices: int | str | list[int] = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32"  # Lightning's names; "32" is "32-true"
+    log_every_n_steps: int = 10
+    progress_bar: bool = True  # a bar on a terminal; log lines every log_interval s elsewhere
+    log_interval: float = DEFAULT_INTERVAL_S
+
+
+def make_trainer(options: TrainerOptions, ckpt_dir: Path, callbacks: list[Callback]) -> pl.Trainer:
+    """The Trainer of a training run writing logs into ``ckpt_dir``; flags Lightning rejects are one UserError."""
     loggers = run_loggers(ckpt_dir)
     try:
-        return _trainer(args, ckpt_dir, callbacks, precision, loggers)
+        return _trainer(options, ckpt_dir, callbacks, loggers)
     except MisconfigurationException as e:  # a combination of hardware flags Lightning rejects
         raise UserError(f"{e} (check --accelerator, --devices, --num_nodes, --strategy, --precision)") from e
 
 
-def _trainer(args: Any, ckpt_dir: Path, callbacks: list[Callback], precision: str, loggers: list) -> pl.Trainer:
-    bar, progress = progress_callbacks(args.no_progress_bar, args.log_interval)
+def _trainer(options: TrainerOptions, ckpt_dir: Path, callbacks: list[Callback], loggers: list) -> pl.Trainer:
+    bar, progress = progress_callbacks(not options.progress_bar, options.log_interval)
     return pl.Trainer(
-        accelerator=args.accelerator,
-        devices=args.devices,
-        num_nodes=args.num_nodes,
-        strategy=args.strategy,
-        precision=precision,
-        max_epochs=args.max_epochs,
-        max_steps=args.max_steps,
-        accumulate_grad_batches=args.accumulate_grad_batches,
+        accelerator=options.accelerator,
+        devices=options.devices,
+        num_nodes=options.num_nodes,
+        strategy=options.strategy,
+        precision="32-true" if options.precision == "32" else options.precision,
+        max_epochs=options.max_epochs,
+        max_steps=options.max_steps,
+        accumulate_grad_batches=options.accumulate_grad_batches,
         callbacks=callbacks + progress,
         logger=loggers,
-        log_every_n_steps=args.log_every_n_steps,
+        log_every_n_steps=options.log_every_n_steps,
         default_root_dir=str(ckpt_dir),
         num_sanity_val_steps=0,
         limit_val_batches=0,

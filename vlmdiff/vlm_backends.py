@@ -9,6 +9,9 @@
 - ``hf``: any image-text-to-text model ``transformers`` loads natively (chat template when the processor
   has one, greedy). ``llava`` is LLaVA-NeXT Llama-3-8B in this backend (256 new tokens).
 
+:data:`BACKENDS` is the one table of backends (``captioner.py --backend`` offers its names): a new
+backend is its class here plus one entry there.
+
 Every model is found before anything is loaded: a local folder, or a complete snapshot in the Hugging
 Face cache; a hub id that is neither is fetched only when the hub answers (offline: one clear error at
 once instead of minutes of retries).
@@ -22,14 +25,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from utils.errors import UserError
-from vlmdiff.data.dataset import IMAGENET_MEAN, IMAGENET_STD
+from vlmdiff.data.common import IMAGENET_MEAN, IMAGENET_STD
+
+if TYPE_CHECKING:  # torch is imported when a model backend is built: the captioner's --help needs none
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +80,6 @@ KNOWN_VLMS: Mapping[str, KnownVLM] = MappingProxyType(
     }
 )
 ALIASES: Mapping[str, str] = MappingProxyType({"deepseek": "deepseekvl", "lmms-lab/llama3-llava-next-8b": "llava"})
-BACKENDS = ("hf", "internvl", "blip", "deepseekvl", "template")
 
 
 def known_vlm(model: str) -> KnownVLM | None:
@@ -148,6 +152,8 @@ def resolve_model(model: str) -> str:
 
 def device_and_dtype(device: str, dtype: str, default_dtype: str | None = None) -> tuple[torch.device, torch.dtype]:
     """``auto`` device: CUDA when present; ``auto`` dtype: ``default_dtype``, else float32 on CPU, bf16/fp16 on GPU."""
+    import torch
+
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     if dtype == "auto":
         dtype = default_dtype or (
@@ -187,6 +193,8 @@ def internvl_grid(
 
 
 def _to_normalised(img: Image.Image) -> torch.Tensor:
+    import torch
+
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0  # (3, H, W)
     mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
     return (x - mean) / std
@@ -198,6 +206,8 @@ def internvl_tiles(image: Image.Image, tile: int = INTERNVL_TILE, max_num: int =
 
     Returns (N, 3, tile, tile) float32.
     """
+    import torch
+
     image = image.convert("RGB")
     cols, rows = internvl_grid(*image.size, tile=tile, max_num=max_num)
     grid = _to_normalised(image.resize((cols * tile, rows * tile), Image.BICUBIC))  # (3, rows*T, cols*T)
@@ -234,6 +244,8 @@ class InternVLBackend:
         logger.info("captioning with InternVL %s on %s, %s", source, self.device, self.dtype)
 
     def __call__(self, images: Sequence[Image.Image], class_names: Sequence[str]) -> list[str]:
+        import torch
+
         out = []
         for im in images:  # one chat per image, as upstream
             pixel_values = internvl_tiles(im).to(self.device, self.dtype)  # (N, 3, 448, 448)
@@ -337,6 +349,8 @@ class HFBackend:
         logger.info("captioning with %s (%s) on %s, %s", source, type(self.model).__name__, self.device, self.dtype)
 
     def _inputs(self, images: Sequence[Image.Image]) -> dict:
+        import torch
+
         texts = [self.text] * len(images)
         try:
             inputs = self.processor(images=list(images), text=texts, return_tensors="pt", padding=True)
@@ -350,6 +364,8 @@ class HFBackend:
         return out
 
     def __call__(self, images: Sequence[Image.Image], class_names: Sequence[str]) -> list[str]:
+        import torch
+
         inputs = self._inputs(images)
         with torch.inference_mode():
             out = self.model.generate(**inputs, **self.generate_kwargs)
@@ -359,19 +375,49 @@ class HFBackend:
         return [t.strip() for t in self.processor.batch_decode(out, skip_special_tokens=True)]
 
 
+def _internvl(model: str, prompt: str, dtype: str, device: str, budget: int | None, prompt_type: str) -> Backend:
+    return InternVLBackend(model, prompt, dtype, device, budget or KNOWN_VLMS["internvl"].max_new_tokens)
+
+
+def _blip(model: str, prompt: str, dtype: str, device: str, budget: int | None, prompt_type: str) -> Backend:
+    # LAVIS sends the prompt as is (no chat template) and decodes with beam search
+    generate = {**BLIP2_GENERATE, "max_new_tokens": budget or BLIP2_GENERATE["max_new_tokens"]}
+    return HFBackend(model, prompt, dtype, device, generate_kwargs=generate, chat=False)
+
+
+def _deepseekvl(model: str, prompt: str, dtype: str, device: str, budget: int | None, prompt_type: str) -> Backend:
+    return DeepSeekVLBackend(model, prompt, budget or KNOWN_VLMS["deepseekvl"].max_new_tokens)
+
+
+def _hf(model: str, prompt: str, dtype: str, device: str, budget: int | None, prompt_type: str) -> Backend:
+    return HFBackend(model, prompt, dtype, device, budget or 1024)
+
+
+def _template(model: str, prompt: str, dtype: str, device: str, budget: int | None, prompt_type: str) -> Backend:
+    from vlmdiff.captioning import TemplateBackend
+
+    return TemplateBackend(prompt_type)
+
+
+# The backends: name -> builder(model, prompt, dtype, device, max_new_tokens or None, prompt_type).
+BACKENDS: Mapping[str, Callable[..., Backend]] = MappingProxyType(
+    {"hf": _hf, "internvl": _internvl, "blip": _blip, "deepseekvl": _deepseekvl, "template": _template}
+)
+
+
 def build_backend(
-    backend: str, model: str, prompt: str, dtype: str = "auto", device: str = "auto", max_new_tokens: int | None = None
+    backend: str,
+    model: str,
+    prompt: str,
+    dtype: str = "auto",
+    device: str = "auto",
+    max_new_tokens: int | None = None,
+    prompt_type: str = "pd",
 ) -> Backend:
-    """The captioner ``backend`` for ``model``; ``max_new_tokens`` None = the model's upstream budget."""
+    """The captioner ``backend`` (a name of :data:`BACKENDS`) for ``model``; ``max_new_tokens`` None = the
+    model's upstream budget. ``prompt_type`` is what the offline ``template`` backend describes by."""
+    if backend not in BACKENDS:
+        raise UserError(f"unknown --backend {backend!r}; valid: {', '.join(BACKENDS)}")
     vlm = known_vlm(model)
     budget = max_new_tokens or (vlm.max_new_tokens if vlm and vlm.backend == backend else None)
-    if backend == "internvl":
-        return InternVLBackend(model, prompt, dtype, device, budget or KNOWN_VLMS["internvl"].max_new_tokens)
-    if backend == "blip":  # LAVIS sends the prompt as is (no chat template) and decodes with beam search
-        generate = {**BLIP2_GENERATE, "max_new_tokens": budget or BLIP2_GENERATE["max_new_tokens"]}
-        return HFBackend(model, prompt, dtype, device, generate_kwargs=generate, chat=False)
-    if backend == "deepseekvl":
-        return DeepSeekVLBackend(model, prompt, budget or KNOWN_VLMS["deepseekvl"].max_new_tokens)
-    if backend == "hf":
-        return HFBackend(model, prompt, dtype, device, budget or 1024)
-    raise UserError(f"unknown --backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    return BACKENDS[backend](model, prompt, dtype, device, budget, prompt_type)

@@ -1087,6 +1087,49 @@ def _(ws: Workspace, tmp: Path) -> Run:
     )
 
 
+@case("train: an architecture override (unet.model_channels=64) on a checkpoint built with 32")
+def _(ws: Workspace, tmp: Path) -> Run:
+    return Run(
+        "train",
+        train(ws, tmp, "--resume_path", str(ws.vlmdiff), "unet.model_channels=64"),
+        names=("unet.model_channels=64", str(ws.vlmdiff), "drop the override"),
+    )
+
+
+@case("test: an architecture override (unet.model_channels=64) on a checkpoint built with 32")
+def _(ws: Workspace, tmp: Path) -> Run:
+    argv = ["--data_set", "mvtec", "--data_path", str(ws.mvtec), "--output_dir", str(tmp / "out"), *TEST_FAST]
+    return Run(
+        "test",
+        [*argv, "--resume_path", str(ws.vlmdiff), "unet.model_channels=64"],
+        names=("unet.model_channels=64", str(ws.vlmdiff), "drop the override"),
+    )
+
+
+@case("train: template captions (captioner --vlm_model template) read without --vlm_model template")
+def _(ws: Workspace, tmp: Path) -> Run:
+    import captioner as captioner_script
+
+    folder = tmp / "captions"
+    captioner_script.main(captioner(ws.mvtec, "--split", "train", "--output", str(folder), "--no_progress_bar"))
+    assert (folder / "train_captions_mvtec_template.json").is_file() and (folder / "progress").is_dir()
+    return Run(
+        "train",
+        train(ws, tmp, "--resume_path", str(ws.vlmdiff), "--use_captions", "--caption_folder", str(folder)),
+        names=("train_captions_mvtec_internvl*.json", "train_captions_mvtec_template.json", "--vlm_model template"),
+    )
+
+
+@case("finetune_autoencoder: upstream's spelling ./models/autoencoders.ckpt of a missing kl-f8 checkpoint")
+def _(ws: Workspace, tmp: Path) -> Run:
+    argv = ["--data_set", "mvtec", "--data_path", str(ws.mvtec), "--output_dir", str(tmp / "run"), *AE_FAST]
+    return Run(
+        "finetune_autoencoder",
+        [*argv, "--resume_path", "./models/autoencoders.ckpt"],
+        names=("models/autoencoders.ckpt", "https://ommer-lab.com/files/latent-diffusion/kl-f8.zip"),
+    )
+
+
 # ------------------------------------------------------------------------------------------------ runner
 
 

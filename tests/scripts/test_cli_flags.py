@@ -185,3 +185,137 @@ def test_printed_flags_work_as_a_run_file(tmp_path, capsys, module, argv):
     run.write_text(yaml.safe_dump(flags))
     again = _printed(capsys, module, ["--config_file", str(run), "--print_config"])["flags"]
     assert again == flags
+
+
+# ------------------------------------------------------------------ new names, the recipe, resolved values
+
+
+@pytest.mark.parametrize(
+    "module, new, old, argv",
+    [
+        ("train", "--run_file", "--config_file", DATA),
+        ("captioner", "--run_file", "--config_file", DATA),
+        ("finetune_autoencoder", "--recipe", "--train_config", DATA),
+    ],
+)
+def test_renamed_flags_keep_their_old_spelling_and_help_shows_the_new(tmp_path, module, new, old, argv):
+    parser = importlib.import_module(module).build_parser()
+    help_text = parser.format_help()
+    assert new in help_text and old not in help_text
+    if new == "--run_file":
+        run = _run_file(tmp_path, "batch_size: 3\n")
+        assert {_parse(module, *argv, flag, str(run)).batch_size for flag in (new, old)} == {3}
+        assert _parse(module, *argv, old, str(run)).run_file == str(run)
+    else:
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text("batch_size: 5\n")
+        import finetune_autoencoder
+
+        for flag in (new, old):
+            args = _parse(module, *argv, flag, str(recipe))
+            assert args.recipe == str(recipe) and finetune_autoencoder.train_config_from_args(args).batch_size == 5
+        assert _parse(module, *argv).recipe == "autoencoder"
+
+
+def test_a_run_file_may_use_the_old_key_of_a_renamed_flag(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("kl_weight: 0.25\n")
+    run = _run_file(tmp_path, f"train_config: {recipe}\n")
+    assert _parse("finetune_autoencoder", *DATA, "--run_file", str(run)).recipe == str(recipe)
+
+
+def test_the_training_recipe_file_holds_todays_defaults():
+    """configs/train.yaml gives train.py the paper's settings it had as hard-coded defaults."""
+    import train
+    from vlmdiff.cli import load_train_recipe
+
+    recipe = load_train_recipe()
+    assert (recipe.lr, recipe.weight_decay, recipe.batch_size, recipe.accumulate_grad_batches, recipe.seed) == (
+        1e-5,
+        0.01,
+        12,
+        4,
+        1,
+    )
+    assert recipe.max_epochs == {"mvtec": 300, "visa": 300, "realiad": 100, "coco": 100}
+    assert recipe.save_every_n_epochs == {"mvtec": 25, "visa": 25, "realiad": 20, "coco": 20}
+    expected = {"mvtec": (300, 25), "visa": (300, 25), "real_iad": (100, 20), "realiad": (100, 20), "coco": (100, 20)}
+    for dataset, (epochs, every) in expected.items():
+        args = train.resolve_defaults(_parse("train", "--data_set", dataset, "--data_path", "d"))
+        assert (args.lr, args.weight_decay, args.batch_size, args.accumulate_grad_batches, args.seed) == (
+            1e-5,
+            0.01,
+            12,
+            4,
+            1,
+        )
+        assert (args.max_epochs, args.save_every_n_epochs) == (epochs, every)
+    flags = _parse("train", *DATA, "--max_epochs", "7", "--save_every_n_epochs", "3", "--lr", "2e-5")
+    assert (train.resolve_defaults(flags).max_epochs, flags.save_every_n_epochs, flags.lr) == (7, 3, 2e-5)
+    by_steps = train.resolve_defaults(_parse("train", *DATA, "--save_every_n_steps", "50"))
+    assert by_steps.save_every_n_epochs is None  # saving by steps: no epoch period
+
+
+def test_a_recipe_without_a_key_is_one_error_naming_it(tmp_path):
+    from vlmdiff.cli import load_train_recipe
+
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("lr: 1.0e-5\nweight_decay: 0.01\nbatch_size: 12\nseed: 1\n")
+    with pytest.raises(UserError, match="accumulate_grad_batches"):
+        load_train_recipe(str(partial))
+
+
+def test_print_config_shows_the_values_the_run_will_use(tmp_path, capsys):
+    flags = _printed(capsys, "train", ["--data_set", "real_iad", "--data_path", "d", "--print_config"])["flags"]
+    assert (flags["max_epochs"], flags["save_every_n_epochs"], flags["exp_name"]) == (100, 20, "vlmdiff_realiad")
+    flags = _printed(capsys, "test", [*DATA, "--print_config"])["flags"]
+    assert (flags["feature_extractor"], flags["output_dir"], flags["exp_name"]) == (
+        "resnet50",
+        "results/vlmdiff_mvtec",
+        "vlmdiff_mvtec",
+    )
+    flags = _printed(capsys, "test", [*DATA, "--use_dino", "--exp_name", "x", "--print_config"])["flags"]
+    assert (flags["feature_extractor"], flags["output_dir"]) == ("dino_v1s8", "results/x")
+    out = _printed(capsys, "finetune_autoencoder", [*DATA, "--config", "tiny", "--coco_part", "1", "--print_config"])
+    assert out["flags"]["output_dir"] == "runs/autoencoder_mvtec"
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "module, argv",
+    [
+        ("train", [*DATA, "--devices", "0,1", "--classes", "a", "b", "--config", "tiny", "unet.num_heads=2"]),
+        ("train", [*DATA, "--devices", "-1", "--max_epochs", "5"]),
+        ("finetune_autoencoder", [*DATA, "--config", "tiny", "--devices", "0,1", "--classes", "bottle", "grid"]),
+        ("test", [*DATA, "--classes", "bottle", "grid", "--config", "tiny", "diffusion.timesteps=100"]),
+    ],
+)
+def test_printed_flags_with_lists_load_back_as_the_same_run(tmp_path, capsys, module, argv):
+    flags = _printed(capsys, module, [*argv, "--print_config"])["flags"]
+    run = tmp_path / "run.yaml"
+    run.write_text(yaml.safe_dump(flags))
+    again, direct = _parse(module, "--run_file", str(run)), _parse(module, *argv)
+    keys = [k for k in ("devices", "classes", "overrides", "config", "max_epochs") if hasattr(direct, k)]
+    assert "classes" in keys and {k: getattr(again, k) for k in keys} == {k: getattr(direct, k) for k in keys}
+    assert _printed(capsys, module, ["--run_file", str(run), "--print_config"])["flags"] == flags
+
+
+@pytest.mark.parametrize("value, expected", [("auto", "auto"), ("2", 2), ("-1", -1), ("0,1", [0, 1]), ("3,", [3])])
+def test_one_devices_parser(value, expected):
+    from vlmdiff.cli import parse_devices
+
+    assert parse_devices(value) == expected
+    for module in ("train", "finetune_autoencoder"):
+        assert _parse(module, *DATA, "--devices", value).devices == expected
+    with pytest.raises(UserError, match="--devices must be a number"):
+        parse_devices("two")
+
+
+@pytest.mark.parametrize("module", ["captioner", "finetune_autoencoder", "build_model", "train", "test"])
+def test_every_script_takes_the_registry_dataset_names_and_aliases(module):
+    from vlmdiff.data.registry import ALIASES, LABELLED, canonical_name
+
+    choices = next(a.choices for a in importlib.import_module(module).build_parser()._actions if a.dest == "data_set")
+    assert set(LABELLED) | {alias for alias, _ in ALIASES} <= set(choices)
+    assert all(canonical_name(c) in (*LABELLED, "folder") for c in choices)
+    assert canonical_name("real_iad") == "realiad"

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import train
+import vlmdiff.training
 from ldm.checkpoint import load_checkpoint
 from tests.tinyckpt import demo_data_and_model
 from utils.errors import UserError
@@ -184,7 +185,9 @@ def test_default_checkpoint_period_is_upstreams(dataset, every, setup, tmp_path,
         data = datagen.make_realiad(tmp_path, classes=("toy",))
     made = []
     monkeypatch.setattr(
-        train, "make_trainer", lambda args, ckpt_dir, callbacks: made.append(_RecordingTrainer(callbacks)) or made[-1]
+        vlmdiff.training,
+        "make_trainer",
+        lambda options, ckpt_dir, callbacks: made.append(_RecordingTrainer(callbacks)) or made[-1],
     )
     train.main(
         [

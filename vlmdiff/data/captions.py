@@ -224,18 +224,34 @@ def load_captions(
         else:
             jsonl = sorted(path.glob("*.jsonl")) + sorted((path / "progress").glob("*.jsonl"))
             _read_jsonl_files(jsonl, split, dataset, vlm, out, sources)
-            if not jsonl:
-                tried = [path / f"{prefix}*.json", path / "*.jsonl", path / "progress" / "*.jsonl"]
-                if dataset == "coco":
-                    tried += [b / f"captions_{coco_split_folder(split)}*.json" for b in (path / "annotations", path)]
-                raise UserError(
-                    f"no {split} captions for {dataset} in {path}: looked for {', '.join(map(str, tried))} "
-                    f"(upstream's {prefix}*.json needs its {split}_labels_{dataset}_* twin)"
-                )
+            if not out:
+                raise UserError(_nothing_found(path, split, dataset, vlm, prefix, jsonl))
     else:
         raise UserError(f"caption file or folder {path} not found")
     logger.info("read %d %s captions for %s from %s", len(out), split, dataset, path)
     return CaptionMap(out, sources, origin=str(path), split=split)
+
+
+def _nothing_found(path: Path, split: str, dataset: str, vlm: str | None, prefix: str, jsonl: list[Path]) -> str:
+    """The error of a caption folder without captions of ``split``: what was looked for, and what is there."""
+    tried = [path / f"{prefix}*.json"] + (
+        [path / "*.jsonl", path / "progress" / "*.jsonl"] + ([] if vlm is None else [f"(records of --vlm_model {vlm})"])
+    )
+    if dataset == "coco":
+        tried += [b / f"captions_{coco_split_folder(split)}*.json" for b in (path / "annotations", path)]
+    present = sorted(p.name for p in path.glob("*_captions_*.json"))
+    mine = f"{split}_captions_{dataset}_"  # upstream's name: {split}_captions_{dataset}_{vlm}.json
+    made_by = sorted(p[len(mine) : -len(".json")] for p in present if p.startswith(mine) and p.endswith(".json"))
+    there = (
+        f"; the folder holds {', '.join(present)}"
+        + (f" (made with --vlm_model {' or '.join(made_by)}? give that flag)" if made_by and vlm not in made_by else "")
+        if present
+        else f"; the folder holds no caption file{f' ({len(jsonl)} progress file(s) without them)' if jsonl else ''}"
+    )
+    return (
+        f"no {split} captions for {dataset} in {path}: looked for {', '.join(map(str, tried))}{there} "
+        f"(upstream's {prefix}*.json needs its {split}_labels_{dataset}_* twin)"
+    )
 
 
 def _suffix_match(key: str, ids: set[str]) -> str | None:

@@ -1,4 +1,9 @@
-"""Dataset names and one entry point to index any of them (no torch import here)."""
+"""Dataset names, their aliases and one entry point to index any of them (no torch import here).
+
+The one list of dataset names every script's ``--data_set`` offers: :data:`DATASET_NAMES` (canonical) plus
+:data:`ALIASES` (other spellings users type, e.g. upstream's ``real_iad``); :func:`canonical_name` maps
+either to the canonical name.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +19,20 @@ from vlmdiff.data.realiad import index_realiad
 from vlmdiff.data.visa import index_visa
 
 DATASET_NAMES: tuple[str, ...] = ("mvtec", "visa", "realiad", "coco", "folder")
-ALIASES: tuple[tuple[str, str], ...] = (("real_iad", "realiad"),)
+ALIASES: tuple[tuple[str, str], ...] = (("real_iad", "realiad"),)  # (alias, canonical name)
+LABELLED: tuple[str, ...] = ("mvtec", "visa", "realiad", "coco")  # the paper's datasets; folder has no labels
 SPLITS: tuple[str, ...] = ("train", "test")
+
+
+def dataset_choices(folder: bool = True) -> tuple[str, ...]:
+    """What ``--data_set`` accepts: the canonical names (``folder`` only when ``folder``), then the aliases."""
+    names = DATASET_NAMES if folder else LABELLED
+    return names + tuple(alias for alias, canonical in ALIASES if canonical in names)
+
+
+def aliases_note() -> str:
+    """``--data_set`` help's note on the aliases, e.g. ``real_iad is accepted for realiad``."""
+    return "; ".join(f"{alias} is accepted for {canonical}" for alias, canonical in ALIASES)
 
 
 def canonical_name(name: str) -> str:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from utils.errors import UserError
+from vlmdiff.data.registry import ALIASES
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ PAPER_RESULTS: dict[str, dict[str, float]] = {  # the VLMDiff paper (WACV 2026),
     "mvtec": paper_row((90.6, 95.7, 94.2, 95.9, 51.8, 53.6, 89.4)),
     "visa": paper_row((80.9, 83.9, 80.7, 97.0, 28.3, 33.6, 81.0)),
 }
-_DATASET_ALIASES = {"real_iad": "realiad", "mvtec_ad": "mvtec", "coco_ad": "coco"}
+_DATASET_ALIASES = {**dict(ALIASES), "mvtec_ad": "mvtec", "coco_ad": "coco"}  # also the paper's names
 
 
 def _pct(v: float) -> str:

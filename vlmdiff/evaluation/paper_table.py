@@ -31,8 +31,10 @@ from typing import Any
 
 from utils.errors import UserError
 from utils.io import read_json, write_text
+from vlmdiff.data.registry import ALIASES
 from vlmdiff.evaluation.metrics import METRICS, PAPER_RESULTS
-from vlmdiff.evaluation.report import _CSS, REPORT, _e, _md_table_html, _relpath, average, read_metrics
+from vlmdiff.evaluation.report import _CSS, _e, _md_table_html, _relpath, average, read_metrics
+from vlmdiff.evaluation.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ class Source:
 
 
 def _source(run: Path, ref: str) -> Source:
-    manifest = run / "manifest.json"
+    manifest = RunFolder(run).manifest
     ckpt = read_json(manifest).get("checkpoint") or {} if manifest.is_file() else {}
     path = str(ckpt.get("path", "?"))
     m = re.search(r"model_epoch=(\d+)", path)
@@ -73,7 +75,7 @@ def _pct(v: float) -> str:
 
 def collect(dataset: str, runs: Sequence[Path]) -> dict[str, Any]:
     """Rows of the table: ``mean`` {row name: (values, source refs)} and ``classes`` [(class, row, values, refs)]."""
-    key = {"real_iad": "realiad"}.get(dataset, dataset)
+    key = dict(ALIASES).get(dataset, dataset)
     if not runs:
         raise UserError("--runs: give at least one test run folder")
     sources = [_source(Path(r), f"[{i + 1}]") for i, r in enumerate(runs)]
@@ -157,7 +159,7 @@ def html(table: dict[str, Any], md: str, output: Path) -> str:
         elif chunk.startswith("- "):
             items = []
             for s in table["sources"]:
-                link = s.run / REPORT
+                link = RunFolder(s.run).report
                 a = f" (<a href='{_e(_relpath(link, output))}'>report</a>)" if link.is_file() else ""
                 items.append(f"<li>{_e(s.text())}{a}</li>")
             body.append("<ul>" + "".join(items) + "</ul>")

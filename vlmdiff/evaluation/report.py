@@ -35,6 +35,7 @@ from PIL import Image
 from utils.cli import HelpFormatter, run_main, setup_logging
 from utils.errors import UserError
 from utils.io import atomic_open, read_json, write_json, write_text
+from vlmdiff.data.registry import ALIASES, dataset_choices
 from vlmdiff.evaluation import plots
 from vlmdiff.evaluation.map_store import MapStore
 from vlmdiff.evaluation.metric_table import (
@@ -50,7 +51,7 @@ from vlmdiff.evaluation.visuals import PANEL_SIZE, class_range, colormap, overla
 
 log = logging.getLogger(__name__)
 
-_DATASETS = sorted(PAPER_RESULTS) + ["real_iad"]
+_DATASETS = dataset_choices(folder=False)  # the paper's datasets and their aliases (real_iad)
 MISSES = "misses (anomalous images scored below the image threshold, lowest first)"
 
 
@@ -334,7 +335,7 @@ def build_report(
         body.append("<h2>Metrics (percent)</h2>")
         for p, res in metrics.items():
             body.append(_md_table_html(format_table(res, f"{p} protocol")))
-        key = {"real_iad": "realiad"}.get(dataset or "", dataset)
+        key = dict(ALIASES).get(dataset or "", dataset)
         if key in PAPER_RESULTS:
             means = paper_means(metrics, protocol)
             body.append(f"<h3>Mean beside the paper's row ({_e(key)})</h3>")
@@ -517,10 +518,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         out["mean"] = mean
         if args.output:
             write_json(args.output, {"protocol": p, "runs": [str(r) for r in runs], "mean": mean})
-        if dataset in PAPER_RESULTS or dataset == "real_iad":
+        if dict(ALIASES).get(dataset, dataset) in PAPER_RESULTS:
             print()
             print(paper_comparison({p: mean}, dataset))
-    elif dataset in PAPER_RESULTS or dataset == "real_iad":
+    elif dict(ALIASES).get(dataset, dataset) in PAPER_RESULTS:
         for run in runs:
             metrics = read_metrics(run)
             if metrics:

@@ -13,6 +13,7 @@ import zipfile
 from pathlib import Path
 
 from utils.errors import UserError
+from vlmdiff.evaluation.run_folder import RunFolder
 
 
 def checkpoint_done(path: Path) -> str | None:
@@ -98,7 +99,7 @@ def test_done(results: Path, checkpoint: Path) -> str | None:
     """None when the test run has metrics of both protocols, made from ``checkpoint`` as it is now."""
     from vlmdiff.evaluation.run_inputs import file_fingerprint
 
-    metrics, manifest = results / "metrics.json", results / "manifest.json"
+    metrics, manifest = RunFolder(results).metrics_json, RunFolder(results).manifest
     if not metrics.is_file() or not manifest.is_file():
         return f"{metrics} missing"
     try:
@@ -121,5 +122,6 @@ def report_done(run: Path, results: list[Path]) -> str | None:
     table = run / "paper_table.md"
     if not table.is_file():
         return f"{table} missing"
-    newest = max((os.stat(r / "metrics.json").st_mtime for r in results if (r / "metrics.json").is_file()), default=0)
+    jsons = [RunFolder(r).metrics_json for r in results]
+    newest = max((os.stat(j).st_mtime for j in jsons if j.is_file()), default=0)
     return None if table.stat().st_mtime >= newest else f"{table} is older than the test results"

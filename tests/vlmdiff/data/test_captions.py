@@ -170,7 +170,8 @@ def test_jsonl_records_partial_last_line_and_bad_line(tmp_path: Path) -> None:
     caps = load_captions(folder.parent, "train", "mvtec")
     assert caps == {r["id"]: r["caption"] for r in recs}
     assert caps.sources[recs[0]["id"]].endswith("train_0_3.jsonl")
-    assert load_captions(folder.parent, "test", "mvtec") == {}
+    with pytest.raises(UserError, match=r"no test captions for mvtec in .*progress file\(s\) without them"):
+        load_captions(folder.parent, "test", "mvtec")  # progress files of the train split only
     (folder / "train_0_3.jsonl").write_text("{broken\n" + text)
     with pytest.raises(UserError, match="train_0_3.jsonl line 1: not valid JSON"):
         load_captions(folder.parent, "train", "mvtec")
@@ -218,3 +219,16 @@ def test_relative_caption_folder_is_found_beside_the_dataset_root(tmp_path: Path
     args.caption_folder = "visa_captions_internvl_pd"
     with pytest.raises(UserError, match=r"visa_captions_internvl_pd.*working folder.*beside the dataset root"):
         caption_source(args)
+
+
+def test_captions_of_another_model_name_the_file_looked_for_and_the_files_there(tmp_path: Path) -> None:
+    """Template captions (with the captioner's progress/ folder) read as internvl's: the error says both."""
+    folder = tmp_path / "mvtec_captions_template_pd"
+    datagen.write_upstream_captions(folder, "train", "mvtec", "template", ["bottle/train/good/000.png"], ["a bottle"])
+    (folder / "progress").mkdir()
+    with pytest.raises(UserError) as err:
+        load_captions(folder, "train", "mvtec", vlm="internvl")
+    message = str(err.value)
+    assert str(folder / "train_captions_mvtec_internvl*.json") in message
+    assert "the folder holds train_captions_mvtec_template.json" in message and "--vlm_model template" in message
+    assert load_captions(folder, "train", "mvtec", vlm="template") == {"bottle/train/good/000.png": "a bottle"}
