@@ -66,6 +66,7 @@ from vlmdiff.training import (
     Preempted,
     SaveOnSigterm,
     SaveProvenance,
+    TrainedBatches,
     check_devices,
     checkpoint_callback,
     last_checkpoint,
@@ -282,6 +283,7 @@ def run(args: argparse.Namespace) -> Path:
         FiniteTraining(),
         checkpoint_callback(ckpt_dir, every_n_epochs, args.save_every_n_steps, args.keep_last_n),
         PerRankSeed(args.seed),
+        TrainedBatches(),
         SaveProvenance(info),
         SaveOnSigterm(ckpt_dir / "last.ckpt"),
     ]
