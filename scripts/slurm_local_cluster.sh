@@ -91,6 +91,7 @@ MpiDefault=none
 FirstJobId=$first_id
 MinJobAge=3600
 KillWait=10
+SchedulerParameters=sched_interval=1,bf_interval=1
 EOF
     if [ "$nodes" = 1 ]; then
         echo "NodeName=localhost Port=$(free_port) CPUs=$cpus RealMemory=$mem State=UNKNOWN" >>"$dir/slurm.conf"

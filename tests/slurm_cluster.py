@@ -108,11 +108,13 @@ class SlurmCluster:
     def requeue(self, job_id: str) -> None:
         """What a preemption does: SIGTERM to the running job, which then returns to the queue.
 
-        SLURM holds a requeued job for about two minutes (Reason=BeginTime); ``StartTime=now`` lifts
-        that hold so the job starts again within seconds.
+        SLURM holds a requeued job for about two minutes (Reason=BeginTime); ``StartTime=now`` a second
+        after the requeue lifts that hold, so the job starts again within seconds.
         """
         self.run(["scontrol", "requeue", job_id])
         self.wait(job_id, lambda info: info["JobState"] == "PENDING", timeout_s=60, interval_s=0.1)
+        # slurmd refuses to start a job again in the second its kill was recorded ("Job credential revoked")
+        time.sleep(1.1)
         self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
 
     @staticmethod
