@@ -6,13 +6,15 @@
 #   export SLURM_CONF=DIR/slurm.conf                   # then sbatch, srun, squeue, scontrol talk to it
 #   scripts/slurm_local_cluster.sh stop DIR
 #
-# Everything lives in DIR: slurm.conf, the state, the spool and the daemons' logs and pid files. The cluster
-# has one partition "batch" with this machine's CPUs (split between the nodes) and somewhat less memory than
-# is free, no GPUs. Its two ports come free from the OS, so several such clusters can run side by side;
-# its job ids start at a random number, so jobs of two clusters do not share ids (nor the rendezvous port
-# that Lightning derives from the job id). Finished jobs stay visible to `scontrol show job` for an hour.
-# munged is started only if it is not running yet (and its key created only if missing); `stop` leaves
-# it running, as other clusters may use it. `stop` ends slurmctld and slurmd by the pids in their pid files.
+# Everything lives in DIR: slurm.conf, the state, the daemons' logs and pid files. slurmd's spool folder
+# holds sockets, whose paths must be short: it is a /tmp/slurmd-spool.* folder, which `stop` removes.
+# The cluster has one partition "batch" with this machine's CPUs (split between the nodes), 80% of the
+# memory available now, no GPUs. Its ports come free from the OS, so several such clusters can run side
+# by side; its job ids start at a random number, so jobs of two clusters do not share ids (nor the
+# rendezvous port that Lightning derives from the job id). Finished jobs stay visible to
+# `scontrol show job` for an hour. munged is started only if it is not running yet (its key created only
+# if missing); `stop` leaves it running, as other clusters may use it. `stop` cancels the cluster's jobs,
+# then ends slurmctld and slurmd by the pids in their pid files.
 set -euo pipefail
 
 usage() {
@@ -61,7 +63,7 @@ start_munge() {
 }
 
 write_conf() {
-    local dir=$1 nodes=$2 cpus mem per_cpus per_mem ctld_port first_id
+    local dir=$1 nodes=$2 spool=$3 cpus mem per_cpus per_mem ctld_port first_id
     cpus=$(nproc)
     # memory SLURM may hand out: 80% of what is available now, in MB
     mem=$(awk '/MemAvailable/ {printf "%d", $2 / 1024 * 0.8}' /proc/meminfo)
@@ -79,7 +81,7 @@ ReturnToService=2
 SlurmUser=root
 SlurmctldPidFile=$dir/slurmctld.pid
 SlurmdPidFile=$dir/slurmd.%n.pid
-SlurmdSpoolDir=$dir/spool_%n
+SlurmdSpoolDir=$spool/%n
 StateSaveLocation=$dir/state
 SlurmctldLogFile=$dir/slurmctld.log
 SlurmdLogFile=$dir/slurmd.%n.log
@@ -137,15 +139,18 @@ start() {
     [ ! -e "$dir/slurmctld.pid" ] || die "$dir holds a running cluster (stop it first: $0 stop $dir)"
     mkdir -p "$dir/state"
     start_munge
-    write_conf "$dir" "$nodes"
+    # slurmstepd's sockets live in the spool folder and a socket path has at most 108 bytes: a short folder
+    local spool
+    spool=$(mktemp -d /tmp/slurmd-spool.XXXXXX)
+    write_conf "$dir" "$nodes" "$spool"
     export SLURM_CONF=$dir/slurm.conf
     /usr/sbin/slurmctld -i
     if [ "$nodes" = 1 ]; then
-        mkdir -p "$dir/spool_localhost"
+        mkdir -p "$spool/localhost"
         /usr/sbin/slurmd
     else
         for i in $(seq "$nodes"); do
-            mkdir -p "$dir/spool_n$i"
+            mkdir -p "$spool/n$i"
             /usr/sbin/slurmd -N "n$i"
         done
     fi
@@ -172,6 +177,9 @@ stop() {
         fi
         rm -f "$pidfile"
     done
+    local spool
+    spool=$(sed -n 's|^SlurmdSpoolDir=\(/tmp/slurmd-spool\.[A-Za-z0-9]*\)/%n$|\1|p' "$dir/slurm.conf" 2>/dev/null || true)
+    if [ -n "$spool" ]; then rm -rf "$spool"; fi
 }
 
 [ $# -ge 2 ] || usage

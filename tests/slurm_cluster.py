@@ -102,6 +102,7 @@ class SlurmCluster:
                 raise AssertionError(
                     f"job {job_id} still {info['JobState']} ({info.get('Reason')}) after {timeout_s:g} s\n"
                     + self.output_tail(info)
+                    + self.daemon_logs()
                 )
             time.sleep(interval_s)
 
@@ -116,6 +117,14 @@ class SlurmCluster:
         # slurmd refuses to start a job again in the second its kill was recorded ("Job credential revoked")
         time.sleep(1.1)
         self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+
+    def daemon_logs(self, lines: int = 15) -> str:
+        """The last lines of slurmctld's and slurmd's logs (for assertion messages; MPI plugin noise left out)."""
+        out = []
+        for path in sorted(self.folder.glob("*.log")):
+            kept = [line for line in path.read_text(errors="replace").splitlines() if "mpi" not in line.lower()]
+            out.append(f"--- {path}\n" + "\n".join(kept[-lines:]))
+        return "\n" + "\n".join(out)
 
     @staticmethod
     def output_tail(info: dict[str, str], chars: int = 3000) -> str:

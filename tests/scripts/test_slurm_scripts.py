@@ -8,6 +8,7 @@ submitted with --dependency=afterok on it, starts only after it and writes the m
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
@@ -19,7 +20,7 @@ import torch
 import captioner
 import train
 from ldm.checkpoint import load_checkpoint
-from tests.slurm_cluster import SlurmCluster, job_time
+from tests.slurm_cluster import SlurmCluster, job_time, start_cluster, stop_cluster
 from tests.tinyckpt import demo_data_and_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,7 +28,7 @@ TRAIN_SCRIPT = ROOT / "scripts" / "slurm_train.sbatch"
 TEST_SCRIPT = ROOT / "scripts" / "slurm_test.sbatch"
 # the #SBATCH resources of the scripts are a GPU node's; the local cluster has CPUs only
 CPU_JOB = ["--gpus-per-node=0", "--cpus-per-task=1", "--mem=2G"]
-STEPS = 10
+STEPS = 6
 TINY_TRAIN = [
     "--accelerator",
     "cpu",
@@ -138,3 +139,25 @@ def test_requeued_training_resumes_to_the_uninterrupted_weights_then_the_test_jo
     assert job_time(dep["StartTime"]) >= job_time(info["EndTime"])
     assert (results / "metrics.json").is_file() and (results / "report.html").is_file()
     assert "legacy" in (results / "metrics.json").read_text()
+
+
+def test_a_second_local_cluster_runs_beside_the_first_and_stops_by_its_pid_files(slurm_cluster, tmp_path):
+    second = start_cluster(tmp_path / "second")
+    try:
+        pids = [int(p.read_text()) for p in sorted(second.folder.glob("*.pid"))]
+        assert len(pids) == 2  # slurmctld and one slurmd
+        jobs = [
+            (cluster, cluster.sbatch(["--output", str(tmp_path / f"{i}.out"), "--wrap", f"echo {i}"], cwd=tmp_path))
+            for i, cluster in enumerate((slurm_cluster, second))
+        ]
+        assert jobs[0][1] != jobs[1][1]  # each cluster numbers its jobs from its own random start
+        for cluster, job in jobs:
+            assert cluster.wait(job)["JobState"] == "COMPLETED"
+        assert [(tmp_path / f"{i}.out").read_text() for i in range(2)] == ["0\n", "1\n"]
+    finally:
+        stop_cluster(second)
+    assert not list(second.folder.glob("*.pid"))
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert slurm_cluster.state(jobs[0][1]) == "COMPLETED"  # the first cluster still answers
