@@ -16,6 +16,7 @@
 # if missing); `stop` leaves it running, as other clusters may use it. `stop` cancels the cluster's jobs,
 # then ends slurmctld and slurmd by the pids in their pid files.
 set -euo pipefail
+export PATH=$PATH:/usr/sbin:/sbin # the daemons
 
 usage() {
     echo "usage: $0 start DIR [NODES] | stop DIR" >&2

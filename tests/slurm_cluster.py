@@ -35,7 +35,8 @@ END_STATES = frozenset(
 
 def unavailable_reason() -> str | None:
     """Why no SLURM cluster can be started on this machine, or None when it can."""
-    missing = [name for name in ("slurmctld", "slurmd", "sbatch", "scontrol", "munged") if shutil.which(name) is None]
+    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])  # daemons live in sbin
+    missing = [n for n in ("slurmctld", "slurmd", "sbatch", "scontrol", "munged") if shutil.which(n, path=path) is None]
     if missing:
         return f"SLURM is not installed ({', '.join(missing)} missing): apt-get install -y slurm-wlm munge"
     if os.geteuid() != 0:
