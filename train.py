@@ -247,6 +247,7 @@ def run(args: argparse.Namespace) -> Path:
         Preempted,
         SaveOnSigterm,
         SaveProvenance,
+        TrainedBatches,
         TrainerOptions,
         checkpoint_callback,
         last_checkpoint,
@@ -301,6 +302,7 @@ def run(args: argparse.Namespace) -> Path:
         FiniteTraining(),
         checkpoint_callback(ckpt_dir, args.save_every_n_epochs, args.save_every_n_steps, args.keep_last_n),
         PerRankSeed(args.seed),
+        TrainedBatches(),
         SaveProvenance(info),
         SaveOnSigterm(ckpt_dir / "last.ckpt"),
     ]

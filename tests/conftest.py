@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.slurm_cluster import slurm_cluster  # noqa: F401  (a session fixture: a real SLURM cluster on localhost)
+
 # No test may reach a model hub; without network a hub id must fail loudly, not hang.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

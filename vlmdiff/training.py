@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import logging
 import math
 import os
@@ -20,7 +21,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 from ldm.models.autoencoder import AtomicCheckpointIO
 from utils.errors import UserError
@@ -106,14 +107,53 @@ class PerRankSeed(Callback):
     """Seed the noise and timestep draws of each rank from the global seed (seed + global rank).
 
     The data order comes from the (distributed) sampler, seeded by the global seed on every rank, so
-    ranks see disjoint shards; the diffusion noise differs per rank.
+    ranks see disjoint shards; the diffusion noise differs per rank. Every checkpoint holds the random
+    number states of all ranks (torch's CPU generator and the current CUDA device's), and a run resumed
+    on the same number of ranks continues them instead of seeding again: it draws the same noise as the
+    run that was interrupted. On another number of ranks it seeds from (seed + rank) again.
     """
 
     def __init__(self, seed: int):
         self.seed = seed
+        self._restored: dict[str, torch.Tensor] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        trainer = self._trainer
+        states = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available() and trainer.strategy.root_device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(trainer.strategy.root_device)
+        # one row per rank; a collective, like the checkpoint save that calls it on every rank
+        return {name: _gather_rows(trainer, state) for name, state in states.items()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._restored = dict(state_dict)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        torch.manual_seed(self.seed + trainer.global_rank)
+        restored, self._restored = self._restored, {}
+        rank = trainer.global_rank
+        if restored.get("cpu") is not None and len(restored["cpu"]) == trainer.world_size:
+            torch.set_rng_state(restored["cpu"][rank].clone())
+            if "cuda" in restored and trainer.strategy.root_device.type == "cuda":
+                torch.cuda.set_rng_state(restored["cuda"][rank].clone(), trainer.strategy.root_device)
+            return
+        if restored:
+            log.warning(
+                "the checkpoint's random states are of %d rank(s), this run has %d: seeding again",
+                len(restored["cpu"]),
+                trainer.world_size,
+            )
+        torch.manual_seed(self.seed + rank)
+
+
+def _gather_rows(trainer: pl.Trainer, state: torch.Tensor) -> torch.Tensor:
+    """``state`` (a 1-d byte tensor) of every rank stacked in rank order, on the CPU."""
+    if trainer.world_size == 1:
+        return state.unsqueeze(0).clone()
+    gathered = trainer.strategy.all_gather(state.to(trainer.strategy.root_device))
+    return gathered.cpu()
 
 
 class SaveProvenance(Callback):
@@ -209,16 +249,79 @@ def progress_callbacks(no_progress_bar: bool, interval_s: float, **progress_log:
     return bar, [ParameterCount()] + ([] if bar else [ProgressLog(interval_s, **progress_log)])
 
 
-def train_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int) -> DataLoader:
+class SkippingBatchSampler(BatchSampler):
+    """A BatchSampler whose next pass can leave out its first ``skip`` batches (without loading them)."""
+
+    skip = 0
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        return itertools.islice(super().__iter__(), skip, None)
+
+
+class ResumableLoader(DataLoader):
+    """The training DataLoader, resumable in the middle of an epoch.
+
+    Its state (in every checkpoint, through Lightning's stateful-loader support) is the shuffling
+    generator's state at the start of the epoch and the number of batches of the epoch already trained
+    (counted by :class:`TrainedBatches`). A resumed run restores the generator, so the epoch is shuffled
+    as before, and its batch sampler leaves out the batches already trained: together with the random
+    states of :class:`PerRankSeed` the run continues as if it had not stopped. An interrupted
+    accumulation (``accumulate_grad_batches`` > 1) loses the gradients of its batches trained so far.
+    The batches and their order are those of ``DataLoader(shuffle=True, generator=...)``.
+    """
+
+    _epoch_start: torch.Tensor | None = None
+    _resume: dict[str, Any] | None = None
+    trained = 0  # batches of the current epoch trained so far
+
+    def __iter__(self):
+        resume, self._resume = self._resume, None
+        if resume and self.generator is not None:
+            self.generator.set_state(resume["generator"])
+            self.batch_sampler.skip = resume["batches"]
+        self.trained = resume["batches"] if resume else 0
+        self._epoch_start = self.generator.get_state() if self.generator is not None else None
+        return super().__iter__()
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._epoch_start is None:
+            return {}
+        if self.trained >= len(self):  # the epoch is complete: the next one starts from the current state
+            return {"generator": self.generator.get_state(), "batches": 0, "world": _world_size()}
+        return {"generator": self._epoch_start, "batches": self.trained, "world": _world_size()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue from ``state_dict`` at the next ``iter()``; a state of another number of ranks is ignored."""
+        if state_dict.get("world") == _world_size() and isinstance(self.batch_sampler, SkippingBatchSampler):
+            self._resume = dict(state_dict)
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+class TrainedBatches(Callback):
+    """Tell the :class:`ResumableLoader` how many batches of its epoch were trained (for its checkpoint state)."""
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loader = trainer.train_dataloader
+        if isinstance(loader, ResumableLoader):
+            loader.trained = batch_idx + 1
+
+
+def train_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int) -> ResumableLoader:
+    """Shuffled batches (seeded by ``seed``), resumable mid-epoch with :class:`TrainedBatches` among the callbacks."""
     if len(dataset) == 0:
         raise UserError("the training set has no images: check --data_path, --data_set and --classes")
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
+    sampler = SkippingBatchSampler(RandomSampler(dataset, generator=generator), batch_size, drop_last=False)
+    return ResumableLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=True,
+        batch_sampler=sampler,
         num_workers=num_workers,
-        drop_last=False,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
         generator=generator,
