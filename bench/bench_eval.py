@@ -19,7 +19,7 @@ sorted: tests/reference_metrics.py) in another child of the same run: peak RSS, 
 difference between the two sets of metric values. The in-memory child is skipped when the machine's
 available memory is short of its estimate (``--no_in_memory`` skips it always).
 
-    python bench/bench_eval.py             # all three: ~15 GiB of memory, ~8 GiB of temporary disk, ~25 min on 2 cores
+    python bench/bench_eval.py             # all three: ~15 GiB of memory, ~6 GiB of temporary disk, 11-30 min
     python bench/bench_eval.py --only big_class         # (c) only
     python bench/bench_eval.py --big_class 2000 --sizes 1000,2000   # smaller: ~2 GiB, ~1 GiB of disk, minutes
     python bench/bench_eval.py --quick                  # a smoke run (seconds)
@@ -195,7 +195,7 @@ def needs(args: argparse.Namespace, parts: list[str], sizes: list[int]) -> str:
             seconds += args.big_class * 0.005
     return (
         f"this run needs about {memory / 1024:.1f} GiB of memory, {disk / 1024:.1f} GiB of temporary disk "
-        f"(in {args.tmp or tempfile.gettempdir()}) and roughly {seconds / 60:.0f} minutes on 2 cores; "
+        f"(in {args.tmp or tempfile.gettempdir()}) and roughly {seconds / 60:.0f} minutes on 2 idle cores; "
         "smaller: --big_class 2000 --sizes 1000,2000, --no_in_memory, --only PART, or --quick"
     )
 
