@@ -1,7 +1,7 @@
 """Evaluation: everything that turns a run folder's stored maps into numbers and pages.
 
 run_folder (the paths inside a run folder), map_store (the maps on disk), metric_table (the one table of
-metrics: names, headers, paper columns), metrics / class_metrics / curves (the two protocols, exact and
+metrics: names, headers, paper columns), metrics / class_scan / class_metrics / curves (the two protocols, exact and
 streamed), thresholds, plots, visuals, report, run_inputs (what a run's maps were made from) and evaluate
 (a run folder's metrics, curves, thresholds and scores). Nothing here imports the scripts, training or the
 diffusion model; only :mod:`vlmdiff.scoring` (the pooling of a map into an image score) comes from the

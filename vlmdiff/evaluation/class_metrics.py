@@ -1,15 +1,15 @@
 """The seven metrics of one class, streamed from its maps chunk by chunk in memory that does not grow with it.
 
-A class is read through a :class:`ClassSource`, which can hand out its ``(maps, masks)`` chunks more than
-once; of a class larger than :data:`CLASS_BUDGET` nothing is held but per-image numbers (scores, labels)
+A class is read through a :class:`class_scan.ClassSource`, which can hand out its ``(maps, masks)`` chunks more
+than once; of a class larger than :data:`class_scan.CLASS_BUDGET` nothing is held but per-image numbers (scores, labels)
 and one bounded table.
 
-1. The *scan* reads every chunk once: finite maps, image scores and labels, the number of positive
+1. The *scan* (:mod:`class_scan`) reads every chunk once: finite maps, image scores and labels, the number of positive
    (ground-truth) and negative pixels, the ground-truth regions (8-connected, per image) and the area of
    each, the lowest and highest score, and a histogram of the positive scores over the top 16 bits of an
    order-preserving integer key (once they outgrow ``budget``, :data:`POSITIVE_BUDGET`; until then the
    positive scores and their region areas are kept). While the class's scores take at most
-   :data:`CLASS_BUDGET` bytes (~1,000 maps of 256x256) they are all kept, negatives too, and the
+   :data:`class_scan.CLASS_BUDGET` bytes (~1,000 maps of 256x256) they are all kept, negatives too, and the
    steps below work on them: such a class is read once.
 2. The positive scores are sorted into a table of distinct values (count, sum of ``1 / area``). When
    they did not fit, the score axis is cut into stretches of at most ``budget`` positives from the
@@ -25,274 +25,37 @@ to float summation order, ~1e-12). Peak memory is one chunk's work plus one tabl
 distinct scores (36 bytes each) while the next is gathered, whatever the class size: bench/bench_eval.py
 measures a class of 20,000 float32 maps of 256x256 at about 1.2 GiB peak RSS, 0.63 GiB of it the imported
 libraries, where holding the class took about 14.6 GiB; the price is more reads of the class (four there)
-and about 1.4 times the time of the in-memory code. A class within :data:`CLASS_BUDGET` is read once.
+and about 1.4 times the time of the in-memory code. A class within :data:`class_scan.CLASS_BUDGET` is read
+once.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-import torch
-from scipy import ndimage
 
-from utils.errors import UserError
 from utils.memory import release_free_memory
-from vlmdiff import scoring
+from vlmdiff.evaluation.class_scan import (
+    DIGIT,
+    ClassSource,
+    Scan,
+    key_type,
+    key_values,
+    order_keys,
+    pieces,
+    scan,
+)
 from vlmdiff.evaluation.curves import CurveAccumulator, bin_negatives, descending_table, table_from_sorted
 
 logger = logging.getLogger(__name__)
 
 POSITIVE_BUDGET = 1 << 23  # positive pixels held at once, ~24 bytes each while their table is built
-CLASS_BUDGET = 1 << 28  # bytes of scores (and region areas) of a class kept from its one read: it is not read again
 LEGACY_NUM_THRESHOLDS = 200
-_REGION_STRUCTURE = np.zeros((3, 3, 3), dtype=bool)
-_REGION_STRUCTURE[1] = True  # 8-connected inside one image, never across images
-_DIGIT = 16  # key bits resolved per histogram
-
-
-class ClassSource(Protocol):
-    """The maps and masks of one class, readable more than once, in chunks of whole images."""
-
-    def chunks(self) -> Iterator[dict[str, np.ndarray]]:
-        """``{"maps": (b, H, W) float, "masks": (b, H, W)}`` (and ``"ids"`` (b,) where known), every image once.
-
-        Before it reads the next chunk it calls :func:`utils.memory.release_free_memory`: the caller's work on
-        the last one is freed by then, and returning those pages keeps a long class from growing the heap."""
-        ...
-
-
-@dataclass
-class ArrayClass:
-    """A :class:`ClassSource` over arrays already in memory, ``batch`` images a chunk (views, no copies)."""
-
-    maps: Any
-    masks: Any
-    batch: int = 64
-
-    def chunks(self) -> Iterator[dict[str, np.ndarray]]:
-        for a in range(0, len(self.maps), self.batch):
-            yield {"maps": self.maps[a : a + self.batch], "masks": self.masks[a : a + self.batch]}
-            release_free_memory()  # what the caller did with the chunk is freed: keep the heap from growing
-
-
-# --------------------------------------------------------------------------- inputs
-def _to_numpy(x: Any) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().numpy()
-    return np.asarray(x)
-
-
-def binarize_masks(masks: Any, mask_threshold: float = 0.0) -> np.ndarray:
-    """Ground truth ``(N, H, W)`` bool from masks in any of the supported encodings.
-
-    ``mask_threshold`` is a fraction of the mask's full scale, so 0 means "any positive value" for
-    every encoding: uint8 masks (0..255) give ``mask > 255 * t``; bool, 0/1 integer and float
-    masks (0..1) give ``mask > t``. Float masks outside [0, 1] and integer masks other than uint8
-    with values outside {0, 1} are refused (ambiguous scale).
-    """
-    m = _to_numpy(masks)
-    if not 0.0 <= mask_threshold < 1.0:
-        raise UserError(f"mask_threshold must be in [0, 1) (a fraction of the mask's full scale), got {mask_threshold}")
-    if m.dtype == np.bool_:
-        return m
-    if m.dtype == np.uint8:
-        return m > 255.0 * mask_threshold
-    if m.size and (np.issubdtype(m.dtype, np.integer) or np.issubdtype(m.dtype, np.floating)):
-        lo, hi = m.min(), m.max()
-        if not (lo >= 0 and hi <= 1):  # also catches NaN
-            raise UserError(
-                f"masks of dtype {m.dtype} must lie in [0, 1] (found {lo}..{hi}); pass 0..255 masks as uint8"
-            )
-        return m > mask_threshold
-    if m.size == 0:
-        return m.astype(bool)
-    raise UserError(f"masks have unsupported dtype {m.dtype}; use uint8 0..255, bool or float 0..1")
-
-
-# --------------------------------------------------------------------------- keys
-def _key_type(dtype: np.dtype) -> tuple[type, int]:
-    return (np.uint32, 32) if dtype == np.float32 else (np.uint64, 64)
-
-
-def order_keys(values: np.ndarray) -> np.ndarray:
-    """Unsigned integers ordered as the finite float32/float64 ``values``.
-
-    Equal values (-0.0 and 0.0 too) get equal keys.
-    """
-    utype, bits = _key_type(values.dtype)
-    raw = (values + values.dtype.type(0)).view(utype)  # + 0 turns -0.0 into 0.0
-    sign = utype(1) << utype(bits - 1)
-    return np.where(raw & sign, ~raw, raw | sign)
-
-
-def key_values(keys: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    """The float values of :func:`order_keys` ``keys``."""
-    utype, bits = _key_type(dtype)
-    keys = np.asarray(keys, utype)
-    sign = utype(1) << utype(bits - 1)
-    return np.where(keys & sign, keys ^ sign, ~keys).view(dtype)
-
-
-# --------------------------------------------------------------------------- one chunk
-def _work_dtype(maps: np.ndarray) -> np.dtype:
-    """float16 is widened to float32 (exactly), float32 and float64 are kept, other floats become float64."""
-    return np.dtype(np.float32) if maps.dtype in (np.float16, np.float32) else np.dtype(np.float64)
-
-
-@dataclass
-class _Chunk:
-    maps: np.ndarray  # (b, H, W) work dtype
-    gt: np.ndarray  # (b, H, W) bool
-    ids: np.ndarray | None
-
-    def regions(self) -> tuple[np.ndarray, int]:
-        """Area of the region of every GT pixel (C order, as ``maps[gt]``) and how many regions the chunk has."""
-        gt = self.gt[self.gt.reshape(len(self.gt), -1).any(axis=1)]  # images without GT have no region
-        lab, n = ndimage.label(gt, structure=_REGION_STRUCTURE)
-        r = lab[gt]
-        return np.bincount(r, minlength=n + 1)[r].astype(np.int32), n
-
-
-def _read(
-    source: ClassSource, name: str, mask_threshold: float, dtype: np.dtype | None, check: bool = False
-) -> Iterator[_Chunk]:
-    """The chunks of ``source``: maps in the work dtype (``dtype``, or that of the first chunk), the ground truth
-    as bool; ``check``: also refuse maps that are not (N, H, W) floats or not finite (the scan checks once)."""
-    first = 0
-    for raw in source.chunks():
-        maps = raw["maps"]
-        maps = maps.detach().cpu().numpy() if isinstance(maps, torch.Tensor) else np.asarray(maps)
-        if check:
-            if maps.ndim != 3:
-                raise UserError(f"class {name!r}: maps must have shape (N, H, W), got {maps.shape}")
-            if not np.issubdtype(maps.dtype, np.floating):
-                raise UserError(f"class {name!r}: maps must be floating point, got {maps.dtype}")
-            if not np.isfinite(maps).all():
-                raise UserError(
-                    f"class {name!r}: maps contain NaN or infinite values (image {first}.."
-                    f"{first + len(maps) - 1}); fix the scoring run that produced them"
-                )
-        work = _work_dtype(maps)
-        if dtype is None:
-            dtype = work
-        elif work != dtype:
-            raise UserError(
-                f"class {name!r}: maps of {maps.dtype} after maps of another precision; store a class in one dtype"
-            )
-        gt = binarize_masks(raw["masks"], mask_threshold)
-        if gt.shape != maps.shape:
-            raise UserError(f"class {name!r}: maps {maps.shape} and masks {gt.shape} differ in shape")
-        first += len(maps)
-        ids = raw.get("ids")
-        yield _Chunk(np.asarray(maps, work), gt, None if ids is None else np.asarray(ids))
-        del raw, maps, gt  # dropped before the source's next chunk, which first returns the freed pages
-
-
-# --------------------------------------------------------------------------- the scan
-@dataclass
-class Scan:
-    """What one read of a class gives (step 1 of the module docstring)."""
-
-    dtype: np.dtype | None = None
-    n_pos: int = 0
-    n_neg: int = 0
-    n_regions: int = 0
-    lo: float = math.inf
-    hi: float = -math.inf
-    hist: np.ndarray | None = None  # of the positives' keys, made when they outgrow the budget
-    scores: list[np.ndarray] = field(default_factory=list)
-    labels: list[np.ndarray] = field(default_factory=list)
-    map_max: list[np.ndarray] = field(default_factory=list)
-    ids: list[np.ndarray] = field(default_factory=list)
-    held: list[tuple[np.ndarray, np.ndarray]] | None = field(default_factory=list)  # (scores, areas) of positives
-    whole: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = field(default_factory=list)  # see _pieces
-    whole_bytes: int = 0
-
-    @property
-    def bits(self) -> int:
-        return _key_type(self.dtype)[1]
-
-
-def scan(
-    source: ClassSource,
-    name: str,
-    pooling: str | None,
-    mask_threshold: float,
-    budget: int,
-    on_chunk: Callable[[dict[str, np.ndarray]], None] | None = None,
-) -> Scan:
-    """Step 1 of the module docstring; ``on_chunk`` sees each chunk (maps in the work dtype, bool masks, ids).
-
-    ``pooling`` None: no image scores. While the class's scores (and region areas) take at most
-    :data:`CLASS_BUDGET` bytes they are all kept (``Scan.whole``), so the passes need no second read."""
-    s = Scan()
-    for chunk in _read(source, name, mask_threshold, None, check=True):
-        s.dtype = chunk.maps.dtype
-        m, gt = chunk.maps, chunk.gt
-        s.labels.append(gt.reshape(len(gt), -1).any(axis=1))
-        if pooling is not None:
-            s.scores.append(scoring.image_score(torch.from_numpy(np.ascontiguousarray(m)), pooling).numpy())
-        s.map_max.append(m.reshape(len(m), -1).max(axis=1))
-        if chunk.ids is not None:
-            s.ids.append(chunk.ids)
-        s.lo, s.hi = min(s.lo, float(m.min())), max(s.hi, float(m.max()))
-        pos = m[gt]
-        s.n_pos += len(pos)
-        s.n_neg += gt.size - len(pos)
-        areas = np.zeros(0, np.int32)
-        if len(pos):
-            areas, n = chunk.regions()
-            s.n_regions += n
-        if s.held is not None and s.n_pos > budget:  # more positives than fit: from now on a histogram of them
-            s.hist = _histogram([p for p, _ in s.held], s.bits)
-            s.held = None
-        if s.held is not None:
-            if len(pos):
-                s.held.append((pos, areas))
-        elif len(pos):
-            s.hist += _histogram([pos], s.bits)
-        if s.whole is not None:
-            s.whole_bytes += m.nbytes + areas.nbytes
-            if s.whole_bytes <= CLASS_BUDGET:
-                s.whole.append((m[~gt], pos, areas))
-            else:
-                s.whole = None  # too large to keep: the passes read the class again
-        if on_chunk is not None:
-            on_chunk({"maps": m, "masks": gt, "ids": chunk.ids})
-    if s.dtype is None:
-        raise UserError(f"class {name!r} has no images; drop it or fix the class names")
-    return s
-
-
-def _histogram(positives: list[np.ndarray], bits: int) -> np.ndarray:
-    """Counts of the scores ``positives`` over the top 16 bits of their keys."""
-    hist = np.zeros(1 << _DIGIT, np.int64)
-    for pos in positives:
-        hist += np.bincount((order_keys(pos) >> (bits - _DIGIT)).astype(np.intp), minlength=1 << _DIGIT)
-    return hist
-
-
-def _pieces(
-    s: Scan, source: ClassSource, name: str, mask_threshold: float, need: str = "all"
-) -> Iterator[tuple[Any, Any, Any]]:
-    """``(negative scores, positive scores, their region areas)`` of each chunk: kept by the scan where the
-    class fitted :data:`CLASS_BUDGET`, else read again; when read, only what ``need`` says is computed
-    ("negatives", "positives": the scores only, "all"), the rest is None."""
-    if s.whole is not None:
-        yield from s.whole
-        return
-    for chunk in _read(source, name, mask_threshold, s.dtype):
-        neg = chunk.maps[~chunk.gt] if need != "positives" else None
-        pos = chunk.maps[chunk.gt] if need != "negatives" else None
-        areas = None
-        if need == "all":
-            areas = chunk.regions()[0] if len(pos) else np.zeros(0, np.int32)
-        yield neg, pos, areas
 
 
 # --------------------------------------------------------------------------- stretches of the score axis
@@ -319,7 +82,7 @@ def _group(buckets: list[tuple[int, int, int]], budget: int) -> list[_Stretch]:
 
 
 def _sub_buckets(st: _Stretch, hist: np.ndarray) -> list[tuple[int, int, int]]:
-    width = max((st.hi - st.lo) >> _DIGIT, 1)
+    width = max((st.hi - st.lo) >> DIGIT, 1)
     return [
         (st.lo + i * width, min(st.lo + (i + 1) * width, st.hi), int(c))
         for i, c in enumerate(hist)
@@ -334,17 +97,17 @@ def _inside(keys: np.ndarray, lo: int, hi: int) -> np.ndarray:
 
 def plan(s: Scan, source: ClassSource, name: str, mask_threshold: float, budget: int) -> list[_Stretch]:
     """Stretches covering the whole key axis, ascending, each with at most ``budget`` positives or one value."""
-    width = 1 << (s.bits - _DIGIT)
+    width = 1 << (s.bits - DIGIT)
     stretches = _group([(i * width, (i + 1) * width, int(c)) for i, c in enumerate(s.hist)], budget)
     while any(st.refine for st in stretches):  # one more read per 16 bits, only where a bucket is too full
         todo = [st for st in stretches if st.refine]
-        hists = [np.zeros(1 << _DIGIT, np.int64) for _ in todo]
-        for _, pos, _ in _pieces(s, source, name, mask_threshold, "positives"):
+        hists = [np.zeros(1 << DIGIT, np.int64) for _ in todo]
+        for _, pos, _ in pieces(s, source, name, mask_threshold, "positives"):
             keys = order_keys(pos)
             for st, h in zip(todo, hists, strict=True):
-                shift = (st.hi - st.lo).bit_length() - 1 - _DIGIT  # widths are powers of two >= 2
+                shift = (st.hi - st.lo).bit_length() - 1 - DIGIT  # widths are powers of two >= 2
                 offset = keys[_inside(keys, st.lo, st.hi)] - st.lo
-                h += np.bincount((offset >> max(shift, 0)).astype(np.intp), minlength=1 << _DIGIT)
+                h += np.bincount((offset >> max(shift, 0)).astype(np.intp), minlength=1 << DIGIT)
         refined = {id(st): h for st, h in zip(todo, hists, strict=True)}
         new: list[_Stretch] = []
         for st in stretches:
@@ -399,7 +162,7 @@ def _table(
     v, c, w = table_from_sorted(values[order], 1.0 / areas[order].astype(np.float64))
     del order
     if singles:
-        keys = np.array(sorted(singles), dtype=_key_type(dtype)[0])
+        keys = np.array(sorted(singles), dtype=key_type(dtype)[0])
         v = np.concatenate((v, key_values(keys, dtype)))
         c = np.concatenate((c, [singles[int(k)][0] for k in keys]))
         w = np.concatenate((w, [singles[int(k)][1] for k in keys]))
@@ -488,7 +251,7 @@ def pixel_passes(
             logger.warning("legacy AU-PRO undefined: every score of the class is %s", s.hi)
     if not official:
         if legacy_counts is not None:
-            for neg, pos, areas in _pieces(s, source, name, mask_threshold):
+            for neg, pos, areas in pieces(s, source, name, mask_threshold):
                 legacy_counts.add(neg, pos, areas)
             legacy_aupro = legacy_counts.aupro(s.n_neg, s.n_regions, fpr_limit)
         s.whole = None
@@ -509,7 +272,7 @@ def pixel_passes(
     while table is not None or groups:
         collector = _Collector(groups.pop(0), s.dtype) if groups else None
         need = "negatives" if collector is None and legacy_counts is None else "all"
-        for neg, pos, areas in _pieces(s, source, name, mask_threshold, need):
+        for neg, pos, areas in pieces(s, source, name, mask_threshold, need):
             if table is not None:
                 table.bin(neg, (table.lo, table.hi) == full_axis)
             if need == "negatives":

@@ -252,7 +252,7 @@ class MapStore:
 
     def class_sources(self) -> Iterator[tuple[str, StoredClass]]:
         """Yield ``(class_name, StoredClass)`` in name order: each class as a
-        :class:`class_metrics.ClassSource` that reads its chunk files one at a time, as often as asked."""
+        :class:`class_scan.ClassSource` that reads its chunk files one at a time, as often as asked."""
         index = self._index()
         for cls, d in self._class_dirs().items():
             files = [p for p in index if p.parent == d]
@@ -303,7 +303,7 @@ class MapStore:
 
 
 class StoredClass:
-    """One class of a :class:`MapStore` as a :class:`class_metrics.ClassSource`: its chunk files,
+    """One class of a :class:`MapStore` as a :class:`class_scan.ClassSource`: its chunk files,
     read one at a time in file order each time :meth:`chunks` is called (images in id order within a file)."""
 
     def __init__(self, name: str, files: Sequence[Path], ids: Sequence[np.ndarray]) -> None:

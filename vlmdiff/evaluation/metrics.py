@@ -30,15 +30,11 @@ from vlmdiff import scoring
 from vlmdiff.evaluation.class_metrics import (  # noqa: F401  (public here too)
     LEGACY_NUM_THRESHOLDS,
     POSITIVE_BUDGET,
-    ArrayClass,
-    ClassSource,
-    _to_numpy,
-    binarize_masks,
     evaluate_source,
     pixel_passes,
     ranking,
-    scan,
 )
+from vlmdiff.evaluation.class_scan import ArrayClass, ClassSource, _to_numpy, binarize_masks, scan  # noqa: F401
 from vlmdiff.evaluation.curves import RESOLUTION
 from vlmdiff.evaluation.metric_table import (  # noqa: F401  (public here too)
     METRICS,
@@ -166,7 +162,7 @@ def _evaluate_class(
     on_chunk: Callable[[dict[str, np.ndarray]], None] | None = None,
     budget: int = POSITIVE_BUDGET,
 ) -> dict[str, dict[str, float]]:
-    """:func:`evaluate_class` over a :class:`class_metrics.ClassSource`. ``on_curves(name, curves)``
+    """:func:`evaluate_class` over a :class:`class_scan.ClassSource`. ``on_curves(name, curves)``
     also receives ``{"image": ranking_metrics(..., keep_curves=True), "pixel": pixel_metrics(...,
     keep_curves=True), "image_scores": (N,), "labels": (N,) bool, "map_max": (N,), "ids": (N,) or None}``
     (per-image arrays in chunk order); ``on_chunk(chunk)`` sees each chunk once (see
@@ -239,7 +235,7 @@ def evaluate_stream(
     budget: int = POSITIVE_BUDGET,
 ) -> dict[str, Any]:
     """Evaluate class by class from ``(class_name, maps (N,H,W), masks (N,H,W))`` or
-    ``(class_name, ClassSource)`` items (:class:`class_metrics.ClassSource`: chunks read again as needed).
+    ``(class_name, ClassSource)`` items (:class:`class_scan.ClassSource`: chunks read again as needed).
 
     Peak memory does not grow with the number of classes nor with the size of a class read from a
     source: one chunk's work and at most ``budget`` positive pixels (:mod:`class_metrics`).

@@ -4,7 +4,7 @@ Random maps and adversarial ones (ties, constant maps, scores in one narrow band
 float16/32/64, -0.0), each at budgets that take the class in one table or in several stretches of the score
 axis, with full histogram buckets refined and single values summed instead of held; classes read from a
 MapStore chunk by chunk; curve points. Every test runs twice: with the class kept from its one read
-(:data:`class_metrics.CLASS_BUDGET`) and read again for each pass (a budget of 0 bytes).
+(:data:`class_scan.CLASS_BUDGET`) and read again for each pass (a budget of 0 bytes).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pytest
 
 from tests import reference_metrics as R
 from vlmdiff.evaluation import class_metrics as CM
+from vlmdiff.evaluation import class_scan as CS
 from vlmdiff.evaluation import curves as C
 from vlmdiff.evaluation import metrics as M
 from vlmdiff.evaluation import plots
@@ -26,14 +27,14 @@ from vlmdiff.evaluation.map_store import MapStore
 @pytest.fixture(autouse=True, params=["kept", "read_again"])
 def class_budget(request, monkeypatch) -> str:
     if request.param == "read_again":
-        monkeypatch.setattr(CM, "CLASS_BUDGET", 0)
+        monkeypatch.setattr(CS, "CLASS_BUDGET", 0)
     return request.param
 
 
 class _Counted:
     """A class source that counts how often it is read."""
 
-    def __init__(self, source: CM.ClassSource) -> None:
+    def __init__(self, source: CS.ClassSource) -> None:
         self.source, self.reads = source, 0
 
     def chunks(self):
@@ -47,14 +48,14 @@ def test_a_class_that_fits_is_read_once(class_budget: str, protocol: str) -> Non
     maps = rng.random((9, 64, 64)).astype(np.float32)
     masks = np.zeros((9, 64, 64), np.uint8)
     masks[::2, 4:12, 6:9] = 255
-    source = _Counted(CM.ArrayClass(maps, masks, batch=4))
+    source = _Counted(CS.ArrayClass(maps, masks, batch=4))
     ours = M.evaluate_stream([("c", source)], protocol=protocol)
     ref = R.evaluate_class("c", maps, masks, protocol, "paper", 0.0)
     for p in ref:
         row = ours[p]["per_class"]["c"] if protocol == "both" else ours["per_class"]["c"]
         assert all(_same(v, row[k]) for k, v in ref[p].items())
     assert source.reads == (1 if class_budget == "kept" else 2)
-    small = _Counted(CM.ArrayClass(maps, masks, batch=4))  # positives in stretches: still one read when kept
+    small = _Counted(CS.ArrayClass(maps, masks, batch=4))  # positives in stretches: still one read when kept
     M.evaluate_stream([("c", small)], protocol=protocol, budget=20)
     assert small.reads == 1 if class_budget == "kept" else small.reads > 2
 
@@ -229,10 +230,10 @@ def test_order_keys_sort_like_the_floats() -> None:
                 [0.0, -0.0, np.finfo(dtype).max, -np.finfo(dtype).max],
             ]
         ).astype(dtype)
-        keys = CM.order_keys(v)
+        keys = CS.order_keys(v)
         assert np.array_equal(np.argsort(keys, kind="stable"), np.argsort(v + 0.0, kind="stable"))
-        assert CM.order_keys(np.array([-0.0], dtype))[0] == CM.order_keys(np.array([0.0], dtype))[0]
-        np.testing.assert_array_equal(CM.key_values(keys, np.dtype(dtype)), v + 0.0)
+        assert CS.order_keys(np.array([-0.0], dtype))[0] == CS.order_keys(np.array([0.0], dtype))[0]
+        np.testing.assert_array_equal(CS.key_values(keys, np.dtype(dtype)), v + 0.0)
 
 
 def test_display_range_from_chunks() -> None:
@@ -297,9 +298,9 @@ def test_a_stretch_of_keys_is_a_stretch_of_scores(dtype) -> None:
         [(rng.standard_normal(2000) * 10.0 ** rng.integers(-30, 30, 2000)).astype(dtype), [-0.0, 0.0, -np.inf, np.inf]]
     ).astype(dtype)
     values = values[np.isfinite(values)]
-    keys = CM.order_keys(values)
+    keys = CS.order_keys(values)
     edges = [0, 1 << bits, *(int(k) for k in rng.choice(keys, 20)), *(int(k) + 1 for k in rng.choice(keys, 10))]
-    edges += [int(CM.order_keys(np.array([v], dtype))[0]) for v in (0.0, -np.inf, np.inf)]
+    edges += [int(CS.order_keys(np.array([v], dtype))[0]) for v in (0.0, -np.inf, np.inf)]
     for lo, hi in itertools.combinations(sorted(set(edges)), 2):
         a, b = CM._value_bounds(lo, hi, np.dtype(dtype))
         by_value = (values >= (-np.inf if a is None else a)) & (values < (np.inf if b is None else b))
