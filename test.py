@@ -300,7 +300,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     from utils.provenance import provenance
     from vlmdiff.evaluation.evaluate import evaluate_run, label_run
     from vlmdiff.evaluation.map_store import MapStore
-    from vlmdiff.evaluation.report import build_report
+    from vlmdiff.evaluation.report_page import build_report
     from vlmdiff.evaluation.run_folder import RunFolder
     from vlmdiff.evaluation.run_inputs import check_coverage, check_data
     from vlmdiff.evaluation.thresholds import load_thresholds

@@ -43,10 +43,10 @@ def child_evaluate(run: str) -> None:
 
 def child_report(run: str, gallery_size: int) -> None:
     """Child mode: build the run's report.html; print JSON on stdout."""
-    from vlmdiff.evaluation import report
+    from vlmdiff.evaluation import report_page
 
     t0 = time.perf_counter()
-    report.build_report(Path(run), gallery_size=gallery_size)
+    report_page.build_report(Path(run), gallery_size=gallery_size)
     print(json.dumps({"seconds": time.perf_counter() - t0}))
 
 

@@ -33,8 +33,9 @@ from utils.errors import UserError
 from utils.io import read_json, write_text
 from vlmdiff.data.registry import ALIASES
 from vlmdiff.evaluation.metrics import METRICS, PAPER_RESULTS
-from vlmdiff.evaluation.report import _CSS, _e, _md_table_html, _relpath, average, read_metrics
+from vlmdiff.evaluation.report_page import CSS, escape, md_table_html, relpath
 from vlmdiff.evaluation.run_folder import RunFolder
+from vlmdiff.evaluation.run_results import average, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -152,22 +153,22 @@ def csv_text(table: dict[str, Any]) -> str:
 
 def html(table: dict[str, Any], md: str, output: Path) -> str:
     parts = md.split("\n\n")
-    body = [f"<h1>Paper table: {_e(NAMES.get(table['dataset'], table['dataset']))}</h1>"]
+    body = [f"<h1>Paper table: {escape(NAMES.get(table['dataset'], table['dataset']))}</h1>"]
     for chunk in parts:
         if chunk.lstrip().startswith(("###", "|")):
-            body.append(_md_table_html(chunk))
+            body.append(md_table_html(chunk))
         elif chunk.startswith("- "):
             items = []
             for s in table["sources"]:
                 link = RunFolder(s.run).report
-                a = f" (<a href='{_e(_relpath(link, output))}'>report</a>)" if link.is_file() else ""
-                items.append(f"<li>{_e(s.text())}{a}</li>")
+                a = f" (<a href='{escape(relpath(link, output))}'>report</a>)" if link.is_file() else ""
+                items.append(f"<li>{escape(s.text())}{a}</li>")
             body.append("<ul>" + "".join(items) + "</ul>")
         elif chunk.strip():
-            body.append(f"<p class='note'>{_e(chunk.strip())}</p>")
+            body.append(f"<p class='note'>{escape(chunk.strip())}</p>")
     return (
         "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>VLMDiff paper table</title>"
-        f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+        f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
 
 

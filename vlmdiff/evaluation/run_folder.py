@@ -10,7 +10,7 @@ A run folder (``test.py --output_dir``) holds::
     metrics.json / .csv / .md, curves.json, thresholds.json   (labelled data)
     scores.csv               one row per image: label, score, paths (and decision with --threshold_from)
     masks/{class}/*.png      with --threshold_from: map >= the pixel threshold
-    report.html, report/     the report page and its figures and gallery pictures (vlmdiff.evaluation.report)
+    report.html, report/     the report page and its figures and gallery pictures (vlmdiff.evaluation.report_page)
 
 and, while a job writes into it, its lock file (utils.lock).
 """

@@ -12,7 +12,7 @@ import pytest
 from utils.io import write_json
 from vlmdiff.evaluation import metric_table as T
 from vlmdiff.evaluation import metrics as M
-from vlmdiff.evaluation import report
+from vlmdiff.evaluation import report, run_results
 from vlmdiff.evaluation.evaluate import metrics_csv
 
 
@@ -47,7 +47,7 @@ def test_every_consumer_has_the_tables_columns(result, tmp_path):
     assert all(line.count("|") == len(T.TABLE) + 2 for line in cmp)
     run = tmp_path / "run"
     write_json(run / "metrics.json", {"metrics": M._nan_to_none(result)})
-    assert tuple(report.read_metrics(run)["official"]["mean"]) == T.METRICS
+    assert tuple(run_results.read_metrics(run)["official"]["mean"]) == T.METRICS
     side = report.comparison_table([run], "official").splitlines()
     assert side[0] == "| run | protocol | " + " | ".join(T.HEADERS) + " |"
     assert all(line.count("|") == len(T.TABLE) + 3 for line in side)

@@ -19,7 +19,7 @@ from PIL import Image
 import test as test_script
 from tests.tinyckpt import demo_data_and_model
 from utils.errors import UserError
-from vlmdiff.evaluation import plots, report
+from vlmdiff.evaluation import galleries, plots, report, run_results
 from vlmdiff.evaluation.map_store import MapStore
 from vlmdiff.evaluation.metrics import METRICS
 from vlmdiff.evaluation.thresholds import load_thresholds
@@ -208,7 +208,7 @@ def test_galleries_hold_the_right_images(tiny_run):
         missed = [r["id"] for r in mine if r["label"] == "1" and float(r["image_score"]) < thresholds[cls]]
         expected = {
             "false alarms (highest-scoring normal images)": normal[::-1][:2],
-            report.MISSES: missed[:2],
+            galleries.MISSES: missed[:2],
             "best detections (highest-scoring anomalous images)": anomalous[::-1][:2],
         }
         for kind, ids in expected.items():
@@ -419,7 +419,7 @@ def test_nan_metric_values_read_back(tmp_path):
     run.mkdir()
     mean = {k: None for k in METRICS}
     (run / "metrics.json").write_text(json.dumps({"metrics": {"official": {"per_class": {}, "mean": mean}}}))
-    assert all(math.isnan(v) for v in report.read_mean(run, "official").values())
+    assert all(math.isnan(v) for v in run_results.read_mean(run, "official").values())
 
 
 def test_handing_over_curves_changes_no_metric_value():

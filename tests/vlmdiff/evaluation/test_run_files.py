@@ -14,8 +14,8 @@ import pytest
 
 from utils.io import write_json
 from vlmdiff.evaluation.evaluate import evaluate_run
+from vlmdiff.evaluation.galleries import MISSES, galleries
 from vlmdiff.evaluation.map_store import MapStore
-from vlmdiff.evaluation.report import MISSES, galleries
 from vlmdiff.evaluation.run_folder import RunFolder
 
 
