@@ -4,7 +4,7 @@
 pixel AUROC/AP/F1-max in the same pass) against two 200-threshold legacy loops that give the same
 legacy value: the upstream-style loop (per threshold: binarise every map, label each image's
 ground-truth regions with scikit-image, measure the overlap region by region -- the way the
-DiAD/VLMDiff metric code works) and the vectorised legacy loop of vlmdiff.evaluation.metrics (regions labelled
+DiAD/VLMDiff metric code works) and the vectorised legacy loop of vlmdiff.evaluation.array_metrics (regions labelled
 once, overlaps by bincount). The three are run in turn, ``--repeats`` times, so a change of machine
 load hits all of them; the best time of each is reported, with the 1-minute load average.
 (b) Write synthetic float16 maps to a temporary MapStore and run a full seven-metric evaluation
@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import common  # noqa: E402
 from bench.common import load_average, table, write_results  # noqa: E402
-from vlmdiff.evaluation import metrics  # noqa: E402
+from vlmdiff.evaluation import array_metrics, metrics  # noqa: E402
 from vlmdiff.evaluation.map_store import MapStore  # noqa: E402
 from vlmdiff.evaluation.run_folder import RunFolder  # noqa: E402
 
@@ -71,7 +71,7 @@ def synthetic_batch(rng: np.random.Generator, n: int, size: int = SIZE) -> tuple
 
 
 def upstream_style_legacy_aupro(
-    maps: np.ndarray, gt: np.ndarray, num_thresholds: int = 200, fpr_limit: float = metrics.FPR_LIMIT
+    maps: np.ndarray, gt: np.ndarray, num_thresholds: int = 200, fpr_limit: float = array_metrics.FPR_LIMIT
 ) -> float:
     """Legacy AU-PRO computed the way the DiAD/VLMDiff metric code does it (for timing only).
 
@@ -80,7 +80,7 @@ def upstream_style_legacy_aupro(
     ``skimage.measure.label`` and add (predicted pixels in region) / area for each region found by
     ``regionprops``; FPR = predicted GT-negative pixels / GT-negative pixels of the class. Keep the
     points with FPR < ``fpr_limit``, divide FPR by the largest kept one, trapezoid area. The
-    labelling is redone at every threshold, as there. Equals :func:`vlmdiff.evaluation.metrics.legacy_aupro`.
+    labelling is redone at every threshold, as there. Equals :func:`vlmdiff.evaluation.array_metrics.legacy_aupro`.
     """
     from skimage import measure
 
@@ -109,11 +109,11 @@ def bench_aupro(n_images: int, seed: int = 0, repeats: int = 1, upstream_loop: b
     maps, masks = synthetic_batch(rng, n_images)
     maps = maps.astype(np.float16).astype(np.float32)  # stored precision: many ties, as in practice
     gt = masks > 0
-    metrics.pixel_metrics(maps[:4], gt[:4])  # warm-up: first-call costs are not what is measured
-    metrics.legacy_aupro(maps[:4], gt[:4])
+    array_metrics.pixel_metrics(maps[:4], gt[:4])  # warm-up: first-call costs are not what is measured
+    array_metrics.legacy_aupro(maps[:4], gt[:4])
     methods = {
-        "exact": lambda: metrics.pixel_metrics(maps, gt)["aupro"],
-        "legacy_vectorised": lambda: metrics.legacy_aupro(maps, gt),
+        "exact": lambda: array_metrics.pixel_metrics(maps, gt)["aupro"],
+        "legacy_vectorised": lambda: array_metrics.legacy_aupro(maps, gt),
     }
     if upstream_loop:
         upstream_style_legacy_aupro(maps[:2], gt[:2], num_thresholds=4)
@@ -403,7 +403,7 @@ def part_aupro(args: argparse.Namespace, n_images: int) -> dict:
     rows = [
         ["exact (all 4 pixel metrics)", a["exact_s"], "1x", f"{a['aupro_exact']:.4f} (official)"],
         [
-            "legacy, one pass (vlmdiff.evaluation.metrics.legacy_aupro)",
+            "legacy, one pass (vlmdiff.evaluation.array_metrics.legacy_aupro)",
             a["legacy_s"],
             f"{a['speedup']:.1f}x",
             f"{a['aupro_legacy']:.4f}",

@@ -23,8 +23,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from utils.io import atomic_open
+from vlmdiff.evaluation.array_metrics import FPR_LIMIT
 from vlmdiff.evaluation.curves import RESOLUTION, thin  # noqa: F401  (the resolution and thinning of the kept points)
-from vlmdiff.evaluation.metrics import FPR_LIMIT
 
 _GRID = np.linspace(0.0, 1.0, 501)  # common x axis of the mean curves
 
@@ -90,7 +90,7 @@ def area_to_limit(fpr: Sequence[float], pro: Sequence[float], limit: float = FPR
 
 def f1max_threshold(scores: np.ndarray, labels: np.ndarray) -> float | None:
     """The image score with the largest F1 (anomalous = score >= it); None without an anomalous image."""
-    from vlmdiff.evaluation.metrics import ranking_metrics
+    from vlmdiff.evaluation.array_metrics import ranking_metrics
 
     labels = np.asarray(labels, bool)
     if not labels.any():

@@ -16,7 +16,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 from utils.cli import run_main
 from utils.errors import UserError
-from vlmdiff.evaluation import metrics
+from vlmdiff.evaluation import array_metrics, metrics
 
 LEGACY_KEYS = {
     "max": "auroc_image",
@@ -117,9 +117,9 @@ def _column_case(height: int) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("height", [6, 7, 30])
 def test_aupro_known_answer_diagonal(height: int) -> None:
     maps, gt = _column_case(height)
-    assert metrics.aupro(maps, gt, fpr_limit=1 / 3) == pytest.approx(1 / 6, abs=1e-12)
-    assert metrics.aupro(maps.astype(np.float64), gt, fpr_limit=0.3) == pytest.approx(0.15, abs=1e-12)
-    assert metrics.aupro(maps, gt, fpr_limit=1.0) == pytest.approx(0.5, abs=1e-12)
+    assert array_metrics.aupro(maps, gt, fpr_limit=1 / 3) == pytest.approx(1 / 6, abs=1e-12)
+    assert array_metrics.aupro(maps.astype(np.float64), gt, fpr_limit=0.3) == pytest.approx(0.15, abs=1e-12)
+    assert array_metrics.aupro(maps, gt, fpr_limit=1.0) == pytest.approx(0.5, abs=1e-12)
 
 
 def test_aupro_all_scores_tied() -> None:
@@ -128,7 +128,7 @@ def test_aupro_all_scores_tied() -> None:
     gt[0, 2:5, 2:5] = True
     gt[1, 7:, :] = True
     maps = np.full(gt.shape, 0.25, dtype=np.float32)
-    assert metrics.aupro(maps, gt) == pytest.approx(0.15, abs=1e-12)
+    assert array_metrics.aupro(maps, gt) == pytest.approx(0.15, abs=1e-12)
 
 
 def test_aupro_weights_regions_equally() -> None:
@@ -140,7 +140,7 @@ def test_aupro_weights_regions_equally() -> None:
     maps[0, :10, :10] = 0.9
     gt[0, 15, 15] = True
     maps[0, 15, 15] = 0.1
-    assert metrics.aupro(maps, gt) == pytest.approx(0.5, abs=1e-12)
+    assert array_metrics.aupro(maps, gt) == pytest.approx(0.5, abs=1e-12)
 
 
 def test_aupro_uses_8_connectivity() -> None:
@@ -151,7 +151,7 @@ def test_aupro_uses_8_connectivity() -> None:
     gt = np.zeros(maps.shape, dtype=bool)
     gt[0, 1:3, 1:3] = gt[0, 3:6, 3:6] = True
     maps[0, 1:3, 1:3] = 1.0
-    assert metrics.aupro(maps, gt) == pytest.approx(0.85 * 4 / 13 + 0.15, abs=1e-12)
+    assert array_metrics.aupro(maps, gt) == pytest.approx(0.85 * 4 / 13 + 0.15, abs=1e-12)
 
 
 def _bruteforce_aupro(maps: np.ndarray, gt: np.ndarray, limit: float) -> float:
@@ -189,12 +189,12 @@ def _random_case(seed: int, n: int = 5, size: int = 24) -> tuple[np.ndarray, np.
 def test_aupro_equals_bruteforce(seed: int, limit: float) -> None:
     maps, gt = _random_case(seed)
     ref = _bruteforce_aupro(maps.astype(np.float64), gt, limit)
-    assert metrics.aupro(maps, gt, fpr_limit=limit) == pytest.approx(ref, abs=1e-12)
+    assert array_metrics.aupro(maps, gt, fpr_limit=limit) == pytest.approx(ref, abs=1e-12)
     # float64 scores that are not float32 values take the argsort path: same answer
     shifted = maps.astype(np.float64) + 1e-9
-    assert metrics.aupro(shifted, gt, fpr_limit=limit) == pytest.approx(ref, abs=1e-12)
+    assert array_metrics.aupro(shifted, gt, fpr_limit=limit) == pytest.approx(ref, abs=1e-12)
     # negative scores (sign handling of the packed keys)
-    assert metrics.aupro(maps - 2.0, gt, fpr_limit=limit) == pytest.approx(ref, abs=1e-12)
+    assert array_metrics.aupro(maps - 2.0, gt, fpr_limit=limit) == pytest.approx(ref, abs=1e-12)
 
 
 def test_pixel_and_ranking_metrics_equal_sklearn() -> None:
@@ -204,10 +204,10 @@ def test_pixel_and_ranking_metrics_equal_sklearn() -> None:
     f1 = 2 * precision * recall / (precision + recall)
     ref = {"auroc": roc_auc_score(y, s), "ap": average_precision_score(y, s), "f1max": np.max(f1[np.isfinite(f1)])}
     for scores in (maps, maps.astype(np.float64) + 1e-9):
-        ours = metrics.pixel_metrics(scores, gt)
+        ours = array_metrics.pixel_metrics(scores, gt)
         for k, v in ref.items():
             assert ours[k] == pytest.approx(v, abs=1e-12), k
-    ranked = metrics.ranking_metrics(s, y)
+    ranked = array_metrics.ranking_metrics(s, y)
     for k, v in ref.items():
         assert ranked[k] == pytest.approx(v, abs=1e-12), k
 
@@ -271,9 +271,9 @@ def test_class_without_anomalies_is_nan_with_warning(
 
 def test_class_without_normal_pixels() -> None:
     maps = np.random.default_rng(0).random((2, 8, 8)).astype(np.float32)
-    res = metrics.pixel_metrics(maps, np.ones(maps.shape, dtype=bool))
+    res = array_metrics.pixel_metrics(maps, np.ones(maps.shape, dtype=bool))
     assert all(math.isnan(v) for v in res.values()) and set(res) == {"auroc", "ap", "f1max", "aupro"}
-    assert math.isnan(metrics.legacy_aupro(maps, np.ones(maps.shape, dtype=bool)))
+    assert math.isnan(array_metrics.legacy_aupro(maps, np.ones(maps.shape, dtype=bool)))
 
 
 def test_bad_input_raises_user_error(inputs: dict[str, np.ndarray]) -> None:

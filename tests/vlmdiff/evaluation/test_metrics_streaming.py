@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from tests import reference_metrics as R
+from vlmdiff.evaluation import array_metrics as A
 from vlmdiff.evaluation import class_metrics as CM
 from vlmdiff.evaluation import class_scan as CS
 from vlmdiff.evaluation import curves as C
@@ -102,10 +103,10 @@ def test_pixel_metrics_and_legacy_aupro_equal_the_in_memory_ones(kind: str) -> N
         maps, gt = _case(rng, kind)
         ref = R.pixel_metrics(maps, gt)
         for budget in _budgets(gt, kind in ("ties", "constant")):
-            ours = M.pixel_metrics(maps, gt, budget=budget)
+            ours = A.pixel_metrics(maps, gt, budget=budget)
             for k in ("auroc", "ap", "f1max", "aupro"):
                 assert _same(ref[k], ours[k]), (kind, budget, k, ref[k], ours[k])
-        assert _same(R.legacy_aupro(maps, gt), M.legacy_aupro(maps, gt))
+        assert _same(R.legacy_aupro(maps, gt), A.legacy_aupro(maps, gt))
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -122,7 +123,7 @@ def test_budgets_really_cut_the_score_axis(monkeypatch, dtype) -> None:
     seen = []
     real_plan = CM.plan
     monkeypatch.setattr(CM, "plan", lambda *a, **k: seen.append(real_plan(*a, **k)) or seen[-1])
-    ours = M.pixel_metrics(maps, gt, budget=40)
+    ours = A.pixel_metrics(maps, gt, budget=40)
     (stretches,) = seen
     assert sum(st.single for st in stretches) == 3 and sum(st.n_pos for st in stretches) == gt.sum()
     assert max(st.n_pos for st in stretches if not st.single) <= 40 and len(stretches) > 4
@@ -179,8 +180,8 @@ def test_a_class_streamed_from_the_map_store_in_a_small_budget(tmp_path) -> None
 
 def test_undefined_metrics_stay_nan() -> None:
     maps = np.random.default_rng(0).random((3, 8, 8)).astype(np.float32)
-    none = M.pixel_metrics(maps, np.zeros(maps.shape, bool))
-    full = M.pixel_metrics(maps, np.ones(maps.shape, bool))
+    none = A.pixel_metrics(maps, np.zeros(maps.shape, bool))
+    full = A.pixel_metrics(maps, np.ones(maps.shape, bool))
     assert all(math.isnan(none[k]) and math.isnan(full[k]) for k in ("auroc", "ap", "f1max", "aupro"))
 
 
@@ -194,7 +195,7 @@ def test_curve_points_equal_those_of_the_whole_curves() -> None:
         gt = rng.random((n, h, h)) < rng.choice([0.05, 0.5])
         ref = R.pixel_metrics(maps, gt, keep_curves=True)
         for budget in _budgets(gt, False):
-            ours = M.pixel_metrics(maps, gt, keep_curves=True, budget=budget)
+            ours = A.pixel_metrics(maps, gt, keep_curves=True, budget=budget)
             assert ours["f1max_threshold"] == ref["f1max_threshold"]
             a, b = R.curve_record(ref, C.RESOLUTION, True), plots._ranking_curves(ours)
             for curve in ("roc", "pr"):
@@ -204,7 +205,7 @@ def test_curve_points_equal_those_of_the_whole_curves() -> None:
             assert abs(len(a["pro"]["fpr"]) - len(b["pro"]["fpr"])) <= 4
     scores, labels = rng.random(500), rng.random(500) < 0.2
     a = R.curve_record(R.ranking_metrics(scores, labels, True), C.RESOLUTION, False)
-    b = plots._ranking_curves(M.ranking_metrics(scores, labels, True))
+    b = plots._ranking_curves(A.ranking_metrics(scores, labels, True))
     assert a == b
 
 
@@ -260,10 +261,10 @@ def test_tables_and_negatives_cut_in_slices_give_the_same_results(monkeypatch) -
     rng = np.random.default_rng(4)
     maps = rng.integers(0, 60, (3, 24, 24)).astype(np.float32) / 7
     gt = rng.random((3, 24, 24)) < 0.3
-    whole = M.pixel_metrics(maps, gt, keep_curves=True)
+    whole = A.pixel_metrics(maps, gt, keep_curves=True)
     monkeypatch.setattr(C, "SLICE", 5)
     monkeypatch.setattr(C, "SORT_SLICE", 13)
-    sliced = M.pixel_metrics(maps, gt, keep_curves=True)
+    sliced = A.pixel_metrics(maps, gt, keep_curves=True)
     assert all(_same(whole[k], sliced[k], 1e-12) for k in ("auroc", "ap", "f1max", "aupro"))
     a, b = plots._ranking_curves(whole), plots._ranking_curves(sliced)
     for curve in ("roc", "pr", "pro"):  # the same points; AU-PRO, summed in pieces, is compared above to 1e-12
