@@ -47,60 +47,11 @@ sys.path.insert(0, str(ROOT))
 
 from bench import common  # noqa: E402
 from bench.common import load_average, table, write_results  # noqa: E402
+from bench.synthetic_maps import SIZE, linked_store, synthetic_batch, write_run, write_store  # noqa: E402
+from bench.upstream_aupro import upstream_style_legacy_aupro  # noqa: E402
 from vlmdiff.evaluation import array_metrics, metrics  # noqa: E402
 from vlmdiff.evaluation.map_store import MapStore  # noqa: E402
 from vlmdiff.evaluation.run_folder import RunFolder  # noqa: E402
-
-SIZE = 256
-
-
-def synthetic_batch(rng: np.random.Generator, n: int, size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` maps (float32, smooth-ish noise + higher scores on defects) and uint8 masks; half anomalous."""
-    masks = np.zeros((n, size, size), dtype=np.uint8)
-    yy, xx = np.mgrid[:size, :size]
-    for i in range(0, n, 2):  # every other image has 1-3 elliptic defects
-        for _ in range(rng.integers(1, 4)):
-            cy, cx = rng.integers(16, size - 16, 2)
-            ry, rx = rng.integers(3, 30, 2)
-            masks[i][((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1] = 255
-    coarse = rng.random((n, size // 8, size // 8), dtype=np.float32)
-    maps = np.repeat(np.repeat(coarse, 8, axis=1), 8, axis=2) * 0.6
-    maps += rng.random((n, size, size), dtype=np.float32) * 0.4
-    maps += (masks > 0) * rng.uniform(0.1, 0.8, size=(n, 1, 1)).astype(np.float32)
-    return maps, masks
-
-
-def upstream_style_legacy_aupro(
-    maps: np.ndarray, gt: np.ndarray, num_thresholds: int = 200, fpr_limit: float = array_metrics.FPR_LIMIT
-) -> float:
-    """Legacy AU-PRO computed the way the DiAD/VLMDiff metric code does it (for timing only).
-
-    For each of ``num_thresholds`` thresholds ``np.arange(min, max, step)``: binarise all maps
-    (score > threshold); for every image, label its ground truth into 8-connected regions with
-    ``skimage.measure.label`` and add (predicted pixels in region) / area for each region found by
-    ``regionprops``; FPR = predicted GT-negative pixels / GT-negative pixels of the class. Keep the
-    points with FPR < ``fpr_limit``, divide FPR by the largest kept one, trapezoid area. The
-    labelling is redone at every threshold, as there. Equals :func:`vlmdiff.evaluation.array_metrics.legacy_aupro`.
-    """
-    from skimage import measure
-
-    lo, hi = float(maps.min()), float(maps.max())
-    negatives = ~gt
-    n_neg = np.count_nonzero(negatives)
-    fprs, pros = [], []
-    for th in np.arange(lo, hi, (hi - lo) / num_thresholds):
-        binary = maps > th  # (N, H, W)
-        region_pros = []
-        for pred, mask in zip(binary, gt, strict=True):
-            for region in measure.regionprops(measure.label(mask, connectivity=2)):
-                rows, cols = region.coords[:, 0], region.coords[:, 1]
-                region_pros.append(np.count_nonzero(pred[rows, cols]) / region.area)
-        fprs.append(np.count_nonzero(binary & negatives) / n_neg)
-        pros.append(float(np.mean(region_pros)))
-    fpr, pro = np.asarray(fprs), np.asarray(pros)
-    keep = fpr < fpr_limit
-    x, y = fpr[keep] / fpr[keep].max(), pro[keep]
-    return float(-np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2.0))  # x falls as the threshold rises
 
 
 def bench_aupro(n_images: int, seed: int = 0, repeats: int = 1, upstream_loop: bool = True) -> dict:
@@ -149,26 +100,6 @@ def bench_aupro(n_images: int, seed: int = 0, repeats: int = 1, upstream_loop: b
             }
         )
     return out
-
-
-def write_store(root: Path, n_classes: int, class_size: int, seed: int, batch: int = 100) -> None:
-    store = MapStore(root, dtype="float16")
-    rng = np.random.default_rng(seed)
-    for c in range(n_classes):
-        for b in range(0, class_size, batch):
-            n = min(batch, class_size - b)
-            maps, masks = synthetic_batch(rng, n)
-            ids = [f"class{c:03d}/img{b + i:06d}" for i in range(n)]
-            labels = masks.reshape(n, -1).max(axis=1) > 0
-            store.write(f"c{c:03d}_b{b:06d}", ids, [f"class{c:03d}"] * n, maps, masks, labels, np.zeros(n))
-
-
-def linked_store(master: Path, root: Path, n_classes: int) -> Path:
-    """A store made of the first ``n_classes`` class folders of ``master`` (symlinks, no copies)."""
-    root.mkdir(parents=True)
-    for d in sorted(p for p in master.iterdir() if p.is_dir())[:n_classes]:
-        (root / d.name).symlink_to(d, target_is_directory=True)
-    return root
 
 
 MIB_PER_MAP = {"float32": 320 / 1024, "float16": 192 / 1024}  # one stored 256x256 map with its mask, on disk
@@ -244,20 +175,6 @@ def child_in_memory(run_dir: str, protocol: str) -> None:
             out.setdefault(p, {"per_class": {}})["per_class"][cls] = row
         del arrays
     print(json.dumps({"seconds": time.perf_counter() - t0, "metrics": out}))
-
-
-def write_run(root: Path, n_maps: int, dtype: str, seed: int, batch: int = 100) -> Path:
-    """A run folder holding one class of ``n_maps`` synthetic maps, as test.py leaves it after scoring."""
-    run = RunFolder(root)
-    store = MapStore(run.maps, dtype=dtype)
-    rng = np.random.default_rng(seed)
-    for b in range(0, n_maps, batch):
-        n = min(batch, n_maps - b)
-        maps, masks = synthetic_batch(rng, n)
-        ids = [f"big/img{b + i:06d}" for i in range(n)]
-        store.write(f"{b:08d}", ids, ["big"] * n, maps, masks, masks.reshape(n, -1).max(axis=1) > 0, np.zeros(n))
-    run.manifest.write_text(json.dumps({"data": {}, "map_dtype": dtype}))
-    return root
 
 
 def available_mib() -> float:

@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import common  # noqa: E402
-from bench.bench_eval import write_store  # noqa: E402
 from bench.common import load_average, table, write_results  # noqa: E402
+from bench.synthetic_maps import write_store  # noqa: E402
 from vlmdiff.evaluation.run_folder import RunFolder  # noqa: E402
 
 

@@ -115,5 +115,11 @@ def test_no_module_joins_a_run_file_onto_a_folder_by_itself():
     names = "manifest.json|metrics.json|metrics.csv|metrics.md|curves.json|thresholds.json|scores.csv|report.html"
     join = re.compile(rf"""/ f?["']({names}|maps|panels|visuals|masks|report|log_image_)["'{{/]""")
     modules = [p for p in (root / "vlmdiff" / "evaluation").glob("*.py") if p.name != "run_folder.py"]
-    for path in [*modules, root / "test.py", root / "bench" / "bench_eval.py", root / "bench" / "bench_report.py"]:
+    for path in [
+        *modules,
+        root / "test.py",
+        root / "bench" / "bench_eval.py",
+        root / "bench" / "bench_report.py",
+        root / "bench" / "synthetic_maps.py",
+    ]:
         assert not join.findall(path.read_text()), path
