@@ -23,6 +23,7 @@ SCRIPTS = {
     "train.py",
     "test.py",
     "utils/prepare_coco_ad.py",
+    "scripts/reproduce.py",
     "bench/bench_inference.py",
     "bench/bench_training.py",
     "bench/bench_eval.py",
