@@ -36,7 +36,6 @@ from vlmdiff.evaluation.metric_table import (
     paper_comparison,
     paper_means,
 )
-from vlmdiff.evaluation.report_page import build_report, compare_page
 from vlmdiff.evaluation.run_folder import RunFolder
 from vlmdiff.evaluation.run_results import average, dataset_of, read_metrics, run_dir
 
@@ -104,6 +103,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    from vlmdiff.evaluation.report_page import build_report, compare_page  # matplotlib: after parsing
+
     runs = [run_dir(r) for r in args.runs]
     if args.output and not args.average:
         raise UserError("--output writes the averaged row: add --average")
