@@ -23,7 +23,9 @@ SCRIPTS = [
     ["test.py"],
     ["scripts/demo.py"],
     ["utils/prepare_coco_ad.py"],
+    ["scripts/reproduce.py"],
     ["-m", "vlmdiff.export"],
+    ["-m", "vlmdiff.evaluation.report"],
 ]
 
 
