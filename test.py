@@ -393,9 +393,16 @@ def _score(
     ranks: distributed.Ranks,
     records: list,
 ) -> None:
+    from ldm.checkpoint import DIGEST_KEY
     from vlmdiff.checkpoint import load_vlmdiff
     from vlmdiff.data import AnomalyDataset, match_captions
-    from vlmdiff.evaluation.run_inputs import check_manifest, data_fingerprint, manifest_for, source_files
+    from vlmdiff.evaluation.run_inputs import (
+        captions_record,
+        check_manifest,
+        data_fingerprint,
+        manifest_for,
+        source_files,
+    )
     from vlmdiff.features import build_feature_extractor, resolve_extractor_name
     from vlmdiff.inference import score_images, shard_indices
 
@@ -410,7 +417,7 @@ def _score(
     matched = {} if captions is None else match_captions(records, captions, root=Path(args.data_path), require=True)
     sources = source_files(records)  # each map's chunk records them; a resumed run checks them
     extractor = build_feature_extractor(extractor_name, args.feature_weights, input_size=args.feature_input_size)
-    model, _ = load_vlmdiff(args.resume_path, args.config, args.overrides, args.unsafe_legacy_pickle)
+    model, info = load_vlmdiff(args.resume_path, args.config, args.overrides, args.unsafe_legacy_pickle)
     settings.check(model.num_timesteps)
     model.eval().to(device)
     extractor.eval().to(device)
@@ -421,6 +428,7 @@ def _score(
         "coco_part": args.coco_part,
         "classes": args.classes,
         "test_captions": captions is not None,
+        "captions": captions_record(None if captions is None else matched, getattr(captions, "origin", None)),
         "image_size": model.cfg.image_size,
         "n_images": len(records),
         "mask_order": args.mask_order,
@@ -428,6 +436,7 @@ def _score(
     }
     manifest = manifest_for(
         checkpoint=args.resume_path,
+        checkpoint_digest=info[DIGEST_KEY],
         config=to_dict(model.cfg),
         reconstruction=asdict(settings),
         extractor=extractor_name,

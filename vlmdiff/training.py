@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 from torch.utils.data import DataLoader, Dataset
 
-from ldm.models.autoencoder import AtomicCheckpointIO
+from ldm.checkpoint import AtomicCheckpointIO
 from utils.errors import UserError
 from utils.progress import DEFAULT_INTERVAL_S, ProgressLines, is_terminal
 

@@ -1,22 +1,27 @@
 """What a run folder's maps were made from, and the checks that keep a folder to one run.
 
 The manifest (``manifest.json``) identifies the checkpoint, weights, settings and test set by content,
-not by path: a node-local copy of the same files is the same run. A run refuses an output folder whose
-manifest differs from its own (stale maps from another run or config). The test set is identified in
-two places. The manifest holds a hash of the image ids and labels (:func:`data_fingerprint`): another
-set of images, or a changed label, is refused. Each map chunk holds, per image, the files its map was
-made from (:class:`map_store.SourceFiles`): before resuming and before
-``--run_eval_only`` evaluates, the images that have maps are compared with their files now
-(:func:`check_sources`), so an image or mask changed after its map was stored is refused by name, while a
-file repaired before it got a map resumes cleanly. A folder whose manifest was written but which holds
-no map yet (a crash before the first batch) takes the new run's manifest.
+not by path: a node-local copy of the same files is the same run. The checkpoint is identified by the
+digest of its weights (:func:`ldm.checkpoint.weights_digest`, stored in every checkpoint this project
+writes), the test captions by a digest of each image's caption (:func:`captions_record`). A run
+refuses an output folder whose manifest differs from its own (stale maps from another run or config),
+naming what differs. The test set is identified in two places. The manifest holds a hash of the image
+ids and labels (:func:`data_fingerprint`): another set of images, or a changed label, is refused. Each
+map chunk holds, per image, the files its map was made from (:class:`map_store.SourceFiles`: the
+sha256 of the image file and of its mask): before resuming and before ``--run_eval_only`` evaluates,
+the images that have maps are compared with their files now (:func:`check_sources`), so an image or
+mask changed after its map was stored is refused by name, while a file repaired before it got a map
+resumes cleanly. A folder whose manifest was written but which holds no map yet (a crash before the
+first batch) takes the new run's manifest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +36,34 @@ LOCATION_KEYS = frozenset({"path", "data_path"})  # where the files were: record
 
 
 def file_fingerprint(path: str | os.PathLike | None) -> dict[str, Any] | None:
-    """Identity of a weights file: size and a hash of its first and last MiB (plus its absolute path, not compared)."""
+    """Identity of a feature extractor's weights file: the sha256 of its bytes (and its path, not compared)."""
     if path is None:
         return None
-    import hashlib
-
     p = Path(path).resolve()
-    size = p.stat().st_size
+    return {"path": str(p), "sha256": _sha256_of_file(p, 64)}
+
+
+def checkpoint_record(path: str | os.PathLike, digest: str) -> dict[str, Any]:
+    """The manifest's ``checkpoint``: the digest of its weights (compared) and its absolute path (not compared)."""
+    from ldm.checkpoint import DIGEST_KEY
+
+    return {"path": str(Path(path).resolve()), DIGEST_KEY: digest}
+
+
+def captions_record(captions: Mapping[str, str] | None, origin: Any = None) -> dict[str, Any] | None:
+    """The manifest's ``data.captions``: a sha256 of the sorted (image id, caption) pairs the images are
+    guided by, their number, and where they came from (``path``, not compared); None without captions."""
+    if captions is None:
+        return None
     h = hashlib.sha256()
-    with open(p, "rb") as f:
-        h.update(f.read(1 << 20))
-        if size > 2 << 20:
-            f.seek(-(1 << 20), os.SEEK_END)
-            h.update(f.read())
-    return {"path": str(p), "size": size, "sha256_head_tail": h.hexdigest()[:16]}
+    for image_id in sorted(captions):
+        h.update(f"{image_id}\0{captions[image_id]}\n".encode("utf-8", "surrogateescape"))
+    return {"path": None if origin is None else str(origin), "n": len(captions), "sha256": h.hexdigest()[:16]}
+
+
+def _sha256_of_file(path: str | os.PathLike, digits: int = 16) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:digits]
 
 
 def data_fingerprint(records: Sequence[Any]) -> dict[str, Any]:
@@ -53,31 +72,30 @@ def data_fingerprint(records: Sequence[Any]) -> dict[str, Any]:
     Paths do not enter, so a copy of the dataset elsewhere has the same fingerprint. The files
     themselves are identified per image, beside each map (:func:`source_files`).
     """
-    import hashlib
-
     h = hashlib.sha256()
     for r in sorted(records, key=lambda r: r.id):
         h.update(f"{r.id}\0{r.label}\n".encode("utf-8", "surrogateescape"))
     return {"ids_labels": h.hexdigest()[:16]}
 
 
-def source_files(records: Sequence[Any]) -> dict[str, SourceFiles]:
-    """``{image id: SourceFiles}`` of the test set now: each image's file size and its mask's sha256.
+def source_files(records: Sequence[Any], workers: int = 8) -> dict[str, SourceFiles]:
+    """``{image id: SourceFiles}`` of the test set now: each image file's size and sha256, its mask's sha256.
 
-    Masks are hashed in full (they are small); images by size only, since reading every image would
-    cost a scoring pass. A file that cannot be read is a :class:`UserError` naming it.
+    Every file is read once, by ``workers`` threads (hashing releases the GIL; on a network file system
+    the reads overlap). A file that cannot be read is a :class:`UserError` naming it.
     """
-    import hashlib
 
-    out = {}
-    for r in records:
+    def identify(r: Any) -> SourceFiles:
         try:
-            size = Path(r.image_path).stat().st_size
-            mask = "" if r.mask_path is None else hashlib.sha256(Path(r.mask_path).read_bytes()).hexdigest()[:16]
+            mask = "" if r.mask_path is None else _sha256_of_file(r.mask_path)
+            return SourceFiles(Path(r.image_path).stat().st_size, mask, _sha256_of_file(r.image_path))
         except OSError as e:
             raise UserError(f"cannot read {e.filename}: {e.strerror or e}") from e
-        out[r.id] = SourceFiles(size, mask)
-    return out
+
+    if len(records) < 2 or workers <= 1:
+        return {r.id: identify(r) for r in records}
+    with ThreadPoolExecutor(min(workers, len(records))) as pool:
+        return {r.id: s for r, s in zip(records, pool.map(identify, records), strict=True)}
 
 
 def check_manifest(output_dir: Path, manifest: dict[str, Any]) -> None:
@@ -90,7 +108,7 @@ def check_manifest(output_dir: Path, manifest: dict[str, Any]) -> None:
             log.info("%s holds no map yet: replacing its manifest (%s)", output_dir, diff)
             write_json(path, manifest)
         elif diff:
-            raise UserError(_stale_message(output_dir, diff, old))
+            raise UserError(_stale_message(output_dir, diff, old, manifest))
         return
     if (output_dir / "maps").exists() and any((output_dir / "maps").iterdir()):
         raise UserError(f"{output_dir}/maps holds maps without a {MANIFEST}: use another --output_dir")
@@ -138,14 +156,24 @@ def check_sources(store: MapStore, records: Sequence[Any], now: Mapping[str, Sou
             store.root,
             unknown[0],
         )
+    by_size = sum(1 for i, was in stored.items() if i in now and not was.image_sha256)
+    if by_size:
+        log.warning(
+            "%d image(s) with maps in %s were stored by an older version that identified images by file size: "
+            "a changed image of the same size is not noticed for them",
+            by_size,
+            store.root,
+        )
     by_id = {r.id: r for r in records}
-    changed = sorted(i for i, was in stored.items() if i in now and now[i] != was)
+    changed = sorted(i for i, was in stored.items() if i in now and _changed(was, now[i]))
     if not changed:
         return
     first, was, is_now = by_id[changed[0]], stored[changed[0]], now[changed[0]]
     what = []
     if was.image_size != is_now.image_size:
         what.append(f"its image file {first.image_path} is {is_now.image_size} bytes now, {was.image_size} then")
+    elif was.image_sha256 and was.image_sha256 != is_now.image_sha256:
+        what.append(f"its image file {first.image_path} is another picture now (same size, other content)")
     if was.mask_sha256 and is_now.mask_sha256 and was.mask_sha256 != is_now.mask_sha256:
         what.append(f"its mask file {first.mask_path} has another content")
     elif was.mask_sha256 != is_now.mask_sha256:
@@ -162,12 +190,49 @@ def check_sources(store: MapStore, records: Sequence[Any], now: Mapping[str, Sou
     )
 
 
+def _changed(was: SourceFiles, now: SourceFiles) -> bool:
+    """Whether an image's files differ from those its map was made from (by size only where ``was`` has no
+    image hash: chunks of older versions)."""
+    return (
+        was.image_size != now.image_size
+        or was.mask_sha256 != now.mask_sha256
+        or bool(was.image_sha256)
+        and was.image_sha256 != now.image_sha256
+    )
+
+
 def _old_fingerprint(fingerprint: Any) -> bool:
     """Whether a manifest's data fingerprint is the older one (``images``: ids, labels, sizes; ``masks``)."""
     return isinstance(fingerprint, dict) and "images" in fingerprint and "ids_labels" not in fingerprint
 
 
-def _stale_message(output_dir: Path, diff: str, old: dict[str, Any]) -> str:
+def _stale_message(output_dir: Path, diff: str, old: dict[str, Any], new: dict[str, Any] | None = None) -> str:
+    from ldm.checkpoint import DIGEST_KEY
+
+    maps = output_dir / "maps"
+    was_ckpt, now_ckpt = old.get("checkpoint") or {}, (new or {}).get("checkpoint") or {}
+    if diff.startswith("checkpoint") and was_ckpt and DIGEST_KEY not in was_ckpt:
+        return (
+            f"{output_dir / MANIFEST} was written by an older version of test.py, which identified the "
+            f"checkpoint by its size and first and last MiB only; finish that run with the older version, or "
+            f"remove {maps} and score again, or use another --output_dir"
+        )
+    if diff.startswith(f"checkpoint.{DIGEST_KEY}"):
+        return (
+            f"the maps in {output_dir} were made from other weights than those of {now_ckpt.get('path')} "
+            f"(weights sha256 {str(was_ckpt.get(DIGEST_KEY))[:12]}... from {was_ckpt.get('path')}, "
+            f"{str(now_ckpt.get(DIGEST_KEY))[:12]}... now); use another --output_dir, or remove {maps} and "
+            "score again"
+        )
+    if diff.startswith("data.captions"):
+        was_caps = old.get("data", {}).get("captions") or {}
+        now_caps = (new or {}).get("data", {}).get("captions") or {}
+        return (
+            f"the maps in {output_dir} were made with other test captions "
+            f"({_captions_name(was_caps)} then, {_captions_name(now_caps)} now; check --caption_folder, "
+            f"--vlm_model, --prompt_type and --use_captions); use another --output_dir, or remove {maps} and "
+            "score again"
+        )
     if diff.startswith("data.fingerprint") and _old_fingerprint(old.get("data", {}).get("fingerprint")):
         return (
             f"{output_dir / MANIFEST} was written by an older version of test.py, whose data fingerprint "
@@ -180,6 +245,12 @@ def _stale_message(output_dir: Path, diff: str, old: dict[str, Any]) -> str:
             f"remove {output_dir / 'maps'} and score again, or use another --output_dir"
         )
     return f"{output_dir} holds maps of another run ({diff}); use another --output_dir or remove that folder"
+
+
+def _captions_name(record: dict[str, Any]) -> str:
+    if not record:
+        return "none (empty captions)"
+    return f"{record.get('path') or 'captions'} (sha256 {record.get('sha256')})"
 
 
 def _first_difference(a: Any, b: Any, key: str = "") -> str | None:
@@ -213,6 +284,7 @@ def check_coverage(store: MapStore, expected_ids: Iterable[str], output_dir: Pat
 def manifest_for(
     *,
     checkpoint: str,
+    checkpoint_digest: str,
     config: dict,
     reconstruction: dict[str, Any],
     extractor: str,
@@ -227,7 +299,7 @@ def manifest_for(
     if extractor_input_size is not None:
         features["input_size"] = extractor_input_size
     return {
-        "checkpoint": file_fingerprint(checkpoint),
+        "checkpoint": checkpoint_record(checkpoint, checkpoint_digest),
         "config": config,
         "reconstruction": reconstruction,
         "feature_extractor": features,
