@@ -209,3 +209,11 @@ def test_threshold_from_a_run_of_other_weights_is_refused_naming_the_checkpoint(
     (tmp_path / "thresholds.json").write_text(json.dumps(older))
     with pytest.raises(UserError, match="older version of test.py"):
         load_thresholds(tmp_path, "paper", manifest)
+
+
+def test_an_export_stores_the_digest_of_the_weights_it_was_made_from(setup, tmp_path):
+    from vlmdiff.export import main as export_main
+
+    _, _, ckpt, _ = setup
+    out = export_main([str(ckpt), str(tmp_path / "w.safetensors")])
+    assert stored_digest(out) == stored_digest(ckpt) == weights_digest(load_checkpoint(ckpt)["state_dict"])
