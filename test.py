@@ -287,7 +287,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     """Score (unless --run_eval_only) and evaluate, in the output folder main() holds."""
     from vlmdiff.evaluation.evaluate import evaluate_run, label_run
     from vlmdiff.evaluation.report import build_report
-    from vlmdiff.evaluation.run_inputs import check_coverage, check_data
+    from vlmdiff.evaluation.run_inputs import check_coverage, check_data, check_stored_settings, maps_settings
     from vlmdiff.evaluation.thresholds import load_thresholds
 
     dataset_name = canonical_dataset(args.data_set)
@@ -315,6 +315,15 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     elif not (output_dir / "manifest.json").is_file():
         raise UserError(f"--run_eval_only: {output_dir} holds no test run (no manifest.json); check --output_dir")
     else:
+        parser, made_by = build_parser(), read_json(output_dir / "manifest.json")
+        given = {k: v for k, v in vars(args).items() if v != parser.get_default(k)}  # what this command sets
+        if {"feature_extractor", "use_dino", "dino_version"} & given.keys():
+            from vlmdiff.features import resolve_extractor_name
+
+            given["feature_extractor"] = resolve_extractor_name(
+                args.feature_extractor, args.use_dino, args.dino_version
+            )
+        check_stored_settings(output_dir, made_by, given, args.resume_path)
         check_data(output_dir, records)
     check_coverage(MapStore(output_dir / "maps"), [r.id for r in records], output_dir)
     visuals = (output_dir / "panels").is_dir()
@@ -344,7 +353,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             checkpoint=made_by.get("checkpoint"),
             data_set=dataset_name,
             data_path=str(args.data_path),
-        )
+        ),
+        "maps": maps_settings(made_by),  # what the evaluated maps were made with (not this command's flags)
     }
     result = evaluate_run(
         output_dir,

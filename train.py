@@ -66,6 +66,7 @@ from vlmdiff.training import (
     Preempted,
     SaveOnSigterm,
     SaveProvenance,
+    check_checkpoint_folder,
     check_devices,
     checkpoint_callback,
     last_checkpoint,
@@ -93,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--exp_name", default=None, help="run name (default: vlmdiff_{data_set}); checkpoints in ckpt_{exp_name}/"
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in a ckpt_{exp_name}/ that holds another run's checkpoints, removing them first "
+        "(default: refused)",
     )
     g.add_argument("--output_root", default=".", help="folder that holds ckpt_{exp_name}/")
     g.add_argument("--seed", type=int, default=1, help="global seed; each rank derives its own from it")
@@ -239,8 +246,7 @@ def run(args: argparse.Namespace) -> Path:
         raise UserError(f"--resume: no {ckpt_dir / 'last.ckpt'} to continue from, and no --resume_path to start from")
     if resume_from is None and args.resume_path is None:
         raise UserError("give --resume_path (an assembled checkpoint from build_model.py) or --resume")
-    if resume_from is None and (ckpt_dir / "last.ckpt").exists():
-        raise UserError(f"{ckpt_dir} already holds a run: pass --resume to continue it or choose another --exp_name")
+    check_checkpoint_folder(ckpt_dir, resume_from is not None or args.resume, args.overwrite)
     start = resume_from or Path(args.resume_path)
     if not Path(args.data_path).is_dir():
         raise UserError(f"--data_path {args.data_path} is not a folder")

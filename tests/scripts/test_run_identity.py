@@ -217,3 +217,56 @@ def test_an_export_stores_the_digest_of_the_weights_it_was_made_from(setup, tmp_
     _, _, ckpt, _ = setup
     out = export_main([str(ckpt), str(tmp_path / "w.safetensors")])
     assert stored_digest(out) == stored_digest(ckpt) == weights_digest(load_checkpoint(ckpt)["state_dict"])
+
+
+@pytest.mark.parametrize(
+    "flags,named",
+    [
+        (
+            ["--mask_order", "binarize_first"],
+            "--mask_order binarize_first: the maps in {out} were made with --mask_order resize_first",
+        ),
+        (["--sigma", "4"], "--sigma 4.0: the maps in {out} were made with --sigma 5.0"),
+        (["--map_dtype", "float16"], "--map_dtype float16: the maps in {out} were made with --map_dtype float32"),
+        (["--ddim_steps", "3"], "--ddim_steps 3: the maps in {out} were made with --ddim_steps 2"),
+        (
+            ["--use_dino"],
+            "--feature_extractor dino_v1s8: the maps in {out} were made with --feature_extractor efficientnet_lite0",
+        ),
+        (
+            ["--classes", "brick"],
+            "--classes brick: the maps in {out} are of all classes and --run_eval_only evaluates them all",
+        ),
+    ],
+)
+def test_eval_only_refuses_a_setting_baked_into_the_stored_maps(copies, flags, named):
+    data, ckpt, out = copies
+    argv = _args(data, ckpt, out, "--run_eval_only")
+    if "--ddim_steps" in flags:
+        argv = [a for i, a in enumerate(argv) if "--ddim_steps" not in argv[i - 1 : i + 1]]
+    if "--use_dino" in flags:
+        argv = [a for i, a in enumerate(argv) if "--feature_extractor" not in argv[i - 1 : i + 1]]
+    metrics_before = (out / "metrics.json").read_bytes()
+    with pytest.raises(UserError) as e:
+        test_script.main(argv + flags)
+    assert named.format(out=out) in str(e.value) and "another --output_dir" in str(e.value)
+    assert (out / "metrics.json").read_bytes() == metrics_before
+
+
+def test_eval_only_applies_and_records_evaluation_settings_and_checks_a_named_checkpoint(copies, tmp_path):
+    from ldm.checkpoint import save_checkpoint
+
+    data, ckpt, out = copies
+    flags = ["--image_pooling", "max", "--mask_threshold", "0.5", "--metrics_protocol", "legacy"]
+    test_script.main(_args(data, ckpt, out, "--run_eval_only", *flags))
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"] == {"protocol": "legacy", "image_pooling": "max", "mask_threshold": 0.5}
+    assert metrics["maps"]["mask_order"] == "resize_first" and metrics["maps"]["sigma"] == 5.0
+    assert metrics["maps"]["feature_extractor"] == "efficientnet_lite0" and metrics["maps"]["ddim_steps"] == 2
+    obj = load_checkpoint(ckpt)
+    other = tmp_path / "other.safetensors"
+    save_checkpoint(
+        other, {k: v + 1 if v.is_floating_point() else v for k, v in obj["state_dict"].items()}, obj["config"]
+    )
+    with pytest.raises(UserError, match=f"--resume_path {other}: the maps in {out} were made from other weights"):
+        test_script.main(_args(data, other, out, "--run_eval_only"))

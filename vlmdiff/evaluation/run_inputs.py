@@ -263,6 +263,72 @@ def _first_difference(a: Any, b: Any, key: str = "") -> str | None:
     return None if a == b else f"{key}: {a!r} there, {b!r} now"
 
 
+def maps_settings(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """``{flag: value}`` of test.py's settings that the stored maps (and masks) of a run were made with:
+    what ``--run_eval_only`` cannot change (its own settings, ``--metrics_protocol``, ``--image_pooling``
+    and ``--mask_threshold``, apply to the stored maps and are recorded in metrics.json)."""
+    recon = manifest.get("reconstruction") or {}
+    features = manifest.get("feature_extractor") or {}
+    data = manifest.get("data") or {}
+    return {
+        "mask_order": data.get("mask_order"),
+        "classes": data.get("classes"),
+        "use_captions": data.get("test_captions"),
+        "sigma": manifest.get("sigma"),
+        "map_dtype": manifest.get("map_dtype"),
+        "precision": manifest.get("precision"),
+        **{flag: recon.get(flag) for flag in ("ddim_steps", "noise_t", "guidance_scale", "seed")},
+        "feature_extractor": features.get("name"),
+        "feature_input_size": features.get("input_size"),
+    }
+
+
+def check_stored_settings(
+    output_dir: Path, manifest: Mapping[str, Any], given: Mapping[str, Any], checkpoint: str | None = None
+) -> None:
+    """``--run_eval_only``: the flags the user gave (``given``: flag -> value, those that differ from
+    test.py's defaults) agree with what the stored maps were made with (:func:`maps_settings`), and the
+    checkpoint, if one is named, has the weights they were made from; else one :class:`UserError` naming
+    the flag, the stored value and the fix."""
+    from ldm.checkpoint import DIGEST_KEY, file_digest
+
+    stored = maps_settings(manifest)
+    for flag, value in given.items():
+        if flag not in stored or stored[flag] is None and flag not in ("classes", "feature_input_size"):
+            continue
+        if _same_setting(value, stored[flag]):
+            continue
+        if flag == "classes":
+            raise UserError(
+                f"--classes {' '.join(value)}: the maps in {output_dir} are of "
+                f"{'all classes' if stored[flag] is None else '--classes ' + ' '.join(stored[flag])} and "
+                "--run_eval_only evaluates them all; give the --classes of the scoring run, or score the "
+                "classes you want into another --output_dir"
+            )
+        raise UserError(
+            f"--{flag} {value}: the maps in {output_dir} were made with --{flag} {stored[flag]}, and "
+            f"--run_eval_only evaluates the stored maps as they are; drop --{flag} (or give {stored[flag]}), "
+            f"or score again into another --output_dir"
+        )
+    was = (manifest.get("checkpoint") or {}).get(DIGEST_KEY)
+    if checkpoint is not None and was is not None:
+        now = file_digest(checkpoint)
+        if now != was:
+            raise UserError(
+                f"--resume_path {checkpoint}: the maps in {output_dir} were made from other weights (sha256 "
+                f"{was[:12]}... then, {now[:12]}... in this file); drop --resume_path to evaluate them, or "
+                "score this checkpoint into another --output_dir"
+            )
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) == float(b)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return sorted(map(str, a)) == sorted(map(str, b))
+    return str(a) == str(b) if a is not None and b is not None else a == b
+
+
 def check_coverage(store: MapStore, expected_ids: Iterable[str], output_dir: Path) -> None:
     """Every test image has exactly one map (duplicates are caught by the store) and no stranger does."""
     have = store.scored_ids()
