@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 LOCATION_KEYS = frozenset({"path", "data_path"})  # where the files were: recorded, never compared
+NOT_COMPARED = frozenset({"checkpoint.size"})  # recorded for the reader; the weights digest is what identifies
 
 
 def file_fingerprint(path: str | os.PathLike | None) -> dict[str, Any] | None:
@@ -44,10 +45,12 @@ def file_fingerprint(path: str | os.PathLike | None) -> dict[str, Any] | None:
 
 
 def checkpoint_record(path: str | os.PathLike, digest: str) -> dict[str, Any]:
-    """The manifest's ``checkpoint``: the digest of its weights (compared) and its absolute path (not compared)."""
+    """The manifest's ``checkpoint``: the digest of its weights (compared), its absolute path and size (not
+    compared: a copy, or an export of the same weights in another format, is the same checkpoint)."""
     from ldm.checkpoint import DIGEST_KEY
 
-    return {"path": str(Path(path).resolve()), DIGEST_KEY: digest}
+    p = Path(path).resolve()
+    return {"path": str(p), "size": p.stat().st_size, DIGEST_KEY: digest}
 
 
 def captions_record(captions: Mapping[str, str] | None, origin: Any = None) -> dict[str, Any] | None:
@@ -256,7 +259,8 @@ def _captions_name(record: dict[str, Any]) -> str:
 def _first_difference(a: Any, b: Any, key: str = "") -> str | None:
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted((set(a) | set(b)) - LOCATION_KEYS):
-            d = _first_difference(a.get(k), b.get(k), f"{key}.{k}" if key else k)
+            full = f"{key}.{k}" if key else k
+            d = None if full in NOT_COMPARED else _first_difference(a.get(k), b.get(k), full)
             if d:
                 return d
         return None

@@ -86,7 +86,7 @@ def load_thresholds(run: str | Path, pooling: str, manifest: dict[str, Any]) -> 
             "... here), so the scores are not comparable; test both with the same checkpoint"
         )
     for key in _SCORES_DEPEND_ON:
-        if theirs.get(key) != _comparable(manifest.get(key)):
+        if key != "checkpoint" and theirs.get(key) != _comparable(manifest.get(key)):  # checkpoint: its digest
             raise UserError(
                 f"--threshold_from {path}: that run's {key} differs from this run's, so its scores "
                 f"are not comparable; test both with the same checkpoint and settings"
