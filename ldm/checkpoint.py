@@ -375,6 +375,7 @@ def file_digest(path: str | os.PathLike, allow_unsafe_pickle: bool = False) -> s
     stored = stored_digest(path, allow_unsafe_pickle)
     if stored is not None:
         return stored
+    log.info("%s stores no weights digest (written elsewhere): computing it from its weights", path)
     return checkpoint_digest(load_checkpoint(path, allow_unsafe_pickle), path)
 
 

@@ -315,7 +315,9 @@ def check_stored_settings(
             f"or score again into another --output_dir"
         )
     was = (manifest.get("checkpoint") or {}).get(DIGEST_KEY)
-    if checkpoint is not None and was is not None:
+    if checkpoint is not None and was is not None and not Path(checkpoint).is_file():
+        log.warning("--resume_path %s: no such file; the stored maps are evaluated without it", checkpoint)
+    elif checkpoint is not None and was is not None:
         now = file_digest(checkpoint)
         if now != was:
             raise UserError(
