@@ -71,6 +71,7 @@ from vlmdiff.training import (
     checkpoint_callback,
     last_checkpoint,
     make_trainer,
+    remove_checkpoints,
     train_loader,
 )
 
@@ -246,7 +247,7 @@ def run(args: argparse.Namespace) -> Path:
         raise UserError(f"--resume: no {ckpt_dir / 'last.ckpt'} to continue from, and no --resume_path to start from")
     if resume_from is None and args.resume_path is None:
         raise UserError("give --resume_path (an assembled checkpoint from build_model.py) or --resume")
-    check_checkpoint_folder(ckpt_dir, resume_from is not None or args.resume, args.overwrite)
+    replaced = check_checkpoint_folder(ckpt_dir, args.resume, args.overwrite)  # before the large checkpoint is read
     start = resume_from or Path(args.resume_path)
     if not Path(args.data_path).is_dir():
         raise UserError(f"--data_path {args.data_path} is not a folder")
@@ -292,6 +293,7 @@ def run(args: argparse.Namespace) -> Path:
         SaveOnSigterm(ckpt_dir / "last.ckpt"),
     ]
     trainer = make_trainer(args, ckpt_dir, callbacks)
+    remove_checkpoints(replaced)  # --overwrite: the earlier run's files go once this run is ready to train
     log.info(
         "training %d images of %d classes; %s",
         len(data),

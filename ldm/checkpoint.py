@@ -403,7 +403,10 @@ def _atomic_checkpoint_io() -> type:
             if storage_options is not None:
                 raise TypeError("AtomicCheckpointIO takes no storage_options")
             if isinstance(checkpoint.get("state_dict"), Mapping):
-                checkpoint = {**checkpoint, DIGEST_KEY: weights_digest(checkpoint["state_dict"])}
+                try:
+                    checkpoint = {**checkpoint, DIGEST_KEY: weights_digest(checkpoint["state_dict"])}
+                except (RuntimeError, TypeError) as e:  # tensors a strategy keeps sharded: identified when read
+                    log.warning("%s: saved without a weights digest (%s)", path, _short(e))
             with atomic_open(path, "wb") as f:
                 torch.save(checkpoint, f)
 

@@ -297,25 +297,28 @@ def last_checkpoint(ckpt_dir: Path) -> Path | None:
     return last if last.is_file() else None
 
 
-def check_checkpoint_folder(ckpt_dir: Path, resume: bool, overwrite: bool) -> None:
+def check_checkpoint_folder(ckpt_dir: Path, resume: bool, overwrite: bool) -> list[Path]:
     """A new run starts only in a folder without another run's checkpoints, unless ``resume`` or ``overwrite``.
 
-    With ``overwrite`` (and no ``resume``) the earlier run's checkpoints (``*.ckpt``) are removed first, so
-    the folder never mixes two runs' files; its logs are continued.
+    Returns the earlier run's checkpoints (``*.ckpt``) that ``overwrite`` replaces: remove them with
+    :func:`remove_checkpoints` once the new run is ready to train, so the folder never mixes two runs'
+    files (its logs are continued). Without either flag such a folder is one :class:`UserError`.
     """
-    if resume:
-        return
-    found = sorted(ckpt_dir.glob("*.ckpt"))
-    if not found:
-        return
-    if not overwrite:
+    found = [] if resume else sorted(ckpt_dir.glob("*.ckpt"))
+    if found and not overwrite:
         raise UserError(
             f"{ckpt_dir} holds another run's checkpoints ({len(found)}, e.g. {found[-1].name}): pass --resume to "
             "continue that run, choose another --exp_name or --output_root, or pass --overwrite to replace them"
         )
-    for path in found:
-        path.unlink()
-    log.warning("--overwrite: removed %d checkpoint(s) of an earlier run from %s", len(found), ckpt_dir)
+    return found
+
+
+def remove_checkpoints(paths: list[Path]) -> None:
+    """Remove an earlier run's checkpoints (see :func:`check_checkpoint_folder`)."""
+    for path in paths:
+        path.unlink(missing_ok=True)
+    if paths:
+        log.warning("--overwrite: removed %d checkpoint(s) of an earlier run from %s", len(paths), paths[0].parent)
 
 
 def check_devices(accelerator: str, devices: int | str | list[int]) -> None:
