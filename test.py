@@ -438,7 +438,7 @@ def _score(
         "coco_part": args.coco_part,
         "classes": args.classes,
         "test_captions": captions is not None,
-        "captions": captions_record(None if captions is None else matched, getattr(captions, "origin", None)),
+        "captions": captions_record(None if captions is None else matched, captions),
         "image_size": model.cfg.image_size,
         "n_images": len(records),
         "mask_order": args.mask_order,

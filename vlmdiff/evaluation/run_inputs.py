@@ -53,14 +53,17 @@ def checkpoint_record(path: str | os.PathLike, digest: str) -> dict[str, Any]:
     return {"path": str(p), "size": p.stat().st_size, DIGEST_KEY: digest}
 
 
-def captions_record(captions: Mapping[str, str] | None, origin: Any = None) -> dict[str, Any] | None:
+def captions_record(captions: Mapping[str, str] | None, source: Any = None) -> dict[str, Any] | None:
     """The manifest's ``data.captions``: a sha256 of the sorted (image id, caption) pairs the images are
-    guided by, their number, and where they came from (``path``, not compared); None without captions."""
+    guided by, their number, and where they came from (``path``, not compared: the caption file when they
+    came from one, else the folder; ``source`` is the loaded caption map); None without captions."""
     if captions is None:
         return None
     h = hashlib.sha256()
     for image_id in sorted(captions):
         h.update(f"{image_id}\0{captions[image_id]}\n".encode("utf-8", "surrogateescape"))
+    files = sorted({str(f) for f in getattr(source, "sources", {}).values()})
+    origin = files[0] if len(files) == 1 else getattr(source, "origin", None)
     return {"path": None if origin is None else str(origin), "n": len(captions), "sha256": h.hexdigest()[:16]}
 
 
