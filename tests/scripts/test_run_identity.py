@@ -134,7 +134,7 @@ def test_a_checkpoint_changed_in_the_middle_is_refused_by_name(copies, capsys):
     with pytest.raises(UserError) as e:
         test_script.main(_args(data, ckpt, out))
     message = str(e.value)
-    assert f"the maps in {out} were made from other weights than those of {ckpt}" in message
+    assert f"{out} holds maps of another run, made from other weights than those of {ckpt}" in message
     assert "\n" not in message and "another --output_dir" in message
     assert f"{ckpt}: its weights are not the ones it was written with" in capsys.readouterr().err
 
@@ -192,10 +192,8 @@ def test_other_test_captions_are_refused_by_name(setup, tmp_path):
     test_script.main(argv("caps_a"))  # the same captions resume
     with pytest.raises(UserError) as e:
         test_script.main(argv("caps_b"))
-    assert (
-        f"the maps in {out} were made with other test captions ({tmp_path / 'caps_a' / 'test_captions_mvtec_template'}"
-        in str(e.value)
-    )
+    first_file = tmp_path / "caps_a" / "test_captions_mvtec_template"
+    assert f"{out} holds maps of another run, made with other test captions ({first_file}" in str(e.value)
     assert str(tmp_path / "caps_b") in str(e.value)
     with pytest.raises(UserError, match="other test captions .*none \\(empty captions\\) now"):
         test_script.main(_args(data, ckpt, out, "--end_ind", "2"))  # no captions at all

@@ -217,7 +217,7 @@ def _stale_message(output_dir: Path, diff: str, old: dict[str, Any], new: dict[s
 
     maps = output_dir / "maps"
     was_ckpt, now_ckpt = old.get("checkpoint") or {}, (new or {}).get("checkpoint") or {}
-    if diff.startswith("checkpoint") and was_ckpt and DIGEST_KEY not in was_ckpt:
+    if diff.startswith("checkpoint") and "sha256_head_tail" in was_ckpt and DIGEST_KEY not in was_ckpt:
         return (
             f"{output_dir / MANIFEST} was written by an older version of test.py, which identified the "
             f"checkpoint by its size and first and last MiB only; finish that run with the older version, or "
@@ -225,7 +225,7 @@ def _stale_message(output_dir: Path, diff: str, old: dict[str, Any], new: dict[s
         )
     if diff.startswith(f"checkpoint.{DIGEST_KEY}"):
         return (
-            f"the maps in {output_dir} were made from other weights than those of {now_ckpt.get('path')} "
+            f"{output_dir} holds maps of another run, made from other weights than those of {now_ckpt.get('path')} "
             f"(weights sha256 {str(was_ckpt.get(DIGEST_KEY))[:12]}... from {was_ckpt.get('path')}, "
             f"{str(now_ckpt.get(DIGEST_KEY))[:12]}... now); use another --output_dir, or remove {maps} and "
             "score again"
@@ -234,7 +234,7 @@ def _stale_message(output_dir: Path, diff: str, old: dict[str, Any], new: dict[s
         was_caps = old.get("data", {}).get("captions") or {}
         now_caps = (new or {}).get("data", {}).get("captions") or {}
         return (
-            f"the maps in {output_dir} were made with other test captions "
+            f"{output_dir} holds maps of another run, made with other test captions "
             f"({_captions_name(was_caps)} then, {_captions_name(now_caps)} now; check --caption_folder, "
             f"--vlm_model, --prompt_type and --use_captions); use another --output_dir, or remove {maps} and "
             "score again"
