@@ -302,7 +302,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     from vlmdiff.evaluation.map_store import MapStore
     from vlmdiff.evaluation.report_page import build_report
     from vlmdiff.evaluation.run_folder import RunFolder
-    from vlmdiff.evaluation.run_inputs import check_coverage, check_data
+    from vlmdiff.evaluation.run_inputs import check_coverage, check_data, check_stored_settings, maps_settings
     from vlmdiff.evaluation.thresholds import load_thresholds
 
     dataset_name = canonical_name(args.data_set)
@@ -333,6 +333,15 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             f"--run_eval_only: {output_dir} holds no test run (no {RunFolder.MANIFEST}); check --output_dir"
         )
     else:
+        parser, made_by = build_parser(), read_json(output_dir / "manifest.json")
+        given = {k: v for k, v in vars(args).items() if v != parser.get_default(k)}  # what this command sets
+        if {"feature_extractor", "use_dino", "dino_version"} & given.keys():
+            from vlmdiff.features import resolve_extractor_name
+
+            given["feature_extractor"] = resolve_extractor_name(
+                args.feature_extractor, args.use_dino, args.dino_version
+            )
+        check_stored_settings(output_dir, made_by, given, args.resume_path)
         check_data(output_dir, records)
     check_coverage(MapStore(folder.maps), [r.id for r in records], output_dir)
     visuals = folder.panels.is_dir()
@@ -362,7 +371,8 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             checkpoint=made_by.get("checkpoint"),
             data_set=dataset_name,
             data_path=str(args.data_path),
-        )
+        ),
+        "maps": maps_settings(made_by),  # what the evaluated maps were made with (not this command's flags)
     }
     result = evaluate_run(
         output_dir,
@@ -413,12 +423,19 @@ def _score(
 ) -> None:
     import torch
 
+    from ldm.checkpoint import DIGEST_KEY
     from ldm.config import to_dict
     from vlmdiff.checkpoint import load_vlmdiff
     from vlmdiff.data import AnomalyDataset, match_captions
     from vlmdiff.evaluation.map_store import MapStore
     from vlmdiff.evaluation.run_folder import RunFolder
-    from vlmdiff.evaluation.run_inputs import check_manifest, data_fingerprint, manifest_for, source_files
+    from vlmdiff.evaluation.run_inputs import (
+        captions_record,
+        check_manifest,
+        data_fingerprint,
+        manifest_for,
+        source_files,
+    )
     from vlmdiff.features import build_feature_extractor, resolve_extractor_name
     from vlmdiff.inference import ScoringOptions, score_images, shard_indices
     from vlmdiff.reconstruction import ReconstructionSettings
@@ -434,7 +451,7 @@ def _score(
     matched = {} if captions is None else match_captions(records, captions, root=Path(args.data_path), require=True)
     sources = source_files(records)  # each map's chunk records them; a resumed run checks them
     extractor = build_feature_extractor(extractor_name, args.feature_weights, input_size=args.feature_input_size)
-    model, _ = load_vlmdiff(args.resume_path, args.config, args.overrides, args.unsafe_legacy_pickle)
+    model, info = load_vlmdiff(args.resume_path, args.config, args.overrides, args.unsafe_legacy_pickle)
     settings.check(model.num_timesteps)
     model.eval().to(device)
     extractor.eval().to(device)
@@ -445,6 +462,7 @@ def _score(
         "coco_part": args.coco_part,
         "classes": args.classes,
         "test_captions": captions is not None,
+        "captions": captions_record(None if captions is None else matched, captions),
         "image_size": model.cfg.image_size,
         "n_images": len(records),
         "mask_order": args.mask_order,
@@ -452,6 +470,7 @@ def _score(
     }
     manifest = manifest_for(
         checkpoint=args.resume_path,
+        checkpoint_digest=info[DIGEST_KEY],
         config=to_dict(model.cfg),
         reconstruction=asdict(settings),
         extractor=extractor_name,

@@ -78,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--exp_name", default=None, help="run name (default: vlmdiff_{data_set}); checkpoints in ckpt_{exp_name}/"
     )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a new run in a ckpt_{exp_name}/ that holds another run's checkpoints, removing them first "
+        "(default: refused)",
+    )
     g.add_argument("--output_root", default=".", help="folder that holds ckpt_{exp_name}/")
     g.add_argument("--seed", type=int, default=recipe.seed, help="global seed; each rank derives its own from it")
     g.add_argument(
@@ -249,9 +255,11 @@ def run(args: argparse.Namespace) -> Path:
         SaveProvenance,
         TrainedBatches,
         TrainerOptions,
+        check_checkpoint_folder,
         checkpoint_callback,
         last_checkpoint,
         make_trainer,
+        remove_checkpoints,
         train_loader,
     )
 
@@ -262,8 +270,7 @@ def run(args: argparse.Namespace) -> Path:
         raise UserError(f"--resume: no {ckpt_dir / 'last.ckpt'} to continue from, and no --resume_path to start from")
     if resume_from is None and args.resume_path is None:
         raise UserError("give --resume_path (an assembled checkpoint from build_model.py) or --resume")
-    if resume_from is None and (ckpt_dir / "last.ckpt").exists():
-        raise UserError(f"{ckpt_dir} already holds a run: pass --resume to continue it or choose another --exp_name")
+    replaced = check_checkpoint_folder(ckpt_dir, args.resume, args.overwrite)  # before the large checkpoint is read
     start = resume_from or Path(args.resume_path)
     if not Path(args.data_path).is_dir():
         raise UserError(f"--data_path {args.data_path} is not a folder")
@@ -320,6 +327,7 @@ def run(args: argparse.Namespace) -> Path:
         log_interval=args.log_interval,
     )
     trainer = make_trainer(options, ckpt_dir, callbacks)
+    remove_checkpoints(replaced)  # --overwrite: the earlier run's files go once this run is ready to train
     log.info(
         "training %d images of %d classes; %s",
         len(data),

@@ -33,11 +33,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        mode = 0o666 & ~current_umask()
         try:
-            os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600
+            os.fchmod(fd, mode)  # mkstemp makes 0600
         finally:
             os.close(fd)
         yield Path(tmp)
+        os.chmod(tmp, mode)  # again: a writer may have replaced the file (safetensors writes a new 0600 one)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -232,9 +232,11 @@ def load_vlmdiff(
     The file is memory-mapped and the network, created on the meta device, takes its tensors directly
     (half-precision files are cast to float32); only the text encoder is built on the CPU first (its
     tokenizer and non-persistent buffers). Returns ``(model, info)``: ``info`` is the checkpoint without
-    its weights and training state (optimiser, loops), which are released here.
+    its weights and training state (optimiser, loops), which are released here, and with the digest of
+    the file's weights under ``DIGEST_KEY`` (:func:`ldm.checkpoint.checkpoint_digest`: what identifies
+    the checkpoint in a test run's manifest).
     """
-    from ldm.checkpoint import load_checkpoint, state_dict_of
+    from ldm.checkpoint import DIGEST_KEY, checkpoint_digest, load_checkpoint, state_dict_of
     from ldm.modules.text_encoder import build_text_encoder
     from vlmdiff.model import VLMDiff
 
@@ -247,6 +249,7 @@ def load_vlmdiff(
         )
     cfg = resolve_checkpoint_config(ckpt, str(path), config, overrides)
     info = {k: v for k, v in ckpt.items() if k not in TRAINING_STATE}
+    info[DIGEST_KEY] = checkpoint_digest(ckpt, path)
     del ckpt  # the optimiser state of a trained checkpoint is not kept alive by the caller
     text = build_text_encoder(cfg.text_encoder, load_pretrained=False)
     with torch.device("meta"):

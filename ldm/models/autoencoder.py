@@ -30,7 +30,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
 from ldm.checkpoint import describe_mismatch, load_into, state_dict_of
@@ -38,7 +37,7 @@ from ldm.config import AutoencoderConfig, to_dict
 from ldm.modules.autoencoder import AutoencoderKL, DiagonalGaussian
 from ldm.modules.losses import AutoencoderLossConfig, LPIPSWithDiscriminator
 from utils.errors import UserError
-from utils.io import atomic_open, write_bytes
+from utils.io import write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -314,25 +313,7 @@ class AutoencoderTraining(pl.LightningModule):
 
 
 # ---------------------------------------------------------------------------------------------
-# Callbacks and checkpoint IO
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning checkpoints written through a temporary file, fsync and rename (``utils.io``), read memory-mapped."""
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None
-    ) -> None:
-        if storage_options is not None:
-            raise TypeError("AtomicCheckpointIO takes no storage_options")
-        with atomic_open(path, "wb") as f:
-            torch.save(checkpoint, f)
-
-    def load_checkpoint(
-        self, path: str | os.PathLike, map_location: Any | None = None, weights_only: bool | None = None
-    ) -> dict[str, Any]:
-        """Resuming: the file is memory-mapped, so the optimiser state and weights are read as they are restored."""
-        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+# Callbacks
 
 
 class StepCheckpoint(pl.Callback):

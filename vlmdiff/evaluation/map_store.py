@@ -9,9 +9,10 @@ atomically (temporary file + rename), so a crash leaves whole chunks only. A chu
 * ``masks`` [n, H, W] uint8 0..255 (ground truth at map resolution),
 * ``labels`` [n] int8 (0 normal, 1 anomalous, as the dataset says),
 * ``image_scores`` [n] float64,
-* ``image_sizes`` [n] int64 and ``mask_sha256`` [n] str: the identity of each image's source files when
-  its map was made (:class:`SourceFiles`: image file size in bytes, 16 hex digits of the mask file's
-  sha256, "" without a mask). Chunks of older versions lack these two arrays.
+* ``image_sizes`` [n] int64, ``mask_sha256`` [n] str and ``image_sha256`` [n] str: the identity of each
+  image's source files when its map was made (:class:`SourceFiles`: image file size in bytes, 16 hex
+  digits of the mask file's sha256 ("" without a mask) and of the image file's). Chunks of older
+  versions lack these arrays, or only ``image_sha256``.
 
 Class folder names: every character outside ``[A-Za-z0-9_-]`` (including ``.`` and ``%``) is
 replaced by ``%XX`` per UTF-8 byte, so the mapping is reversible and no name can escape ``root``
@@ -47,13 +48,16 @@ _CHUNK_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 _DTYPES = {"float32": np.float32, "float16": np.float16}
 _ARRAYS = ("ids", "maps", "masks", "labels", "image_scores")
 _SOURCE_ARRAYS = ("image_sizes", "mask_sha256")  # absent from the chunks of older versions
+_IMAGE_SHA = "image_sha256"  # absent from the chunks of older versions too (they identify images by size)
 
 
 class SourceFiles(NamedTuple):
-    """Identity of one test image's files: image file size in bytes, mask sha256 (16 hex digits; "" = no mask)."""
+    """Identity of one test image's files: image file size in bytes, mask sha256 (16 hex digits; "" = no
+    mask), image file sha256 (16 hex digits; "" = not recorded, in chunks of older versions)."""
 
     image_size: int
     mask_sha256: str
+    image_sha256: str = ""
 
 
 def safe_name(class_name: str) -> str:
@@ -129,7 +133,7 @@ class MapStore:
 
         ``maps`` [n, H, W], ``masks`` [n, H, W] (uint8 0..255, bool or float 0..1), ``labels`` [n],
         ``image_scores`` [n]; numpy or torch. ``sources`` [n]: the files each map was made from
-        (stored as ``image_sizes`` and ``mask_sha256``; None: not known, the chunk is not checked
+        (stored as ``image_sizes``, ``mask_sha256`` and ``image_sha256``; None: not known, the chunk is not checked
         by :meth:`sources`). Writing the same ``chunk_name`` again replaces its files (a re-run
         batch). Returns the paths written.
         """
@@ -147,6 +151,7 @@ class MapStore:
             else {
                 "image_sizes": np.asarray([int(s.image_size) for s in sources], dtype=np.int64).reshape(-1),
                 "mask_sha256": np.asarray([str(s.mask_sha256) for s in sources], dtype=str).reshape(-1),
+                _IMAGE_SHA: np.asarray([str(s.image_sha256) for s in sources], dtype=str).reshape(-1),
             }
         )
         if (
@@ -234,14 +239,19 @@ class MapStore:
         unknown: list[Path] = []
         for d in self._class_dirs().values():
             for path in sorted(d.glob("*.npz")):
-                chunk = _load(path, ["ids"], optional=_SOURCE_ARRAYS)
+                chunk = _load(path, ["ids"], optional=(*_SOURCE_ARRAYS, _IMAGE_SHA))
                 if not all(k in chunk for k in _SOURCE_ARRAYS):
                     unknown.append(path)
                     continue
+                images = chunk[_IMAGE_SHA].tolist() if _IMAGE_SHA in chunk else [""] * len(chunk["ids"])
                 known.update(
-                    (i, SourceFiles(int(size), str(sha)))
-                    for i, size, sha in zip(
-                        chunk["ids"].tolist(), chunk["image_sizes"].tolist(), chunk["mask_sha256"].tolist(), strict=True
+                    (i, SourceFiles(int(size), str(mask), str(image)))
+                    for i, size, mask, image in zip(
+                        chunk["ids"].tolist(),
+                        chunk["image_sizes"].tolist(),
+                        chunk["mask_sha256"].tolist(),
+                        images,
+                        strict=True,
                     )
                 )
         return known, unknown

@@ -75,7 +75,9 @@ def _provenance(run: RunFolder) -> str:
     items = [
         (
             "checkpoint",
-            f"{ckpt.get('path', '?')} ({ckpt.get('size', '?')} bytes, sha256 of head+tail "
+            f"{ckpt.get('path', '?')} (weights sha256 {ckpt['weights_sha256']})"
+            if "weights_sha256" in ckpt
+            else f"{ckpt.get('path', '?')} ({ckpt.get('size', '?')} bytes, sha256 of head+tail "
             f"{ckpt.get('sha256_head_tail', '?')})"
             if ckpt
             else "?",

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from ldm.checkpoint import DIGEST_KEY
 from utils.errors import UserError
 from utils.io import read_json, write_json
 from vlmdiff.evaluation.run_folder import RunFolder
@@ -71,8 +72,22 @@ def load_thresholds(run: str | Path, pooling: str, manifest: dict[str, Any]) -> 
             f"--threshold_from {path}: thresholds are for --image_pooling {record.get('image_pooling')}, "
             f"this run uses {pooling}; use the same pooling"
         )
+    theirs = record.get("scores_depend_on", {})
+    ckpt_then, ckpt_now = theirs.get("checkpoint") or {}, manifest.get("checkpoint") or {}
+    if ckpt_then and DIGEST_KEY not in ckpt_then:
+        raise UserError(
+            f"--threshold_from {path}: written by an older version of test.py, which identified the checkpoint "
+            "by its size and first and last MiB only; evaluate that labelled run again with this version "
+            "(score it into a new --output_dir)"
+        )
+    if ckpt_then.get(DIGEST_KEY) != ckpt_now.get(DIGEST_KEY):
+        raise UserError(
+            f"--threshold_from {path}: those thresholds were made with other weights than {ckpt_now.get('path')} "
+            f"(weights sha256 {str(ckpt_then.get(DIGEST_KEY))[:12]}... there, {str(ckpt_now.get(DIGEST_KEY))[:12]}"
+            "... here), so the scores are not comparable; test both with the same checkpoint"
+        )
     for key in _SCORES_DEPEND_ON:
-        if record.get("scores_depend_on", {}).get(key) != _comparable(manifest.get(key)):
+        if key != "checkpoint" and theirs.get(key) != _comparable(manifest.get(key)):  # checkpoint: its digest
             raise UserError(
                 f"--threshold_from {path}: that run's {key} differs from this run's, so its scores "
                 f"are not comparable; test both with the same checkpoint and settings"
