@@ -57,7 +57,7 @@ class Source:
     def text(self) -> str:
         return (
             f"{self.ref} test run {self.run}, checkpoint {self.checkpoint} ({self.epoch}; "
-            f"sha256 head/tail {self.digest}, {self.size if self.size is not None else '?'} bytes)"
+            f"weights sha256 {self.digest}, {self.size if self.size is not None else '?'} bytes)"
         )
 
 
@@ -67,7 +67,8 @@ def _source(run: Path, ref: str) -> Source:
     path = str(ckpt.get("path", "?"))
     m = re.search(r"model_epoch=(\d+)", path)
     epoch = f"epoch {int(m.group(1)) + 1} (model_epoch={m.group(1)})" if m else Path(path).name
-    return Source(ref, run, path, epoch, str(ckpt.get("sha256_head_tail", "?")), ckpt.get("size"))
+    digest = ckpt.get("weights_sha256") or ckpt.get("sha256_head_tail") or "?"  # the latter: older manifests
+    return Source(ref, run, path, epoch, str(digest), ckpt.get("size"))
 
 
 def _pct(v: float) -> str:
