@@ -123,7 +123,7 @@ def _fake_run(folder: Path, cls: str, legacy: float, official: float, epoch: int
     folder.mkdir(parents=True)
     metrics = {p: {"per_class": {cls: row(v)}, "mean": row(v)} for p, v in (("legacy", legacy), ("official", official))}
     (folder / "metrics.json").write_text(json.dumps({"metrics": metrics}))
-    ckpt = {"path": f"/runs/ckpt_{folder.name}/model_epoch={epoch:03d}.ckpt", "size": 7, "sha256_head_tail": "ab12"}
+    ckpt = {"path": f"/runs/ckpt_{folder.name}/model_epoch={epoch:03d}.ckpt", "size": 7, "weights_sha256": "ab12"}
     (folder / "manifest.json").write_text(json.dumps({"checkpoint": ckpt}))
     return folder
 
