@@ -247,7 +247,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from ldm.checkpoint import AtomicCheckpointIO, save_checkpoint
     from ldm.config import LatentDiffusionConfig, load_config, to_dict
-    from ldm.models.autoencoder import AutoencoderTraining, ReconstructionImages, StepCheckpoint
+    from ldm.models.autoencoder import AutoencoderTraining
+    from ldm.models.autoencoder_callbacks import ReconstructionImages, StepCheckpoint
     from utils.io import write_text
     from utils.provenance import provenance
     from vlmdiff.data import build_dataset, canonical_name
