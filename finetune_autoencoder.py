@@ -245,7 +245,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
     from torch.utils.data import DataLoader
 
-    from ldm.checkpoint import AtomicCheckpointIO, save_checkpoint
+    from ldm.checkpoint import save_checkpoint
+    from ldm.checkpoint_io import AtomicCheckpointIO
     from ldm.config import LatentDiffusionConfig, load_config, to_dict
     from ldm.models.autoencoder import AutoencoderTraining
     from ldm.models.autoencoder_callbacks import ReconstructionImages, StepCheckpoint

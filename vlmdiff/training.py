@@ -25,7 +25,7 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
 
-from ldm.checkpoint import AtomicCheckpointIO
+from ldm.checkpoint_io import AtomicCheckpointIO
 from utils.errors import UserError
 from utils.progress import DEFAULT_INTERVAL_S, ProgressLines, is_terminal
 
