@@ -245,9 +245,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
     from torch.utils.data import DataLoader
 
-    from ldm.checkpoint import AtomicCheckpointIO, save_checkpoint
+    from ldm.checkpoint import save_checkpoint
+    from ldm.checkpoint_io import AtomicCheckpointIO
     from ldm.config import LatentDiffusionConfig, load_config, to_dict
-    from ldm.models.autoencoder import AutoencoderTraining, ReconstructionImages, StepCheckpoint
+    from ldm.models.autoencoder import AutoencoderTraining
+    from ldm.models.autoencoder_callbacks import ReconstructionImages, StepCheckpoint
     from utils.io import write_text
     from utils.provenance import provenance
     from vlmdiff.data import build_dataset, canonical_name

@@ -253,15 +253,16 @@ def run(args: argparse.Namespace) -> Path:
         Preempted,
         SaveOnSigterm,
         SaveProvenance,
-        TrainedBatches,
         TrainerOptions,
+        make_trainer,
+    )
+    from vlmdiff.training_checkpoints import (
         check_checkpoint_folder,
         checkpoint_callback,
         last_checkpoint,
-        make_trainer,
         remove_checkpoints,
-        train_loader,
     )
+    from vlmdiff.training_data import TrainedBatches, train_loader
 
     dataset = canonical_name(args.data_set)
     ckpt_dir = _ckpt_dir(args)

@@ -15,12 +15,12 @@
   so it can be told from another file of the same name and size without reading its weights
   (:func:`stored_digest`); :func:`checkpoint_digest` gives the digest of any loaded checkpoint and
   checks a stored one against its weights.
-* :class:`AtomicCheckpointIO`: Lightning's checkpoint IO through the same atomic writes (and the digest).
+* Lightning's checkpoint IO through the same atomic writes (and the digest) is
+  :class:`ldm.checkpoint_io.AtomicCheckpointIO`.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
@@ -377,45 +377,3 @@ def file_digest(path: str | os.PathLike, allow_unsafe_pickle: bool = False) -> s
         return stored
     log.info("%s stores no weights digest (written elsewhere): computing it from its weights", path)
     return checkpoint_digest(load_checkpoint(path, allow_unsafe_pickle), path)
-
-
-# ---------------------------------------------------------------------------------------------
-# Lightning's checkpoint IO (the class is built on first use: Lightning is imported only by training)
-
-
-def __getattr__(name: str) -> Any:
-    if name == "AtomicCheckpointIO":
-        return _atomic_checkpoint_io()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-@functools.cache
-def _atomic_checkpoint_io() -> type:
-    from lightning.pytorch.plugins.io import TorchCheckpointIO
-
-    class AtomicCheckpointIO(TorchCheckpointIO):
-        """Lightning checkpoints written through a temporary file, fsync and rename (``utils.io``), with
-        the :func:`weights_digest` of their ``state_dict`` stored as :data:`DIGEST_KEY`; read memory-mapped."""
-
-        def save_checkpoint(
-            self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None
-        ) -> None:
-            if storage_options is not None:
-                raise TypeError("AtomicCheckpointIO takes no storage_options")
-            if isinstance(checkpoint.get("state_dict"), Mapping):
-                try:
-                    checkpoint = {**checkpoint, DIGEST_KEY: weights_digest(checkpoint["state_dict"])}
-                except (RuntimeError, TypeError) as e:  # tensors a strategy keeps sharded: identified when read
-                    log.warning("%s: saved without a weights digest (%s)", path, _short(e))
-            with atomic_open(path, "wb") as f:
-                torch.save(checkpoint, f)
-
-        def load_checkpoint(
-            self, path: str | os.PathLike, map_location: Any | None = None, weights_only: bool | None = None
-        ) -> dict[str, Any]:
-            """Resuming: the file is memory-mapped, so the optimiser state and weights are read as they are restored."""
-            return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
-
-    AtomicCheckpointIO.__module__ = __name__
-    AtomicCheckpointIO.__qualname__ = "AtomicCheckpointIO"
-    return AtomicCheckpointIO

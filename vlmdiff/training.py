@@ -1,9 +1,12 @@
-"""Training plumbing for train.py (and finetune_autoencoder.py): callbacks, data loader, loggers, the Trainer."""
+"""Training plumbing for train.py (and finetune_autoencoder.py): callbacks, loggers, the Trainer.
+
+The resumable data loader is in :mod:`vlmdiff.training_data`, the checkpoint folder in
+:mod:`vlmdiff.training_checkpoints`.
+"""
 
 from __future__ import annotations
 
 import csv
-import itertools
 import logging
 import math
 import os
@@ -15,15 +18,14 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ModelSummary
+from lightning.pytorch.callbacks import Callback, ModelSummary
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.model_summary import get_human_readable_count
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
-from ldm.checkpoint import AtomicCheckpointIO
+from ldm.checkpoint_io import AtomicCheckpointIO
 from utils.errors import UserError
 from utils.progress import DEFAULT_INTERVAL_S, ProgressLines, is_terminal
 
@@ -247,181 +249,6 @@ def progress_callbacks(no_progress_bar: bool, interval_s: float, **progress_log:
     """
     bar = not no_progress_bar and is_terminal()
     return bar, [ParameterCount()] + ([] if bar else [ProgressLog(interval_s, **progress_log)])
-
-
-class SkippingBatchSampler(BatchSampler):
-    """A BatchSampler whose next pass can leave out its first ``skip`` batches (without loading them)."""
-
-    skip = 0
-
-    def __iter__(self):
-        skip, self.skip = self.skip, 0
-        return itertools.islice(super().__iter__(), skip, None)
-
-
-class ResumableLoader(DataLoader):
-    """The training DataLoader, resumable in the middle of an epoch.
-
-    Its state (in every checkpoint, through Lightning's stateful-loader support) is the shuffling
-    generator's state at the start of the epoch and the number of batches of the epoch already trained
-    (counted by :class:`TrainedBatches`). A resumed run restores the generator, so the epoch is shuffled
-    as before, and its batch sampler leaves out the batches already trained: together with the random
-    states of :class:`PerRankSeed` the run continues as if it had not stopped. An interrupted
-    accumulation (``accumulate_grad_batches`` > 1) loses the gradients of its batches trained so far.
-    The batches and their order are those of ``DataLoader(shuffle=True, generator=...)``.
-    """
-
-    _epoch_start: torch.Tensor | None = None
-    _resume: dict[str, Any] | None = None
-    trained = 0  # batches of the current epoch trained so far
-
-    def __iter__(self):
-        resume, self._resume = self._resume, None
-        if resume and self.generator is not None:
-            self.generator.set_state(resume["generator"])
-            self.batch_sampler.skip = resume["batches"]
-        self.trained = resume["batches"] if resume else 0
-        self._epoch_start = self.generator.get_state() if self.generator is not None else None
-        return super().__iter__()
-
-    def state_dict(self) -> dict[str, Any]:
-        if self._epoch_start is None:
-            return {}
-        if self.trained >= len(self):  # the epoch is complete: the next one starts from the current state
-            return {"generator": self.generator.get_state(), "batches": 0, "world": _world_size()}
-        return {"generator": self._epoch_start, "batches": self.trained, "world": _world_size()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Continue from ``state_dict`` at the next ``iter()``; a state of another number of ranks is ignored."""
-        if state_dict.get("world") == _world_size() and isinstance(self.batch_sampler, SkippingBatchSampler):
-            self._resume = dict(state_dict)
-
-
-def _world_size() -> int:
-    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-
-
-class TrainedBatches(Callback):
-    """Tell the :class:`ResumableLoader` how many batches of its epoch were trained (for its checkpoint state)."""
-
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        loader = trainer.train_dataloader
-        if isinstance(loader, ResumableLoader):
-            loader.trained = batch_idx + 1
-
-
-def train_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int) -> ResumableLoader:
-    """Shuffled batches (seeded by ``seed``), resumable mid-epoch with :class:`TrainedBatches` among the callbacks."""
-    if len(dataset) == 0:
-        raise UserError("the training set has no images: check --data_path, --data_set and --classes")
-    generator = torch.Generator().manual_seed(seed)
-    sampler = SkippingBatchSampler(RandomSampler(dataset, generator=generator), batch_size, drop_last=False)
-    return ResumableLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0,
-        generator=generator,
-    )
-
-
-class PeriodicCheckpoints(ModelCheckpoint):
-    """Lightning's ModelCheckpoint that, after each save, keeps only the ``keep_last`` newest periodic files.
-
-    Ranked by the number in the name (``model_epoch=NNN.ckpt`` or ``step=NNNNNNN.ckpt``), so the files of
-    an earlier process (before --resume), which Lightning's own bookkeeping does not know, count too.
-    Files of the other naming (a run that changed its saving flags) and ``last.ckpt`` are left alone.
-    """
-
-    def __init__(self, keep_last: int | None, **kwargs: Any) -> None:
-        super().__init__(save_top_k=-1, **kwargs)
-        self.keep_last = keep_last
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
-        super().on_train_batch_end(trainer, *args, **kwargs)
-        self._prune(trainer)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        self._prune(trainer)
-
-    def _prune(self, trainer: pl.Trainer) -> None:
-        if self.keep_last is None or not trainer.is_global_zero or self.dirpath is None:
-            return
-        prefix = self.filename.split("=")[0] + "="
-        for path in periodic_checkpoints(Path(self.dirpath), prefix)[: -self.keep_last]:
-            path.unlink(missing_ok=True)
-            log.info("--keep_last_n %d: removed %s", self.keep_last, path)
-
-
-def periodic_checkpoints(ckpt_dir: Path, prefix: str | None = None) -> list[Path]:
-    """The ``model_epoch=NNN.ckpt`` / ``step=NNNNNNN.ckpt`` files of ``ckpt_dir`` (of one ``prefix`` if given),
-    oldest first (by the number in the name)."""
-    found = []
-    for path in ckpt_dir.glob("*=*.ckpt"):
-        name, _, number = path.stem.partition("=")
-        if name in _PERIODIC_NAMES and number.isdigit() and (prefix is None or path.name.startswith(prefix)):
-            found.append((int(number), path))
-    return [p for _, p in sorted(found)]
-
-
-_PERIODIC_NAMES = ("model_epoch", "step")
-
-
-def checkpoint_callback(
-    ckpt_dir: Path, every_n_epochs: int | None, every_n_steps: int | None, keep_last: int | None = None
-) -> ModelCheckpoint:
-    """Periodic checkpoints named as upstream's (``model_epoch=NNN.ckpt``) plus ``last.ckpt`` for --resume.
-
-    NNN is Lightning's 0-based epoch index, zero-padded to 3 digits (the 100th epoch is
-    ``model_epoch=099.ckpt``); with ``every_n_steps`` the names are ``step=NNNNNNN.ckpt``. Every periodic
-    checkpoint is kept (upstream's behaviour) unless ``keep_last`` is given: then only the ``keep_last``
-    newest ones stay, those written before a --resume included (:class:`PeriodicCheckpoints`);
-    ``last.ckpt`` always stays. No version counter: a resumed run (even with other saving flags)
-    overwrites ``last.ckpt`` instead of starting a ``last-v1.ckpt`` that --resume would not find.
-    """
-    common = {"dirpath": ckpt_dir, "save_last": True, "auto_insert_metric_name": False, "enable_version_counter": False}
-    if every_n_steps:
-        return PeriodicCheckpoints(keep_last, filename="step={step:07d}", every_n_train_steps=every_n_steps, **common)
-    return PeriodicCheckpoints(
-        keep_last,
-        filename="model_epoch={epoch:03d}",
-        every_n_epochs=every_n_epochs or 1,
-        save_on_train_epoch_end=True,
-        **common,
-    )
-
-
-def last_checkpoint(ckpt_dir: Path) -> Path | None:
-    last = ckpt_dir / "last.ckpt"
-    return last if last.is_file() else None
-
-
-def check_checkpoint_folder(ckpt_dir: Path, resume: bool, overwrite: bool) -> list[Path]:
-    """A new run starts only in a folder without another run's checkpoints, unless ``resume`` or ``overwrite``.
-
-    Returns the earlier run's checkpoints (``*.ckpt``) that ``overwrite`` replaces: remove them with
-    :func:`remove_checkpoints` once the new run is ready to train, so the folder never mixes two runs'
-    files (its logs are continued). Without either flag such a folder is one :class:`UserError`.
-    """
-    found = [] if resume else sorted(ckpt_dir.glob("*.ckpt"))
-    if found and not overwrite:
-        raise UserError(
-            f"{ckpt_dir} holds another run's checkpoints ({len(found)}, e.g. {found[-1].name}): pass --resume to "
-            "continue that run, choose another --exp_name or --output_root, or pass --overwrite to replace them"
-        )
-    return found
-
-
-def remove_checkpoints(paths: list[Path]) -> None:
-    """Remove an earlier run's checkpoints (see :func:`check_checkpoint_folder`)."""
-    for path in paths:
-        path.unlink(missing_ok=True)
-    if paths:
-        log.warning("--overwrite: removed %d checkpoint(s) of an earlier run from %s", len(paths), paths[0].parent)
 
 
 def check_devices(accelerator: str, devices: int | str | list[int]) -> None:

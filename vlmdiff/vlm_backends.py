@@ -10,7 +10,7 @@
   has one, greedy). ``llava`` is LLaVA-NeXT Llama-3-8B in this backend (256 new tokens).
 
 :data:`BACKENDS` is the one table of backends (``captioner.py --backend`` offers its names): a new
-backend is its class here plus one entry there.
+backend is its class here (InternVL2's: in ``vlmdiff.internvl``) plus one entry there.
 
 Every model is found before anything is loaded: a local folder, or a complete snapshot in the Hugging
 Face cache; a hub id that is neither is fetched only when the hub answers (offline: one clear error at
@@ -27,11 +27,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from PIL import Image
 
 from utils.errors import UserError
-from vlmdiff.data.common import IMAGENET_MEAN, IMAGENET_STD
 
 if TYPE_CHECKING:  # torch is imported when a model backend is built: the captioner's --help needs none
     import torch
@@ -40,8 +38,6 @@ logger = logging.getLogger(__name__)
 
 Backend = Callable[[Sequence[Image.Image], Sequence[str]], list[str]]
 
-INTERNVL_TILE = 448
-INTERNVL_MAX_TILES = 12
 DEEPSEEK_IMAGE_TOKEN = "<IMAGE_TOKEN>"  # lmdeploy.vl.constants.IMAGE_TOKEN
 # LAVIS Blip2T5.generate defaults; LAVIS passes its max_length to transformers as max_new_tokens
 BLIP2_GENERATE: Mapping[str, Any] = MappingProxyType(
@@ -164,98 +160,6 @@ def device_and_dtype(device: str, dtype: str, default_dtype: str | None = None) 
     return dev, getattr(torch, dtype)
 
 
-# ---------------------------------------------------------------- InternVL2
-
-
-def internvl_grid(
-    width: int, height: int, tile: int = INTERNVL_TILE, min_num: int = 1, max_num: int = INTERNVL_MAX_TILES
-) -> tuple[int, int]:
-    """(columns, rows) of InternVL's dynamic tiling for a ``width`` x ``height`` image.
-
-    Among grids with ``min_num <= cols*rows <= max_num`` (ordered by tile count) the one whose aspect
-    ratio is closest to the image's; on a tie the later grid wins if the image area exceeds half of it.
-    """
-    grids: set[tuple[int, int]] = set()  # added in upstream's order: equal counts keep its set order on ties
-    for n in range(min_num, max_num + 1):
-        for i in range(1, n + 1):
-            for j in range(1, n + 1):
-                if min_num <= i * j <= max_num:
-                    grids.add((i, j))
-    ordered = sorted(grids, key=lambda g: g[0] * g[1])
-    aspect, best, best_diff = width / height, (1, 1), float("inf")
-    for cols, rows in ordered:
-        diff = abs(aspect - cols / rows)
-        if diff < best_diff:
-            best, best_diff = (cols, rows), diff
-        elif diff == best_diff and width * height > 0.5 * tile * tile * cols * rows:
-            best = (cols, rows)
-    return best
-
-
-def _to_normalised(img: Image.Image) -> torch.Tensor:
-    import torch
-
-    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0  # (3, H, W)
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    return (x - mean) / std
-
-
-def internvl_tiles(image: Image.Image, tile: int = INTERNVL_TILE, max_num: int = INTERNVL_MAX_TILES) -> torch.Tensor:
-    """InternVL2's input: the image resized (bicubic) onto its tile grid, cut row-major into ``tile`` px
-    tiles, plus a whole-image thumbnail when there is more than one tile; ImageNet-normalised.
-
-    Returns (N, 3, tile, tile) float32.
-    """
-    import torch
-
-    image = image.convert("RGB")
-    cols, rows = internvl_grid(*image.size, tile=tile, max_num=max_num)
-    grid = _to_normalised(image.resize((cols * tile, rows * tile), Image.BICUBIC))  # (3, rows*T, cols*T)
-    tiles = grid.reshape(3, rows, tile, cols, tile).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, tile, tile)
-    if rows * cols > 1:
-        thumb = _to_normalised(image.resize((tile, tile), Image.BICUBIC))  # (3, T, T)
-        tiles = torch.cat([tiles, thumb[None]])
-    return tiles  # (N, 3, T, T)
-
-
-class InternVLBackend:
-    """InternVL2 via its remote code: ``model.chat(tokenizer, pixel_values, "<image>\\n" + prompt, config)``."""
-
-    def __init__(
-        self, model: str, prompt: str, dtype: str = "auto", device: str = "auto", max_new_tokens: int = 1024
-    ) -> None:
-        from transformers import AutoModel, AutoTokenizer
-
-        self.device, self.dtype = device_and_dtype(device, dtype, default_dtype="bfloat16")
-        source = resolve_model(model_source(model))
-        try:
-            self.model = (
-                AutoModel.from_pretrained(
-                    source, torch_dtype=self.dtype, low_cpu_mem_usage=True, trust_remote_code=True
-                )
-                .eval()
-                .to(self.device)
-            )
-            self.tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=True, use_fast=False)
-        except (OSError, ValueError, ImportError) as e:
-            raise UserError(f"cannot load the InternVL model {source} with its remote code ({e})") from e
-        self.question = "<image>\n" + prompt
-        self.generation_config = {"max_new_tokens": int(max_new_tokens), "do_sample": False}
-        logger.info("captioning with InternVL %s on %s, %s", source, self.device, self.dtype)
-
-    def __call__(self, images: Sequence[Image.Image], class_names: Sequence[str]) -> list[str]:
-        import torch
-
-        out = []
-        for im in images:  # one chat per image, as upstream
-            pixel_values = internvl_tiles(im).to(self.device, self.dtype)  # (N, 3, 448, 448)
-            with torch.inference_mode():
-                out.append(
-                    self.model.chat(self.tokenizer, pixel_values, self.question, dict(self.generation_config)).strip()
-                )
-        return out
-
-
 # ---------------------------------------------------------------- DeepSeek-VL (LMDeploy)
 
 
@@ -376,6 +280,8 @@ class HFBackend:
 
 
 def _internvl(model: str, prompt: str, dtype: str, device: str, budget: int | None, prompt_type: str) -> Backend:
+    from vlmdiff.internvl import InternVLBackend
+
     return InternVLBackend(model, prompt, dtype, device, budget or KNOWN_VLMS["internvl"].max_new_tokens)
 
 

@@ -12,7 +12,6 @@ import torch
 
 from ldm.checkpoint import (
     DIGEST_KEY,
-    AtomicCheckpointIO,
     checkpoint_digest,
     file_digest,
     load_checkpoint,
@@ -20,6 +19,7 @@ from ldm.checkpoint import (
     stored_digest,
     weights_digest,
 )
+from ldm.checkpoint_io import AtomicCheckpointIO
 
 
 def _weights() -> dict[str, torch.Tensor]:

@@ -257,7 +257,7 @@ def test_a_checkpoint_with_nan_weights_is_not_written(setup, tmp_path):
     """The save guard on its own: a trainer asked to save NaN weights raises and leaves the old file."""
     import lightning.pytorch as pl
 
-    from ldm.checkpoint import AtomicCheckpointIO
+    from ldm.checkpoint_io import AtomicCheckpointIO
     from vlmdiff.checkpoint import load_vlmdiff
     from vlmdiff.training import FiniteTraining
 

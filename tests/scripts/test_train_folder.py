@@ -11,7 +11,7 @@ import train
 from tests.tinyckpt import demo_data_and_model
 from utils.cli import run_main
 from utils.errors import UserError
-from vlmdiff.training import periodic_checkpoints
+from vlmdiff.training_checkpoints import periodic_checkpoints
 
 FAST = [
     "--accelerator",

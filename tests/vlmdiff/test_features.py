@@ -17,11 +17,10 @@ import torchvision
 from safetensors.torch import save_file
 
 from utils.errors import UserError
+from vlmdiff.data.dataset import IMAGENET_MEAN, IMAGENET_STD
 from vlmdiff.features import (
     DINO_VERSIONS,
     FEATURE_EXTRACTORS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     build_feature_extractor,
     default_weights_path,
     feature_dims,

@@ -23,7 +23,8 @@ from tests.tiny_vlms import tiny_blip2_t5, tiny_llava_next
 from utils.errors import UserError
 from vlmdiff.captioning import PROMPTS, derive_vlm_name
 from vlmdiff.data import load_captions, load_rgb
-from vlmdiff.vlm_backends import build_backend, default_backend, internvl_grid, internvl_tiles, resolve_model
+from vlmdiff.internvl import internvl_grid, internvl_tiles
+from vlmdiff.vlm_backends import build_backend, default_backend, resolve_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
