@@ -333,7 +333,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             f"--run_eval_only: {output_dir} holds no test run (no {RunFolder.MANIFEST}); check --output_dir"
         )
     else:
-        parser, made_by = build_parser(), read_json(output_dir / "manifest.json")
+        parser, made_by = build_parser(), read_json(folder.manifest)
         given = {k: v for k, v in vars(args).items() if v != parser.get_default(k)}  # what this command sets
         if {"feature_extractor", "use_dino", "dino_version"} & given.keys():
             from vlmdiff.features import resolve_extractor_name

@@ -34,18 +34,19 @@ def test_checkpoint_check_reads_the_header_and_refuses_a_truncated_file(tmp_path
 
 
 def test_test_check_wants_both_protocols_from_the_current_checkpoint(tmp_path):
-    from vlmdiff.evaluation.run_inputs import file_fingerprint
+    from ldm.checkpoint import save_checkpoint, stored_digest
+    from vlmdiff.evaluation.run_inputs import checkpoint_record
 
     ckpt, res = tmp_path / "m.ckpt", tmp_path / "res"
-    torch.save({"a": 1}, ckpt)
+    save_checkpoint(ckpt, {"w": torch.ones(3)})
     res.mkdir()
-    (res / "manifest.json").write_text(json.dumps({"checkpoint": file_fingerprint(ckpt)}))
+    (res / "manifest.json").write_text(json.dumps({"checkpoint": checkpoint_record(ckpt, stored_digest(ckpt))}))
     (res / "metrics.json").write_text(json.dumps({"metrics": {"official": {}}}))
     assert "lacks the legacy and official" in checks.test_done(res, ckpt)
     (res / "metrics.json").write_text(json.dumps({"metrics": {"official": {}, "legacy": {}}}))
     assert checks.test_done(res, ckpt) is None
-    torch.save({"a": 2, "b": torch.zeros(10)}, ckpt)  # retrained: the results are stale
-    assert "another checkpoint" in checks.test_done(res, ckpt)
+    save_checkpoint(ckpt, {"w": torch.ones(3) * 2})  # retrained, same size: the results are stale
+    assert "other weights" in checks.test_done(res, ckpt)
 
 
 # ------------------------------------------------------------------------------------------- job scripts
